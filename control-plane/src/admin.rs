@@ -1,0 +1,343 @@
+//! `lb.v1.Admin`: the operators' API. Every change is a [`ControlPlane::update`], so it is
+//! validated whole, versioned, saved and pushed to every data plane; the answer carries the new
+//! version. The token check runs in an interceptor before any of this.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use lb_proto::v1::admin_server::Admin;
+use lb_proto::v1::*;
+use lb_proto::validate::{self, Invalid};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{ControlPlane, UpdateError};
+
+pub struct AdminService {
+    pub cp: Arc<ControlPlane>,
+}
+
+fn change(version: u64) -> Response<ConfigChange> {
+    Response::new(ConfigChange { version })
+}
+
+fn not_found(address: &str) -> UpdateError {
+    UpdateError::NotFound(format!("no backend {address}"))
+}
+
+/// Calls whose behaviour is not part of this build answer so, rather than pretending.
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not available in this build"))
+}
+
+/// Sets the strategy; shared by gRPC and REST.
+pub async fn set_strategy(cp: &ControlPlane, strategy: &str) -> Result<u64, UpdateError> {
+    validate::strategy(strategy)?;
+    let strategy = strategy.to_owned();
+    cp.update(|s| {
+        s.strategy = strategy;
+        Ok(())
+    })
+    .await
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_config(
+        &self,
+        _: Request<GetConfigRequest>,
+    ) -> Result<Response<ConfigSnapshot>, Status> {
+        Ok(Response::new((*self.cp.snapshot()).clone()))
+    }
+
+    async fn get_strategy(
+        &self,
+        _: Request<GetStrategyRequest>,
+    ) -> Result<Response<GetStrategyResponse>, Status> {
+        Ok(Response::new(GetStrategyResponse {
+            strategy: self.cp.snapshot().strategy.clone(),
+            available: validate::STRATEGIES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }))
+    }
+
+    async fn set_strategy(
+        &self,
+        r: Request<SetStrategyRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        Ok(change(
+            set_strategy(&self.cp, &r.into_inner().strategy).await?,
+        ))
+    }
+
+    async fn list_backends(
+        &self,
+        _: Request<ListBackendsRequest>,
+    ) -> Result<Response<ListBackendsResponse>, Status> {
+        Ok(Response::new(ListBackendsResponse {
+            backends: self.cp.snapshot().backends.clone(),
+        }))
+    }
+
+    async fn add_backend(
+        &self,
+        r: Request<AddBackendRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let r = r.into_inner();
+        validate::backend_address(&r.address).map_err(UpdateError::from)?;
+        let weight = if r.weight == 0 { 1 } else { r.weight };
+        validate::weight(weight).map_err(UpdateError::from)?;
+        let v = self
+            .cp
+            .update(|s| {
+                if s.backends.iter().any(|b| b.address == r.address) {
+                    return Err(Invalid::new(
+                        "backend.address",
+                        format!("duplicate backend {}", r.address),
+                    )
+                    .into());
+                }
+                s.backends.push(Backend {
+                    address: r.address,
+                    weight,
+                    draining: false,
+                    max_in_flight: r.max_in_flight,
+                });
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn remove_backend(
+        &self,
+        r: Request<RemoveBackendRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let address = r.into_inner().address;
+        let v = self
+            .cp
+            .update(|s| {
+                let before = s.backends.len();
+                s.backends.retain(|b| b.address != address);
+                if s.backends.len() == before {
+                    return Err(not_found(&address));
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn set_backend_weight(
+        &self,
+        r: Request<SetBackendWeightRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let r = r.into_inner();
+        validate::weight(r.weight).map_err(UpdateError::from)?;
+        let v = self
+            .cp
+            .update(|s| {
+                let b = s
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.address == r.address)
+                    .ok_or_else(|| not_found(&r.address))?;
+                b.weight = r.weight;
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn drain_backend(
+        &self,
+        r: Request<DrainBackendRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let r = r.into_inner();
+        let v = self
+            .cp
+            .update(|s| {
+                let b = s
+                    .backends
+                    .iter_mut()
+                    .find(|b| b.address == r.address)
+                    .ok_or_else(|| not_found(&r.address))?;
+                b.draining = r.drain;
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn list_tiers(
+        &self,
+        _: Request<ListTiersRequest>,
+    ) -> Result<Response<ListTiersResponse>, Status> {
+        let rl = self.cp.snapshot().rate_limit.clone().unwrap_or_default();
+        Ok(Response::new(ListTiersResponse {
+            tiers: rl.tiers,
+            default_tier: rl.default_tier,
+        }))
+    }
+
+    async fn set_tier(&self, r: Request<SetTierRequest>) -> Result<Response<ConfigChange>, Status> {
+        let tier = r
+            .into_inner()
+            .tier
+            .ok_or_else(|| Status::invalid_argument("tier: missing"))?;
+        validate::tier(&tier).map_err(UpdateError::from)?;
+        let v = self
+            .cp
+            .update(|s| {
+                let rl = s
+                    .rate_limit
+                    .get_or_insert_with(lb_proto::defaults::rate_limit);
+                match rl.tiers.iter_mut().find(|t| t.name == tier.name) {
+                    Some(t) => *t = tier,
+                    None => rl.tiers.push(tier),
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn delete_tier(
+        &self,
+        r: Request<DeleteTierRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let name = r.into_inner().name;
+        let v = self
+            .cp
+            .update(|s| {
+                let rl = s
+                    .rate_limit
+                    .get_or_insert_with(lb_proto::defaults::rate_limit);
+                if rl.default_tier == name {
+                    return Err(
+                        Invalid::new("tier.name", format!("{name} is the default tier")).into(),
+                    );
+                }
+                if s.keys.iter().any(|k| k.tier == name) {
+                    return Err(Invalid::new(
+                        "tier.name",
+                        format!("API keys still use tier {name}"),
+                    )
+                    .into());
+                }
+                let before = rl.tiers.len();
+                rl.tiers.retain(|t| t.name != name);
+                if rl.tiers.len() == before {
+                    return Err(UpdateError::NotFound(format!("no tier {name}")));
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn set_ip_limit(
+        &self,
+        r: Request<SetIpLimitRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let limit = r
+            .into_inner()
+            .limit
+            .ok_or_else(|| Status::invalid_argument("limit: missing"))?;
+        validate::limit(&limit, "limit").map_err(UpdateError::from)?;
+        let v = self
+            .cp
+            .update(|s| {
+                s.rate_limit
+                    .get_or_insert_with(lb_proto::defaults::rate_limit)
+                    .ip_limit = Some(limit);
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
+    async fn create_api_key(
+        &self,
+        _: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        Err(not_yet("API key management"))
+    }
+
+    async fn set_key_tier(
+        &self,
+        _: Request<SetKeyTierRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        Err(not_yet("API key management"))
+    }
+
+    async fn block_key(&self, _: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
+        Err(not_yet("API key management"))
+    }
+
+    async fn unblock_key(&self, _: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
+        Err(not_yet("API key management"))
+    }
+
+    async fn list_api_keys(
+        &self,
+        _: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        Err(not_yet("API key management"))
+    }
+
+    async fn get_key_usage(&self, _: Request<KeyRef>) -> Result<Response<KeyUsage>, Status> {
+        Err(not_yet("API key usage"))
+    }
+
+    async fn list_bans(
+        &self,
+        _: Request<ListBansRequest>,
+    ) -> Result<Response<ListBansResponse>, Status> {
+        Err(not_yet("Bans"))
+    }
+
+    async fn lift_ban(&self, _: Request<LiftBanRequest>) -> Result<Response<ConfigChange>, Status> {
+        Err(not_yet("Bans"))
+    }
+
+    async fn list_data_planes(
+        &self,
+        _: Request<ListDataPlanesRequest>,
+    ) -> Result<Response<ListDataPlanesResponse>, Status> {
+        Ok(Response::new(ListDataPlanesResponse {
+            data_planes: self.cp.data_planes(),
+            current_version: self.cp.snapshot().version,
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        _: Request<GetStatsRequest>,
+    ) -> Result<Response<GetStatsResponse>, Status> {
+        let snapshot = self.cp.snapshot();
+        let planes = self.cp.data_planes();
+        Ok(Response::new(GetStatsResponse {
+            totals: Some(Counters::default()),
+            backends: Vec::new(),
+            data_planes: planes.iter().filter(|p| p.connected).count() as u32,
+            current_version: snapshot.version,
+            strategy: snapshot.strategy.clone(),
+        }))
+    }
+
+    async fn purge_cache(&self, _: Request<CachePurge>) -> Result<Response<ConfigChange>, Status> {
+        Err(not_yet("The response cache"))
+    }
+
+    type TailLogStream = Pin<Box<dyn Stream<Item = Result<RequestLogEntry, Status>> + Send>>;
+
+    async fn tail_log(
+        &self,
+        _: Request<TailLogRequest>,
+    ) -> Result<Response<Self::TailLogStream>, Status> {
+        Err(not_yet("The request log"))
+    }
+}

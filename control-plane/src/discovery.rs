@@ -1,0 +1,97 @@
+//! `lb.v1.Discovery`: the Watch stream that carries snapshots to data planes and their ACKs and
+//! NACKs back, and the Report stream of their statistics.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use lb_proto::v1::discovery_server::Discovery;
+use lb_proto::v1::{ConfigSnapshot, ReportAck, StatsReport, WatchRequest};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth;
+use crate::cluster::ControlPlane;
+
+pub struct DiscoveryService {
+    pub cp: Arc<ControlPlane>,
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ConfigSnapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type WatchStream = SnapshotStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        if let Some(token) = &self.cp.cluster_token {
+            auth::check(request.metadata(), token, "cluster token")?;
+        }
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the stream ended before the data plane said who it is")
+        })?;
+        let node = first
+            .node
+            .clone()
+            .filter(|n| !n.id.is_empty() && n.id.len() <= 128)
+            .ok_or_else(|| {
+                Status::invalid_argument(
+                    "node.id: the first message must name the data plane (1-128 characters)",
+                )
+            })?;
+        let id = node.id.clone();
+        let stream = self.cp.connect(node, peer.clone(), first.applied_version);
+        tracing::info!(data_plane = %id, peer = %peer, applied_version = first.applied_version, "data plane connected");
+
+        let (tx, rx) = mpsc::channel(2);
+        let cp = Arc::clone(&self.cp);
+        tokio::spawn(async move {
+            let mut snapshots = cp.subscribe();
+            let mut stop = cp.stopping();
+            let first = snapshots.borrow_and_update().clone();
+            if tx.send(Ok((*first).clone())).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        changed = snapshots.changed() => {
+                            if changed.is_err() { break; }
+                            let s = snapshots.borrow_and_update().clone();
+                            if tx.send(Ok((*s).clone())).await.is_err() { break; }
+                        }
+                        msg = inbound.message() => match msg {
+                            Ok(Some(m)) => cp.acknowledge(&id, stream, &m),
+                            Ok(None) | Err(_) => break,
+                        },
+                        // Mapped to (): the guard wait_for returns must not live across awaits.
+                        () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+                    }
+                }
+            }
+            cp.disconnect(&id, stream);
+            tracing::info!(data_plane = %id, "data plane disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report(
+        &self,
+        request: Request<Streaming<StatsReport>>,
+    ) -> Result<Response<ReportAck>, Status> {
+        if let Some(token) = &self.cp.cluster_token {
+            auth::check(request.metadata(), token, "cluster token")?;
+        }
+        let mut inbound = request.into_inner();
+        while let Some(report) = inbound.message().await? {
+            tracing::trace!(data_plane = ?report.node.map(|n| n.id), "report received");
+        }
+        Ok(Response::new(ReportAck {}))
+    }
+}

@@ -1,0 +1,84 @@
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use control_plane::settings::{CommonArgs, Settings};
+use control_plane::store::MemoryStore;
+use control_plane::{ControlPlane, dev, random_token};
+use data_plane::telemetry::{init_tracing, shutdown_signal};
+
+#[derive(Parser)]
+#[command(
+    name = "control-plane",
+    version,
+    about = "Control plane of the load balancer, and the all-in-one dev stack"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the production control plane
+    Serve(CommonArgs),
+    /// Run the whole stack in one process: mock backends, control plane, data planes
+    Dev(dev::DevArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Serve(a) => a.log_format.as_deref() == Some("json"),
+        Command::Dev(a) => a.common.log_format.as_deref() == Some("json"),
+    };
+    init_tracing(json);
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                match cli.command {
+                    Command::Serve(args) => serve(args).await,
+                    Command::Dev(args) => dev::run(args, shutdown_signal()).await,
+                }
+            })
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("control-plane: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: CommonArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(args)?;
+    if settings.redis.is_some() {
+        anyhow::bail!("--redis: shared state through Redis is not available in this build");
+    }
+    let token = match std::env::var("LB_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        Some(t) => t,
+        None => {
+            let t = random_token();
+            eprintln!("LB_ADMIN_TOKEN is not set; admin token for this run: {t}");
+            t
+        }
+    };
+    let cluster_token = std::env::var("LB_CLUSTER_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let store = Arc::new(MemoryStore::new(settings.state_file.clone()));
+    let cp =
+        Arc::new(ControlPlane::new(store, settings.initial.clone(), token, cluster_token).await?);
+    let grpc = tokio::net::TcpListener::bind(settings.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;
+    let http = tokio::net::TcpListener::bind(settings.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--http-listen)", settings.http_listen))?;
+    control_plane::serve(cp, grpc, http, shutdown_signal()).await
+}

@@ -1,0 +1,345 @@
+//! Settings of `control-plane serve` and `control-plane dev`: flags over environment over a TOML
+//! file over defaults. The file also holds the initial cluster configuration (backends,
+//! strategy, policies, tiers), used when the store is empty.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use data_plane::settings::{SettingsError, read_toml};
+use lb_proto::v1::{
+    Backend, BanPolicy, CachePolicy, CircuitBreakerPolicy, ConfigSnapshot, HashPolicy,
+    HealthCheckPolicy, Limit, OutlierPolicy, QueuePolicy, RetryPolicy, StoreFailureMode, Tier,
+    TimeoutPolicy, UnknownKeyPolicy,
+};
+use lb_proto::{defaults, validate};
+use serde::Deserialize;
+
+/// Flags shared by `serve` and `dev`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// TOML file: listeners, initial backends, strategy, policies and tiers
+    #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listener: Discovery, Admin, health, reflection [default: 0.0.0.0:50051]
+    #[arg(long, env = "LB_GRPC_LISTEN", value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP listener: REST admin, /stats, /metrics [default: 0.0.0.0:5000]
+    #[arg(long, env = "LB_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+    /// Redis URL for durable state and fan-out between control planes [default: embedded store]
+    #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Initial backends when the store is empty: host:port[=weight], comma-separated
+    #[arg(long, env = "LB_BACKENDS", value_name = "LIST")]
+    pub backends: Option<String>,
+    /// Initial strategy when the store is empty [default: round_robin]
+    #[arg(long, env = "LB_STRATEGY", value_name = "NAME")]
+    pub strategy: Option<String>,
+    /// Initial per-IP limit when the store is empty: REQUESTS/SECONDS, 0 = off [default: 100/60]
+    #[arg(long, env = "LB_IP_LIMIT", value_name = "N/SECONDS")]
+    pub ip_limit: Option<String>,
+    /// File the embedded store keeps its state in, so a restart loses nothing [default: none]
+    #[arg(long, env = "LB_STATE_FILE", value_name = "FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "LB_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BackendEntry {
+    Short(String),
+    Full(Backend),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierEntry {
+    name: String,
+    requests: u64,
+    #[serde(default = "minute")]
+    period_ms: u64,
+    #[serde(default)]
+    priority: u32,
+}
+
+fn minute() -> u64 {
+    60_000
+}
+
+/// The control plane's TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    grpc_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    redis: Option<String>,
+    state_file: Option<PathBuf>,
+    log_format: Option<String>,
+    strategy: Option<String>,
+    ip_limit: Option<String>,
+    backends: Option<Vec<BackendEntry>>,
+    health_check: Option<HealthCheckPolicy>,
+    outlier: Option<OutlierPolicy>,
+    circuit_breaker: Option<CircuitBreakerPolicy>,
+    retry: Option<RetryPolicy>,
+    queue: Option<QueuePolicy>,
+    cache: Option<CachePolicy>,
+    hash: Option<HashPolicy>,
+    timeouts: Option<TimeoutPolicy>,
+    tiers: Option<Vec<TierEntry>>,
+    default_tier: Option<String>,
+    unknown_key: Option<String>,
+    ban: Option<BanPolicy>,
+    on_store_failure: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub redis: Option<String>,
+    pub state_file: Option<PathBuf>,
+    pub log_json: bool,
+    /// The configuration to start from when the store holds none (version 1).
+    pub initial: ConfigSnapshot,
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// `host:port[=weight]`, comma-separated.
+pub fn parse_backends(list: &str) -> Result<Vec<Backend>, SettingsError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (address, weight) = match item.split_once('=') {
+                Some((a, w)) => (
+                    a,
+                    w.parse::<u32>().map_err(|_| {
+                        invalid("backends", format!("{item:?}: weight is not a number"))
+                    })?,
+                ),
+                None => (item, 1),
+            };
+            Ok(Backend {
+                address: address.to_owned(),
+                weight,
+                ..defaults::backend()
+            })
+        })
+        .collect()
+}
+
+/// `REQUESTS/SECONDS`, or `0` for no limit.
+pub fn parse_limit(s: &str) -> Result<Limit, SettingsError> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Limit {
+            requests: 0,
+            period_ms: 60_000,
+        });
+    }
+    let bad = || {
+        invalid(
+            "ip_limit",
+            format!("{s:?} is not REQUESTS/SECONDS (for example 100/60) or 0"),
+        )
+    };
+    let (n, secs) = s.split_once('/').ok_or_else(bad)?;
+    let requests = n.trim().parse::<u64>().map_err(|_| bad())?;
+    let secs = secs.trim().parse::<f64>().map_err(|_| bad())?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(bad());
+    }
+    Ok(Limit {
+        requests,
+        period_ms: (secs * 1000.0).round().max(1.0) as u64,
+    })
+}
+
+fn log_json(format: Option<String>) -> Result<bool, SettingsError> {
+    match format.as_deref().unwrap_or("text") {
+        "text" => Ok(false),
+        "json" => Ok(true),
+        other => Err(invalid(
+            "log_format",
+            format!("{other:?}; valid: text, json"),
+        )),
+    }
+}
+
+impl Settings {
+    pub fn load(args: CommonArgs) -> Result<Settings, SettingsError> {
+        let file: FileSettings = match &args.config {
+            Some(path) => read_toml(path)?,
+            None => FileSettings::default(),
+        };
+        let mut s = defaults::snapshot();
+        if let Some(strategy) = args.strategy.or(file.strategy) {
+            validate::strategy(&strategy).map_err(|e| invalid("strategy", e.message))?;
+            s.strategy = strategy;
+        }
+        s.backends = match (args.backends, file.backends) {
+            (Some(list), _) => parse_backends(&list)?,
+            (None, Some(entries)) => {
+                let mut out = Vec::new();
+                for e in entries {
+                    match e {
+                        BackendEntry::Short(list) => out.extend(parse_backends(&list)?),
+                        BackendEntry::Full(b) => out.push(b),
+                    }
+                }
+                out
+            }
+            (None, None) => Vec::new(),
+        };
+        let rl = s.rate_limit.get_or_insert_with(defaults::rate_limit);
+        if let Some(l) = args.ip_limit.or(file.ip_limit) {
+            rl.ip_limit = Some(parse_limit(&l)?);
+        }
+        if let Some(tiers) = file.tiers {
+            rl.tiers = tiers
+                .into_iter()
+                .map(|t| Tier {
+                    name: t.name,
+                    limit: Some(Limit {
+                        requests: t.requests,
+                        period_ms: t.period_ms,
+                    }),
+                    priority: t.priority,
+                })
+                .collect();
+        }
+        if let Some(t) = file.default_tier {
+            rl.default_tier = t;
+        }
+        if let Some(p) = file.unknown_key {
+            rl.unknown_key = match p.as_str() {
+                "default_tier" | "free" => UnknownKeyPolicy::DefaultTier,
+                "reject" => UnknownKeyPolicy::Reject,
+                other => {
+                    return Err(invalid(
+                        "unknown_key",
+                        format!("{other:?}; valid: default_tier, reject"),
+                    ));
+                }
+            } as i32;
+        }
+        if let Some(p) = file.on_store_failure {
+            rl.on_store_failure = match p.as_str() {
+                "local" => StoreFailureMode::Local,
+                "open" => StoreFailureMode::Open,
+                "closed" => StoreFailureMode::Closed,
+                other => {
+                    return Err(invalid(
+                        "on_store_failure",
+                        format!("{other:?}; valid: local, open, closed"),
+                    ));
+                }
+            } as i32;
+        }
+        if let Some(b) = file.ban {
+            rl.ban = Some(b);
+        }
+        if let Some(t) = file.trusted_proxies {
+            rl.trusted_proxies = t;
+        }
+        macro_rules! policy {
+            ($($field:ident),*) => { $( if let Some(p) = file.$field { s.$field = Some(p); } )* };
+        }
+        policy!(
+            health_check,
+            outlier,
+            circuit_breaker,
+            retry,
+            queue,
+            cache,
+            hash,
+            timeouts
+        );
+        s.version = 1;
+        validate::snapshot(&s).map_err(|e| SettingsError::Invalid {
+            key: "config",
+            message: e.to_string(),
+        })?;
+        Ok(Settings {
+            grpc_listen: args
+                .grpc_listen
+                .or(file.grpc_listen)
+                .unwrap_or(([0, 0, 0, 0], 50051).into()),
+            http_listen: args
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or(([0, 0, 0, 0], 5000).into()),
+            redis: args.redis.or(file.redis).filter(|r| !r.is_empty()),
+            state_file: args.state_file.or(file.state_file),
+            log_json: log_json(args.log_format.or(file.log_format))?,
+            initial: s,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_and_limits_parse() {
+        let b = parse_backends("127.0.0.1:5001=2, 127.0.0.1:5002").unwrap();
+        assert_eq!((b[0].weight, b[1].weight), (2, 1));
+        assert!(parse_backends("a:1=x").is_err());
+        assert_eq!(parse_limit("100/60").unwrap().period_ms, 60_000);
+        assert_eq!(parse_limit("0").unwrap().requests, 0);
+        assert!(parse_limit("100").is_err());
+        assert!(parse_limit("5/0").is_err());
+    }
+
+    #[test]
+    fn file_policies_fill_missing_fields_from_defaults() {
+        let dir = std::env::temp_dir().join(format!("cp-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("cp.toml");
+        std::fs::write(
+            &f,
+            "strategy = \"ip_hash\"\nbackends = [\"127.0.0.1:1=3\", { address = \"127.0.0.1:2\" }]\n\
+             [health_check]\ninterval_ms = 1000\ntimeout_ms = 500\n\
+             [[tiers]]\nname = \"free\"\nrequests = 7\n",
+        )
+        .unwrap();
+        let s = Settings::load(CommonArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.initial.strategy, "ip_hash");
+        assert_eq!(s.initial.backends.len(), 2);
+        assert_eq!(s.initial.backends[1].weight, 1);
+        let hc = s.initial.health_check.unwrap();
+        assert_eq!((hc.interval_ms, hc.path.as_str()), (1000, "/health"));
+        std::fs::write(&f, "[health_check]\nintervl_ms = 1000\n").unwrap();
+        let e = Settings::load(CommonArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cp.toml") && e.contains("intervl_ms"), "{e}");
+        std::fs::write(&f, "backends = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n").unwrap();
+        let e = Settings::load(CommonArgs {
+            config: Some(f),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("duplicate backend"), "{e}");
+    }
+}

@@ -1,0 +1,91 @@
+//! The admin listener: liveness, readiness, JSON statistics and Prometheus metrics. It is a
+//! separate port from the proxy so that the proxy reserves no path of its own.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::state::Shared;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+/// Ready once a configuration is in force (from the control plane or the saved snapshot).
+async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let active = shared.active();
+    let body = json!({
+        "ready": active.is_some(),
+        "version": active.as_ref().map_or(0, |a| a.version()),
+        "control_plane_connected": shared.control_plane_connected.load(Ordering::Relaxed),
+    });
+    let status = if active.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let active = shared.active();
+    let backends: Vec<_> = active
+        .iter()
+        .flat_map(|a| a.slots.iter())
+        .map(|s| {
+            let e = &s.endpoint;
+            json!({
+                "address": e.address,
+                "weight": s.weight,
+                "draining": s.draining,
+                "in_flight": e.in_flight(),
+                "requests": e.requests.load(Ordering::Relaxed),
+                "errors": e.errors.load(Ordering::Relaxed),
+                "latency_ewma_ms": e.latency_us() as f64 / 1000.0,
+            })
+        })
+        .collect();
+    let m = &shared.metrics;
+    let rejected = shared
+        .last_rejected
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .map(|(version, error)| json!({"version": version, "error": error}));
+    Json(json!({
+        "node_id": shared.settings.node_id,
+        "version": active.as_ref().map_or(0, |a| a.version()),
+        "strategy": active.as_ref().map(|a| a.snapshot.strategy.clone()),
+        "control_plane_connected": shared.control_plane_connected.load(Ordering::Relaxed),
+        "last_rejected": rejected,
+        "responses": {
+            "2xx": m.responses[0].get(),
+            "3xx": m.responses[1].get(),
+            "4xx": m.responses[2].get(),
+            "5xx": m.responses[3].get(),
+        },
+        "client_connections": m.connections.get(),
+        "backends": backends,
+    }))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}

@@ -1,0 +1,211 @@
+//! The configuration stream from the control plane (`lb.v1.Discovery/Watch`). Each snapshot is
+//! validated and either applied in one swap and acknowledged, or refused with a NACK naming the
+//! problem while the previous configuration keeps serving. When the stream breaks, the data plane
+//! keeps its last good configuration and reconnects with jittered exponential backoff.
+//!
+//! With a state directory, every applied snapshot is also written to disk, and a data plane that
+//! cannot reach the control plane at start boots from it instead of refusing traffic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lb_proto::v1::discovery_client::DiscoveryClient;
+use lb_proto::v1::{ConfigSnapshot, Node, WatchRequest};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::backoff::Backoff;
+use crate::state::Shared;
+
+const SNAPSHOT_FILE: &str = "snapshot.pb";
+/// Largest saved snapshot read back at boot; a bound against a corrupt or foreign file.
+const MAX_SAVED_BYTES: u64 = 64 << 20;
+
+fn node(shared: &Shared) -> Node {
+    Node {
+        id: shared.settings.node_id.clone(),
+        build: env!("CARGO_PKG_VERSION").to_owned(),
+        listen: shared.settings.listen.to_string(),
+        admin_listen: shared.settings.admin_listen.to_string(),
+    }
+}
+
+/// Runs the stream until `stop` turns true.
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut saved = match &shared.settings.state_dir {
+        Some(dir) => load_saved(dir).await,
+        None => None,
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+    loop {
+        let outcome = tokio::select! {
+            r = session(&shared) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        shared
+            .control_plane_connected
+            .store(false, Ordering::Relaxed);
+        shared.metrics.control_plane_connected.set(0);
+        match outcome {
+            Ok(true) => {
+                backoff.reset();
+                tracing::warn!(control_plane = %shared.settings.control_plane, "configuration stream ended; reconnecting");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(control_plane = %shared.settings.control_plane, cause = %e, "control plane unreachable")
+            }
+        }
+        // Unreachable at start: serve the last good snapshot rather than nothing.
+        if shared.active().is_none()
+            && let Some(snapshot) = saved.take()
+        {
+            let version = snapshot.version;
+            match shared.prepare(snapshot) {
+                Ok(active) => {
+                    shared.apply(active);
+                    tracing::info!(version, "booted from the saved snapshot");
+                }
+                Err(e) => tracing::warn!(cause = %e, "saved snapshot is not valid; ignored"),
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// One stream. `Ok(true)` when at least one snapshot arrived (the control plane was reached).
+async fn session(shared: &Shared) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(shared.settings.control_plane.clone())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await?;
+    let mut client = DiscoveryClient::new(channel);
+    let (tx, rx) = mpsc::channel(8);
+    let me = node(shared);
+    let current = shared.active().map_or(0, |a| a.version());
+    tx.send(WatchRequest {
+        node: Some(me.clone()),
+        applied_version: current,
+        ..Default::default()
+    })
+    .await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &shared.settings.cluster_token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    let mut stream = client.watch(request).await?.into_inner();
+    shared
+        .control_plane_connected
+        .store(true, Ordering::Relaxed);
+    shared.metrics.control_plane_connected.set(1);
+    tracing::info!(control_plane = %shared.settings.control_plane, "configuration stream open");
+    let mut received = false;
+    while let Some(snapshot) = stream.message().await? {
+        received = true;
+        let reply = receive(shared, snapshot).await;
+        tx.send(WatchRequest {
+            node: Some(me.clone()),
+            ..reply
+        })
+        .await?;
+    }
+    Ok(received)
+}
+
+/// Applies or refuses one snapshot; the answer to send back.
+async fn receive(shared: &Shared, snapshot: ConfigSnapshot) -> WatchRequest {
+    let version = snapshot.version;
+    let current = shared.active();
+    if current.as_ref().is_some_and(|a| a.snapshot == snapshot) {
+        return WatchRequest {
+            applied_version: version,
+            ..Default::default()
+        };
+    }
+    let encoded = shared
+        .settings
+        .state_dir
+        .is_some()
+        .then(|| snapshot.encode_to_vec());
+    match shared.prepare(snapshot) {
+        Ok(active) => {
+            let strategy = active.snapshot.strategy.clone();
+            let backends = active.slots.len();
+            shared.apply(active);
+            shared
+                .metrics
+                .config_updates
+                .with_label_values(&["applied"])
+                .inc();
+            tracing::info!(version, strategy, backends, "configuration applied");
+            if let (Some(dir), Some(bytes)) = (&shared.settings.state_dir, encoded)
+                && let Err(e) = save(dir, &bytes).await
+            {
+                tracing::warn!(dir = %dir.display(), cause = %e, "cannot save the snapshot");
+            }
+            WatchRequest {
+                applied_version: version,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .config_updates
+                .with_label_values(&["rejected"])
+                .inc();
+            tracing::warn!(version, cause = %e, "configuration rejected; keeping the previous one");
+            *shared
+                .last_rejected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((version, e.to_string()));
+            WatchRequest {
+                applied_version: current.map_or(0, |a| a.version()),
+                rejected_version: version,
+                error: e.to_string(),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn snapshot_path(dir: &Path) -> PathBuf {
+    dir.join(SNAPSHOT_FILE)
+}
+
+/// Writes atomically: a crash mid-write leaves the previous file, never half of a new one.
+async fn save(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(dir).await?;
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+    tokio::fs::write(&tmp, bytes).await?;
+    tokio::fs::rename(&tmp, snapshot_path(dir)).await
+}
+
+async fn load_saved(dir: &Path) -> Option<ConfigSnapshot> {
+    let path = snapshot_path(dir);
+    let meta = tokio::fs::metadata(&path).await.ok()?;
+    if meta.len() > MAX_SAVED_BYTES {
+        tracing::warn!(path = %path.display(), "saved snapshot is too large; ignored");
+        return None;
+    }
+    let bytes = tokio::fs::read(&path).await.ok()?;
+    match ConfigSnapshot::decode(bytes.as_slice()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), cause = %e, "saved snapshot does not decode; ignored");
+            None
+        }
+    }
+}

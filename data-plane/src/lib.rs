@@ -1,0 +1,163 @@
+//! A data plane: the proxy clients talk to. It holds no state of its own: configuration arrives
+//! from the control plane over gRPC, and shared counters live in Redis when one is configured.
+//!
+//! - [`settings`]: start-up settings (flags, environment, TOML file).
+//! - [`discovery`]: the configuration stream, ACK/NACK, reconnection, the saved snapshot.
+//! - [`state`]: the configuration in force, swapped atomically, and per-backend counters.
+//! - [`balance`]: the balancing strategies (pure policy).
+//! - [`proxy`]: the request path.
+//! - [`admin`]: `/healthz`, `/readyz`, `/stats`, `/metrics`.
+//! - [`metrics`], [`backoff`]: Prometheus metrics; jittered exponential backoff.
+//! - [`telemetry`]: logging set-up and the shutdown signal.
+
+pub mod admin;
+pub mod backoff;
+pub mod balance;
+pub mod discovery;
+pub mod metrics;
+pub mod proxy;
+pub mod settings;
+pub mod state;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+pub use settings::{Args, Settings};
+pub use state::Shared;
+
+/// Runs a data plane on bound listeners until `shutdown` resolves, then stops accepting and
+/// gives requests in flight up to the drain timeout to finish.
+pub async fn run(
+    settings: Settings,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared::new(settings));
+    run_shared(shared, proxy, admin, shutdown).await
+}
+
+/// As [`run`], with the shared state made by the caller (to observe it, as tests do).
+pub async fn run_shared(
+    shared: Arc<Shared>,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let discovery = tokio::spawn(discovery::run(Arc::clone(&shared), stop_rx.clone()));
+    let admin_task = {
+        let mut stop = stop_rx.clone();
+        let app = admin::router(Arc::clone(&shared));
+        tokio::spawn(async move {
+            let served = axum::serve(admin, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(cause = %e, "admin listener failed");
+            }
+        })
+    };
+    tracing::info!(
+        node_id = %shared.settings.node_id,
+        listen = %proxy.local_addr()?,
+        control_plane = %shared.settings.control_plane,
+        "data plane started"
+    );
+    serve_proxy(Arc::clone(&shared), proxy, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = discovery.await;
+    let _ = admin_task.await;
+    tracing::info!(node_id = %shared.settings.node_id, "data plane stopped");
+    Ok(())
+}
+
+async fn serve_proxy(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.settings.header_timeout)
+        .max_buf_size(shared.settings.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        // Backpressure: at the connection limit, stop accepting until one closes.
+        let permit = tokio::select! {
+            p = Arc::clone(&connections).acquire_owned() => p.expect("semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Usually out of file descriptors; back off instead of spinning.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let for_conn = Arc::clone(&shared);
+        let svc = service_fn(move |req| proxy::handle(Arc::clone(&for_conn), peer, req));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let gauge = ConnectionGauge::new(&shared.metrics.connections);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _gauge = gauge;
+            if let Err(e) = conn.await {
+                tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("connections drained"),
+        () = tokio::time::sleep(shared.settings.drain_timeout) => {
+            tracing::warn!("drain timeout; closing the remaining connections");
+        }
+    }
+}
+
+/// Counts a client connection while it is open.
+struct ConnectionGauge(prometheus::IntGauge);
+
+impl ConnectionGauge {
+    fn new(g: &prometheus::IntGauge) -> ConnectionGauge {
+        g.inc();
+        ConnectionGauge(g.clone())
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,41 @@
+use anyhow::Context;
+use clap::Parser;
+use data_plane::telemetry::{init_tracing, shutdown_signal};
+use data_plane::{Args, Settings};
+
+fn main() -> std::process::ExitCode {
+    let settings = match Settings::load(Args::parse()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("data-plane: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(settings.log_json);
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(serve(settings)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("data-plane: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let proxy = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
+    let admin = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--admin-listen)",
+                settings.admin_listen
+            )
+        })?;
+    data_plane::run(settings, proxy, admin, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Prometheus metrics of one data plane. Labels are bounded: status classes, configured backend
+//! addresses and fixed outcome names, never a client address or a key.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from 0.5 ms (a local backend) to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// By status class, "2xx" to "5xx".
+    pub responses: [IntCounter; 4],
+    pub request_duration: Histogram,
+    pub backend_requests: IntCounterVec,
+    pub backend_errors: IntCounterVec,
+    pub backend_in_flight: IntGaugeVec,
+    pub backend_duration: HistogramVec,
+    /// Requests refused locally, by reason.
+    pub refused: IntCounterVec,
+    pub config_version: IntGauge,
+    /// Snapshots applied and rejected.
+    pub config_updates: IntCounterVec,
+    pub control_plane_connected: IntGauge,
+    pub connections: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let responses_vec = IntCounterVec::new(
+            Opts::new(
+                "lb_http_responses_total",
+                "Responses sent to clients, by status class",
+            ),
+            &["code_class"],
+        )
+        .expect("valid metric");
+        let responses = ["2xx", "3xx", "4xx", "5xx"].map(|c| responses_vec.with_label_values(&[c]));
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "lb_http_request_duration_seconds",
+                "Time from request head to response head, as the client sees it",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let backend_requests = IntCounterVec::new(
+            Opts::new(
+                "lb_backend_requests_total",
+                "Requests forwarded to each backend",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let backend_errors = IntCounterVec::new(
+            Opts::new(
+                "lb_backend_errors_total",
+                "Requests to each backend that failed (5xx, connection error or timeout)",
+            ),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let backend_in_flight = IntGaugeVec::new(
+            Opts::new("lb_backend_in_flight", "Requests in flight to each backend"),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let backend_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lb_backend_request_duration_seconds",
+                "Time each backend took to answer with a response head",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["backend"],
+        )
+        .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "lb_requests_refused_total",
+                "Requests answered by the data plane itself, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let config_version =
+            IntGauge::new("lb_config_version", "Version of the configuration in force")
+                .expect("valid metric");
+        let config_updates = IntCounterVec::new(
+            Opts::new(
+                "lb_config_updates_total",
+                "Snapshots received, by result (applied or rejected)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let control_plane_connected = IntGauge::new(
+            "lb_control_plane_connected",
+            "1 while the configuration stream to the control plane is open",
+        )
+        .expect("valid metric");
+        let connections = IntGauge::new("lb_client_connections", "Client connections open")
+            .expect("valid metric");
+        for c in [
+            Box::new(responses_vec) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(backend_requests.clone()),
+            Box::new(backend_errors.clone()),
+            Box::new(backend_in_flight.clone()),
+            Box::new(backend_duration.clone()),
+            Box::new(refused.clone()),
+            Box::new(config_version.clone()),
+            Box::new(config_updates.clone()),
+            Box::new(control_plane_connected.clone()),
+            Box::new(connections.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            responses,
+            request_duration,
+            backend_requests,
+            backend_errors,
+            backend_in_flight,
+            backend_duration,
+            refused,
+            config_version,
+            config_updates,
+            control_plane_connected,
+            connections,
+        }
+    }
+
+    /// Counts a response by its status class.
+    pub fn response(&self, status: u16) {
+        if let Some(c) = (status / 100)
+            .checked_sub(2)
+            .and_then(|i| self.responses.get(usize::from(i)))
+        {
+            c.inc();
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into memory cannot fail");
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Stops exporting series of a backend that left the configuration.
+    pub fn forget_backend(&self, address: &str) {
+        let _ = self.backend_requests.remove_label_values(&[address]);
+        let _ = self.backend_errors.remove_label_values(&[address]);
+        let _ = self.backend_in_flight.remove_label_values(&[address]);
+        let _ = self.backend_duration.remove_label_values(&[address]);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,395 @@
+//! The request path: pick a backend for each client request and forward it over a pooled
+//! connection, streaming both bodies. Steps, in order:
+//! 1. refuse what breaks a limit (body size; head size and read time are enforced by the server);
+//! 2. load the configuration once, so the whole request runs under one snapshot;
+//! 3. pick a backend with the snapshot's strategy, skipping unusable ones;
+//! 4. rewrite the request: hop-by-hop headers out, `X-Forwarded-*` and `X-Request-Id` in;
+//! 5. forward, bounded by the request timeout; map failures to 502/504 with a JSON body;
+//! 6. stream the response back, holding the backend's in-flight count until the body ends.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::balance::hash_bytes;
+use crate::state::{InFlight, Shared};
+
+/// Body of a request forwarded to a backend: the client's, streamed and bounded in size, or one
+/// made here (health checks).
+pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+
+/// Body of a response to a client: a backend's, streamed, or one made here (errors).
+pub enum ProxyBody {
+    Upstream {
+        body: Incoming,
+        _in_flight: InFlight,
+    },
+    Local(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// Headers that belong to one connection and are never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Longest client-supplied request id kept; a longer or odd one is replaced.
+const MAX_REQUEST_ID: usize = 200;
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn new_request_id() -> HeaderValue {
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID
+                && v.as_bytes().iter().all(u8::is_ascii_graphic) =>
+        {
+            v.clone()
+        }
+        _ => new_request_id(),
+    }
+}
+
+/// A response made by the data plane itself: JSON `{"error", "message", "request_id"}`.
+pub fn local_response(
+    status: StatusCode,
+    error: &str,
+    message: &str,
+    request_id: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": error,
+        "message": message,
+        "request_id": request_id.and_then(|v| v.to_str().ok()),
+    });
+    let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from(body.to_string()))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(id) = request_id {
+        h.insert(X_REQUEST_ID.clone(), id.clone());
+    }
+    resp
+}
+
+/// Handles one client request; never fails (every error is an HTTP response).
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let resp = forward(&shared, peer, req).await;
+    shared.metrics.response(resp.status().as_u16());
+    shared
+        .metrics
+        .request_duration
+        .observe(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+fn refuse(
+    shared: &Shared,
+    reason: &str,
+    status: StatusCode,
+    message: &str,
+    id: &HeaderValue,
+) -> Response<ProxyBody> {
+    shared.metrics.refused.with_label_values(&[reason]).inc();
+    local_response(status, reason, message, Some(id))
+}
+
+async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let id = request_id(&parts.headers);
+
+    let max_body = shared.settings.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        let msg = format!("request body is larger than {max_body} bytes");
+        return refuse(
+            shared,
+            "body_too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &msg,
+            &id,
+        );
+    }
+
+    let Some(active) = shared.active() else {
+        return refuse(
+            shared,
+            "not_configured",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no configuration received from the control plane yet",
+            &id,
+        );
+    };
+    let affinity = match peer.ip() {
+        std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+        std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+    };
+    let Some(i) = active.balancer.pick(active.as_ref(), affinity) else {
+        let msg = if active.slots.is_empty() {
+            "no backends are configured".to_owned()
+        } else {
+            format!(
+                "none of the {} backends is usable (all draining)",
+                active.slots.len()
+            )
+        };
+        return refuse(
+            shared,
+            "no_backend",
+            StatusCode::SERVICE_UNAVAILABLE,
+            &msg,
+            &id,
+        );
+    };
+    let endpoint = &active.slots[i].endpoint;
+
+    // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host.
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let path = parts.uri.path_and_query().cloned();
+    let mut uri = Uri::builder()
+        .scheme("http")
+        .authority(endpoint.authority.clone());
+    if let Some(pq) = path {
+        uri = uri.path_and_query(pq);
+    } else {
+        uri = uri.path_and_query("/");
+    }
+    parts.uri = match uri.build() {
+        Ok(u) => u,
+        Err(_) => {
+            return refuse(
+                shared,
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                "request target cannot be forwarded",
+                &id,
+            );
+        }
+    };
+    // Backends speak HTTP/1.1 on pooled connections whatever the client spoke.
+    parts.version = Version::HTTP_11;
+
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    let peer_ip = peer.ip().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        if !h.contains_key(&X_FORWARDED_HOST) {
+            h.insert(X_FORWARDED_HOST.clone(), host.clone());
+        }
+        h.insert(header::HOST, host);
+    }
+    h.insert(X_REQUEST_ID.clone(), id.clone());
+
+    let upstream = Request::from_parts(
+        parts,
+        Either::Left(Limited::new(
+            body,
+            usize::try_from(max_body).unwrap_or(usize::MAX),
+        )),
+    );
+    let in_flight = endpoint.start();
+    let sent = Instant::now();
+    let result = match active.request_timeout {
+        Some(t) => tokio::time::timeout(t, active.client.request(upstream)).await,
+        None => Ok(active.client.request(upstream).await),
+    };
+    match result {
+        Ok(Ok(resp)) => {
+            let failed = resp.status().is_server_error();
+            endpoint.record(sent.elapsed(), failed);
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(X_REQUEST_ID.clone(), id);
+            Response::from_parts(
+                parts,
+                ProxyBody::Upstream {
+                    body,
+                    _in_flight: in_flight,
+                },
+            )
+        }
+        Ok(Err(e)) => {
+            endpoint.record(sent.elapsed(), true);
+            drop(in_flight);
+            let cause = error_chain(&e);
+            if cause.contains("length limit exceeded") {
+                let msg = format!("request body is larger than {max_body} bytes");
+                return refuse(
+                    shared,
+                    "body_too_large",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &msg,
+                    &id,
+                );
+            }
+            tracing::warn!(backend = %endpoint.address, request_id = ?id, cause = %cause, "backend request failed");
+            let what = if e.is_connect() {
+                "cannot connect to"
+            } else {
+                "no valid response from"
+            };
+            let msg = format!("{what} backend {}", endpoint.address);
+            refuse(shared, "bad_gateway", StatusCode::BAD_GATEWAY, &msg, &id)
+        }
+        Err(_) => {
+            endpoint.record(sent.elapsed(), true);
+            drop(in_flight);
+            let msg = format!("backend {} did not answer in time", endpoint.address);
+            refuse(
+                shared,
+                "gateway_timeout",
+                StatusCode::GATEWAY_TIMEOUT,
+                &msg,
+                &id,
+            )
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_str(&"x".repeat(500)).unwrap(),
+        );
+        assert_eq!(request_id(&h).len(), 32);
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}

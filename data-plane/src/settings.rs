@@ -1,0 +1,353 @@
+//! Start-up settings of a data plane. Each comes from a flag, an environment variable, a TOML file
+//! (`--config`) or its default, in that order of precedence. Everything else a data plane knows
+//! arrives from the control plane in snapshots.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Command line of the `data-plane` binary. Every flag can also be set through its environment
+/// variable or the TOML file.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "data-plane",
+    version,
+    about = "One data plane: the proxy that clients talk to"
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with '_' for '-').
+    #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Proxy listener [default: 0.0.0.0:8080]
+    #[arg(long, env = "LB_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Admin listener: /healthz /readyz /stats /metrics [default: 127.0.0.1:9901]
+    #[arg(long, env = "LB_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Control plane gRPC endpoint [default: http://127.0.0.1:50051]
+    #[arg(long, env = "LB_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: Option<String>,
+    /// This data plane's unique name [default: hostname-pid]
+    #[arg(long, env = "LB_NODE_ID", value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Redis URL for shared rate-limit state and cache [default: none, per-instance state]
+    #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
+    pub redis: Option<String>,
+    /// Directory where the last good snapshot is kept, to boot from when the control plane is
+    /// unreachable at start [default: none]
+    #[arg(long, env = "LB_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Networks backends may be in (comma-separated CIDRs); a snapshot with a backend elsewhere is
+    /// refused (NACK) [default: any]
+    #[arg(
+        long,
+        env = "LB_ALLOWED_BACKENDS",
+        value_name = "CIDRS",
+        value_delimiter = ','
+    )]
+    pub allowed_backends: Option<Vec<String>>,
+    /// Most client connections open at once [default: 10000]
+    #[arg(long, env = "LB_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Largest request body in bytes [default: 104857600]
+    #[arg(long, env = "LB_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<u64>,
+    /// Largest request head (request line and headers) in bytes [default: 65536]
+    #[arg(long, env = "LB_MAX_HEADER_BYTES", value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Time a client has to send its request head, in ms [default: 10000]
+    #[arg(long, env = "LB_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub header_timeout_ms: Option<u64>,
+    /// On shutdown, time given to requests in flight, in ms [default: 10000]
+    #[arg(long, env = "LB_DRAIN_TIMEOUT_MS", value_name = "MS")]
+    pub drain_timeout_ms: Option<u64>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "LB_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    control_plane: Option<String>,
+    node_id: Option<String>,
+    redis: Option<String>,
+    state_dir: Option<PathBuf>,
+    allowed_backends: Option<Vec<String>>,
+    max_connections: Option<usize>,
+    max_body_bytes: Option<u64>,
+    max_header_bytes: Option<usize>,
+    header_timeout_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// Settings in force, every one resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub control_plane: String,
+    pub node_id: String,
+    pub redis: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub allowed_backends: Vec<IpNet>,
+    pub max_connections: usize,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub log_json: bool,
+    /// Presented on `Discovery` calls when the control plane requires it (`LB_CLUSTER_TOKEN`).
+    pub cluster_token: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: ([0, 0, 0, 0], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 9901).into(),
+            control_plane: "http://127.0.0.1:50051".to_owned(),
+            node_id: default_node_id(),
+            redis: None,
+            state_dir: None,
+            allowed_backends: Vec::new(),
+            max_connections: 10_000,
+            max_body_bytes: 100 << 20,
+            max_header_bytes: 64 << 10,
+            header_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            log_json: false,
+            cluster_token: None,
+        }
+    }
+}
+
+/// A setting that cannot be used, naming where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// `hostname-pid`, unique per process on a host.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "data-plane".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Reads and parses a TOML settings file, naming the file and the offending key on error.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+impl Settings {
+    /// Resolves flags and environment (already merged by clap) over the file over defaults.
+    pub fn load(args: Args) -> Result<Settings, SettingsError> {
+        let file: FileSettings = match &args.config {
+            Some(path) => read_toml(path)?,
+            None => FileSettings::default(),
+        };
+        let d = Settings::default();
+        let allowed = args
+            .allowed_backends
+            .or(file.allowed_backends)
+            .unwrap_or_default();
+        let allowed_backends = allowed
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_net(s.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let log_format = args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        let s = Settings {
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            admin_listen: args
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or(d.admin_listen),
+            control_plane: args
+                .control_plane
+                .or(file.control_plane)
+                .unwrap_or(d.control_plane),
+            node_id: args.node_id.or(file.node_id).unwrap_or(d.node_id),
+            redis: args.redis.or(file.redis).filter(|r| !r.is_empty()),
+            state_dir: args.state_dir.or(file.state_dir),
+            allowed_backends,
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(d.max_connections),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(d.max_body_bytes),
+            max_header_bytes: args
+                .max_header_bytes
+                .or(file.max_header_bytes)
+                .unwrap_or(d.max_header_bytes),
+            header_timeout: args
+                .header_timeout_ms
+                .or(file.header_timeout_ms)
+                .map_or(d.header_timeout, Duration::from_millis),
+            drain_timeout: args
+                .drain_timeout_ms
+                .or(file.drain_timeout_ms)
+                .map_or(d.drain_timeout, Duration::from_millis),
+            log_json: match log_format.as_str() {
+                "text" => false,
+                "json" => true,
+                other => {
+                    return Err(SettingsError::Invalid {
+                        key: "log_format",
+                        message: format!("{other:?}; valid: text, json"),
+                    });
+                }
+            },
+            cluster_token: std::env::var("LB_CLUSTER_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key, message: &str| {
+            Err(SettingsError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if !(self.control_plane.starts_with("http://")
+            || self.control_plane.starts_with("https://"))
+        {
+            return invalid("control_plane", "must be an http:// or https:// URL");
+        }
+        if self.control_plane.parse::<http::Uri>().is_err() {
+            return invalid("control_plane", "is not a URL");
+        }
+        if self.node_id.is_empty()
+            || self.node_id.len() > 128
+            || self.node_id.chars().any(char::is_control)
+        {
+            return invalid("node_id", "must be 1-128 printable characters");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if self.max_header_bytes < 8192 {
+            return invalid("max_header_bytes", "must be at least 8192");
+        }
+        if self.header_timeout.is_zero() {
+            return invalid("header_timeout_ms", "must be at least 1");
+        }
+        if let Some(r) = &self.redis
+            && !(r.starts_with("redis://")
+                || r.starts_with("rediss://")
+                || r.starts_with("unix://"))
+        {
+            return invalid("redis", "must be a redis:// or rediss:// URL");
+        }
+        Ok(())
+    }
+}
+
+fn parse_net(s: &str) -> Result<IpNet, SettingsError> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| SettingsError::Invalid {
+            key: "allowed_backends",
+            message: format!("{s:?} is not an address or CIDR range"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let dir = std::env::temp_dir().join(format!("dp-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("dp.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1000\"\nadmin_listen = \"127.0.0.1:1001\"\n",
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "data-plane",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:2000",
+        ]);
+        let s = Settings::load(args).unwrap();
+        assert_eq!(s.listen.port(), 2000);
+        assert_eq!(s.admin_listen.port(), 1001);
+        assert_eq!(s.control_plane, "http://127.0.0.1:50051");
+    }
+
+    #[test]
+    fn bad_file_names_file_and_key() {
+        let dir = std::env::temp_dir().join(format!("dp-settings-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "listen = 5\n").unwrap();
+        let e = Settings::load(Args {
+            config: Some(file.clone()),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad.toml") && e.contains("listen"), "{e}");
+        std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
+        let e = Settings::load(Args {
+            config: Some(file),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_is_named() {
+        let e = Settings::load(Args {
+            allowed_backends: Some(vec!["10.0.0.0/99".into()]),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("allowed_backends"), "{e}");
+    }
+}
