@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,18 +75,72 @@ pub async fn run_shared(
         control_plane = %shared.settings.control_plane,
         "data plane started"
     );
-    serve_proxy(Arc::clone(&shared), proxy, shutdown).await;
+    let served = serve_proxy(Arc::clone(&shared), proxy, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = discovery.await;
     let _ = admin_task.await;
     tracing::info!(node_id = %shared.settings.node_id, "data plane stopped");
-    Ok(())
+    served
 }
 
+/// Runs the proxy on `workers` threads, each a single-threaded event loop accepting from the
+/// shared listener with its own backend pool: no request crosses threads, as in nginx or
+/// HAProxy, and the kernel spreads new connections over the threads waiting in accept.
 async fn serve_proxy(
     shared: Arc<Shared>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = listener.into_std()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
+    let mut finished = Vec::new();
+    for i in 0..shared.settings.workers.max(1) {
+        let listener = listener.try_clone()?;
+        let (shared, connections, stop) = (
+            Arc::clone(&shared),
+            Arc::clone(&connections),
+            stop_rx.clone(),
+        );
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(rt) => rt.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => worker(shared, l, connections, stop).await,
+                            Err(e) => {
+                                tracing::error!(cause = %e, "proxy worker cannot use the listener")
+                            }
+                        }
+                    }),
+                    Err(e) => {
+                        tracing::error!(cause = %e, "proxy worker cannot start its event loop")
+                    }
+                }
+                let _ = done_tx.send(());
+            })?;
+        finished.push(done_rx);
+    }
+    drop(listener);
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for f in finished {
+        let _ = f.await;
+    }
+    Ok(())
+}
+
+/// One worker: accept, serve each connection, and on stop drain within the deadline.
+async fn worker(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    connections: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -99,15 +154,20 @@ async fn serve_proxy(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
+    let ctx = Arc::new(proxy::Worker {
+        client: upstream::client(Arc::clone(&shared.connect_timeout_ms)),
+        shared: Arc::clone(&shared),
+    });
     let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
-    tokio::pin!(shutdown);
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
     loop {
         // Backpressure: at the connection limit, stop accepting until one closes.
         let permit = tokio::select! {
             p = Arc::clone(&connections).acquire_owned() => p.expect("semaphore is never closed"),
-            () = &mut shutdown => break,
+            () = &mut stopped => break,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -119,11 +179,14 @@ async fn serve_proxy(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let for_conn = Arc::clone(&shared);
-        let svc = service_fn(move |req| proxy::handle(Arc::clone(&for_conn), peer, req));
+        let conn_ctx = Arc::new(proxy::ClientConn::new(peer));
+        let worker_ctx = Arc::clone(&ctx);
+        let svc = service_fn(move |req| {
+            proxy::handle(Arc::clone(&worker_ctx), Arc::clone(&conn_ctx), req)
+        });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();

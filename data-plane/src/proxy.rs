@@ -23,6 +23,37 @@ use tokio::time::Instant;
 
 use crate::balance::hash_bytes;
 use crate::state::{InFlight, Shared};
+use crate::upstream::HttpClient;
+
+/// What the requests of one worker thread share: the configuration and that thread's pool.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub client: HttpClient,
+}
+
+/// What the requests of one client connection share, computed once per connection.
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    /// The peer's address as a header value, for X-Forwarded-For.
+    peer_ip: HeaderValue,
+    /// Hash of the peer's address, for ip_hash.
+    affinity: u64,
+}
+
+impl ClientConn {
+    pub fn new(peer: SocketAddr) -> ClientConn {
+        let affinity = match peer.ip() {
+            std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+            std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+        };
+        ClientConn {
+            peer,
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+            affinity,
+        }
+    }
+}
 
 /// Body of a request forwarded to a backend: the client's, streamed and bounded in size, or one
 /// made here (health checks).
@@ -106,9 +137,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// 128 random bits as 32 hex digits.
 fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -152,12 +190,13 @@ pub fn local_response(
 
 /// Handles one client request; never fails (every error is an HTTP response).
 pub async fn handle(
-    shared: Arc<Shared>,
-    peer: SocketAddr,
+    worker: Arc<Worker>,
+    conn: Arc<ClientConn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let resp = forward(&shared, peer, req).await;
+    let shared = &worker.shared;
+    let resp = forward(shared, &worker.client, &conn, req).await;
     shared.metrics.response(resp.status().as_u16());
     shared
         .metrics
@@ -177,7 +216,12 @@ fn refuse(
     local_response(status, reason, message, Some(id))
 }
 
-async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn forward(
+    shared: &Shared,
+    client: &HttpClient,
+    conn: &ClientConn,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
 
@@ -207,11 +251,7 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
             &id,
         );
     };
-    let affinity = match peer.ip() {
-        std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
-        std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-    };
-    let Some(i) = active.balancer.pick(active.as_ref(), affinity) else {
+    let Some(i) = active.balancer.pick(active.as_ref(), conn.affinity) else {
         let msg = if active.slots.is_empty() {
             "no backends are configured".to_owned()
         } else {
@@ -263,12 +303,13 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
 
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
-    let peer_ip = peer.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {peer_ip}"),
-        _ => peer_ip,
+        Some(prev) if !prev.is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok()
+        }
+        _ => Some(conn.peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -290,8 +331,8 @@ async fn forward(shared: &Shared, peer: SocketAddr, req: Request<Incoming>) -> R
     let in_flight = endpoint.start();
     let sent = Instant::now();
     let result = match active.request_timeout {
-        Some(t) => tokio::time::timeout(t, active.client.request(upstream)).await,
-        None => Ok(active.client.request(upstream).await),
+        Some(t) => tokio::time::timeout(t, client.request(upstream)).await,
+        None => Ok(client.request(upstream).await),
     };
     match result {
         Ok(Ok(resp)) => {

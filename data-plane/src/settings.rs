@@ -67,6 +67,10 @@ pub struct Args {
     /// Log format: text or json [default: text]
     #[arg(long, env = "LB_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Proxy worker threads, each with its own event loop and backend connection pool
+    /// [default: one per CPU]
+    #[arg(long, env = "LB_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -86,6 +90,7 @@ struct FileSettings {
     header_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     log_format: Option<String>,
+    workers: Option<usize>,
 }
 
 /// Settings in force, every one resolved.
@@ -104,6 +109,7 @@ pub struct Settings {
     pub header_timeout: Duration,
     pub drain_timeout: Duration,
     pub log_json: bool,
+    pub workers: usize,
     /// Presented on `Discovery` calls when the control plane requires it (`LB_CLUSTER_TOKEN`).
     pub cluster_token: Option<String>,
 }
@@ -124,6 +130,7 @@ impl Default for Settings {
             header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             log_json: false,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
             cluster_token: None,
         }
     }
@@ -231,6 +238,7 @@ impl Settings {
                     });
                 }
             },
+            workers: args.workers.or(file.workers).unwrap_or(d.workers),
             cluster_token: std::env::var("LB_CLUSTER_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
@@ -262,6 +270,9 @@ impl Settings {
         }
         if self.max_connections == 0 {
             return invalid("max_connections", "must be at least 1");
+        }
+        if !(1..=1024).contains(&self.workers) {
+            return invalid("workers", "must be 1 to 1024");
         }
         if self.max_header_bytes < 8192 {
             return invalid("max_header_bytes", "must be at least 8192");

@@ -11,9 +11,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http::uri::Authority;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use lb_proto::v1::ConfigSnapshot;
 use lb_proto::validate::{self, Invalid};
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -21,10 +18,7 @@ use tokio::sync::watch;
 
 use crate::balance::{Balancer, Candidates};
 use crate::metrics::Metrics;
-use crate::proxy::UpstreamBody;
 use crate::settings::Settings;
-
-pub type HttpClient = Client<HttpConnector, UpstreamBody>;
 
 /// One backend's live counters, shared by every snapshot that lists it.
 pub struct Endpoint {
@@ -122,7 +116,6 @@ pub struct Active {
     pub snapshot: ConfigSnapshot,
     pub slots: Vec<Slot>,
     pub balancer: Balancer,
-    pub client: HttpClient,
     pub connect_timeout: Duration,
     pub request_timeout: Option<Duration>,
 }
@@ -157,6 +150,8 @@ pub struct Shared {
     pub control_plane_connected: AtomicBool,
     /// The last snapshot refused: its version and why.
     pub last_rejected: Mutex<Option<(u64, String)>>,
+    /// Connect timeout of the configuration in force, in ms, read by every upstream connector.
+    pub connect_timeout_ms: Arc<AtomicU64>,
     applied: watch::Sender<u64>,
 }
 
@@ -169,6 +164,7 @@ impl Shared {
             metrics: Metrics::new(),
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
+            connect_timeout_ms: Arc::new(AtomicU64::new(1_000)),
             applied: watch::channel(0).0,
         }
     }
@@ -246,16 +242,10 @@ impl Shared {
         let connect_timeout = Duration::from_millis(u64::from(timeouts.connect_ms));
         let request_timeout = (timeouts.request_ms > 0)
             .then(|| Duration::from_millis(u64::from(timeouts.request_ms)));
-        // Keep the pooled connections unless the connect timeout itself changed.
-        let client = match self.active() {
-            Some(prev) if prev.connect_timeout == connect_timeout => prev.client.clone(),
-            _ => new_client(connect_timeout),
-        };
         Ok(Active {
             snapshot,
             slots,
             balancer,
-            client,
             connect_timeout,
             request_timeout,
         })
@@ -285,17 +275,4 @@ impl Shared {
         self.active.store(Some(Arc::new(active)));
         self.applied.send_replace(version);
     }
-}
-
-fn new_client(connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(4096)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(http)
 }
