@@ -112,7 +112,7 @@ async fn serve_proxy(
                 match runtime {
                     Ok(rt) => rt.block_on(async move {
                         match TcpListener::from_std(listener) {
-                            Ok(l) => worker(shared, l, connections, stop).await,
+                            Ok(l) => worker(i, shared, l, connections, stop).await,
                             Err(e) => {
                                 tracing::error!(cause = %e, "proxy worker cannot use the listener")
                             }
@@ -137,6 +137,7 @@ async fn serve_proxy(
 
 /// One worker: accept, serve each connection, and on stop drain within the deadline.
 async fn worker(
+    id: usize,
     shared: Arc<Shared>,
     listener: TcpListener,
     connections: Arc<Semaphore>,
@@ -155,8 +156,8 @@ async fn worker(
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
     let ctx = Arc::new(proxy::Worker {
-        client: upstream::client(Arc::clone(&shared.connect_timeout_ms)),
         shared: Arc::clone(&shared),
+        id,
     });
     let graceful = GracefulShutdown::new();
     let stopped = async move {

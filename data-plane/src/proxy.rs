@@ -23,12 +23,13 @@ use tokio::time::Instant;
 
 use crate::balance::hash_bytes;
 use crate::state::{InFlight, Shared};
-use crate::upstream::HttpClient;
+use crate::upstream::{self, Lease};
 
-/// What the requests of one worker thread share: the configuration and that thread's pool.
+/// What the requests of one worker thread share.
 pub struct Worker {
     pub shared: Arc<Shared>,
-    pub client: HttpClient,
+    /// Index of the worker thread, selecting its connection pools.
+    pub id: usize,
 }
 
 /// What the requests of one client connection share, computed once per connection.
@@ -61,11 +62,28 @@ pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 /// Body of a response to a client: a backend's, streamed, or one made here (errors).
 pub enum ProxyBody {
-    Upstream {
-        body: Incoming,
-        _in_flight: InFlight,
-    },
+    Upstream(UpstreamResponse),
     Local(Option<Bytes>),
+}
+
+/// A backend's response body on its way to the client. It holds the backend's in-flight count
+/// and the connection lease until it ends; a body read to the end gives its connection back to
+/// the pool.
+pub struct UpstreamResponse {
+    body: Incoming,
+    done: bool,
+    lease: Option<Lease>,
+    _in_flight: InFlight,
+}
+
+impl Drop for UpstreamResponse {
+    fn drop(&mut self) {
+        if (self.done || self.body.is_end_stream())
+            && let Some(l) = self.lease.take()
+        {
+            l.release();
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -77,21 +95,27 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ProxyBody::Upstream(u) => {
+                let polled = Pin::new(&mut u.body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None)) {
+                    u.done = true;
+                }
+                polled
+            }
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Upstream(u) => u.done || u.body.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Upstream(u) => u.body.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
@@ -196,7 +220,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let shared = &worker.shared;
-    let resp = forward(shared, &worker.client, &conn, req).await;
+    let resp = forward(shared, worker.id, &conn, req).await;
     shared.metrics.response(resp.status().as_u16());
     shared
         .metrics
@@ -218,7 +242,7 @@ fn refuse(
 
 async fn forward(
     shared: &Shared,
-    client: &HttpClient,
+    worker: usize,
     conn: &ClientConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -277,26 +301,10 @@ async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let path = parts.uri.path_and_query().cloned();
-    let mut uri = Uri::builder()
-        .scheme("http")
-        .authority(endpoint.authority.clone());
-    if let Some(pq) = path {
-        uri = uri.path_and_query(pq);
-    } else {
-        uri = uri.path_and_query("/");
-    }
-    parts.uri = match uri.build() {
-        Ok(u) => u,
-        Err(_) => {
-            return refuse(
-                shared,
-                "bad_request",
-                StatusCode::BAD_REQUEST,
-                "request target cannot be forwarded",
-                &id,
-            );
-        }
+    // Origin form on the backend connection: the path and query only.
+    parts.uri = match parts.uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
     };
     // Backends speak HTTP/1.1 on pooled connections whatever the client spoke.
     parts.version = Version::HTTP_11;
@@ -313,11 +321,19 @@ async fn forward(
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = host {
-        if !h.contains_key(&X_FORWARDED_HOST) {
-            h.insert(X_FORWARDED_HOST.clone(), host.clone());
+    match host {
+        Some(host) => {
+            if !h.contains_key(&X_FORWARDED_HOST) {
+                h.insert(X_FORWARDED_HOST.clone(), host.clone());
+            }
+            h.insert(header::HOST, host);
         }
-        h.insert(header::HOST, host);
+        // HTTP/1.0 clients may send no Host; HTTP/1.1 backends need one.
+        None => {
+            if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                h.insert(header::HOST, v);
+            }
+        }
     }
     h.insert(X_REQUEST_ID.clone(), id.clone());
 
@@ -330,12 +346,20 @@ async fn forward(
     );
     let in_flight = endpoint.start();
     let sent = Instant::now();
+    let sending = upstream::send(
+        &endpoint.idle,
+        worker,
+        &endpoint.address,
+        endpoint.resolved,
+        active.connect_timeout,
+        upstream,
+    );
     let result = match active.request_timeout {
-        Some(t) => tokio::time::timeout(t, client.request(upstream)).await,
-        None => Ok(client.request(upstream).await),
+        Some(t) => tokio::time::timeout(t, sending).await,
+        None => Ok(sending.await),
     };
     match result {
-        Ok(Ok(resp)) => {
+        Ok(Ok((resp, lease))) => {
             let failed = resp.status().is_server_error();
             endpoint.record(sent.elapsed(), failed);
             let (mut parts, body) = resp.into_parts();
@@ -343,10 +367,12 @@ async fn forward(
             parts.headers.insert(X_REQUEST_ID.clone(), id);
             Response::from_parts(
                 parts,
-                ProxyBody::Upstream {
+                ProxyBody::Upstream(UpstreamResponse {
                     body,
+                    done: false,
+                    lease: Some(lease),
                     _in_flight: in_flight,
-                },
+                }),
             )
         }
         Ok(Err(e)) => {
@@ -364,7 +390,7 @@ async fn forward(
                 );
             }
             tracing::warn!(backend = %endpoint.address, request_id = ?id, cause = %cause, "backend request failed");
-            let what = if e.is_connect() {
+            let what = if e.not_sent() {
                 "cannot connect to"
             } else {
                 "no valid response from"

@@ -4,7 +4,7 @@
 //! latency survive a strategy or weight change.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,11 +19,16 @@ use tokio::sync::watch;
 use crate::balance::{Balancer, Candidates};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
+use crate::upstream::IdleConns;
 
 /// One backend's live counters, shared by every snapshot that lists it.
 pub struct Endpoint {
     pub address: String,
     pub authority: Authority,
+    /// The address when it is an IP literal (no resolution needed per connect).
+    pub resolved: Option<SocketAddr>,
+    /// Idle keep-alive connections to this backend, per worker thread.
+    pub idle: Arc<IdleConns>,
     in_flight: AtomicU32,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
@@ -39,13 +44,15 @@ pub struct Endpoint {
 const LATENCY_ALPHA: f64 = 0.2;
 
 impl Endpoint {
-    fn new(address: &str, metrics: &Metrics) -> Result<Endpoint, Invalid> {
+    fn new(address: &str, metrics: &Metrics, workers: usize) -> Result<Endpoint, Invalid> {
         let authority = address
             .parse::<Authority>()
             .map_err(|e| Invalid::new("backend.address", format_args!("{address:?}: {e}")))?;
         Ok(Endpoint {
             address: address.to_owned(),
             authority,
+            resolved: address.parse().ok(),
+            idle: Arc::new(IdleConns::new(workers)),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -150,8 +157,6 @@ pub struct Shared {
     pub control_plane_connected: AtomicBool,
     /// The last snapshot refused: its version and why.
     pub last_rejected: Mutex<Option<(u64, String)>>,
-    /// Connect timeout of the configuration in force, in ms, read by every upstream connector.
-    pub connect_timeout_ms: Arc<AtomicU64>,
     applied: watch::Sender<u64>,
 }
 
@@ -164,7 +169,6 @@ impl Shared {
             metrics: Metrics::new(),
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
-            connect_timeout_ms: Arc::new(AtomicU64::new(1_000)),
             applied: watch::channel(0).0,
         }
     }
@@ -218,7 +222,11 @@ impl Shared {
                 let endpoint = match endpoints.get(&b.address) {
                     Some(e) => Arc::clone(e),
                     None => {
-                        let e = Arc::new(Endpoint::new(&b.address, &self.metrics)?);
+                        let e = Arc::new(Endpoint::new(
+                            &b.address,
+                            &self.metrics,
+                            self.settings.workers,
+                        )?);
                         endpoints.insert(b.address.clone(), Arc::clone(&e));
                         e
                     }
@@ -261,10 +269,11 @@ impl Shared {
             .collect();
         {
             let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-            endpoints.retain(|addr, _| {
+            endpoints.retain(|addr, e| {
                 let k = keep.contains(addr.as_str());
                 if !k {
                     self.metrics.forget_backend(addr);
+                    e.idle.clear();
                 }
                 k
             });

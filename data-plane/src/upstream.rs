@@ -1,74 +1,206 @@
-//! Connections to backends: a pooled HTTP/1.1 client per worker thread, so a request, its pooled
-//! connection and that connection's task all stay on one thread. The connect timeout is read at
-//! each connect from a value the current snapshot sets, so a timeout change needs no new pool.
+//! Connections to backends: HTTP/1.1 keep-alive connections pooled per backend and per worker
+//! thread, so a request, its connection and that connection's task stay on one thread and the
+//! pool is a plain list behind an uncontended lock (no hashing, no shared queue).
+//!
+//! A connection is leased for one request and returns to its list only when the response body
+//! has been read to the end; a body abandoned half-way takes its connection with it, since the
+//! rest of the body would still be in flight on it. A request that could not be written on a
+//! pooled connection (the backend had closed it) is moved to another connection: it never
+//! reached the backend, so this is safe whatever its method.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::proxy::UpstreamBody;
 
-pub type HttpClient = Client<TimeoutConnector, UpstreamBody>;
+pub type Sender = http1::SendRequest<UpstreamBody>;
 
-/// Idle pooled connections are closed after this long; below the usual 60-75 s keep-alive
-/// timeout of backend servers, so the pool rarely hands out a connection the backend is closing.
+/// Idle connections are closed after this long: below the usual 60-75 s keep-alive timeout of
+/// backend servers, so the pool rarely hands out a connection the backend is closing.
 const POOL_IDLE: Duration = Duration::from_secs(50);
 
-/// An [`HttpConnector`] whose connect timeout follows the configuration in force.
-#[derive(Clone)]
-pub struct TimeoutConnector {
-    inner: HttpConnector,
-    timeout_ms: Arc<AtomicU64>,
+/// Most idle connections kept per backend and worker; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+
+/// Pooled connections on which a request was refused before it was written, tried before
+/// opening a new connection.
+const MAX_STALE_TRIES: usize = 4;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("connect timed out after {0} ms")]
-pub struct ConnectTimeout(u64);
+/// Idle connections to one backend: one list per worker thread, most recently used last.
+pub struct IdleConns {
+    per_worker: Box<[Mutex<VecDeque<Idle>>]>,
+}
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for TimeoutConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+impl IdleConns {
+    pub fn new(workers: usize) -> IdleConns {
+        IdleConns {
+            per_worker: (0..workers.max(1))
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
+        }
     }
 
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let ms = self.timeout_ms.load(Ordering::Relaxed).max(1);
-        let connecting = self.inner.call(uri);
-        Box::pin(async move {
-            match tokio::time::timeout(Duration::from_millis(ms), connecting).await {
-                Ok(r) => r.map_err(Into::into),
-                Err(_) => Err(Box::new(ConnectTimeout(ms)) as BoxError),
+    fn list(&self, worker: usize) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        let slot = &self.per_worker[worker % self.per_worker.len()];
+        slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used live connection, if any.
+    fn take(&self, worker: usize) -> Option<Sender> {
+        let mut list = self.list(worker);
+        while let Some(idle) = list.pop_back() {
+            if !idle.sender.is_closed() && idle.since.elapsed() < POOL_IDLE {
+                return Some(idle.sender);
             }
-        })
+        }
+        None
+    }
+
+    fn put(&self, worker: usize, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut list = self.list(worker);
+        // Expire from the cold end on every return, so an idle backlog cannot linger.
+        while list
+            .front()
+            .is_some_and(|i| i.since.elapsed() >= POOL_IDLE || i.sender.is_closed())
+        {
+            list.pop_front();
+        }
+        if list.len() < MAX_IDLE {
+            list.push_back(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes every idle connection (a backend removed from the configuration).
+    pub fn clear(&self) {
+        for l in &self.per_worker {
+            l.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 }
 
-/// A pooled client; `timeout_ms` is the connect timeout in milliseconds, read at each connect.
-pub fn client(timeout_ms: Arc<AtomicU64>) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_max_idle_per_host(4096)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(TimeoutConnector {
-            inner: http,
-            timeout_ms,
-        })
+/// A connection leased for one request.
+pub struct Lease {
+    sender: Option<Sender>,
+    pool: Arc<IdleConns>,
+    worker: usize,
+}
+
+impl Lease {
+    /// Gives the connection back for reuse: call only once the response is complete.
+    pub fn release(mut self) {
+        if let Some(s) = self.sender.take() {
+            self.pool.put(self.worker, s);
+        }
+    }
+}
+
+/// Why a request got no response from a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The backend could not be reached; the request was not sent.
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The request was (maybe partly) sent, then the exchange failed.
+    #[error("{0}")]
+    Exchange(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// True when the backend never saw the request.
+    pub fn not_sent(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)
+        )
+    }
+}
+
+async fn connect(
+    addr: &str,
+    resolved: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<Sender, UpstreamError> {
+    let connecting = async {
+        match resolved {
+            Some(a) => TcpStream::connect(a).await,
+            None => TcpStream::connect(addr).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(timeout))?
+        .map_err(UpstreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(UpstreamError::Exchange)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(cause = %e, "backend connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` to the backend at `addr` on a pooled connection of this worker, or a new one.
+pub async fn send(
+    pool: &Arc<IdleConns>,
+    worker: usize,
+    addr: &str,
+    resolved: Option<SocketAddr>,
+    connect_timeout: Duration,
+    mut req: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    for _ in 0..MAX_STALE_TRIES {
+        let Some(mut sender) = pool.take(worker) else {
+            break;
+        };
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, lease(pool, worker, sender))),
+            Err(mut e) => match e.take_message() {
+                // Not written: the connection was going away. Try the next one.
+                Some(r) => req = r,
+                None => return Err(UpstreamError::Exchange(e.into_error())),
+            },
+        }
+    }
+    let mut sender = connect(addr, resolved, connect_timeout).await?;
+    match sender.try_send_request(req).await {
+        Ok(resp) => Ok((resp, lease(pool, worker, sender))),
+        Err(e) => Err(UpstreamError::Exchange(e.into_error())),
+    }
+}
+
+fn lease(pool: &Arc<IdleConns>, worker: usize, sender: Sender) -> Lease {
+    Lease {
+        sender: Some(sender),
+        pool: Arc::clone(pool),
+        worker,
+    }
 }
