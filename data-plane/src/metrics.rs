@@ -2,8 +2,8 @@
 //! addresses and fixed outcome names, never a client address or a key.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from 0.5 ms (a local backend) to 10 s.
@@ -11,14 +11,19 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// One backend's counters at scrape time.
+pub struct BackendSample {
+    pub address: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub in_flight: u32,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// By status class, "2xx" to "5xx".
     pub responses: [IntCounter; 4],
     pub request_duration: Histogram,
-    pub backend_requests: IntCounterVec,
-    pub backend_errors: IntCounterVec,
-    pub backend_in_flight: IntGaugeVec,
     pub backend_duration: HistogramVec,
     /// Requests refused locally, by reason.
     pub refused: IntCounterVec,
@@ -47,27 +52,6 @@ impl Metrics {
                 "Time from request head to response head, as the client sees it",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        let backend_requests = IntCounterVec::new(
-            Opts::new(
-                "lb_backend_requests_total",
-                "Requests forwarded to each backend",
-            ),
-            &["backend"],
-        )
-        .expect("valid metric");
-        let backend_errors = IntCounterVec::new(
-            Opts::new(
-                "lb_backend_errors_total",
-                "Requests to each backend that failed (5xx, connection error or timeout)",
-            ),
-            &["backend"],
-        )
-        .expect("valid metric");
-        let backend_in_flight = IntGaugeVec::new(
-            Opts::new("lb_backend_in_flight", "Requests in flight to each backend"),
-            &["backend"],
         )
         .expect("valid metric");
         let backend_duration = HistogramVec::new(
@@ -108,9 +92,6 @@ impl Metrics {
         for c in [
             Box::new(responses_vec) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
-            Box::new(backend_requests.clone()),
-            Box::new(backend_errors.clone()),
-            Box::new(backend_in_flight.clone()),
             Box::new(backend_duration.clone()),
             Box::new(refused.clone()),
             Box::new(config_version.clone()),
@@ -124,9 +105,6 @@ impl Metrics {
             registry,
             responses,
             request_duration,
-            backend_requests,
-            backend_errors,
-            backend_in_flight,
             backend_duration,
             refused,
             config_version,
@@ -155,11 +133,51 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Per-backend counters kept by the endpoints themselves (plain atomics on the request
+    /// path, read here at scrape time), appended to `out` in the text format.
+    pub fn render_backends(out: &mut String, backends: &[BackendSample]) {
+        use std::fmt::Write;
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&BackendSample) -> u64,
+        );
+        let series: [Series; 3] = [
+            (
+                "lb_backend_requests_total",
+                "counter",
+                "Requests forwarded to each backend",
+                |b| b.requests,
+            ),
+            (
+                "lb_backend_errors_total",
+                "counter",
+                "Requests to each backend that failed (5xx, connection error or timeout)",
+                |b| b.errors,
+            ),
+            (
+                "lb_backend_in_flight",
+                "gauge",
+                "Requests in flight to each backend",
+                |b| u64::from(b.in_flight),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for b in backends {
+                let label = b
+                    .address
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = writeln!(out, "{name}{{backend=\"{label}\"}} {}", value(b));
+            }
+        }
+    }
+
     /// Stops exporting series of a backend that left the configuration.
     pub fn forget_backend(&self, address: &str) {
-        let _ = self.backend_requests.remove_label_values(&[address]);
-        let _ = self.backend_errors.remove_label_values(&[address]);
-        let _ = self.backend_in_flight.remove_label_values(&[address]);
         let _ = self.backend_duration.remove_label_values(&[address]);
     }
 }

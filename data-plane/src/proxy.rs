@@ -141,7 +141,15 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Longest client-supplied request id kept; a longer or odd one is replaced.
 const MAX_REQUEST_ID: usize = 200;
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass to find out: most messages carry none, and then nothing is hashed or removed.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers

@@ -13,11 +13,11 @@ use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 use lb_proto::v1::ConfigSnapshot;
 use lb_proto::validate::{self, Invalid};
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::Histogram;
 use tokio::sync::watch;
 
 use crate::balance::{Balancer, Candidates};
-use crate::metrics::Metrics;
+use crate::metrics::{BackendSample, Metrics};
 use crate::settings::Settings;
 use crate::upstream::IdleConns;
 
@@ -34,9 +34,6 @@ pub struct Endpoint {
     pub errors: AtomicU64,
     /// Smoothed latency in microseconds (0 = not measured yet).
     latency_us: AtomicU64,
-    m_requests: IntCounter,
-    m_errors: IntCounter,
-    m_in_flight: IntGauge,
     m_duration: Histogram,
 }
 
@@ -57,9 +54,6 @@ impl Endpoint {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
-            m_requests: metrics.backend_requests.with_label_values(&[address]),
-            m_errors: metrics.backend_errors.with_label_values(&[address]),
-            m_in_flight: metrics.backend_in_flight.with_label_values(&[address]),
             m_duration: metrics.backend_duration.with_label_values(&[address]),
         })
     }
@@ -76,9 +70,7 @@ impl Endpoint {
     /// done or abandoned), so in-flight counts cover streaming bodies too.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.m_in_flight.inc();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.m_requests.inc();
         InFlight(Arc::clone(self))
     }
 
@@ -86,7 +78,6 @@ impl Endpoint {
     pub fn record(&self, elapsed: Duration, failed: bool) {
         if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            self.m_errors.inc();
         }
         self.m_duration.observe(elapsed.as_secs_f64());
         let sample = elapsed.as_micros().min(u128::from(u64::MAX / 2)) as u64;
@@ -107,7 +98,6 @@ pub struct InFlight(Arc<Endpoint>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.m_in_flight.dec();
     }
 }
 
@@ -257,6 +247,25 @@ impl Shared {
             connect_timeout,
             request_timeout,
         })
+    }
+
+    /// The Prometheus text of every metric, per-backend counters included.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render();
+        let backends: Vec<BackendSample> = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| BackendSample {
+                address: e.address.clone(),
+                requests: e.requests.load(Ordering::Relaxed),
+                errors: e.errors.load(Ordering::Relaxed),
+                in_flight: e.in_flight(),
+            })
+            .collect();
+        Metrics::render_backends(&mut out, &backends);
+        out
     }
 
     /// Puts a prepared configuration in force, in one atomic swap.
