@@ -343,3 +343,21 @@ mod tests {
         assert!(e.contains("duplicate backend"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/control-plane.toml");
+        let s = Settings::load(CommonArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.initial.backends.len(), 3);
+        assert_eq!(s.initial.backends[0].weight, 2);
+        assert_eq!(s.initial.rate_limit.unwrap().tiers.len(), 4);
+    }
+}

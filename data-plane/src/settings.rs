@@ -362,3 +362,20 @@ mod tests {
         assert!(e.contains("allowed_backends"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/data-plane.toml");
+        let s = Settings::load(Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(s.admin_listen.port(), 9901);
+        assert!(s.state_dir.is_some());
+    }
+}
