@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "lb/v1/config.proto",
     "lb/v1/discovery.proto",
     "lb/v1/admin.proto",
+    "lb/v1/state.proto",
 ];
 
 /// Messages that appear in configuration files, with the function giving their defaults.

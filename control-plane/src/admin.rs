@@ -259,6 +259,34 @@ impl Admin for AdminService {
         Ok(change(v))
     }
 
+    async fn set_policy(
+        &self,
+        r: Request<SetPolicyRequest>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        use set_policy_request::Policy;
+        let policy = r
+            .into_inner()
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy: missing (health_check, outlier, circuit_breaker, retry, queue, timeouts, hash or cache)"))?;
+        let v = self
+            .cp
+            .update(|s| {
+                match policy {
+                    Policy::HealthCheck(p) => s.health_check = Some(p),
+                    Policy::Outlier(p) => s.outlier = Some(p),
+                    Policy::CircuitBreaker(p) => s.circuit_breaker = Some(p),
+                    Policy::Retry(p) => s.retry = Some(p),
+                    Policy::Queue(p) => s.queue = Some(p),
+                    Policy::Timeouts(p) => s.timeouts = Some(p),
+                    Policy::Hash(p) => s.hash = Some(p),
+                    Policy::Cache(p) => s.cache = Some(p),
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
+    }
+
     async fn create_api_key(
         &self,
         _: Request<CreateApiKeyRequest>,

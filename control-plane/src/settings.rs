@@ -350,7 +350,8 @@ mod example_file {
 
     #[test]
     fn the_shipped_example_config_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/control-plane.toml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config/control-plane.toml");
         let s = Settings::load(CommonArgs {
             config: Some(path),
             ..Default::default()

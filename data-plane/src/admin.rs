@@ -11,7 +11,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::state::Shared;
+use crate::breaker::CircuitState;
+use crate::state::{Shared, millis};
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -40,6 +41,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let active = shared.active();
+    let now_ms = millis(tokio::time::Instant::now());
     let backends: Vec<_> = active
         .iter()
         .flat_map(|a| a.slots.iter())
@@ -53,6 +55,15 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
                 "requests": e.requests.load(Ordering::Relaxed),
                 "errors": e.errors.load(Ordering::Relaxed),
                 "latency_ewma_ms": e.latency_us() as f64 / 1000.0,
+                "max_in_flight": s.max_in_flight,
+                "healthy": e.is_healthy(),
+                "ejected": e.is_ejected(now_ms),
+                "ejections": e.ejections.load(Ordering::Relaxed),
+                "circuit": match e.circuit_state() {
+                    CircuitState::Closed => "closed",
+                    CircuitState::Open => "open",
+                    CircuitState::HalfOpen => "half_open",
+                },
             })
         })
         .collect();
@@ -76,6 +87,8 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "5xx": m.responses[3].get(),
         },
         "client_connections": m.connections.get(),
+        "retries": m.retries.get(),
+        "queue_depth": shared.admission.depth(),
         "backends": backends,
     }))
 }

@@ -19,6 +19,27 @@ pub trait Candidates {
     fn in_flight(&self, i: usize) -> u32;
     /// Smoothed latency in microseconds; 0 when nothing is known yet.
     fn latency_us(&self, i: usize) -> u64;
+    /// Recent failure share, 0.0 to 1.0.
+    fn failure_rate(&self, _i: usize) -> f64 {
+        0.0
+    }
+    /// Slow start: below 1.0 while a backend that just came back ramps up.
+    fn warmth(&self, _i: usize) -> f64 {
+        1.0
+    }
+}
+
+/// The latency-driven strategies send one pick in this many to the next backend in turn, so a
+/// backend judged slow keeps being measured and wins its share back when it recovers.
+const EXPLORE_EVERY: usize = 32;
+
+fn explore(c: &impl Candidates, tick: usize) -> Option<usize> {
+    if !tick.is_multiple_of(EXPLORE_EVERY) {
+        return None;
+    }
+    let n = c.len();
+    let start = tick / EXPLORE_EVERY;
+    (0..n).map(|k| (start + k) % n).find(|&i| c.usable(i))
 }
 
 /// A strategy, ready to pick.
@@ -68,26 +89,37 @@ impl Balancer {
                 .max_by_key(|&i| mix(ids[i] ^ affinity)),
             Balancer::LeastResponseTime(next) => {
                 let start = next.fetch_add(1, Ordering::Relaxed);
+                if let Some(i) = explore(c, start) {
+                    return Some(i);
+                }
                 // A backend with no measurement yet is tried first, so it is probed, not starved.
                 min_by_key(c, start, |i| c.latency_us(i))
             }
             Balancer::Adaptive(next) => {
-                let usable: Vec<usize> = (0..n).filter(|&i| c.usable(i)).collect();
-                match usable.len() {
-                    0 => None,
-                    1 => Some(usable[0]),
-                    m => {
-                        let seed = mix(next.fetch_add(1, Ordering::Relaxed) as u64);
-                        let a = usable[(seed % m as u64) as usize];
-                        let mut b = usable[((seed >> 32) % (m as u64 - 1)) as usize];
-                        if b == a {
-                            b = usable[m - 1];
-                        }
-                        let score =
-                            |i: usize| (u64::from(c.in_flight(i)) + 1) * c.latency_us(i).max(1);
-                        Some(if score(b) < score(a) { b } else { a })
-                    }
+                let tick = next.fetch_add(1, Ordering::Relaxed);
+                if let Some(i) = explore(c, tick) {
+                    return Some(i);
                 }
+                // Two random candidates (the next usable from two random starts), no allocation.
+                let seed = mix(tick as u64);
+                let first_usable = |start: usize, skip: Option<usize>| {
+                    (0..n)
+                        .map(|k| (start + k) % n)
+                        .find(|&i| c.usable(i) && Some(i) != skip)
+                };
+                let a = first_usable((seed % n as u64) as usize, None)?;
+                let Some(b) = first_usable(((seed >> 32) % n as u64) as usize, Some(a)) else {
+                    return Some(a);
+                };
+                // Lower is better: load times latency, inflated by recent failures and by slow
+                // start (a backend just back looks busier than it is).
+                let score = |i: usize| {
+                    (f64::from(c.in_flight(i)) + 1.0)
+                        * c.latency_us(i).max(1) as f64
+                        * (1.0 + 10.0 * c.failure_rate(i))
+                        / c.warmth(i).max(0.1)
+                };
+                Some(if score(b) < score(a) { b } else { a })
             }
         }
     }

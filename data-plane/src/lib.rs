@@ -11,11 +11,17 @@
 //! - [`telemetry`]: logging set-up and the shutdown signal.
 
 pub mod admin;
+pub mod admission;
 pub mod backoff;
 pub mod balance;
+pub mod breaker;
 pub mod discovery;
+pub mod health;
 pub mod metrics;
+pub mod outlier;
+pub mod probe;
 pub mod proxy;
+pub mod retry;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
@@ -55,6 +61,23 @@ pub async fn run_shared(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let discovery = tokio::spawn(discovery::run(Arc::clone(&shared), stop_rx.clone()));
+    // Health-check tasks follow the backend set of each applied configuration.
+    let probes = {
+        let shared = Arc::clone(&shared);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let prober = probe::Prober::default();
+            let mut applied = shared.applied_version();
+            loop {
+                prober.sync(&shared);
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { break },
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            prober.stop();
+        })
+    };
     let admin_task = {
         let mut stop = stop_rx.clone();
         let app = admin::router(Arc::clone(&shared));
@@ -78,6 +101,7 @@ pub async fn run_shared(
     let served = serve_proxy(Arc::clone(&shared), proxy, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = discovery.await;
+    let _ = probes.await;
     let _ = admin_task.await;
     tracing::info!(node_id = %shared.settings.node_id, "data plane stopped");
     served
@@ -155,10 +179,7 @@ async fn worker(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
-    let ctx = Arc::new(proxy::Worker {
-        shared: Arc::clone(&shared),
-        id,
-    });
+    let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id));
     let graceful = GracefulShutdown::new();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;

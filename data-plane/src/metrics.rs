@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Requests refused locally, by reason.
     pub refused: IntCounterVec,
     pub config_version: IntGauge,
+    /// Requests sent again to another backend.
+    pub retries: IntCounter,
     /// Snapshots applied and rejected.
     pub config_updates: IntCounterVec,
     pub control_plane_connected: IntGauge,
@@ -71,6 +73,8 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let retries = IntCounter::new("lb_retries_total", "Requests sent again to another backend")
+            .expect("valid metric");
         let config_version =
             IntGauge::new("lb_config_version", "Version of the configuration in force")
                 .expect("valid metric");
@@ -95,6 +99,7 @@ impl Metrics {
             Box::new(backend_duration.clone()),
             Box::new(refused.clone()),
             Box::new(config_version.clone()),
+            Box::new(retries.clone()),
             Box::new(config_updates.clone()),
             Box::new(control_plane_connected.clone()),
             Box::new(connections.clone()),
@@ -108,6 +113,7 @@ impl Metrics {
             backend_duration,
             refused,
             config_version,
+            retries,
             config_updates,
             control_plane_connected,
             connections,

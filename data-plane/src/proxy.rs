@@ -19,10 +19,15 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
+use std::time::Duration;
+
 use tokio::time::Instant;
 
+use crate::admission::Shed;
 use crate::balance::hash_bytes;
-use crate::state::{InFlight, Shared};
+use crate::outlier;
+use crate::retry::{self, RetryBudget};
+use crate::state::{Active, HashSource, InFlight, Shared, View, millis};
 use crate::upstream::{self, Lease};
 
 /// What the requests of one worker thread share.
@@ -30,6 +35,22 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     /// Index of the worker thread, selecting its connection pools.
     pub id: usize,
+    /// This thread's retry budget (a share of its own traffic).
+    pub budget: std::sync::Mutex<RetryBudget>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>, id: usize) -> Worker {
+        Worker {
+            shared,
+            id,
+            budget: std::sync::Mutex::new(RetryBudget::new()),
+        }
+    }
+
+    fn budget(&self) -> std::sync::MutexGuard<'_, RetryBudget> {
+        self.budget.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What the requests of one client connection share, computed once per connection.
@@ -228,7 +249,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let shared = &worker.shared;
-    let resp = forward(shared, worker.id, &conn, req).await;
+    let resp = forward(&worker, &conn, req).await;
     shared.metrics.response(resp.status().as_u16());
     shared
         .metrics
@@ -248,12 +269,134 @@ fn refuse(
     local_response(status, reason, message, Some(id))
 }
 
+/// Why no backend could be picked for an attempt.
+enum Choice {
+    Backend(usize),
+    /// Every usable backend is at its in-flight limit: wait in the queue.
+    Saturated,
+    /// Every circuit is open; the earliest reopens at this instant (in [`millis`]).
+    CircuitsOpen(u64),
+    NoBackend(String),
+}
+
+fn choose(active: &Active, affinity: u64, now_ms: u64, tried: &[usize]) -> Choice {
+    let mut view = View {
+        active,
+        now_ms,
+        tried,
+        ignore_health: false,
+    };
+    if let Some(i) = active.balancer.pick(&view, affinity) {
+        return Choice::Backend(i);
+    }
+    let live: Vec<&crate::state::Slot> = active
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| !s.draining && !tried.contains(i))
+        .map(|(_, s)| s)
+        .collect();
+    if live.is_empty() {
+        return Choice::NoBackend(if active.slots.is_empty() {
+            "no backends are configured".to_owned()
+        } else if tried.is_empty() {
+            format!(
+                "none of the {} backends is usable (all draining)",
+                active.slots.len()
+            )
+        } else {
+            "no other backend is left to try".to_owned()
+        });
+    }
+    let closed: Vec<&&crate::state::Slot> = live
+        .iter()
+        .filter(|s| s.endpoint.circuit_open_until(now_ms).is_none())
+        .collect();
+    if closed.is_empty() {
+        let reopen = live
+            .iter()
+            .filter_map(|s| s.endpoint.circuit_open_until(now_ms))
+            .min();
+        return Choice::CircuitsOpen(reopen.unwrap_or(now_ms));
+    }
+    let healthy = closed
+        .iter()
+        .any(|s| s.endpoint.is_healthy() && !s.endpoint.is_ejected(now_ms));
+    if healthy {
+        return Choice::Saturated;
+    }
+    // Panic mode (as Envoy's panic threshold): health checks and ejections left nothing, so
+    // trust none of them and spread over every backend with a closed circuit.
+    view.ignore_health = true;
+    match active.balancer.pick(&view, affinity) {
+        Some(i) => Choice::Backend(i),
+        None => Choice::Saturated,
+    }
+}
+
+/// What ip_hash keys on: the configured header or cookie when present, else the client address.
+fn affinity(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u64 {
+    let value = match &active.hash_source {
+        HashSource::Ip => None,
+        HashSource::Header(name) => headers.get(name).map(HeaderValue::as_bytes),
+        HashSource::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes()),
+    };
+    value.map_or(conn.affinity, hash_bytes)
+}
+
+/// Queue priority: `X-Priority` from a trusted peer, else the default tier's.
+fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u32 {
+    if !active.trusted.is_empty()
+        && active.trusted.iter().any(|n| n.contains(&conn.peer.ip()))
+        && let Some(p) = headers
+            .get("x-priority")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        return p;
+    }
+    active.default_priority
+}
+
+fn retry_after(resp: &mut Response<ProxyBody>, secs: u64) {
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+}
+
+/// A request head kept to send again (a request without a body).
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<UpstreamBody> {
+        let mut r = Request::new(Either::Right(Full::default()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Most attempts a request makes, whatever the policy says.
+const MAX_TRIED: usize = 8;
+
 async fn forward(
-    shared: &Shared,
-    worker: usize,
+    worker: &Worker,
     conn: &ClientConn,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let shared = &*worker.shared;
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
 
@@ -283,24 +426,8 @@ async fn forward(
             &id,
         );
     };
-    let Some(i) = active.balancer.pick(active.as_ref(), conn.affinity) else {
-        let msg = if active.slots.is_empty() {
-            "no backends are configured".to_owned()
-        } else {
-            format!(
-                "none of the {} backends is usable (all draining)",
-                active.slots.len()
-            )
-        };
-        return refuse(
-            shared,
-            "no_backend",
-            StatusCode::SERVICE_UNAVAILABLE,
-            &msg,
-            &id,
-        );
-    };
-    let endpoint = &active.slots[i].endpoint;
+    let prio = priority(&parts.headers, conn, &active);
+    let affinity = affinity(&parts.headers, conn, &active);
 
     // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host.
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -319,6 +446,7 @@ async fn forward(
 
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
+    h.remove("x-priority");
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok()
@@ -329,96 +457,250 @@ async fn forward(
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    match host {
-        Some(host) => {
-            if !h.contains_key(&X_FORWARDED_HOST) {
-                h.insert(X_FORWARDED_HOST.clone(), host.clone());
-            }
-            h.insert(header::HOST, host);
+    let has_host = host.is_some();
+    if let Some(host) = host {
+        if !h.contains_key(&X_FORWARDED_HOST) {
+            h.insert(X_FORWARDED_HOST.clone(), host.clone());
         }
-        // HTTP/1.0 clients may send no Host; HTTP/1.1 backends need one.
-        None => {
-            if let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
-                h.insert(header::HOST, v);
-            }
-        }
+        h.insert(header::HOST, host);
     }
     h.insert(X_REQUEST_ID.clone(), id.clone());
 
-    let upstream = Request::from_parts(
+    let max_attempts = (active.retry.max_attempts.max(1) as usize).min(MAX_TRIED);
+    // A request without a body can be sent again after it reached a backend, if idempotent;
+    // any request can be moved elsewhere when it never left (connect failure).
+    let replay = (max_attempts > 1 && body.is_end_stream() && retry::is_idempotent(&parts.method))
+        .then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+    let mut pending = Some(Request::from_parts(
         parts,
         Either::Left(Limited::new(
             body,
             usize::try_from(max_body).unwrap_or(usize::MAX),
         )),
-    );
-    let in_flight = endpoint.start();
-    let sent = Instant::now();
-    let sending = upstream::send(
-        &endpoint.idle,
-        worker,
-        &endpoint.address,
-        endpoint.resolved,
-        active.connect_timeout,
-        upstream,
-    );
-    let result = match active.request_timeout {
-        Some(t) => tokio::time::timeout(t, sending).await,
-        None => Ok(sending.await),
-    };
-    match result {
-        Ok(Ok((resp, lease))) => {
-            let failed = resp.status().is_server_error();
-            endpoint.record(sent.elapsed(), failed);
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(X_REQUEST_ID.clone(), id);
-            Response::from_parts(
-                parts,
-                ProxyBody::Upstream(UpstreamResponse {
-                    body,
-                    done: false,
-                    lease: Some(lease),
-                    _in_flight: in_flight,
-                }),
-            )
-        }
-        Ok(Err(e)) => {
-            endpoint.record(sent.elapsed(), true);
-            drop(in_flight);
-            let cause = error_chain(&e);
-            if cause.contains("length limit exceeded") {
-                let msg = format!("request body is larger than {max_body} bytes");
+    ));
+    worker.budget().deposit(Instant::now());
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_failure: Option<Response<ProxyBody>> = None;
+    let queue_deadline =
+        Instant::now() + Duration::from_millis(u64::from(active.queue.timeout_ms.max(1)));
+    loop {
+        let now = Instant::now();
+        let i = match choose(&active, affinity, millis(now), &tried) {
+            Choice::Backend(i) => i,
+            Choice::Saturated => {
+                let waited =
+                    tokio::time::timeout_at(queue_deadline, shared.admission.wait(prio)).await;
+                match waited {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(Shed::QueueFull)) => {
+                        let mut r = refuse(
+                            shared,
+                            "shed",
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "every backend is at its limit and the queue is full",
+                            &id,
+                        );
+                        retry_after(&mut r, 1);
+                        return r;
+                    }
+                    Ok(Err(Shed::Timeout)) | Err(_) => {
+                        let mut r = refuse(
+                            shared,
+                            "shed",
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "every backend stayed at its limit for the whole queue timeout",
+                            &id,
+                        );
+                        retry_after(&mut r, 1);
+                        return r;
+                    }
+                }
+            }
+            Choice::CircuitsOpen(until_ms) => {
+                if let Some(r) = last_failure {
+                    return r;
+                }
+                let mut r = refuse(
+                    shared,
+                    "circuit_open",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "every backend's circuit breaker is open",
+                    &id,
+                );
+                retry_after(&mut r, until_ms.saturating_sub(millis(now)).div_ceil(1000));
+                return r;
+            }
+            Choice::NoBackend(msg) => {
+                if let Some(r) = last_failure {
+                    return r;
+                }
                 return refuse(
                     shared,
-                    "body_too_large",
-                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "no_backend",
+                    StatusCode::SERVICE_UNAVAILABLE,
                     &msg,
                     &id,
                 );
             }
-            tracing::warn!(backend = %endpoint.address, request_id = ?id, cause = %cause, "backend request failed");
-            let what = if e.not_sent() {
-                "cannot connect to"
-            } else {
-                "no valid response from"
-            };
-            let msg = format!("{what} backend {}", endpoint.address);
-            refuse(shared, "bad_gateway", StatusCode::BAD_GATEWAY, &msg, &id)
+        };
+        let slot = &active.slots[i];
+        let endpoint = &slot.endpoint;
+        if !endpoint.try_acquire(now) {
+            // Half-open with every trial slot taken: as good as open for this request.
+            tried.push(i);
+            continue;
         }
-        Err(_) => {
-            endpoint.record(sent.elapsed(), true);
-            drop(in_flight);
-            let msg = format!("backend {} did not answer in time", endpoint.address);
-            refuse(
-                shared,
-                "gateway_timeout",
-                StatusCode::GATEWAY_TIMEOUT,
-                &msg,
-                &id,
-            )
+        let Some(in_flight) = endpoint.try_start(slot.max_in_flight, &shared.admission) else {
+            // Another worker took the last slot between the pick and now; pick again.
+            continue;
+        };
+        tried.push(i);
+        let mut upstream = match pending.take() {
+            Some(r) => r,
+            None => match &replay {
+                Some(r) => r.request(),
+                None => break,
+            },
+        };
+        if !has_host && let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
+            upstream.headers_mut().insert(header::HOST, v);
+        }
+        let sending = upstream::send(
+            &endpoint.idle,
+            worker.id,
+            &endpoint.address,
+            endpoint.resolved,
+            active.connect_timeout,
+            upstream,
+        );
+        let result = match active.request_timeout {
+            Some(t) => tokio::time::timeout(t, sending).await,
+            None => Ok(sending.await),
+        };
+        let elapsed = now.elapsed();
+        let may_retry = |shared: &Shared| {
+            tried.len() < max_attempts && tried.len() < active.slots.len() && {
+                let ok = worker.budget().try_withdraw(Instant::now(), &active.retry);
+                if ok {
+                    shared.metrics.retries.inc();
+                }
+                ok
+            }
+        };
+        let may_eject = || {
+            let ejected = active
+                .slots
+                .iter()
+                .filter(|s| s.endpoint.is_ejected(millis(now)))
+                .count();
+            ejected < outlier::max_ejected(active.slots.len(), active.outlier.max_ejection_percent)
+        };
+        match result {
+            Ok(Ok((resp, lease))) => {
+                let status = resp.status();
+                let failed = status.is_server_error();
+                endpoint.record(elapsed, failed, now);
+                endpoint.record_outcome(failed, Instant::now(), &active.outlier, may_eject);
+                if (status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE)
+                    && replay.is_some()
+                    && may_retry(shared)
+                {
+                    drop((resp, lease, in_flight));
+                    tokio::time::sleep(retry::backoff(
+                        tried.len() as u32,
+                        &active.retry,
+                        fastrand::f64(),
+                    ))
+                    .await;
+                    continue;
+                }
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.insert(X_REQUEST_ID.clone(), id);
+                return Response::from_parts(
+                    parts,
+                    ProxyBody::Upstream(UpstreamResponse {
+                        body,
+                        done: false,
+                        lease: Some(lease),
+                        _in_flight: in_flight,
+                    }),
+                );
+            }
+            Ok(Err((e, returned))) => {
+                endpoint.record(elapsed, true, now);
+                endpoint.record_outcome(true, Instant::now(), &active.outlier, may_eject);
+                drop(in_flight);
+                let cause = error_chain(&e);
+                if cause.contains("length limit exceeded") {
+                    let msg = format!("request body is larger than {max_body} bytes");
+                    return refuse(
+                        shared,
+                        "body_too_large",
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        &msg,
+                        &id,
+                    );
+                }
+                tracing::warn!(backend = %endpoint.address, request_id = ?id, cause = %cause, "backend request failed");
+                let failure = if e.not_sent() {
+                    // Nothing reached a backend: the service is unavailable, not broken.
+                    let msg = format!("cannot connect to backend {}", endpoint.address);
+                    let mut r = refuse(
+                        shared,
+                        "backend_unreachable",
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &msg,
+                        &id,
+                    );
+                    retry_after(&mut r, 1);
+                    r
+                } else {
+                    let msg = format!("no valid response from backend {}", endpoint.address);
+                    refuse(shared, "bad_gateway", StatusCode::BAD_GATEWAY, &msg, &id)
+                };
+                // Never reached the backend: safe to move, whatever the method.
+                let retryable = returned.is_some() || replay.is_some();
+                if retryable && may_retry(shared) {
+                    pending = returned;
+                    last_failure = Some(failure);
+                    tokio::time::sleep(retry::backoff(
+                        tried.len() as u32,
+                        &active.retry,
+                        fastrand::f64(),
+                    ))
+                    .await;
+                    continue;
+                }
+                return failure;
+            }
+            Err(_) => {
+                endpoint.record(elapsed, true, now);
+                endpoint.record_outcome(true, Instant::now(), &active.outlier, may_eject);
+                drop(in_flight);
+                let msg = format!("backend {} did not answer in time", endpoint.address);
+                return refuse(
+                    shared,
+                    "gateway_timeout",
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &msg,
+                    &id,
+                );
+            }
         }
     }
+    refuse(
+        shared,
+        "bad_gateway",
+        StatusCode::BAD_GATEWAY,
+        "the request could not be sent again",
+        &id,
+    )
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

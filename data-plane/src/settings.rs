@@ -369,7 +369,8 @@ mod example_file {
 
     #[test]
     fn the_shipped_example_config_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/data-plane.toml");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config/data-plane.toml");
         let s = Settings::load(Args {
             config: Some(path),
             ..Args::default()

@@ -5,19 +5,24 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http::uri::Authority;
-use lb_proto::v1::ConfigSnapshot;
+use ipnet::IpNet;
+use lb_proto::v1::{CircuitBreakerPolicy, ConfigSnapshot, OutlierPolicy, QueuePolicy, RetryPolicy};
 use lb_proto::validate::{self, Invalid};
 use prometheus::Histogram;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::admission::Admission;
 use crate::balance::{Balancer, Candidates};
+use crate::breaker::{Breaker, CircuitState};
 use crate::metrics::{BackendSample, Metrics};
+use crate::outlier::Outlier;
 use crate::settings::Settings;
 use crate::upstream::IdleConns;
 
@@ -34,14 +39,70 @@ pub struct Endpoint {
     pub errors: AtomicU64,
     /// Smoothed latency in microseconds (0 = not measured yet).
     latency_us: AtomicU64,
+    /// When the latency average last took a sample, in [`millis`].
+    latency_at_ms: AtomicU64,
+    /// Recent failure share as an average of 0/1 outcomes, in millionths.
+    failure_ppm: AtomicU32,
+    /// When the backend last came back into rotation (health recovered), in [`millis`].
+    recovered_at_ms: AtomicU64,
     m_duration: Histogram,
+    /// Verdict of the active health checks (true until they say otherwise).
+    healthy: AtomicBool,
+    /// Outlier ejection end, in [`millis`] (0 or past: not ejected).
+    ejected_until_ms: AtomicU64,
+    /// Open circuit: no request before this, in [`millis`] (0 or past: may send).
+    open_until_ms: AtomicU64,
+    /// The breaker's state as last seen, for the lock-free fast path and for stats.
+    circuit: AtomicU8,
+    pub ejections: AtomicU64,
+    /// The passive state machines, changed on each request outcome.
+    passive: Mutex<Passive>,
+}
+
+struct Passive {
+    outlier: Outlier,
+    breaker: Breaker,
+}
+
+const CIRCUIT_CLOSED: u8 = 0;
+const CIRCUIT_OPEN: u8 = 1;
+const CIRCUIT_HALF_OPEN: u8 = 2;
+
+fn circuit_code(s: CircuitState) -> u8 {
+    match s {
+        CircuitState::Closed => CIRCUIT_CLOSED,
+        CircuitState::Open => CIRCUIT_OPEN,
+        CircuitState::HalfOpen => CIRCUIT_HALF_OPEN,
+    }
+}
+
+/// Milliseconds since a process-wide origin, for instants kept in atomics.
+pub fn millis(t: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| Instant::now() - Duration::from_secs(1));
+    u64::try_from(t.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Weight of the newest latency sample in the moving average.
 const LATENCY_ALPHA: f64 = 0.2;
 
+/// An unsampled latency average halves every this long: long enough to keep a slow backend
+/// away for a while, short enough that it is re-measured within seconds once it is quiet.
+pub const LATENCY_HALF_LIFE_MS: u64 = 2_000;
+
+/// The failure share averages about this many recent outcomes.
+const FAILURE_WINDOW: i64 = 20;
+
+/// A backend back from failure gets its full share only after this long.
+pub const SLOW_START_MS: u64 = 10_000;
+
 impl Endpoint {
-    fn new(address: &str, metrics: &Metrics, workers: usize) -> Result<Endpoint, Invalid> {
+    fn new(
+        address: &str,
+        metrics: &Metrics,
+        workers: usize,
+        breaker: &CircuitBreakerPolicy,
+    ) -> Result<Endpoint, Invalid> {
         let authority = address
             .parse::<Authority>()
             .map_err(|e| Invalid::new("backend.address", format_args!("{address:?}: {e}")))?;
@@ -54,7 +115,19 @@ impl Endpoint {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
+            latency_at_ms: AtomicU64::new(0),
+            failure_ppm: AtomicU32::new(0),
+            recovered_at_ms: AtomicU64::new(0),
             m_duration: metrics.backend_duration.with_label_values(&[address]),
+            healthy: AtomicBool::new(true),
+            ejected_until_ms: AtomicU64::new(0),
+            open_until_ms: AtomicU64::new(0),
+            circuit: AtomicU8::new(CIRCUIT_CLOSED),
+            ejections: AtomicU64::new(0),
+            passive: Mutex::new(Passive {
+                outlier: Outlier::new(),
+                breaker: Breaker::new(breaker),
+            }),
         })
     }
 
@@ -66,16 +139,156 @@ impl Endpoint {
         self.latency_us.load(Ordering::Relaxed)
     }
 
-    /// Counts a request as started; the guard ends it when dropped (when the response body is
-    /// done or abandoned), so in-flight counts cover streaming bodies too.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if healthy && !was {
+            self.recovered_at_ms
+                .store(millis(Instant::now()), Ordering::Relaxed);
+        }
+    }
+
+    /// Smoothed latency as of `now_ms`: halved for every [`LATENCY_HALF_LIFE_MS`] without a
+    /// sample, so a backend that was slow once is tried again later instead of being starved.
+    pub fn latency_us_at(&self, now_ms: u64) -> u64 {
+        let age = now_ms.saturating_sub(self.latency_at_ms.load(Ordering::Relaxed));
+        self.latency_us() >> (age / LATENCY_HALF_LIFE_MS).min(63)
+    }
+
+    /// Recent failure share, 0.0 to 1.0.
+    pub fn failure_rate(&self) -> f64 {
+        f64::from(self.failure_ppm.load(Ordering::Relaxed)) / 1e6
+    }
+
+    /// Slow start: 0.1 just after a backend came back (health recovered or ejection ended),
+    /// rising linearly to 1.0 over [`SLOW_START_MS`].
+    pub fn warmth(&self, now_ms: u64) -> f64 {
+        let back = self
+            .recovered_at_ms
+            .load(Ordering::Relaxed)
+            .max(self.ejected_until_ms.load(Ordering::Relaxed));
+        if back == 0 || now_ms >= back + SLOW_START_MS {
+            return 1.0;
+        }
+        (now_ms.saturating_sub(back) as f64 / SLOW_START_MS as f64).max(0.1)
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// The circuit refuses requests until then (None: it may admit one now).
+    pub fn circuit_open_until(&self, now_ms: u64) -> Option<u64> {
+        let until = self.open_until_ms.load(Ordering::Relaxed);
+        (until > now_ms).then_some(until)
+    }
+
+    pub fn circuit_state(&self) -> CircuitState {
+        match self.circuit.load(Ordering::Relaxed) {
+            CIRCUIT_OPEN => CircuitState::Open,
+            CIRCUIT_HALF_OPEN => CircuitState::HalfOpen,
+            _ => CircuitState::Closed,
+        }
+    }
+
+    fn passive(&self) -> std::sync::MutexGuard<'_, Passive> {
+        self.passive.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync_circuit(&self, p: &Passive, now: Instant) {
+        let state = p.breaker.state(now);
+        self.circuit.store(circuit_code(state), Ordering::Relaxed);
+        let until = match (state, p.breaker.retry_at()) {
+            (CircuitState::Open, Some(at)) => millis(at),
+            _ => 0,
+        };
+        self.open_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Asks the circuit breaker for a request slot. Closed circuits answer without a lock.
+    pub fn try_acquire(&self, now: Instant) -> bool {
+        if self.circuit.load(Ordering::Relaxed) == CIRCUIT_CLOSED {
+            return true;
+        }
+        let mut p = self.passive();
+        let ok = p.breaker.try_acquire(now);
+        self.sync_circuit(&p, now);
+        ok
+    }
+
+    /// Feeds one outcome to the breaker and the outlier detector. `may_eject` is asked only
+    /// when this failure would eject the backend (it checks the share already ejected).
+    pub fn record_outcome(
+        &self,
+        failed: bool,
+        now: Instant,
+        outlier: &OutlierPolicy,
+        may_eject: impl FnOnce() -> bool,
+    ) {
+        let mut p = self.passive();
+        p.breaker.record(!failed, now);
+        let before = p.breaker.state(now);
+        self.sync_circuit(&p, now);
+        let would_eject = failed
+            && outlier.consecutive_failures > 0
+            && p.outlier.consecutive_failures() + 1 >= outlier.consecutive_failures;
+        let allowed = would_eject && may_eject();
+        if let Some(until) = p.outlier.record(failed, now, outlier, allowed) {
+            self.ejected_until_ms
+                .store(millis(until), Ordering::Relaxed);
+            self.ejections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                backend = %self.address,
+                for_ms = until.saturating_duration_since(now).as_millis() as u64,
+                times = p.outlier.times_ejected(),
+                "backend ejected after consecutive failures"
+            );
+        }
+        if before == CircuitState::Open
+            && self.circuit.load(Ordering::Relaxed) == CIRCUIT_OPEN
+            && failed
+        {
+            tracing::debug!(backend = %self.address, "circuit open");
+        }
+    }
+
+    fn set_breaker_policy(&self, policy: &CircuitBreakerPolicy) {
+        self.passive().breaker.set_policy(policy);
+    }
+
+    /// Counts a request as started if the backend is below `limit` requests in flight (0 = no
+    /// limit); the guard ends it when dropped (when the response body is done or abandoned), so
+    /// in-flight counts cover streaming bodies too. A limited backend wakes one queued request
+    /// when a slot frees up.
+    pub fn try_start(self: &Arc<Self>, limit: u32, admission: &Arc<Admission>) -> Option<InFlight> {
+        if limit == 0 {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Compare-and-swap, so two workers cannot both take the last slot.
+            self.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .ok()?;
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        Some(InFlight {
+            endpoint: Arc::clone(self),
+            admission: (limit > 0).then(|| Arc::clone(admission)),
+        })
     }
 
     /// Records the outcome of one request: `elapsed` to the response head, failed or not.
-    pub fn record(&self, elapsed: Duration, failed: bool) {
+    pub fn record(&self, elapsed: Duration, failed: bool, now: Instant) {
+        let f = self.failure_ppm.load(Ordering::Relaxed);
+        let target: i64 = if failed { 1_000_000 } else { 0 };
+        let next = i64::from(f) + (target - i64::from(f)) / FAILURE_WINDOW;
+        self.failure_ppm
+            .store(next.clamp(0, 1_000_000) as u32, Ordering::Relaxed);
+        self.latency_at_ms.store(millis(now), Ordering::Relaxed);
         if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -93,11 +306,17 @@ impl Endpoint {
 }
 
 /// A request in flight to an endpoint; ends on drop.
-pub struct InFlight(Arc<Endpoint>);
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    admission: Option<Arc<Admission>>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(a) = &self.admission {
+            a.notify_one();
+        }
     }
 }
 
@@ -106,29 +325,78 @@ pub struct Slot {
     pub endpoint: Arc<Endpoint>,
     pub weight: u32,
     pub draining: bool,
+    /// Most requests in flight from this data plane (0 = unlimited).
+    pub max_in_flight: u32,
+}
+
+impl Slot {
+    pub fn has_capacity(&self) -> bool {
+        self.max_in_flight == 0 || self.endpoint.in_flight() < self.max_in_flight
+    }
 }
 
 /// The configuration in force, derived from one validated snapshot.
 pub struct Active {
     pub snapshot: ConfigSnapshot,
+    /// Peers whose X-Forwarded-For and X-Priority are believed.
+    pub trusted: Vec<IpNet>,
+    pub outlier: OutlierPolicy,
+    pub retry: RetryPolicy,
+    pub queue: QueuePolicy,
+    /// Priority of requests with no other indication: the default tier's.
+    pub default_priority: u32,
+    /// What ip_hash hashes.
+    pub hash_source: HashSource,
     pub slots: Vec<Slot>,
     pub balancer: Balancer,
     pub connect_timeout: Duration,
     pub request_timeout: Option<Duration>,
 }
 
-impl Candidates for Active {
+/// What ip_hash hashes: the client address, or a header or cookie (falling back to the
+/// address when the request has none).
+#[derive(Debug, Clone)]
+pub enum HashSource {
+    Ip,
+    Header(http::header::HeaderName),
+    Cookie(String),
+}
+
+/// The backends as one pick of one request sees them.
+pub struct View<'a> {
+    pub active: &'a Active,
+    pub now_ms: u64,
+    /// Backends this request already tried (a retry goes elsewhere).
+    pub tried: &'a [usize],
+    /// Panic mode: when health checks and ejections leave nothing, use those backends anyway
+    /// (an open circuit or a full backend still counts).
+    pub ignore_health: bool,
+}
+
+impl Candidates for View<'_> {
     fn len(&self) -> usize {
-        self.slots.len()
+        self.active.slots.len()
     }
     fn usable(&self, i: usize) -> bool {
-        !self.slots[i].draining
+        let s = &self.active.slots[i];
+        let e = &s.endpoint;
+        !s.draining
+            && !self.tried.contains(&i)
+            && s.has_capacity()
+            && e.circuit_open_until(self.now_ms).is_none()
+            && (self.ignore_health || (e.is_healthy() && !e.is_ejected(self.now_ms)))
     }
     fn in_flight(&self, i: usize) -> u32 {
-        self.slots[i].endpoint.in_flight()
+        self.active.slots[i].endpoint.in_flight()
     }
     fn latency_us(&self, i: usize) -> u64 {
-        self.slots[i].endpoint.latency_us()
+        self.active.slots[i].endpoint.latency_us_at(self.now_ms)
+    }
+    fn failure_rate(&self, i: usize) -> f64 {
+        self.active.slots[i].endpoint.failure_rate()
+    }
+    fn warmth(&self, i: usize) -> f64 {
+        self.active.slots[i].endpoint.warmth(self.now_ms)
     }
 }
 
@@ -147,6 +415,8 @@ pub struct Shared {
     pub control_plane_connected: AtomicBool,
     /// The last snapshot refused: its version and why.
     pub last_rejected: Mutex<Option<(u64, String)>>,
+    /// Requests waiting for a backend with free capacity.
+    pub admission: Arc<Admission>,
     applied: watch::Sender<u64>,
 }
 
@@ -159,6 +429,7 @@ impl Shared {
             metrics: Metrics::new(),
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
+            admission: Arc::new(Admission::new(0)),
             applied: watch::channel(0).0,
         }
     }
@@ -209,22 +480,33 @@ impl Shared {
             let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
             let mut slots = Vec::with_capacity(snapshot.backends.len());
             for b in &snapshot.backends {
+                let breaker = snapshot.circuit_breaker.unwrap_or_default();
                 let endpoint = match endpoints.get(&b.address) {
-                    Some(e) => Arc::clone(e),
+                    Some(e) => {
+                        e.set_breaker_policy(&breaker);
+                        Arc::clone(e)
+                    }
                     None => {
                         let e = Arc::new(Endpoint::new(
                             &b.address,
                             &self.metrics,
                             self.settings.workers,
+                            &breaker,
                         )?);
                         endpoints.insert(b.address.clone(), Arc::clone(&e));
                         e
                     }
                 };
+                let queue = snapshot.queue.unwrap_or_default();
                 slots.push(Slot {
                     endpoint,
                     weight: b.weight,
                     draining: b.draining,
+                    max_in_flight: if b.max_in_flight > 0 {
+                        b.max_in_flight
+                    } else {
+                        queue.max_in_flight_per_backend
+                    },
                 });
             }
             slots
@@ -240,7 +522,41 @@ impl Shared {
         let connect_timeout = Duration::from_millis(u64::from(timeouts.connect_ms));
         let request_timeout = (timeouts.request_ms > 0)
             .then(|| Duration::from_millis(u64::from(timeouts.request_ms)));
+        let rl = snapshot.rate_limit.clone().unwrap_or_default();
+        let trusted = rl
+            .trusted_proxies
+            .iter()
+            .filter_map(|c| {
+                c.parse::<IpNet>()
+                    .ok()
+                    .or_else(|| c.parse::<IpAddr>().ok().map(IpNet::from))
+            })
+            .collect();
+        let default_priority = rl
+            .tiers
+            .iter()
+            .find(|t| t.name == rl.default_tier)
+            .map_or(0, |t| t.priority);
+        let hash = snapshot.hash.clone().unwrap_or_default();
+        let hash_source = match hash.source.as_str() {
+            "header" => http::header::HeaderName::from_bytes(hash.name.as_bytes())
+                .map(HashSource::Header)
+                .map_err(|_| {
+                    Invalid::new(
+                        "hash.name",
+                        format_args!("{:?} is not a header name", hash.name),
+                    )
+                })?,
+            "cookie" => HashSource::Cookie(hash.name.clone()),
+            _ => HashSource::Ip,
+        };
         Ok(Active {
+            hash_source,
+            trusted,
+            outlier: snapshot.outlier.unwrap_or_default(),
+            retry: snapshot.retry.unwrap_or_default(),
+            queue: snapshot.queue.unwrap_or_default(),
+            default_priority,
             snapshot,
             slots,
             balancer,
@@ -287,6 +603,7 @@ impl Shared {
                 k
             });
         }
+        self.admission.set_capacity(active.queue.capacity as usize);
         self.metrics
             .config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));

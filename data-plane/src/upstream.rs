@@ -173,7 +173,7 @@ pub async fn send(
     resolved: Option<SocketAddr>,
     connect_timeout: Duration,
     mut req: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+) -> Result<(Response<Incoming>, Lease), (UpstreamError, Option<Request<UpstreamBody>>)> {
     for _ in 0..MAX_STALE_TRIES {
         let Some(mut sender) = pool.take(worker) else {
             break;
@@ -186,14 +186,21 @@ pub async fn send(
             Err(mut e) => match e.take_message() {
                 // Not written: the connection was going away. Try the next one.
                 Some(r) => req = r,
-                None => return Err(UpstreamError::Exchange(e.into_error())),
+                None => return Err((UpstreamError::Exchange(e.into_error()), None)),
             },
         }
     }
-    let mut sender = connect(addr, resolved, connect_timeout).await?;
+    // A request that never left is handed back, so the caller can send it elsewhere.
+    let mut sender = match connect(addr, resolved, connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => return Err((e, Some(req))),
+    };
     match sender.try_send_request(req).await {
         Ok(resp) => Ok((resp, lease(pool, worker, sender))),
-        Err(e) => Err(UpstreamError::Exchange(e.into_error())),
+        Err(mut e) => {
+            let returned = e.take_message();
+            Err((UpstreamError::Exchange(e.into_error()), returned))
+        }
     }
 }
 

@@ -247,10 +247,17 @@ pub struct Stack {
 impl Stack {
     /// Three mock backends, a control plane over them, `n` data planes with their first config.
     pub async fn start(n: usize) -> Stack {
+        Stack::start_with(n, |_| {}).await
+    }
+
+    /// As [`Stack::start`], with the initial snapshot changed by `tweak`.
+    pub async fn start_with(n: usize, tweak: impl FnOnce(&mut ConfigSnapshot)) -> Stack {
         let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 3])
             .await
             .unwrap();
-        let cp = Cp::start(snapshot_with(&mock.addrs()), None).await;
+        let mut snapshot = snapshot_with(&mock.addrs());
+        tweak(&mut snapshot);
+        let cp = Cp::start(snapshot, None).await;
         let mut dps = Vec::new();
         for i in 0..n {
             let dp = Dp::start(&cp.url(), &format!("dp-{}", i + 1)).await;
