@@ -30,6 +30,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "ready": active.is_some(),
         "version": active.as_ref().map_or(0, |a| a.version()),
         "control_plane_connected": shared.control_plane_connected.load(Ordering::Relaxed),
+        "rate_limit_store": store_state(&shared),
     });
     let status = if active.is_some() {
         StatusCode::OK
@@ -88,9 +89,19 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         },
         "client_connections": m.connections.get(),
         "retries": m.retries.get(),
+        "rate_limit_store": store_state(&shared),
         "queue_depth": shared.admission.depth(),
         "backends": backends,
     }))
+}
+
+/// "embedded", "shared" or "degraded" (Redis configured but unreachable).
+fn store_state(shared: &Shared) -> &'static str {
+    match (shared.limiter.shared(), shared.limiter.is_degraded()) {
+        (false, _) => "embedded",
+        (true, false) => "shared",
+        (true, true) => "degraded",
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

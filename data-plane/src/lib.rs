@@ -17,10 +17,12 @@ pub mod balance;
 pub mod breaker;
 pub mod discovery;
 pub mod health;
+pub mod identity;
 pub mod metrics;
 pub mod outlier;
 pub mod probe;
 pub mod proxy;
+pub mod ratelimit;
 pub mod retry;
 pub mod settings;
 pub mod state;
@@ -179,7 +181,7 @@ async fn worker(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
-    let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id));
+    let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id).await);
     let graceful = GracefulShutdown::new();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -30,9 +30,6 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    if settings.redis.is_some() {
-        anyhow::bail!("--redis: shared state through Redis is not available in this build");
-    }
     let proxy = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;

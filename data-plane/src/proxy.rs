@@ -25,7 +25,9 @@ use tokio::time::Instant;
 
 use crate::admission::Shed;
 use crate::balance::hash_bytes;
+use crate::identity;
 use crate::outlier;
+use crate::ratelimit::gcra::{Decision, Rate, Verdict};
 use crate::retry::{self, RetryBudget};
 use crate::state::{Active, HashSource, InFlight, Shared, View, millis};
 use crate::upstream::{self, Lease};
@@ -37,14 +39,19 @@ pub struct Worker {
     pub id: usize,
     /// This thread's retry budget (a share of its own traffic).
     pub budget: std::sync::Mutex<RetryBudget>,
+    /// This thread's connection to the shared rate-limit store, if one is configured.
+    pub redis: Option<redis::aio::ConnectionManager>,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, id: usize) -> Worker {
+    /// Must be called on the worker's own runtime (its Redis connection lives there).
+    pub async fn new(shared: Arc<Shared>, id: usize) -> Worker {
+        let redis = shared.limiter.connect().await;
         Worker {
             shared,
             id,
             budget: std::sync::Mutex::new(RetryBudget::new()),
+            redis,
         }
     }
 
@@ -352,7 +359,7 @@ fn affinity(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u64 {
 }
 
 /// Queue priority: `X-Priority` from a trusted peer, else the default tier's.
-fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u32 {
+fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u32) -> u32 {
     if !active.trusted.is_empty()
         && active.trusted.iter().any(|n| n.contains(&conn.peer.ip()))
         && let Some(p) = headers
@@ -362,7 +369,182 @@ fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u32 {
     {
         return p;
     }
-    active.default_priority
+    base
+}
+
+/// The quota a request was admitted under, for the `RateLimit` headers of its response.
+struct Quota {
+    policy: String,
+    rate: Rate,
+    decision: Decision,
+}
+
+impl Quota {
+    fn headers(&self, h: &mut HeaderMap) {
+        let window = self.rate.period_ms.div_ceil(1000);
+        let reset = self.decision.reset_ms.div_ceil(1000);
+        let put = |h: &mut HeaderMap, name: &'static str, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(name, v);
+            }
+        };
+        // draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it.
+        put(
+            h,
+            "ratelimit-policy",
+            format!("\"{}\";q={};w={window}", self.policy, self.rate.requests),
+        );
+        put(
+            h,
+            "ratelimit",
+            format!(
+                "\"{}\";r={};t={reset}",
+                self.policy, self.decision.remaining
+            ),
+        );
+        put(h, "x-ratelimit-limit", self.rate.requests.to_string());
+        put(
+            h,
+            "x-ratelimit-remaining",
+            self.decision.remaining.to_string(),
+        );
+        put(h, "x-ratelimit-reset", reset.to_string());
+    }
+}
+
+/// Identifies the client and applies its limit: the queue priority and quota of an admitted
+/// request, or the refusal (400 bad key, 401 unknown key, 403 blocked, 429 limited or banned,
+/// 503 when the limiter cannot decide in `closed` mode).
+async fn rate_limit(
+    worker: &Worker,
+    conn: &ClientConn,
+    parts: &http::request::Parts,
+    active: &Active,
+    id: &HeaderValue,
+) -> Result<(u32, Option<Quota>), Response<ProxyBody>> {
+    let shared = &*worker.shared;
+    let limits = &active.limits;
+    let key = identity::api_key(&parts.headers, parts.uri.query()).map_err(|e| {
+        refuse(
+            shared,
+            "invalid_api_key",
+            StatusCode::BAD_REQUEST,
+            &e.to_string(),
+            id,
+        )
+    })?;
+    let (who, rate, policy, prio) = match &key {
+        Some(k) => {
+            let o = limits.overrides.get(&k.hash);
+            if o.is_some_and(|(_, blocked)| *blocked) {
+                return Err(refuse(
+                    shared,
+                    "blocked",
+                    StatusCode::FORBIDDEN,
+                    "this API key is blocked",
+                    id,
+                ));
+            }
+            if o.is_none() && limits.reject_unknown {
+                return Err(refuse(
+                    shared,
+                    "unknown_key",
+                    StatusCode::UNAUTHORIZED,
+                    "unknown API key",
+                    id,
+                ));
+            }
+            let Some(tier) = limits.tier_of(&k.hash) else {
+                return Ok((active.default_priority, None));
+            };
+            (
+                format!("key:{}", k.id()),
+                Some(tier.rate),
+                tier.name.clone(),
+                tier.priority,
+            )
+        }
+        None => {
+            let ip = identity::client_ip(conn.peer.ip(), &parts.headers, &active.trusted);
+            (
+                format!("ip:{ip}"),
+                limits.ip,
+                "ip".to_owned(),
+                active.default_priority,
+            )
+        }
+    };
+    let Some(rate) = rate else {
+        return Ok((prio, None));
+    };
+    let (decision, _source) = shared
+        .limiter
+        .check(
+            worker.redis.as_ref(),
+            &who,
+            rate,
+            limits.ban,
+            limits.on_store_failure,
+        )
+        .await;
+    let Some(decision) = decision else {
+        let mut r = refuse(
+            shared,
+            "limiter_unavailable",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the shared rate-limit store is unreachable",
+            id,
+        );
+        retry_after(&mut r, 1);
+        return Err(r);
+    };
+    let quota = Quota {
+        policy,
+        rate,
+        decision,
+    };
+    match decision.verdict {
+        Verdict::Allowed => Ok((prio, Some(quota))),
+        verdict => {
+            let secs = decision.retry_after_ms.div_ceil(1000).max(1);
+            let (reason, message) = if verdict == Verdict::Banned {
+                (
+                    "banned",
+                    format!("banned for {secs} s after repeated rate-limit violations"),
+                )
+            } else {
+                (
+                    "rate_limited",
+                    format!(
+                        "rate limit of {} requests per {} s exceeded ({})",
+                        rate.requests,
+                        rate.period_ms.div_ceil(1000),
+                        quota.policy
+                    ),
+                )
+            };
+            shared.metrics.refused.with_label_values(&[reason]).inc();
+            let body = serde_json::json!({
+                "error": reason,
+                "message": message,
+                "limit": rate.requests,
+                "period_seconds": rate.period_ms as f64 / 1000.0,
+                "retry_after_seconds": secs,
+                "request_id": id.to_str().ok(),
+            });
+            let mut r = Response::new(ProxyBody::Local(Some(Bytes::from(body.to_string()))));
+            *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            h.insert(X_REQUEST_ID.clone(), id.clone());
+            quota.headers(h);
+            retry_after(&mut r, secs);
+            Err(r)
+        }
+    }
 }
 
 fn retry_after(resp: &mut Response<ProxyBody>, secs: u64) {
@@ -426,7 +608,11 @@ async fn forward(
             &id,
         );
     };
-    let prio = priority(&parts.headers, conn, &active);
+    let (base_priority, quota) = match rate_limit(worker, conn, &parts, &active, &id).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
+    };
+    let prio = priority(&parts.headers, conn, &active, base_priority);
     let affinity = affinity(&parts.headers, conn, &active);
 
     // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host.
@@ -622,6 +808,9 @@ async fn forward(
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
+                if let Some(q) = &quota {
+                    q.headers(&mut parts.headers);
+                }
                 return Response::from_parts(
                     parts,
                     ProxyBody::Upstream(UpstreamResponse {

@@ -12,7 +12,10 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 use ipnet::IpNet;
-use lb_proto::v1::{CircuitBreakerPolicy, ConfigSnapshot, OutlierPolicy, QueuePolicy, RetryPolicy};
+use lb_proto::v1::{
+    CircuitBreakerPolicy, ConfigSnapshot, OutlierPolicy, QueuePolicy, RateLimitPolicy, RetryPolicy,
+    StoreFailureMode, UnknownKeyPolicy, directive,
+};
 use lb_proto::validate::{self, Invalid};
 use prometheus::Histogram;
 use tokio::sync::watch;
@@ -23,6 +26,8 @@ use crate::balance::{Balancer, Candidates};
 use crate::breaker::{Breaker, CircuitState};
 use crate::metrics::{BackendSample, Metrics};
 use crate::outlier::Outlier;
+use crate::ratelimit::Limiter;
+use crate::ratelimit::gcra::{BanRule, Rate};
 use crate::settings::Settings;
 use crate::upstream::IdleConns;
 
@@ -347,10 +352,93 @@ pub struct Active {
     pub default_priority: u32,
     /// What ip_hash hashes.
     pub hash_source: HashSource,
+    /// Rate limits, resolved for the request path.
+    pub limits: Limits,
     pub slots: Vec<Slot>,
     pub balancer: Balancer,
     pub connect_timeout: Duration,
     pub request_timeout: Option<Duration>,
+}
+
+/// A tier as the request path needs it.
+#[derive(Debug, Clone)]
+pub struct TierLimit {
+    pub name: String,
+    pub rate: Rate,
+    pub priority: u32,
+}
+
+/// The snapshot's rate-limit policy, resolved once per snapshot.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Per client IP, for requests without an API key; None = off.
+    pub ip: Option<Rate>,
+    pub tiers: HashMap<String, TierLimit>,
+    pub default_tier: String,
+    /// Keys that differ from the default, by key hash: tier (empty = default) and block.
+    pub overrides: HashMap<String, (String, bool)>,
+    /// Keys the control plane does not list are refused (401) rather than given the default tier.
+    pub reject_unknown: bool,
+    pub ban: BanRule,
+    pub on_store_failure: StoreFailureMode,
+}
+
+impl Limits {
+    fn from_policy(rl: &RateLimitPolicy, keys: &[lb_proto::v1::KeyOverride]) -> Limits {
+        let rate = |l: &Option<lb_proto::v1::Limit>| {
+            l.filter(|l| l.requests > 0).map(|l| Rate {
+                requests: l.requests,
+                period_ms: l.period_ms,
+            })
+        };
+        let b = rl.ban.unwrap_or_default();
+        Limits {
+            ip: rate(&rl.ip_limit),
+            tiers: rl
+                .tiers
+                .iter()
+                .filter_map(|t| {
+                    rate(&t.limit).map(|r| {
+                        (
+                            t.name.clone(),
+                            TierLimit {
+                                name: t.name.clone(),
+                                rate: r,
+                                priority: t.priority,
+                            },
+                        )
+                    })
+                })
+                .collect(),
+            default_tier: rl.default_tier.clone(),
+            overrides: keys
+                .iter()
+                .map(|k| (k.key_hash.clone(), (k.tier.clone(), k.blocked)))
+                .collect(),
+            reject_unknown: rl.unknown_key == UnknownKeyPolicy::Reject as i32,
+            ban: BanRule {
+                strikes: b.strikes,
+                strike_window_ms: u64::from(b.strike_window_ms),
+                base_ban_ms: b.base_ban_ms,
+                multiplier: b.multiplier,
+                max_ban_ms: b.max_ban_ms,
+                strike_decay_ms: b.strike_decay_ms,
+            },
+            on_store_failure: StoreFailureMode::try_from(rl.on_store_failure)
+                .unwrap_or(StoreFailureMode::Local),
+        }
+    }
+
+    /// The tier of a key: its override, else the default tier.
+    pub fn tier_of(&self, key_hash: &str) -> Option<&TierLimit> {
+        let name = self
+            .overrides
+            .get(key_hash)
+            .map(|(t, _)| t.as_str())
+            .filter(|t| !t.is_empty())
+            .unwrap_or(&self.default_tier);
+        self.tiers.get(name)
+    }
 }
 
 /// What ip_hash hashes: the client address, or a header or cookie (falling back to the
@@ -417,11 +505,15 @@ pub struct Shared {
     pub last_rejected: Mutex<Option<(u64, String)>>,
     /// Requests waiting for a backend with free capacity.
     pub admission: Arc<Admission>,
+    pub limiter: Limiter,
+    /// Highest directive sequence number run (ban lifts), so each runs once.
+    directives_seen: AtomicU64,
     applied: watch::Sender<u64>,
 }
 
 impl Shared {
     pub fn new(settings: Settings) -> Shared {
+        let limiter = Limiter::new(settings.redis.clone());
         Shared {
             settings,
             active: ArcSwapOption::empty(),
@@ -430,6 +522,8 @@ impl Shared {
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
             admission: Arc::new(Admission::new(0)),
+            limiter,
+            directives_seen: AtomicU64::new(u64::MAX),
             applied: watch::channel(0).0,
         }
     }
@@ -550,7 +644,9 @@ impl Shared {
             "cookie" => HashSource::Cookie(hash.name.clone()),
             _ => HashSource::Ip,
         };
+        let limits = Limits::from_policy(&rl, &snapshot.keys);
         Ok(Active {
+            limits,
             hash_source,
             trusted,
             outlier: snapshot.outlier.unwrap_or_default(),
@@ -581,7 +677,28 @@ impl Shared {
             })
             .collect();
         Metrics::render_backends(&mut out, &backends);
+        out.push_str(&format!(
+            "# HELP lb_ratelimit_store_degraded 1 while Redis is configured but unreachable and limits are enforced per data plane\n\
+             # TYPE lb_ratelimit_store_degraded gauge\nlb_ratelimit_store_degraded {}\n",
+            u8::from(self.limiter.is_degraded())
+        ));
         out
+    }
+
+    /// Runs the snapshot's directives not run yet. The first snapshot only sets the mark: its
+    /// directives predate this process, whose in-process state they cannot concern.
+    fn run_directives(&self, snapshot: &ConfigSnapshot) {
+        let newest = snapshot.directives.iter().map(|d| d.seq).max().unwrap_or(0);
+        let seen = self.directives_seen.swap(newest, Ordering::Relaxed);
+        if seen == u64::MAX {
+            return;
+        }
+        for d in snapshot.directives.iter().filter(|d| d.seq > seen) {
+            if let Some(directive::Kind::LiftBan(l)) = &d.kind {
+                self.limiter.lift_local_ban(&l.client);
+                tracing::info!(client = %l.client, "ban lifted");
+            }
+        }
     }
 
     /// Puts a prepared configuration in force, in one atomic swap.
@@ -604,6 +721,7 @@ impl Shared {
             });
         }
         self.admission.set_capacity(active.queue.capacity as usize);
+        self.run_directives(&active.snapshot);
         self.metrics
             .config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));

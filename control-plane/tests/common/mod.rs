@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,8 +33,14 @@ pub async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
+/// Default policies over `backends`, with the per-IP limit off (tests send many requests from
+/// one address; the rate-limit tests turn it on).
 pub fn snapshot_with(backends: &[SocketAddr]) -> ConfigSnapshot {
     let mut s = lb_proto::defaults::snapshot();
+    s.rate_limit.as_mut().unwrap().ip_limit = Some(lb_proto::v1::Limit {
+        requests: 0,
+        period_ms: 60_000,
+    });
     s.backends = backends
         .iter()
         .map(|a| Backend {

@@ -1,0 +1,188 @@
+//! Rate limiting: per client IP, or per API key by tier, with escalating bans.
+//!
+//! With Redis configured, every data plane checks the same state through one script call per
+//! request, so a limit holds exactly across the fleet. Without Redis, or while Redis is
+//! unreachable, the same arithmetic runs in process ([`memory`]). A Redis call that fails or
+//! takes longer than [`REDIS_TIMEOUT`] never fails the request: the data plane marks itself
+//! degraded, answers per the snapshot's failure mode (`local`: enforce per data plane; `open`:
+//! admit; `closed`: refuse), leaves Redis alone for [`REDIS_RETRY`], and goes back to shared
+//! enforcement by itself when a call succeeds again.
+
+pub mod gcra;
+pub mod memory;
+pub mod redis;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use lb_proto::v1::StoreFailureMode;
+
+use gcra::{BanRule, Decision, Rate};
+use memory::MemoryStore;
+
+/// Longest wait for Redis on the request path; past it the request is decided locally. Well
+/// above a loaded Redis's answer time (a few ms), so only a stalled or dead one trips it.
+pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// After a failed Redis call, requests are decided locally this long before Redis is tried
+/// again, so a dead Redis costs one timeout per interval, not one per request.
+pub const REDIS_RETRY: Duration = Duration::from_secs(1);
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where a decision came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Shared,
+    Local,
+    /// Redis unreachable, mode `open`: admitted unchecked.
+    Open,
+    /// Redis unreachable, mode `closed`: refused unchecked.
+    Closed,
+}
+
+/// A data plane's limiter: the in-process store and the state of its link to Redis.
+pub struct Limiter {
+    memory: MemoryStore,
+    redis_url: Option<String>,
+    degraded: AtomicBool,
+    /// Redis is left alone until then (unix ms).
+    retry_at: AtomicU64,
+}
+
+impl Limiter {
+    pub fn new(redis_url: Option<String>) -> Limiter {
+        Limiter {
+            memory: MemoryStore::default(),
+            redis_url,
+            degraded: AtomicBool::new(false),
+            retry_at: AtomicU64::new(0),
+        }
+    }
+
+    pub fn shared(&self) -> bool {
+        self.redis_url.is_some()
+    }
+
+    /// True while Redis is configured but unreachable.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// A Redis connection for one worker thread, which reconnects by itself. It is opened
+    /// here, within the connect timeout, so the first requests are already shared; if Redis is
+    /// down at start, a lazy connection is returned (it connects on first use) and the data
+    /// plane starts degraded. Must be called on that worker's runtime.
+    pub async fn connect(&self) -> Option<ConnectionManager> {
+        let url = self.redis_url.as_ref()?;
+        let client = match ::redis::Client::open(url.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(cause = %e, "redis URL is not usable");
+                return None;
+            }
+        };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let eager = ConnectionManager::new_with_config(client.clone(), config.clone());
+        match tokio::time::timeout(Duration::from_secs(1), eager).await {
+            Ok(Ok(c)) => return Some(c),
+            Ok(Err(e)) => {
+                tracing::warn!(cause = %e, "redis unreachable at start; limits enforced per data plane until it is")
+            }
+            Err(_) => tracing::warn!(
+                "redis did not answer at start; limits enforced per data plane until it does"
+            ),
+        }
+        match ConnectionManager::new_lazy_with_config(client, config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot set up the redis connection");
+                None
+            }
+        }
+    }
+
+    /// Decides one request of `identity` under `rate`. `None` means refuse without a decision
+    /// (Redis unreachable in `closed` mode).
+    pub async fn check(
+        &self,
+        conn: Option<&ConnectionManager>,
+        identity: &str,
+        rate: Rate,
+        ban: BanRule,
+        mode: StoreFailureMode,
+    ) -> (Option<Decision>, Source) {
+        let now = unix_ms();
+        if let Some(conn) = conn
+            && now >= self.retry_at.load(Ordering::Relaxed)
+        {
+            let mut conn = conn.clone();
+            let call = redis::check(&mut conn, identity, now, rate, ban);
+            match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+                Ok(Ok(d)) => {
+                    if self.degraded.swap(false, Ordering::Relaxed) {
+                        tracing::info!(
+                            "redis reachable again; limits are shared across data planes"
+                        );
+                    }
+                    return (Some(d), Source::Shared);
+                }
+                Ok(Err(e)) => self.fail(now, &e.to_string()),
+                Err(_) => self.fail(now, "timed out"),
+            }
+        }
+        if conn.is_some() {
+            match mode {
+                StoreFailureMode::Open => return (None, Source::Open),
+                StoreFailureMode::Closed => return (None, Source::Closed),
+                _ => {}
+            }
+        }
+        (
+            Some(self.memory.check(identity, now, rate, ban)),
+            Source::Local,
+        )
+    }
+
+    fn fail(&self, now: u64, cause: &str) {
+        self.retry_at.store(
+            now + u64::try_from(REDIS_RETRY.as_millis()).unwrap_or(1000),
+            Ordering::Relaxed,
+        );
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                cause,
+                "redis unreachable; rate limits enforced per data plane until it is back"
+            );
+        }
+    }
+
+    /// Forgets a ban here and, with a connection, in Redis.
+    pub async fn lift_ban(&self, conn: Option<&ConnectionManager>, identity: &str) {
+        self.memory.lift_ban(identity);
+        if let Some(c) = conn {
+            let mut c = c.clone();
+            if let Err(e) = redis::lift_ban(&mut c, identity).await {
+                tracing::warn!(client = identity, cause = %e, "cannot lift the ban in redis");
+            }
+        }
+    }
+
+    /// Forgets a ban in this data plane's own store (Redis is the control plane's to clear).
+    pub fn lift_local_ban(&self, identity: &str) {
+        self.memory.lift_ban(identity);
+    }
+
+    /// Bans enforced by this data plane's own store.
+    pub fn local_bans(&self) -> Vec<(String, u64, u32)> {
+        self.memory.bans(unix_ms())
+    }
+}

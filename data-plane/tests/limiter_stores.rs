@@ -1,0 +1,171 @@
+//! The in-process store and the Redis script make the same decisions: the same sequences, with
+//! an injected clock, run against both and must agree request by request.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use data_plane::ratelimit::gcra::{BanRule, Decision, Rate, Verdict};
+use data_plane::ratelimit::memory::MemoryStore;
+use data_plane::ratelimit::redis as rl;
+use redis::aio::ConnectionManager;
+
+/// A redis-server of the test's own, on a free port, killed on drop.
+struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        RedisServer { child, url }
+    }
+
+    async fn conn(&self) -> ConnectionManager {
+        ConnectionManager::new(redis::Client::open(self.url.as_str()).unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const FREE: Rate = Rate {
+    requests: 5,
+    period_ms: 60_000,
+};
+const PREMIUM: Rate = Rate {
+    requests: 100,
+    period_ms: 60_000,
+};
+const BAN: BanRule = BanRule {
+    strikes: 3,
+    strike_window_ms: 60_000,
+    base_ban_ms: 300_000,
+    multiplier: 2,
+    max_ban_ms: 86_400_000,
+    strike_decay_ms: 3_600_000,
+};
+
+/// Runs `steps` (time offset, rate) against both stores; returns both decision lists.
+async fn both(
+    conn: &mut ConnectionManager,
+    who: &str,
+    steps: &[(u64, Rate)],
+) -> (Vec<Decision>, Vec<Decision>) {
+    let memory = MemoryStore::default();
+    let t0 = 1_700_000_000_000u64;
+    let mut m = Vec::new();
+    let mut r = Vec::new();
+    for &(at, rate) in steps {
+        m.push(memory.check(who, t0 + at, rate, BAN));
+        r.push(rl::check(conn, who, t0 + at, rate, BAN).await.unwrap());
+    }
+    (m, r)
+}
+
+#[tokio::test]
+async fn memory_and_redis_agree_on_bursts_refusals_tier_changes_and_bans() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    // A burst, refusals (strikes), a ban, its expiry, a second (doubled) ban.
+    let mut steps: Vec<(u64, Rate)> = (0..8).map(|i| (i, FREE)).collect();
+    steps.push((300_010, FREE));
+    steps.extend((0..9).map(|i| (300_020 + i, FREE)));
+    steps.push((900_100, FREE));
+    // Tier changes in both directions.
+    steps.extend((0..5).map(|i| (2_000_000 + i, FREE)));
+    steps.extend((0..3).map(|i| (2_000_100 + i, PREMIUM)));
+    steps.extend((0..3).map(|i| (2_000_200 + i, FREE)));
+    let (m, r) = both(&mut conn, "key:0123456789abcdef", &steps).await;
+    for (i, (a, b)) in m.iter().zip(&r).enumerate() {
+        assert_eq!(a, b, "step {i} at {:?}", steps[i]);
+    }
+    let verdicts: Vec<Verdict> = m.iter().map(|d| d.verdict).collect();
+    assert_eq!(
+        &verdicts[..8],
+        &[
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Limited,
+            Verdict::Limited,
+            Verdict::Banned
+        ]
+    );
+    assert_eq!(m[7].retry_after_ms, 300_000, "first ban: 300 s");
+    let second_ban = m[9..18]
+        .iter()
+        .find(|d| d.verdict == Verdict::Banned)
+        .expect("banned again");
+    assert_eq!(second_ban.retry_after_ms, 600_000, "second ban doubles");
+}
+
+#[tokio::test]
+async fn lifting_a_ban_clears_it_in_redis() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let who = "ip:192.0.2.1";
+    let t0 = 1_700_000_000_000u64;
+    let mut last = None;
+    for i in 0..8 {
+        last = Some(rl::check(&mut conn, who, t0 + i, FREE, BAN).await.unwrap());
+    }
+    assert_eq!(last.unwrap().verdict, Verdict::Banned);
+    rl::lift_ban(&mut conn, who).await.unwrap();
+    let d = rl::check(&mut conn, who, t0 + 12_001, FREE, BAN)
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allowed, "{d:?}");
+}
+
+#[tokio::test]
+async fn the_script_keeps_one_identity_in_one_hash_slot() {
+    let [a, b, c] = rl::keys("key:0123456789abcdef");
+    let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
+    assert_eq!(tag(&a), tag(&b));
+    assert_eq!(tag(&b), tag(&c));
+}
