@@ -24,7 +24,7 @@ const SNAPSHOT_FILE: &str = "snapshot.pb";
 /// Largest saved snapshot read back at boot; a bound against a corrupt or foreign file.
 const MAX_SAVED_BYTES: u64 = 64 << 20;
 
-fn node(shared: &Shared) -> Node {
+pub fn node(shared: &Shared) -> Node {
     Node {
         id: shared.settings.node_id.clone(),
         build: env!("CARGO_PKG_VERSION").to_owned(),

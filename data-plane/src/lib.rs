@@ -23,6 +23,7 @@ pub mod outlier;
 pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
+pub mod report;
 pub mod retry;
 pub mod settings;
 pub mod state;
@@ -63,6 +64,11 @@ pub async fn run_shared(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let discovery = tokio::spawn(discovery::run(Arc::clone(&shared), stop_rx.clone()));
+    let reports = tokio::spawn(report::run(
+        Arc::clone(&shared),
+        discovery::node(&shared),
+        stop_rx.clone(),
+    ));
     // Health-check tasks follow the backend set of each applied configuration.
     let probes = {
         let shared = Arc::clone(&shared);
@@ -104,6 +110,7 @@ pub async fn run_shared(
     let _ = stop_tx.send(true);
     let _ = discovery.await;
     let _ = probes.await;
+    let _ = reports.await;
     let _ = admin_task.await;
     tracing::info!(node_id = %shared.settings.node_id, "data plane stopped");
     served

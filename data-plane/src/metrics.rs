@@ -182,6 +182,33 @@ impl Metrics {
         }
     }
 
+    /// A backend's latency histogram: bucket upper bounds in µs and cumulative counts (one more
+    /// count than bounds: the +Inf bucket).
+    pub fn backend_histogram(&self, address: &str) -> (Vec<u64>, Vec<u64>) {
+        let Ok(h) = self
+            .backend_duration
+            .get_metric_with_label_values(&[address])
+        else {
+            return (Vec::new(), Vec::new());
+        };
+        let m = prometheus::core::Collector::collect(&h);
+        let Some(hist) = m
+            .first()
+            .and_then(|f| f.get_metric().first())
+            .map(|m| m.get_histogram().clone())
+        else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut bounds = Vec::new();
+        let mut counts = Vec::new();
+        for b in hist.get_bucket() {
+            bounds.push((b.upper_bound() * 1e6) as u64);
+            counts.push(b.cumulative_count());
+        }
+        counts.push(hist.get_sample_count());
+        (bounds, counts)
+    }
+
     /// Stops exporting series of a backend that left the configuration.
     pub fn forget_backend(&self, address: &str) {
         let _ = self.backend_duration.remove_label_values(&[address]);

@@ -28,9 +28,11 @@ use crate::balance::hash_bytes;
 use crate::identity;
 use crate::outlier;
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
+use crate::report::Outcome;
 use crate::retry::{self, RetryBudget};
 use crate::state::{Active, HashSource, InFlight, Shared, View, millis};
 use crate::upstream::{self, Lease};
+use lb_proto::v1::RequestLogEntry;
 
 /// What the requests of one worker thread share.
 pub struct Worker {
@@ -256,7 +258,39 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let shared = &worker.shared;
-    let resp = forward(&worker, &conn, req).await;
+    // Only sampled requests pay for copying their method and path.
+    let head = shared.reporter.sample().then(|| {
+        (
+            req.method().to_string(),
+            req.uri().path().chars().take(1024).collect::<String>(),
+        )
+    });
+    let mut resp = forward(&worker, &conn, req, head.is_some()).await;
+    let outcome = resp
+        .extensions_mut()
+        .remove::<Outcome>()
+        .unwrap_or_default();
+    if let Some((method, path)) = head {
+        shared.reporter.log(RequestLogEntry {
+            timestamp_ms: crate::ratelimit::unix_ms(),
+            request_id: resp
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            method,
+            path,
+            status: u32::from(resp.status().as_u16()),
+            backend: outcome.backend.unwrap_or_default(),
+            latency_us: started.elapsed().as_micros() as u64,
+            client: conn.peer.ip().to_string(),
+            key_id: outcome.key_id.unwrap_or_default(),
+            tier: outcome.tier.unwrap_or_default(),
+            decision: outcome.decision.to_owned(),
+            node_id: shared.settings.node_id.clone(),
+        });
+    }
     shared.metrics.response(resp.status().as_u16());
     shared
         .metrics
@@ -273,7 +307,12 @@ fn refuse(
     id: &HeaderValue,
 ) -> Response<ProxyBody> {
     shared.metrics.refused.with_label_values(&[reason]).inc();
-    local_response(status, reason, message, Some(id))
+    let mut r = local_response(status, reason, message, Some(id));
+    r.extensions_mut().insert(Outcome {
+        decision: static_reason(reason),
+        ..Outcome::default()
+    });
+    r
 }
 
 /// Why no backend could be picked for an attempt.
@@ -372,8 +411,36 @@ fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u32) 
     base
 }
 
+/// The reasons a request is refused with, as static names for the request log.
+fn static_reason(reason: &str) -> &'static str {
+    const REASONS: &[&str] = &[
+        "body_too_large",
+        "not_configured",
+        "bad_request",
+        "shed",
+        "circuit_open",
+        "no_backend",
+        "bad_gateway",
+        "backend_unreachable",
+        "gateway_timeout",
+        "invalid_api_key",
+        "blocked",
+        "unknown_key",
+        "limiter_unavailable",
+        "rate_limited",
+        "banned",
+    ];
+    REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .copied()
+        .unwrap_or("error")
+}
+
 /// The quota a request was admitted under, for the `RateLimit` headers of its response.
 struct Quota {
+    /// Key id of a keyed request, for the request log.
+    key_id: Option<String>,
     policy: String,
     rate: Rate,
     decision: Decision,
@@ -498,7 +565,14 @@ async fn rate_limit(
         retry_after(&mut r, 1);
         return Err(r);
     };
+    let key_id = key.as_ref().map(|k| k.id().to_owned());
+    if let Some(k) = &key_id {
+        shared
+            .reporter
+            .key(k, &policy, decision.verdict != Verdict::Allowed);
+    }
     let quota = Quota {
+        key_id,
         policy,
         rate,
         decision,
@@ -542,6 +616,12 @@ async fn rate_limit(
             h.insert(X_REQUEST_ID.clone(), id.clone());
             quota.headers(h);
             retry_after(&mut r, secs);
+            r.extensions_mut().insert(Outcome {
+                backend: None,
+                decision: reason,
+                key_id: quota.key_id.clone(),
+                tier: Some(quota.policy.clone()),
+            });
             Err(r)
         }
     }
@@ -577,6 +657,7 @@ async fn forward(
     worker: &Worker,
     conn: &ClientConn,
     req: Request<Incoming>,
+    sampled: bool,
 ) -> Response<ProxyBody> {
     let shared = &*worker.shared;
     let (mut parts, body) = req.into_parts();
@@ -810,6 +891,14 @@ async fn forward(
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
                 if let Some(q) = &quota {
                     q.headers(&mut parts.headers);
+                }
+                if sampled {
+                    parts.extensions.insert(Outcome {
+                        backend: Some(endpoint.address.clone()),
+                        decision: "proxied",
+                        key_id: quota.as_ref().and_then(|q| q.key_id.clone()),
+                        tier: quota.as_ref().map(|q| q.policy.clone()),
+                    });
                 }
                 return Response::from_parts(
                     parts,

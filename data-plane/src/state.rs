@@ -506,6 +506,7 @@ pub struct Shared {
     /// Requests waiting for a backend with free capacity.
     pub admission: Arc<Admission>,
     pub limiter: Limiter,
+    pub reporter: crate::report::Reporter,
     /// Highest directive sequence number run (ban lifts), so each runs once.
     directives_seen: AtomicU64,
     applied: watch::Sender<u64>,
@@ -523,6 +524,7 @@ impl Shared {
             last_rejected: Mutex::new(None),
             admission: Arc::new(Admission::new(0)),
             limiter,
+            reporter: crate::report::Reporter::default(),
             directives_seen: AtomicU64::new(u64::MAX),
             applied: watch::channel(0).0,
         }
