@@ -15,6 +15,7 @@ pub mod admission;
 pub mod backoff;
 pub mod balance;
 pub mod breaker;
+pub mod cache;
 pub mod discovery;
 pub mod health;
 pub mod identity;
