@@ -1,6 +1,8 @@
-//! `lb.v1.Admin`: the operators' API. Every change is a [`ControlPlane::update`], so it is
-//! validated whole, versioned, saved and pushed to every data plane; the answer carries the new
-//! version. The token check runs in an interceptor before any of this.
+//! `lb.v1.Admin`: the operators' API. Every change is a [`ControlPlane::update`] (or
+//! [`ControlPlane::change`] for API keys), so it is validated whole, versioned, saved and pushed
+//! to every data plane; the answer carries the new version. The token check runs in an
+//! interceptor before any of this. API keys and bans are in [`crate::keys`] and
+//! [`crate::ratelimit`], shared with the REST endpoints.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +14,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{ControlPlane, UpdateError};
+use crate::keys::{self, KeyTarget};
+use crate::ratelimit;
 
 pub struct AdminService {
     pub cp: Arc<ControlPlane>,
@@ -289,46 +293,66 @@ impl Admin for AdminService {
 
     async fn create_api_key(
         &self,
-        _: Request<CreateApiKeyRequest>,
+        r: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
-        Err(not_yet("API key management"))
+        let r = r.into_inner();
+        let created = keys::create(&self.cp, &r.tier, &r.label).await?;
+        Ok(Response::new(CreateApiKeyResponse {
+            api_key: created.api_key,
+            key_id: created.key_id,
+            tier: created.tier,
+        }))
     }
 
     async fn set_key_tier(
         &self,
-        _: Request<SetKeyTierRequest>,
+        r: Request<SetKeyTierRequest>,
     ) -> Result<Response<ConfigChange>, Status> {
-        Err(not_yet("API key management"))
+        let r = r.into_inner();
+        let target = KeyTarget::from_ref(r.key.as_ref()).map_err(UpdateError::from)?;
+        let (v, _) = keys::set_tier(&self.cp, &target, &r.tier).await?;
+        Ok(change(v))
     }
 
-    async fn block_key(&self, _: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
-        Err(not_yet("API key management"))
+    async fn block_key(&self, r: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
+        let target = KeyTarget::from_ref(Some(r.get_ref())).map_err(UpdateError::from)?;
+        let (v, _) = keys::set_blocked(&self.cp, &target, true).await?;
+        Ok(change(v))
     }
 
-    async fn unblock_key(&self, _: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
-        Err(not_yet("API key management"))
+    async fn unblock_key(&self, r: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
+        let target = KeyTarget::from_ref(Some(r.get_ref())).map_err(UpdateError::from)?;
+        let (v, _) = keys::set_blocked(&self.cp, &target, false).await?;
+        Ok(change(v))
     }
 
     async fn list_api_keys(
         &self,
         _: Request<ListApiKeysRequest>,
     ) -> Result<Response<ListApiKeysResponse>, Status> {
-        Err(not_yet("API key management"))
+        Ok(Response::new(ListApiKeysResponse {
+            keys: keys::list(&self.cp),
+        }))
     }
 
-    async fn get_key_usage(&self, _: Request<KeyRef>) -> Result<Response<KeyUsage>, Status> {
-        Err(not_yet("API key usage"))
+    async fn get_key_usage(&self, r: Request<KeyRef>) -> Result<Response<KeyUsage>, Status> {
+        let target = KeyTarget::from_ref(Some(r.get_ref())).map_err(UpdateError::from)?;
+        Ok(Response::new(keys::usage(&self.cp, &target).await?))
     }
 
     async fn list_bans(
         &self,
         _: Request<ListBansRequest>,
     ) -> Result<Response<ListBansResponse>, Status> {
-        Err(not_yet("Bans"))
+        Ok(Response::new(ListBansResponse {
+            bans: ratelimit::list_bans(&self.cp).await?,
+        }))
     }
 
-    async fn lift_ban(&self, _: Request<LiftBanRequest>) -> Result<Response<ConfigChange>, Status> {
-        Err(not_yet("Bans"))
+    async fn lift_ban(&self, r: Request<LiftBanRequest>) -> Result<Response<ConfigChange>, Status> {
+        Ok(change(
+            ratelimit::lift_ban(&self.cp, &r.into_inner().client).await?,
+        ))
     }
 
     async fn list_data_planes(
@@ -356,8 +380,39 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn purge_cache(&self, _: Request<CachePurge>) -> Result<Response<ConfigChange>, Status> {
-        Err(not_yet("The response cache"))
+    /// A purge travels as a directive in the next snapshot: every data plane drops the
+    /// matching entries from its memory tier and from Redis.
+    async fn purge_cache(&self, r: Request<CachePurge>) -> Result<Response<ConfigChange>, Status> {
+        let purge = r.into_inner();
+        match &purge.target {
+            Some(cache_purge::Target::Key(k))
+                if k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+            Some(cache_purge::Target::Key(k)) => {
+                return Err(Status::invalid_argument(format!(
+                    "key: {k:?} is not a cache key id (64 hex digits)"
+                )));
+            }
+            Some(cache_purge::Target::PathPrefix(p)) if p.starts_with('/') && p.len() <= 8192 => {}
+            Some(cache_purge::Target::PathPrefix(p)) => {
+                return Err(Status::invalid_argument(format!(
+                    "path_prefix: {p:?} must start with '/'"
+                )));
+            }
+            Some(cache_purge::Target::All(true)) => {}
+            _ => {
+                return Err(Status::invalid_argument(
+                    "target: one of key, path_prefix or all=true",
+                ));
+            }
+        }
+        let v = self
+            .cp
+            .update(|s| {
+                ratelimit::push_directive(&mut s.directives, directive::Kind::Purge(purge));
+                Ok(())
+            })
+            .await?;
+        Ok(change(v))
     }
 
     type TailLogStream = Pin<Box<dyn Stream<Item = Result<RequestLogEntry, Status>> + Send>>;

@@ -1,17 +1,23 @@
-//! The cluster's state and who runs it. Every change goes through [`ControlPlane::update`]: it is
-//! applied to a copy of the current snapshot, validated whole, given the next version, saved, and
-//! only then published to every Watch stream, so a refused change leaves nothing behind and a
-//! published one survives a restart. Data planes are tracked with the version each acknowledged
-//! and its last NACK.
+//! The cluster's state and who runs it. The state is the configuration data planes get and the
+//! API key registry it is partly derived from (`ConfigSnapshot.keys`, see [`crate::keys`]). Every
+//! change goes through [`ControlPlane::change`] (or [`ControlPlane::update`] for configuration
+//! only): it is applied to a copy of the current state, validated whole, given the next version,
+//! saved, and only then published to every Watch stream, so a refused change leaves nothing
+//! behind and a published one survives a restart. A newer state saved by another control plane
+//! on the same store is taken over with [`ControlPlane::adopt`] or [`ControlPlane::reload`],
+//! which publish without saving. Data planes are tracked with the version each acknowledged and
+//! its last NACK.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lb_proto::v1::{ConfigSnapshot, DataPlaneInfo, Node, WatchRequest};
+use lb_proto::v1::{ConfigSnapshot, DataPlaneInfo, Node, StoredState, WatchRequest};
 use lb_proto::validate::{self, Invalid};
 use tokio::sync::watch;
 
+use crate::keys::{self, KeyRegistry};
+use crate::ratelimit::SharedLimits;
 use crate::store::{Store, StoreError};
 
 /// Most data planes remembered; past it, the longest-gone disconnected ones are forgotten.
@@ -23,16 +29,31 @@ pub enum UpdateError {
     Invalid(#[from] Invalid),
     #[error("{0}")]
     NotFound(String),
+    /// Saving the change failed; nothing was published.
     #[error("cannot save the change: {0}")]
     Store(#[from] StoreError),
+    /// Reading state the answer depends on failed (the store, or the shared rate-limit state).
+    #[error("{0}")]
+    Unavailable(StoreError),
+}
+
+impl UpdateError {
+    /// True when another control plane's change won; the caller may retry on the new state.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, UpdateError::Store(StoreError::Conflict { .. }))
+    }
 }
 
 impl From<UpdateError> for tonic::Status {
     fn from(e: UpdateError) -> Self {
+        let message = e.to_string();
         match e {
-            UpdateError::Invalid(i) => tonic::Status::invalid_argument(i.to_string()),
-            UpdateError::NotFound(m) => tonic::Status::not_found(m),
-            UpdateError::Store(s) => tonic::Status::unavailable(s.to_string()),
+            UpdateError::Invalid(_) => tonic::Status::invalid_argument(message),
+            UpdateError::NotFound(_) => tonic::Status::not_found(message),
+            UpdateError::Store(StoreError::Conflict { .. }) => tonic::Status::aborted(message),
+            UpdateError::Store(_) | UpdateError::Unavailable(_) => {
+                tonic::Status::unavailable(message)
+            }
         }
     }
 }
@@ -50,10 +71,30 @@ struct PlaneRecord {
     stream: u64,
 }
 
+/// A change in progress: a copy of the configuration, and of the key registry once
+/// [`Draft::keys_mut`] asks for it (so configuration changes never copy the registry).
+pub struct Draft {
+    pub config: ConfigSnapshot,
+    keys: Arc<KeyRegistry>,
+}
+
+impl Draft {
+    pub fn keys(&self) -> &KeyRegistry {
+        &self.keys
+    }
+
+    pub fn keys_mut(&mut self) -> &mut KeyRegistry {
+        Arc::make_mut(&mut self.keys)
+    }
+}
+
 pub struct ControlPlane {
-    /// Serialises changes; the published snapshot is in `current`.
+    /// Serialises changes and adoptions; the published snapshot is in `current`, the registry it
+    /// was derived from in `keys`.
     writer: tokio::sync::Mutex<()>,
     current: watch::Sender<Arc<ConfigSnapshot>>,
+    keys: Mutex<Arc<KeyRegistry>>,
+    shared_limits: Option<Arc<dyn SharedLimits>>,
     planes: Mutex<BTreeMap<String, PlaneRecord>>,
     planes_changed: watch::Sender<u64>,
     next_stream: std::sync::atomic::AtomicU64,
@@ -61,6 +102,19 @@ pub struct ControlPlane {
     pub admin_token: String,
     pub cluster_token: Option<String>,
     stop: watch::Sender<bool>,
+}
+
+/// Checks a state as loaded or about to be published, with `config.keys` derived from the
+/// registry.
+fn prepare(state: StoredState) -> Result<(ConfigSnapshot, KeyRegistry), Invalid> {
+    let mut config = state
+        .config
+        .ok_or_else(|| Invalid::new("config", "missing from the stored state"))?;
+    let registry = KeyRegistry::from_records(state.keys)?;
+    config.keys = registry.overrides(keys::default_tier(&config), keys::rejects_unknown(&config));
+    validate::snapshot(&config)?;
+    registry.check_tiers(&config)?;
+    Ok((config, registry))
 }
 
 impl ControlPlane {
@@ -71,24 +125,44 @@ impl ControlPlane {
         admin_token: String,
         cluster_token: Option<String>,
     ) -> Result<ControlPlane, UpdateError> {
-        let snapshot = match store.load().await? {
+        let state = match store.load().await.map_err(UpdateError::Unavailable)? {
             Some(s) => {
-                validate::snapshot(&s)?;
-                tracing::info!(version = s.version, "state loaded from the store");
+                tracing::info!(
+                    version = s.config.as_ref().map_or(0, |c| c.version),
+                    keys = s.keys.len(),
+                    "state loaded from the store"
+                );
                 s
             }
             None => {
-                let mut s = initial;
-                s.version = s.version.max(1);
-                s.created_at_ms = now_ms();
-                validate::snapshot(&s)?;
-                store.save(&s).await?;
-                s
+                let mut config = initial;
+                config.version = config.version.max(1);
+                config.created_at_ms = now_ms();
+                let keys = config.keys.iter().map(keys::record_from_override).collect();
+                let state = StoredState {
+                    config: Some(config),
+                    keys,
+                };
+                prepare(state.clone())?;
+                match store.save(&state).await {
+                    Ok(()) => state,
+                    // Another control plane started on the same empty store first: use its state.
+                    Err(e @ StoreError::Conflict { .. }) => {
+                        match store.load().await.map_err(UpdateError::Unavailable)? {
+                            Some(s) => s,
+                            None => return Err(e.into()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
+        let (config, registry) = prepare(state)?;
         Ok(ControlPlane {
             writer: tokio::sync::Mutex::new(()),
-            current: watch::channel(Arc::new(snapshot)).0,
+            current: watch::channel(Arc::new(config)).0,
+            keys: Mutex::new(Arc::new(registry)),
+            shared_limits: None,
             planes: Mutex::new(BTreeMap::new()),
             planes_changed: watch::channel(0).0,
             next_stream: std::sync::atomic::AtomicU64::new(1),
@@ -99,8 +173,29 @@ impl ControlPlane {
         })
     }
 
+    /// Reads key usage and bans from the data planes' shared rate-limit state.
+    #[must_use]
+    pub fn with_shared_limits(mut self, shared: Arc<dyn SharedLimits>) -> ControlPlane {
+        self.shared_limits = Some(shared);
+        self
+    }
+
+    pub fn shared_limits(&self) -> Option<&Arc<dyn SharedLimits>> {
+        self.shared_limits.as_ref()
+    }
+
     pub fn snapshot(&self) -> Arc<ConfigSnapshot> {
         self.current.borrow().clone()
+    }
+
+    /// The version of the published state.
+    pub fn version(&self) -> u64 {
+        self.current.borrow().version
+    }
+
+    /// The key registry the published snapshot was derived from.
+    pub fn keys(&self) -> Arc<KeyRegistry> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Each published snapshot, newest only (a slow reader skips intermediate versions).
@@ -108,22 +203,104 @@ impl ControlPlane {
         self.current.subscribe()
     }
 
-    /// Applies `change` to a copy of the state, validates, saves and publishes it.
+    /// Applies `change` to a copy of the configuration, validates, saves and publishes it.
+    /// `keys` is derived from the key registry and recomputed; key changes go through
+    /// [`ControlPlane::change`].
     pub async fn update(
         &self,
         change: impl FnOnce(&mut ConfigSnapshot) -> Result<(), UpdateError>,
     ) -> Result<u64, UpdateError> {
+        self.change(|draft| change(&mut draft.config))
+            .await
+            .map(|(version, ())| version)
+    }
+
+    /// Applies `change` to a copy of the whole state (configuration and key registry), validates,
+    /// saves and publishes it; returns the new version and what `change` returned. When another
+    /// control plane saved a newer state first, the change is refused
+    /// ([`UpdateError::is_conflict`]) and that state is loaded, so a retry applies to it.
+    pub async fn change<T>(
+        &self,
+        change: impl FnOnce(&mut Draft) -> Result<T, UpdateError>,
+    ) -> Result<(u64, T), UpdateError> {
         let _writer = self.writer.lock().await;
-        let mut next = (*self.snapshot()).clone();
-        change(&mut next)?;
-        next.version += 1;
-        next.created_at_ms = now_ms();
-        validate::snapshot(&next)?;
-        self.store.save(&next).await?;
-        let version = next.version;
-        self.current.send_replace(Arc::new(next));
+        let mut draft = Draft {
+            config: (*self.snapshot()).clone(),
+            keys: self.keys(),
+        };
+        let out = change(&mut draft)?;
+        let Draft { mut config, keys } = draft;
+        config.version += 1;
+        config.created_at_ms = now_ms();
+        config.keys = keys.overrides(keys::default_tier(&config), keys::rejects_unknown(&config));
+        validate::snapshot(&config)?;
+        keys.check_tiers(&config)?;
+        let state = StoredState {
+            config: Some(config.clone()),
+            keys: keys.to_records(),
+        };
+        if let Err(e) = self.store.save(&state).await {
+            if matches!(e, StoreError::Conflict { .. }) {
+                tracing::warn!(error = %e, "change refused by the store");
+                if let Err(reload) = self.reload_locked().await {
+                    tracing::warn!(error = %reload, "cannot load the newer state");
+                }
+            }
+            return Err(e.into());
+        }
+        let version = config.version;
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+        self.current.send_replace(Arc::new(config));
         tracing::info!(version, "configuration changed");
-        Ok(version)
+        Ok((version, out))
+    }
+
+    /// Publishes `state` when it is newer than the current one, without saving it (it comes from
+    /// the store). Returns whether it was newer.
+    pub async fn adopt(&self, state: StoredState) -> Result<bool, UpdateError> {
+        let _writer = self.writer.lock().await;
+        self.adopt_locked(state)
+    }
+
+    /// Loads the stored state and adopts it when it is newer.
+    pub async fn reload(&self) -> Result<bool, UpdateError> {
+        let _writer = self.writer.lock().await;
+        self.reload_locked().await
+    }
+
+    /// Saves the published state again, for a store that lost it (a Redis restarted without
+    /// persistence, or failed over to a replica that lagged). A store that holds a newer state
+    /// refuses, and that state is loaded instead.
+    pub async fn resave(&self) -> Result<(), UpdateError> {
+        let _writer = self.writer.lock().await;
+        let state = StoredState {
+            config: Some((*self.snapshot()).clone()),
+            keys: self.keys().to_records(),
+        };
+        match self.store.save(&state).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict { .. }) => self.reload_locked().await.map(|_| ()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn reload_locked(&self) -> Result<bool, UpdateError> {
+        match self.store.load().await.map_err(UpdateError::Unavailable)? {
+            Some(state) => self.adopt_locked(state),
+            None => Ok(false),
+        }
+    }
+
+    fn adopt_locked(&self, state: StoredState) -> Result<bool, UpdateError> {
+        let version = state.config.as_ref().map_or(0, |c| c.version);
+        if version <= self.version() {
+            return Ok(false);
+        }
+        let (config, registry) = prepare(state)?;
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
+        self.current.send_replace(Arc::new(config));
+        tracing::info!(version, "newer state adopted from the store");
+        Ok(true)
     }
 
     /// Registers a data plane's new Watch stream; returns the stream's id.

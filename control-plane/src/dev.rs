@@ -10,9 +10,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::random_token;
 use crate::settings::{CommonArgs, Settings, parse_backends};
-use crate::store::MemoryStore;
-use crate::{ControlPlane, random_token};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DevArgs {
@@ -92,16 +91,19 @@ pub async fn run(
         None
     };
     let settings = Settings::load(common)?;
-    if settings.redis.is_some() {
-        anyhow::bail!("--redis: shared state through Redis is not available in this build");
-    }
     let token = std::env::var("LB_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(random_token);
-    let store = Arc::new(MemoryStore::new(settings.state_file.clone()));
-    let cp =
-        Arc::new(ControlPlane::new(store, settings.initial.clone(), token.clone(), None).await?);
+    let cp = crate::open(
+        settings.redis.as_deref(),
+        settings.state_file.clone(),
+        settings.initial.clone(),
+        token.clone(),
+        None,
+    )
+    .await
+    .context("cannot load the control plane's state")?;
     let grpc = bind(settings.grpc_listen, "--grpc-listen").await?;
     let http = bind(settings.http_listen, "--http-listen").await?;
     let grpc_addr = grpc.local_addr()?;
@@ -128,6 +130,7 @@ pub async fn run(
             admin_listen,
             control_plane: local_url(grpc_addr),
             node_id: format!("dev-{}", i + 1),
+            redis: settings.redis.clone(),
             log_json: settings.log_json,
             ..data_plane::Settings::default()
         };
@@ -164,6 +167,14 @@ pub async fn run(
         }
     }
     println!("  admin token        {token}");
+    println!(
+        "  state              {}",
+        if settings.redis.is_some() {
+            "Redis (--redis), shared with other control planes"
+        } else {
+            "embedded, in this process"
+        }
+    );
     println!(
         "\n  try: curl {}/data\n       curl -X POST {}/change_strategy -H 'Authorization: Bearer {token}' -d '{{\"strategy\":\"least_connections\"}}'\n",
         urls[0].0,

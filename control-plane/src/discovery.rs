@@ -89,8 +89,19 @@ impl Discovery for DiscoveryService {
             auth::check(request.metadata(), token, "cluster token")?;
         }
         let mut inbound = request.into_inner();
-        while let Some(report) = inbound.message().await? {
-            tracing::trace!(data_plane = ?report.node.map(|n| n.id), "report received");
+        // A report stream never ends on its own; at shutdown it must, or the server would wait
+        // for it forever.
+        let mut stop = self.cp.stopping();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg? {
+                    Some(report) => {
+                        tracing::trace!(data_plane = ?report.node.map(|n| n.id), "report received");
+                    }
+                    None => break,
+                },
+                () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            }
         }
         Ok(Response::new(ReportAck {}))
     }

@@ -1,11 +1,16 @@
-//! The control plane's HTTP listener: the original system's REST endpoints (`/stats`,
-//! `/change_strategy`), health and Prometheus metrics. Admin actions need the admin token as
-//! `Authorization: Bearer <token>`, as on gRPC.
+//! The control plane's HTTP listener: the original system's REST endpoints, health and
+//! Prometheus metrics. Same request shapes as there; the logic is the gRPC calls' (in
+//! [`crate::admin`], [`crate::keys`]), so both surfaces behave alike.
+//!
+//! Admin endpoints (`/change_strategy`, `/admin/*`, `/logs`) need the admin token as
+//! `Authorization: Bearer <token>`, as on gRPC. `/usage` does not: a client asks about the key it
+//! holds, and learns nothing about any other.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,6 +21,7 @@ use serde_json::json;
 
 use crate::auth::{bearer, constant_time_eq};
 use crate::cluster::{ControlPlane, UpdateError};
+use crate::keys::{self, KeyTarget};
 
 pub fn router(cp: Arc<ControlPlane>) -> Router {
     Router::new()
@@ -23,6 +29,11 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/stats", get(stats))
         .route("/change_strategy", post(change_strategy))
+        .route("/usage", get(usage))
+        .route("/admin/users", get(users))
+        .route("/admin/upgrade_tier", post(upgrade_tier))
+        .route("/admin/block_key", post(block_key))
+        .route("/logs", get(logs))
         .route("/metrics", get(metrics))
         .with_state(cp)
 }
@@ -38,6 +49,18 @@ impl IntoResponse for ApiError {
 
 fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, message.into())
+}
+
+impl From<UpdateError> for ApiError {
+    fn from(e: UpdateError) -> Self {
+        let status = match &e {
+            UpdateError::Invalid(_) => StatusCode::BAD_REQUEST,
+            UpdateError::NotFound(_) => StatusCode::NOT_FOUND,
+            e if e.is_conflict() => StatusCode::CONFLICT,
+            UpdateError::Store(_) | UpdateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        error(status, e.to_string())
+    }
 }
 
 fn authorize(cp: &ControlPlane, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -67,7 +90,10 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 async fn index() -> impl IntoResponse {
     Json(json!({
         "service": "control-plane",
-        "endpoints": ["/stats", "/change_strategy", "/metrics", "/healthz"],
+        "endpoints": [
+            "/stats", "/change_strategy", "/usage", "/admin/users", "/admin/upgrade_tier",
+            "/admin/block_key", "/logs", "/metrics", "/healthz",
+        ],
     }))
 }
 
@@ -114,13 +140,113 @@ async fn change_strategy(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
     let req: ChangeStrategy = parse(&body)?;
-    match crate::admin::set_strategy(&cp, &req.strategy).await {
-        Ok(version) => Ok(Json(
-            json!({"status": "ok", "strategy": req.strategy, "version": version}),
-        )),
-        Err(UpdateError::Invalid(e)) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
-        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-    }
+    let version = crate::admin::set_strategy(&cp, &req.strategy).await?;
+    Ok(Json(
+        json!({"status": "ok", "strategy": req.strategy, "version": version}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    api_key: Option<String>,
+}
+
+async fn usage(
+    State(cp): State<Arc<ControlPlane>>,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let api_key = q
+        .api_key
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "api_key: missing query parameter"))?;
+    let target = KeyTarget::from_key(&api_key).map_err(UpdateError::from)?;
+    let u = keys::usage(&cp, &target).await?;
+    Ok(Json(json!({
+        "api_key_id": u.key_id,
+        "tier": u.tier,
+        "limit": u.limit,
+        "period_ms": u.period_ms,
+        "remaining": u.remaining,
+        "reset_ms": u.reset_ms,
+        "blocked": u.blocked,
+    })))
+}
+
+async fn users(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&cp, &headers)?;
+    let users: Vec<_> = keys::list(&cp)
+        .into_iter()
+        .map(|k| {
+            json!({
+                "api_key_id": k.key_id,
+                "tier": k.tier,
+                "blocked": k.blocked,
+                "label": k.label,
+                "created_at_ms": k.created_at_ms,
+                "last_seen_ms": k.last_seen_ms,
+                "requests": k.requests,
+                "rejected": k.rejected,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"users": users})))
+}
+
+#[derive(Deserialize)]
+struct UpgradeTier {
+    api_key: String,
+    tier: String,
+}
+
+async fn upgrade_tier(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&cp, &headers)?;
+    let req: UpgradeTier = parse(&body)?;
+    let target = KeyTarget::from_key(&req.api_key).map_err(UpdateError::from)?;
+    let (version, id) = keys::set_tier(&cp, &target, &req.tier).await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "api_key_id": id,
+        "tier": req.tier,
+        "version": version,
+    })))
+}
+
+#[derive(Deserialize)]
+struct BlockKey {
+    api_key: String,
+}
+
+async fn block_key(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&cp, &headers)?;
+    let req: BlockKey = parse(&body)?;
+    let target = KeyTarget::from_key(&req.api_key).map_err(UpdateError::from)?;
+    let (version, id) = keys::set_blocked(&cp, &target, true).await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "api_key_id": id,
+        "blocked": true,
+        "version": version,
+    })))
+}
+
+/// The request log arrives with data-plane reports; until then there is nothing to show.
+async fn logs(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&cp, &headers)?;
+    Ok(Json(json!({"logs": []})))
 }
 
 async fn metrics(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {

@@ -2,7 +2,11 @@
 //!
 //! - [`settings`]: flags, environment and the TOML file (listeners, initial configuration).
 //! - [`store`]: durable state behind the [`store::Store`] trait (embedded, optional file).
+//! - [`redis_store`]: the same state in Redis, shared by several control planes, with changes
+//!   fanned out between them; and the reader of the data planes' rate-limit state.
 //! - [`cluster`]: the state, versioned changes, and the data planes' ACK/NACK record.
+//! - [`keys`]: the API key registry and the key operations of gRPC and REST.
+//! - [`ratelimit`]: key usage and bans as data planes keep them in Redis.
 //! - [`discovery`], [`admin`]: the `lb.v1.Discovery` and `lb.v1.Admin` gRPC services.
 //! - [`http`]: REST endpoints, `/stats` and `/metrics`.
 //! - [`dev`]: the all-in-one local stack of `control-plane dev`.
@@ -13,10 +17,14 @@ pub mod cluster;
 pub mod dev;
 pub mod discovery;
 pub mod http;
+pub mod keys;
+pub mod ratelimit;
+pub mod redis_store;
 pub mod settings;
 pub mod store;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use lb_proto::v1::admin_server::AdminServer;
@@ -26,10 +34,40 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 pub use cluster::ControlPlane;
+use cluster::UpdateError;
+use lb_proto::v1::ConfigSnapshot;
 
 /// A random token of 32 hex digits.
 pub fn random_token() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// The control plane on its store: Redis when `redis` names one, otherwise the embedded store
+/// (keeping its state in `state_file` when given). `initial` is used when the store is empty.
+pub async fn open(
+    redis: Option<&str>,
+    state_file: Option<PathBuf>,
+    initial: ConfigSnapshot,
+    admin_token: String,
+    cluster_token: Option<String>,
+) -> Result<Arc<ControlPlane>, UpdateError> {
+    match redis {
+        Some(url) => {
+            if state_file.is_some() {
+                tracing::warn!("--state-file is not used: the state is kept in Redis");
+            }
+            let store = redis_store::RedisStore::open(url, redis_store::DEFAULT_CALL_TIMEOUT)
+                .await
+                .map_err(UpdateError::Unavailable)?;
+            tracing::info!(redis = %store.addr(), "state kept in Redis");
+            redis_store::control_plane(Arc::new(store), initial, admin_token, cluster_token).await
+        }
+        None => {
+            let store = Arc::new(store::MemoryStore::new(state_file));
+            let cp = ControlPlane::new(store, initial, admin_token, cluster_token).await?;
+            Ok(Arc::new(cp))
+        }
+    }
 }
 
 /// Serves gRPC and HTTP on bound listeners until `shutdown` resolves; then ends every Watch

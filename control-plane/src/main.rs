@@ -1,10 +1,7 @@
-use std::sync::Arc;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control_plane::settings::{CommonArgs, Settings};
-use control_plane::store::MemoryStore;
-use control_plane::{ControlPlane, dev, random_token};
+use control_plane::{dev, random_token};
 use data_plane::telemetry::{init_tracing, shutdown_signal};
 
 #[derive(Parser)]
@@ -59,9 +56,6 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let settings = Settings::load(args)?;
-    if settings.redis.is_some() {
-        anyhow::bail!("--redis: shared state through Redis is not available in this build");
-    }
     let token = match std::env::var("LB_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
@@ -76,9 +70,15 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let cluster_token = std::env::var("LB_CLUSTER_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
-    let store = Arc::new(MemoryStore::new(settings.state_file.clone()));
-    let cp =
-        Arc::new(ControlPlane::new(store, settings.initial.clone(), token, cluster_token).await?);
+    let cp = control_plane::open(
+        settings.redis.as_deref(),
+        settings.state_file.clone(),
+        settings.initial.clone(),
+        token,
+        cluster_token,
+    )
+    .await
+    .context("cannot load the control plane's state")?;
     let grpc = tokio::net::TcpListener::bind(settings.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;

@@ -237,3 +237,41 @@ async fn redis_dying_mid_load_fails_nothing_and_shared_limits_come_back() {
     assert!(shared_again, "back to shared enforcement");
     drop(redis);
 }
+
+#[tokio::test]
+async fn a_key_upgraded_while_limited_is_admitted_at_once_everywhere() {
+    let redis = RedisServer::start().await;
+    let (_mock, cp, dps) = fleet(&redis, |_| {}).await;
+    let key = "upgrade-me";
+    // Limited, but not yet banned (fewer refusals than the ban policy's strikes).
+    let replies = burst(&dps, 9, Some(key)).await;
+    assert_eq!(admitted(&replies), 5);
+    let mut admin = cp.admin(Some(TOKEN)).await;
+    let v = admin
+        .set_key_tier(SetKeyTierRequest {
+            key: Some(KeyRef {
+                key: Some(key_ref::Key::ApiKey(key.into())),
+            }),
+            tier: "premium".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    let ids: Vec<String> = (0..3).map(|i| format!("dp-{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    cp.wait_acked(&ids, v).await;
+    let client = http_client();
+    for dp in &dps {
+        let r = send(
+            &client,
+            http::Request::get(dp.url("/data"))
+                .header("x-api-key", key)
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.headers["x-ratelimit-limit"], "100");
+    }
+}

@@ -31,7 +31,10 @@ pub trait Candidates {
 
 /// The latency-driven strategies send one pick in this many to the next backend in turn, so a
 /// backend judged slow keeps being measured and wins its share back when it recovers.
-const EXPLORE_EVERY: usize = 32;
+const EXPLORE_EVERY: usize = 16;
+
+/// Latencies this close (plus a quarter of the fastest) count as equal for least_response_time.
+const LATENCY_TIE_US: u64 = 200;
 
 fn explore(c: &impl Candidates, tick: usize) -> Option<usize> {
     if !tick.is_multiple_of(EXPLORE_EVERY) {
@@ -93,7 +96,16 @@ impl Balancer {
                     return Some(i);
                 }
                 // A backend with no measurement yet is tried first, so it is probed, not starved.
-                min_by_key(c, start, |i| c.latency_us(i))
+                // Backends within a tolerance of the fastest count as tied and take turns: a
+                // few microseconds of noise must not send everything to one backend, and a
+                // recovered backend rejoins the rotation as soon as it is about as fast.
+                let fastest = min_by_key(c, start, |i| c.latency_us(i))?;
+                let best = c.latency_us(fastest);
+                let tolerance = best + best / 4 + LATENCY_TIE_US;
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| c.usable(i) && c.latency_us(i) <= tolerance)
+                    .or(Some(fastest))
             }
             Balancer::Adaptive(next) => {
                 let tick = next.fetch_add(1, Ordering::Relaxed);

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::admission::Shed;
 use crate::balance::hash_bytes;
+use crate::cache::{Entry, Fill, Lookup, NotStored, X_CACHE};
 use crate::identity;
 use crate::outlier;
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
@@ -104,14 +105,76 @@ pub struct UpstreamResponse {
     done: bool,
     lease: Option<Lease>,
     _in_flight: InFlight,
+    /// Set when the response fills the cache: the body is copied as it streams by.
+    tee: Option<Box<Tee>>,
+}
+
+/// Copies a response body on its way to the client, up to the cache's entry size, and stores
+/// it when the body is complete. A body that grows too large is streamed on and not stored; one
+/// the client abandons is not stored either (the [`Fill`] is dropped, releasing the requests
+/// waiting for it).
+pub struct Tee {
+    fill: Option<Fill>,
+    redis: Option<redis::aio::ConnectionManager>,
+    status: StatusCode,
+    headers: HeaderMap,
+    buf: bytes::BytesMut,
+    limit: usize,
+    over: bool,
+}
+
+impl Tee {
+    fn push(&mut self, data: &Bytes) {
+        if self.over {
+            return;
+        }
+        if self.buf.len() + data.len() > self.limit {
+            self.over = true;
+            self.buf = bytes::BytesMut::new();
+            if let Some(f) = self.fill.take() {
+                tokio::spawn(f.not_stored(NotStored::TooLarge));
+            }
+            return;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    fn finish(&mut self) {
+        let Some(fill) = self.fill.take() else { return };
+        if self.over {
+            return;
+        }
+        let body = std::mem::take(&mut self.buf).freeze();
+        let (redis, status, headers) = (
+            self.redis.take(),
+            self.status,
+            std::mem::take(&mut self.headers),
+        );
+        tokio::spawn(async move {
+            let _ = fill
+                .store(
+                    redis.as_ref(),
+                    status,
+                    &headers,
+                    body,
+                    crate::ratelimit::unix_ms(),
+                )
+                .await;
+        });
+    }
 }
 
 impl Drop for UpstreamResponse {
     fn drop(&mut self) {
-        if (self.done || self.body.is_end_stream())
-            && let Some(l) = self.lease.take()
-        {
-            l.release();
+        // The server may stop polling once it has sent a sized body, so the end is known from
+        // the body itself rather than from a final poll.
+        if self.done || self.body.is_end_stream() {
+            if let Some(t) = self.tee.as_mut() {
+                t.finish();
+            }
+            if let Some(l) = self.lease.take() {
+                l.release();
+            }
         }
     }
 }
@@ -127,8 +190,22 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Upstream(u) => {
                 let polled = Pin::new(&mut u.body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None)) {
-                    u.done = true;
+                match &polled {
+                    Poll::Ready(None) => {
+                        u.done = true;
+                        if let Some(t) = u.tee.as_mut() {
+                            t.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(t), Some(data)) = (u.tee.as_mut(), frame.data_ref()) {
+                            t.push(data);
+                            if u.body.is_end_stream() {
+                                t.finish();
+                            }
+                        }
+                    }
+                    _ => {}
                 }
                 polled
             }
@@ -696,6 +773,49 @@ async fn forward(
     let prio = priority(&parts.headers, conn, &active, base_priority);
     let affinity = affinity(&parts.headers, conn, &active);
 
+    // The cache, after the limits (a cached answer still counts against them).
+    let cache = &shared.cache;
+    let mut cache_label: Option<&'static str> = None;
+    let mut fill: Option<Fill> = None;
+    let mut stale: Option<(Arc<Entry>, HeaderMap, bool)> = None;
+    if cache.policy().enabled {
+        match cache.request(&parts.method, &parts.uri, &parts.headers) {
+            Err(_) => cache_label = Some("BYPASS"),
+            Ok(creq) => {
+                let now_ms = crate::ratelimit::unix_ms();
+                match cache
+                    .lookup(worker.redis.as_ref(), &creq, &parts.headers, now_ms)
+                    .await
+                {
+                    Lookup::Hit(mut hit) => {
+                        if let Some(f) = hit.refresh.take() {
+                            tokio::spawn(refresh(
+                                Arc::clone(&worker.shared),
+                                worker.redis.clone(),
+                                worker.id,
+                                f,
+                                parts.uri.clone(),
+                                parts.headers.clone(),
+                            ));
+                        }
+                        return cached(hit.response(&parts.headers, now_ms), &id, quota.as_ref());
+                    }
+                    Lookup::Lead(f) => {
+                        stale = f
+                            .stale()
+                            .map(|e| (Arc::clone(e), parts.headers.clone(), creq.head));
+                        fill = Some(f);
+                        cache_label = Some("MISS");
+                    }
+                    Lookup::Pass(p) => {
+                        stale = p.stale.map(|e| (e, parts.headers.clone(), creq.head));
+                        cache_label = Some("MISS");
+                    }
+                }
+            }
+        }
+    }
+
     // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host.
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
@@ -742,7 +862,7 @@ async fn forward(
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
         });
-    let mut pending = Some(Request::from_parts(
+    let pending = Some(Request::from_parts(
         parts,
         Either::Left(Limited::new(
             body,
@@ -751,13 +871,177 @@ async fn forward(
     ));
     worker.budget().deposit(Instant::now());
 
+    let mut resp = send_with_retries(
+        worker,
+        &active,
+        affinity,
+        prio,
+        &id,
+        max_body,
+        max_attempts,
+        has_host,
+        pending,
+        replay,
+        quota,
+        sampled,
+    )
+    .await;
+
+    // Every backend failed: a stale entry within its stale-if-error window beats an error.
+    if resp.status().is_server_error()
+        && let Some((entry, req_headers, head)) = stale
+    {
+        if let Some(f) = fill.take() {
+            tokio::spawn(f.failed());
+        }
+        let mut r = cached(
+            entry.response(&req_headers, head, crate::ratelimit::unix_ms()),
+            &id,
+            None,
+        );
+        r.headers_mut()
+            .insert(X_CACHE, HeaderValue::from_static("STALE"));
+        return r;
+    }
+    if let Some(f) = fill {
+        let now_ms = crate::ratelimit::unix_ms();
+        let status = resp.status();
+        let checked = f.check(status, resp.headers(), now_ms);
+        let headers = resp.headers().clone();
+        match (resp.body_mut(), checked) {
+            (ProxyBody::Upstream(u), Ok(_)) => {
+                u.tee = Some(Box::new(Tee {
+                    fill: Some(f),
+                    redis: worker.redis.clone(),
+                    status,
+                    headers,
+                    buf: bytes::BytesMut::new(),
+                    limit: usize::try_from(cache.policy().max_entry_bytes).unwrap_or(usize::MAX),
+                    over: false,
+                }));
+            }
+            (_, Err(reason)) if !status.is_server_error() => {
+                tokio::spawn(f.not_stored(reason));
+            }
+            _ => {
+                tokio::spawn(f.failed());
+            }
+        }
+    }
+    if let Some(label) = cache_label {
+        resp.headers_mut()
+            .insert(X_CACHE, HeaderValue::from_static(label));
+    }
+    resp
+}
+
+/// A cached response on its way to a client: the request id and quota headers added.
+fn cached(resp: Response<Bytes>, id: &HeaderValue, quota: Option<&Quota>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+    if let Some(q) = quota {
+        q.headers(&mut parts.headers);
+    }
+    Response::from_parts(parts, ProxyBody::Local(Some(body)))
+}
+
+/// Refreshes a cache entry in the background (stale-while-revalidate): one GET to a backend,
+/// its body read up to the entry bound, stored through `fill`.
+async fn refresh(
+    shared: Arc<Shared>,
+    redis: Option<redis::aio::ConnectionManager>,
+    worker: usize,
+    fill: Fill,
+    uri: Uri,
+    mut headers: HeaderMap,
+) {
+    let Some(active) = shared.active() else {
+        return;
+    };
+    let now = Instant::now();
+    let Some(i) = active.balancer.pick(
+        &View {
+            active: &active,
+            now_ms: millis(now),
+            tried: &[],
+            ignore_health: false,
+        },
+        0,
+    ) else {
+        return;
+    };
+    let endpoint = &active.slots[i].endpoint;
+    strip_hop_by_hop(&mut headers);
+    let mut req = Request::new(Either::Right(Full::default()));
+    *req.uri_mut() = uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    *req.headers_mut() = headers;
+    let Some(_in_flight) = endpoint.try_start(0, &shared.admission) else {
+        return;
+    };
+    let sent = upstream::send(
+        &endpoint.idle,
+        worker,
+        &endpoint.address,
+        endpoint.resolved,
+        active.connect_timeout,
+        req,
+    );
+    let Ok(Ok((resp, lease))) = tokio::time::timeout(
+        active.request_timeout.unwrap_or(Duration::from_secs(30)),
+        sent,
+    )
+    .await
+    else {
+        fill.failed().await;
+        return;
+    };
+    let (parts, body) = resp.into_parts();
+    let limit = usize::try_from(shared.cache.policy().max_entry_bytes).unwrap_or(usize::MAX);
+    match http_body_util::BodyExt::collect(Limited::new(body, limit)).await {
+        Ok(b) => {
+            lease.release();
+            let _ = fill
+                .store(
+                    redis.as_ref(),
+                    parts.status,
+                    &parts.headers,
+                    b.to_bytes(),
+                    crate::ratelimit::unix_ms(),
+                )
+                .await;
+        }
+        Err(_) => fill.not_stored(NotStored::TooLarge).await,
+    }
+}
+
+/// Sends a request, retrying on other backends within the budget; queues when every backend
+/// is full. Every failure is an HTTP response.
+#[allow(clippy::too_many_arguments)]
+async fn send_with_retries(
+    worker: &Worker,
+    active: &Arc<Active>,
+    affinity: u64,
+    prio: u32,
+    id: &HeaderValue,
+    max_body: u64,
+    max_attempts: usize,
+    has_host: bool,
+    mut pending: Option<Request<UpstreamBody>>,
+    replay: Option<Replay>,
+    quota: Option<Quota>,
+    sampled: bool,
+) -> Response<ProxyBody> {
+    let shared = &*worker.shared;
+    let id = id.clone();
     let mut tried: Vec<usize> = Vec::new();
     let mut last_failure: Option<Response<ProxyBody>> = None;
     let queue_deadline =
         Instant::now() + Duration::from_millis(u64::from(active.queue.timeout_ms.max(1)));
     loop {
         let now = Instant::now();
-        let i = match choose(&active, affinity, millis(now), &tried) {
+        let i = match choose(active, affinity, millis(now), &tried) {
             Choice::Backend(i) => i,
             Choice::Saturated => {
                 let waited =
@@ -907,6 +1191,7 @@ async fn forward(
                         done: false,
                         lease: Some(lease),
                         _in_flight: in_flight,
+                        tee: None,
                     }),
                 );
             }

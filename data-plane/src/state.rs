@@ -89,7 +89,7 @@ pub fn millis(t: Instant) -> u64 {
 }
 
 /// Weight of the newest latency sample in the moving average.
-const LATENCY_ALPHA: f64 = 0.2;
+const LATENCY_ALPHA: f64 = 0.3;
 
 /// An unsampled latency average halves every this long: long enough to keep a slow backend
 /// away for a while, short enough that it is re-measured within seconds once it is quiet.
@@ -507,6 +507,8 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     pub limiter: Limiter,
     pub reporter: crate::report::Reporter,
+    /// The response cache (its policy follows the snapshot).
+    pub cache: crate::cache::Cache,
     /// Highest directive sequence number run (ban lifts), so each runs once.
     directives_seen: AtomicU64,
     applied: watch::Sender<u64>,
@@ -525,6 +527,9 @@ impl Shared {
             admission: Arc::new(Admission::new(0)),
             limiter,
             reporter: crate::report::Reporter::default(),
+            cache: crate::cache::Cache::new(crate::cache::Policy::from(
+                &lb_proto::defaults::cache(),
+            )),
             directives_seen: AtomicU64::new(u64::MAX),
             applied: watch::channel(0).0,
         }
@@ -696,9 +701,30 @@ impl Shared {
             return;
         }
         for d in snapshot.directives.iter().filter(|d| d.seq > seen) {
-            if let Some(directive::Kind::LiftBan(l)) = &d.kind {
-                self.limiter.lift_local_ban(&l.client);
-                tracing::info!(client = %l.client, "ban lifted");
+            match &d.kind {
+                Some(directive::Kind::LiftBan(l)) => {
+                    self.limiter.lift_local_ban(&l.client);
+                    tracing::info!(client = %l.client, "ban lifted");
+                }
+                Some(directive::Kind::Purge(p)) => {
+                    if let Some(purge) = crate::cache::Purge::from_proto(p) {
+                        let cache = self.cache.clone();
+                        let redis = self.settings.redis.clone();
+                        tracing::info!(?purge, "cache purge");
+                        // Every data plane purges its memory tier; Redis too, so that a purge
+                        // holds even with every control plane on a store other than Redis.
+                        tokio::spawn(async move {
+                            let conn = match redis {
+                                Some(_) => Limiter::new(redis).connect().await,
+                                None => None,
+                            };
+                            if let Err(e) = cache.purge(conn.as_ref(), &purge).await {
+                                tracing::warn!(cause = %e, "cache purge in redis failed");
+                            }
+                        });
+                    }
+                }
+                None => {}
             }
         }
     }
@@ -723,6 +749,9 @@ impl Shared {
             });
         }
         self.admission.set_capacity(active.queue.capacity as usize);
+        self.cache.set_policy(crate::cache::Policy::from(
+            &active.snapshot.cache.clone().unwrap_or_default(),
+        ));
         self.run_directives(&active.snapshot);
         self.metrics
             .config_version

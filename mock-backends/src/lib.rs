@@ -944,8 +944,18 @@ fn cacheable(parts: &Parts, inner: &Inner) -> Result<Resp, ApiError> {
     });
     let mut resp = json_response(StatusCode::OK, &payload);
     let headers = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
-        headers.insert(CACHE_CONTROL, v);
+    // `cc` replaces the whole Cache-Control value (no-store, private, stale windows...).
+    let cc = query_param(query, "cc").unwrap_or_else(|| format!("public, max-age={max_age}"));
+    match HeaderValue::from_str(&cc) {
+        Ok(v) => {
+            headers.insert(CACHE_CONTROL, v);
+        }
+        Err(_) => {
+            return Err(ApiError::field(
+                "cc",
+                format!("invalid query parameter 'cc': {cc:?} is not a header value"),
+            ));
+        }
     }
     if let Some(name) = vary {
         headers.insert(VARY, HeaderValue::from(name));

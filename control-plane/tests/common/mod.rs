@@ -326,3 +326,86 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Deadline of each Redis call in tests: short, so calls with Redis gone fail fast.
+pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A Redis store for the server at `url`.
+pub async fn redis_store(url: &str) -> Arc<control_plane::redis_store::RedisStore> {
+    Arc::new(
+        control_plane::redis_store::RedisStore::open(url, REDIS_CALL_TIMEOUT)
+            .await
+            .unwrap(),
+    )
+}
+
+impl Cp {
+    /// Serves an already built control plane on fresh loopback listeners.
+    pub async fn serve(cp: Arc<ControlPlane>) -> Cp {
+        let (grpc, http) = (listener().await, listener().await);
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(control_plane::serve(Arc::clone(&cp), grpc, http, async {
+            let _ = rx.await;
+        }));
+        Cp {
+            cp,
+            grpc: grpc_addr,
+            http: http_addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A control plane whose state is in the Redis at `url` (`initial` when it holds none).
+    pub async fn start_redis(initial: ConfigSnapshot, url: &str) -> Cp {
+        let cp = control_plane::redis_store::control_plane(
+            redis_store(url).await,
+            initial,
+            TOKEN.into(),
+            None,
+        )
+        .await
+        .unwrap();
+        Cp::serve(cp).await
+    }
+
+    /// `http://<its HTTP listener><path>`.
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Waits until this control plane publishes a version of at least `version`.
+    pub async fn wait_version(&self, version: u64) {
+        let mut rx = self.cp.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|s| s.version >= version),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("control plane did not reach version {version}"))
+        .unwrap();
+    }
+}
+
+/// An HTTP request with an optional bearer token and a body.
+pub fn request(
+    method: http::Method,
+    url: &str,
+    token: Option<&str>,
+    body: &str,
+) -> http::Request<Full<Bytes>> {
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    control_plane::cluster::now_ms()
+}

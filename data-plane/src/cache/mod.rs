@@ -613,6 +613,31 @@ impl Cache {
         loop {
             match shared::try_lock(&mut conn, &primary, &id, &token, ttl).await {
                 Ok(true) => {
+                    // Double-checked: another data plane may have stored the entry and let
+                    // go of the lock between this lookup's miss and now.
+                    let now_ms = now_ms + elapsed_ms(started);
+                    if let Ok(shared::Found {
+                        variant,
+                        entry: Some(e),
+                    }) = shared::get(&mut conn, &req.key, headers).await
+                        && (e.public || !req.credentials)
+                        && matches!(e.state(now_ms), State::Fresh | State::StaleRevalidate)
+                    {
+                        let e = Arc::new(e);
+                        self.memory()
+                            .insert(&primary, &variant, Arc::clone(&e), now_ms)
+                            .await;
+                        let state = e.state(now_ms);
+                        if let Some(flight) = fill.flight.take() {
+                            flight.resolve(Outcome::Filled {
+                                variant,
+                                entry: Arc::clone(&e),
+                            });
+                        }
+                        fill.lock = Some(Lock { conn, token });
+                        fill.unlock().await;
+                        return self.hit(e, Tier::Shared, state, None, req.head);
+                    }
                     fill.lock = Some(Lock { conn, token });
                     break;
                 }
