@@ -29,11 +29,6 @@ fn not_found(address: &str) -> UpdateError {
     UpdateError::NotFound(format!("no backend {address}"))
 }
 
-/// Calls whose behaviour is not part of this build answer so, rather than pretending.
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not available in this build"))
-}
-
 /// Sets the strategy; shared by gRPC and REST.
 pub async fn set_strategy(cp: &ControlPlane, strategy: &str) -> Result<u64, UpdateError> {
     validate::strategy(strategy)?;
@@ -370,11 +365,11 @@ impl Admin for AdminService {
         _: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
         let snapshot = self.cp.snapshot();
-        let planes = self.cp.data_planes();
+        let now = crate::cluster::now_ms();
         Ok(Response::new(GetStatsResponse {
-            totals: Some(Counters::default()),
-            backends: Vec::new(),
-            data_planes: planes.iter().filter(|p| p.connected).count() as u32,
+            totals: Some(self.cp.traffic.totals()),
+            backends: self.cp.traffic.backends(now),
+            data_planes: self.cp.traffic.live(now) as u32,
             current_version: snapshot.version,
             strategy: snapshot.strategy.clone(),
         }))
@@ -419,8 +414,34 @@ impl Admin for AdminService {
 
     async fn tail_log(
         &self,
-        _: Request<TailLogRequest>,
+        r: Request<TailLogRequest>,
     ) -> Result<Response<Self::TailLogStream>, Status> {
-        Err(not_yet("The request log"))
+        let backlog = (r.into_inner().backlog as usize).min(crate::traffic::LOG_KEPT);
+        let mut live = self.cp.traffic.subscribe_log();
+        let past = self.cp.traffic.recent_log(backlog);
+        let mut stop = self.cp.stopping();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            for e in past {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    e = live.recv() => match e {
+                        Ok(e) => if tx.send(Ok(e)).await.is_err() { return },
+                        // A reader too slow for the log skips ahead instead of holding memory.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => return,
+                    },
+                    () = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -102,6 +102,8 @@ pub struct ControlPlane {
     pub admin_token: String,
     pub cluster_token: Option<String>,
     stop: watch::Sender<bool>,
+    /// The data planes' reports, added up.
+    pub traffic: crate::traffic::Traffic,
 }
 
 /// Checks a state as loaded or about to be published, with `config.keys` derived from the
@@ -170,6 +172,7 @@ impl ControlPlane {
             admin_token,
             cluster_token,
             stop: watch::channel(false).0,
+            traffic: crate::traffic::Traffic::default(),
         })
     }
 

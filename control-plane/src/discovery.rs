@@ -95,9 +95,7 @@ impl Discovery for DiscoveryService {
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg? {
-                    Some(report) => {
-                        tracing::trace!(data_plane = ?report.node.map(|n| n.id), "report received");
-                    }
+                    Some(report) => self.cp.traffic.record(report, crate::cluster::now_ms()),
                     None => break,
                 },
                 () = async { let _ = stop.wait_for(|s| *s).await; } => break,

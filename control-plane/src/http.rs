@@ -114,16 +114,51 @@ async fn stats(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {
             })
         })
         .collect();
+    let now = crate::cluster::now_ms();
+    let seen = cp.traffic.backends(now);
     let backends: Vec<_> = s
         .backends
         .iter()
-        .map(|b| json!({"address": b.address, "weight": b.weight, "draining": b.draining}))
+        .map(|b| {
+            let t = seen
+                .iter()
+                .find(|t| t.address == b.address)
+                .cloned()
+                .unwrap_or_default();
+            json!({
+                "address": b.address,
+                "weight": b.weight,
+                "draining": b.draining,
+                "requests": t.requests,
+                "errors": t.errors,
+                "in_flight": t.in_flight,
+                "latency_ewma_ms": t.ewma_latency_us as f64 / 1000.0,
+                "healthy": t.health != lb_proto::v1::HealthState::Unhealthy as i32,
+                "ejected": t.ejected,
+            })
+        })
         .collect();
+    let c = cp.traffic.totals();
     Json(json!({
         "version": s.version,
         "strategy": s.strategy,
         "strategies": validate::STRATEGIES,
+        "totals": {
+            "requests": c.requests,
+            "2xx": c.responses_2xx,
+            "3xx": c.responses_3xx,
+            "4xx": c.responses_4xx,
+            "5xx": c.responses_5xx,
+            "rate_limited": c.rate_limited,
+            "banned": c.banned,
+            "blocked": c.blocked,
+            "cache_hits": c.cache_hits,
+            "cache_misses": c.cache_misses,
+            "retries": c.retries,
+            "shed": c.shed,
+        },
         "backends": backends,
+        "data_planes_reporting": cp.traffic.live(now),
         "data_planes": planes,
     }))
 }
@@ -240,13 +275,34 @@ async fn block_key(
     })))
 }
 
-/// The request log arrives with data-plane reports; until then there is nothing to show.
+/// The most recent sampled requests reported by the data planes (oldest first).
 async fn logs(
     State(cp): State<Arc<ControlPlane>>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
-    Ok(Json(json!({"logs": []})))
+    let logs: Vec<_> = cp
+        .traffic
+        .recent_log(200)
+        .into_iter()
+        .map(|e| {
+            json!({
+                "timestamp_ms": e.timestamp_ms,
+                "request_id": e.request_id,
+                "method": e.method,
+                "path": e.path,
+                "status": e.status,
+                "backend": e.backend,
+                "latency_ms": e.latency_us as f64 / 1000.0,
+                "client": e.client,
+                "key_id": e.key_id,
+                "tier": e.tier,
+                "decision": e.decision,
+                "data_plane": e.node_id,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "logs": logs })))
 }
 
 async fn metrics(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {

@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod redis_store;
 pub mod settings;
 pub mod store;
+pub mod traffic;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -608,3 +608,42 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[tokio::test]
+async fn reports_from_two_data_planes_add_up_on_the_control_plane() {
+    let stack = Stack::start(2).await;
+    let client = http_client();
+    for i in 0..20 {
+        assert_eq!(
+            get(&client, &stack.dps[i % 2].url("/data")).await.status,
+            200
+        );
+    }
+    let mut admin = stack.cp.admin(Some(TOKEN)).await;
+    // Reports arrive once a second: wait for the counts, not for a time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let s = admin
+            .get_stats(GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.totals.as_ref().is_some_and(|t| t.requests >= 20) {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reports never added up: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let totals = stats.totals.unwrap();
+    assert_eq!((totals.requests, totals.responses_2xx), (20, 20));
+    assert_eq!(stats.data_planes, 2);
+    let per_backend: u64 = stats.backends.iter().map(|b| b.requests).sum();
+    assert_eq!(per_backend, 20);
+    let rest = get(&client, &format!("http://{}/stats", stack.cp.http))
+        .await
+        .json();
+    assert_eq!(rest["totals"]["requests"], 20);
+}

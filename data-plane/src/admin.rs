@@ -90,9 +90,32 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "client_connections": m.connections.get(),
         "retries": m.retries.get(),
         "rate_limit_store": store_state(&shared),
+        "cache": cache_stats(&shared),
         "queue_depth": shared.admission.depth(),
         "backends": backends,
     }))
+}
+
+/// Cache counters since start, per tier.
+fn cache_stats(shared: &Shared) -> serde_json::Value {
+    let c = shared.cache.stats();
+    json!({
+        "enabled": shared.cache.policy().enabled,
+        "degraded": c.degraded,
+        "hits": {"memory": c.hits_memory, "shared": c.hits_shared, "coalesced": c.hits_coalesced},
+        "stale": c.hits_stale,
+        "misses": c.leads + c.passes,
+        "bypass": c.bypasses,
+        "stored": c.stored,
+        "not_stored": c.not_stored,
+        "memory": {
+            "bytes": c.memory.bytes,
+            "capacity_bytes": c.memory.capacity,
+            "entries": c.memory.entries,
+            "evictions": c.memory.evictions,
+        },
+        "shared_errors": c.shared_errors,
+    })
 }
 
 /// "embedded", "shared" or "degraded" (Redis configured but unreachable).

@@ -27,6 +27,33 @@ pub trait Candidates {
     fn warmth(&self, _i: usize) -> f64 {
         1.0
     }
+    /// Which lane of the balancer's own state this pick uses (the worker thread): each thread
+    /// turns its own counters, so picks never contend for one cache line.
+    fn lane(&self) -> usize {
+        0
+    }
+}
+
+/// Lanes of per-thread balancer state; threads beyond share lanes.
+const LANES: usize = 16;
+
+/// A counter alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Lane<T>(T);
+
+/// One rotating counter per lane.
+#[derive(Debug)]
+pub struct Counters(Box<[Lane<AtomicUsize>]>);
+
+impl Counters {
+    fn new() -> Counters {
+        Counters((0..LANES).map(|_| Lane(AtomicUsize::new(0))).collect())
+    }
+
+    fn next(&self, c: &impl Candidates) -> usize {
+        self.0[c.lane() % LANES].0.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// The latency-driven strategies send one pick in this many to the next backend in turn, so a
@@ -48,12 +75,12 @@ fn explore(c: &impl Candidates, tick: usize) -> Option<usize> {
 /// A strategy, ready to pick.
 #[derive(Debug)]
 pub enum Balancer {
-    RoundRobin(AtomicUsize),
-    LeastConnections(AtomicUsize),
+    RoundRobin(Counters),
+    LeastConnections(Counters),
     WeightedRoundRobin(SmoothWeighted),
     IpHash(Vec<u64>),
-    LeastResponseTime(AtomicUsize),
-    Adaptive(AtomicUsize),
+    LeastResponseTime(Counters),
+    Adaptive(Counters),
 }
 
 impl Balancer {
@@ -61,12 +88,12 @@ impl Balancer {
     /// backends' addresses, `weights` their weights, in the same order.
     pub fn build(strategy: &str, ids: &[&str], weights: &[u32]) -> Balancer {
         match strategy {
-            "least_connections" => Balancer::LeastConnections(AtomicUsize::new(0)),
+            "least_connections" => Balancer::LeastConnections(Counters::new()),
             "weighted_round_robin" => Balancer::WeightedRoundRobin(SmoothWeighted::new(weights)),
             "ip_hash" => Balancer::IpHash(ids.iter().map(|id| hash_bytes(id.as_bytes())).collect()),
-            "least_response_time" => Balancer::LeastResponseTime(AtomicUsize::new(0)),
-            "adaptive" => Balancer::Adaptive(AtomicUsize::new(0)),
-            _ => Balancer::RoundRobin(AtomicUsize::new(0)),
+            "least_response_time" => Balancer::LeastResponseTime(Counters::new()),
+            "adaptive" => Balancer::Adaptive(Counters::new()),
+            _ => Balancer::RoundRobin(Counters::new()),
         }
     }
 
@@ -78,12 +105,12 @@ impl Balancer {
         let n = c.len();
         match self {
             Balancer::RoundRobin(next) => {
-                let start = next.fetch_add(1, Ordering::Relaxed);
+                let start = next.next(c);
                 (0..n).map(|k| (start + k) % n).find(|&i| c.usable(i))
             }
             Balancer::LeastConnections(next) => {
                 // Rotating the scan start breaks ties without a random draw per pick.
-                let start = next.fetch_add(1, Ordering::Relaxed);
+                let start = next.next(c);
                 min_by_key(c, start, |i| u64::from(c.in_flight(i)))
             }
             Balancer::WeightedRoundRobin(w) => w.pick(c),
@@ -91,7 +118,7 @@ impl Balancer {
                 .filter(|&i| c.usable(i))
                 .max_by_key(|&i| mix(ids[i] ^ affinity)),
             Balancer::LeastResponseTime(next) => {
-                let start = next.fetch_add(1, Ordering::Relaxed);
+                let start = next.next(c);
                 if let Some(i) = explore(c, start) {
                     return Some(i);
                 }
@@ -108,7 +135,7 @@ impl Balancer {
                     .or(Some(fastest))
             }
             Balancer::Adaptive(next) => {
-                let tick = next.fetch_add(1, Ordering::Relaxed);
+                let tick = next.next(c);
                 if let Some(i) = explore(c, tick) {
                     return Some(i);
                 }
@@ -151,19 +178,25 @@ fn min_by_key(c: &impl Candidates, start: usize, key: impl Fn(usize) -> u64) -> 
 #[derive(Debug)]
 pub struct SmoothWeighted {
     weights: Vec<i64>,
-    current: Mutex<Vec<i64>>,
+    /// Per lane: each thread runs its own sequence, so the spread holds per thread and overall.
+    current: Box<[Lane<Mutex<Vec<i64>>>]>,
 }
 
 impl SmoothWeighted {
     pub fn new(weights: &[u32]) -> Self {
         SmoothWeighted {
             weights: weights.iter().map(|&w| i64::from(w.max(1))).collect(),
-            current: Mutex::new(vec![0; weights.len()]),
+            current: (0..LANES)
+                .map(|_| Lane(Mutex::new(vec![0; weights.len()])))
+                .collect(),
         }
     }
 
     fn pick(&self, c: &impl Candidates) -> Option<usize> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.current[c.lane() % LANES]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut total = 0;
         let mut best: Option<usize> = None;
         for i in 0..self.weights.len().min(c.len()) {

@@ -44,6 +44,10 @@ pub struct Worker {
     pub budget: std::sync::Mutex<RetryBudget>,
     /// This thread's connection to the shared rate-limit store, if one is configured.
     pub redis: Option<redis::aio::ConnectionManager>,
+    /// This thread's handle on the configuration in force, and its version.
+    // Deliberately two allocations: the outer count is this thread's alone (see `active`).
+    #[allow(clippy::redundant_allocation)]
+    active: std::sync::Mutex<Option<(u64, Arc<Arc<Active>>)>>,
 }
 
 impl Worker {
@@ -55,6 +59,24 @@ impl Worker {
             id,
             budget: std::sync::Mutex::new(RetryBudget::new()),
             redis,
+            active: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The configuration in force, through this worker's own handle: the handle's count is
+    /// touched by this thread only, where cloning the shared one would bounce its count between
+    /// cores on every request.
+    #[allow(clippy::redundant_allocation)]
+    fn active(&self) -> Option<Arc<Arc<Active>>> {
+        let version = self.shared.generation();
+        let mut cached = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((v, a)) if *v == version => Some(Arc::clone(a)),
+            _ => {
+                let a = Arc::new(self.shared.active()?);
+                *cached = Some((version, Arc::clone(&a)));
+                Some(a)
+            }
         }
     }
 
@@ -402,12 +424,13 @@ enum Choice {
     NoBackend(String),
 }
 
-fn choose(active: &Active, affinity: u64, now_ms: u64, tried: &[usize]) -> Choice {
+fn choose(active: &Active, affinity: u64, now_ms: u64, tried: &[usize], worker: usize) -> Choice {
     let mut view = View {
         active,
         now_ms,
         tried,
         ignore_health: false,
+        worker,
     };
     if let Some(i) = active.balancer.pick(&view, affinity) {
         return Choice::Backend(i);
@@ -757,7 +780,7 @@ async fn forward(
         );
     }
 
-    let Some(active) = shared.active() else {
+    let Some(active) = worker.active() else {
         return refuse(
             shared,
             "not_configured",
@@ -778,7 +801,7 @@ async fn forward(
     let mut cache_label: Option<&'static str> = None;
     let mut fill: Option<Fill> = None;
     let mut stale: Option<(Arc<Entry>, HeaderMap, bool)> = None;
-    if cache.policy().enabled {
+    if cache.enabled() {
         match cache.request(&parts.method, &parts.uri, &parts.headers) {
             Err(_) => cache_label = Some("BYPASS"),
             Ok(creq) => {
@@ -965,6 +988,7 @@ async fn refresh(
             now_ms: millis(now),
             tried: &[],
             ignore_health: false,
+            worker,
         },
         0,
     ) else {
@@ -1041,7 +1065,7 @@ async fn send_with_retries(
         Instant::now() + Duration::from_millis(u64::from(active.queue.timeout_ms.max(1)));
     loop {
         let now = Instant::now();
-        let i = match choose(active, affinity, millis(now), &tried) {
+        let i = match choose(active, affinity, millis(now), &tried, worker.id) {
             Choice::Backend(i) => i,
             Choice::Saturated => {
                 let waited =

@@ -30,6 +30,9 @@ use crate::state::{Shared, millis};
 pub const INTERVAL: Duration = Duration::from_secs(1);
 /// Request log entries kept per interval; past it requests are counted, not logged.
 pub const LOG_PER_INTERVAL: u64 = 200;
+/// Requests per thread between two that may be logged: logging every request would make the
+/// log's lock and counter the hottest shared lines of the request path.
+pub const SAMPLE_EVERY: u64 = 16;
 /// Keys tracked per interval; past it new keys are not reported until the next interval.
 const KEYS_PER_INTERVAL: usize = 10_000;
 
@@ -45,6 +48,8 @@ pub struct Outcome {
 #[derive(Default)]
 struct Totals {
     responses: [u64; 4],
+    /// Cache hits, misses, stale answers, bypasses.
+    cache: [u64; 4],
     refused: HashMap<String, u64>,
     retries: u64,
     backends: HashMap<String, (u64, u64, Vec<u64>)>,
@@ -60,7 +65,14 @@ pub struct Reporter {
 impl Reporter {
     /// Whether to log the next request in full (the first [`LOG_PER_INTERVAL`] of an interval).
     pub fn sample(&self) -> bool {
-        self.sampled.fetch_add(1, Ordering::Relaxed) < LOG_PER_INTERVAL
+        // One request in SAMPLE_EVERY per thread asks; the shared count is touched only then.
+        thread_local!(static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+        let n = SEEN.with(|c| {
+            let n = c.get().wrapping_add(1);
+            c.set(n);
+            n
+        });
+        n % SAMPLE_EVERY == 1 && self.sampled.fetch_add(1, Ordering::Relaxed) < LOG_PER_INTERVAL
     }
 
     pub fn log(&self, entry: RequestLogEntry) {
@@ -136,6 +148,14 @@ fn build(shared: &Shared, node: &Node, totals: &mut Totals) -> StatsReport {
         }
     }
     c.retries = delta(m.retries.get(), &mut totals.retries);
+    let cs = shared.cache.stats();
+    c.cache_hits = delta(
+        cs.hits_memory + cs.hits_shared + cs.hits_coalesced,
+        &mut totals.cache[0],
+    );
+    c.cache_misses = delta(cs.leads + cs.passes, &mut totals.cache[1]);
+    c.cache_stale = delta(cs.hits_stale, &mut totals.cache[2]);
+    c.cache_bypass = delta(cs.bypasses, &mut totals.cache[3]);
     let now_ms = millis(tokio::time::Instant::now());
     let backends = shared
         .active()

@@ -459,6 +459,8 @@ pub struct View<'a> {
     /// Panic mode: when health checks and ejections leave nothing, use those backends anyway
     /// (an open circuit or a full backend still counts).
     pub ignore_health: bool,
+    /// The worker thread picking (its lane of the balancer's state).
+    pub worker: usize,
 }
 
 impl Candidates for View<'_> {
@@ -486,6 +488,9 @@ impl Candidates for View<'_> {
     fn warmth(&self, i: usize) -> f64 {
         self.active.slots[i].endpoint.warmth(self.now_ms)
     }
+    fn lane(&self) -> usize {
+        self.worker
+    }
 }
 
 impl Active {
@@ -506,6 +511,8 @@ pub struct Shared {
     /// Requests waiting for a backend with free capacity.
     pub admission: Arc<Admission>,
     pub limiter: Limiter,
+    /// Bumped by every apply, for lock-free checks on the request path.
+    generation: AtomicU64,
     pub reporter: crate::report::Reporter,
     /// The response cache (its policy follows the snapshot).
     pub cache: crate::cache::Cache,
@@ -526,6 +533,7 @@ impl Shared {
             last_rejected: Mutex::new(None),
             admission: Arc::new(Admission::new(0)),
             limiter,
+            generation: AtomicU64::new(0),
             reporter: crate::report::Reporter::default(),
             cache: crate::cache::Cache::new(crate::cache::Policy::from(
                 &lb_proto::defaults::cache(),
@@ -538,6 +546,12 @@ impl Shared {
     /// The configuration in force, if any yet.
     pub fn active(&self) -> Option<Arc<Active>> {
         self.active.load_full()
+    }
+
+    /// Changes with every applied configuration (even one with the same version number),
+    /// read without a lock.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Version in force (0 = none), and a way to wait for a change.
@@ -684,6 +698,32 @@ impl Shared {
             })
             .collect();
         Metrics::render_backends(&mut out, &backends);
+        let c = self.cache.stats();
+        out.push_str(&format!(
+            "# HELP lb_cache_lookups_total Cache lookups by result and, for hits, the tier that answered\n\
+             # TYPE lb_cache_lookups_total counter\n\
+             lb_cache_lookups_total{{result=\"hit\",tier=\"memory\"}} {}\n\
+             lb_cache_lookups_total{{result=\"hit\",tier=\"shared\"}} {}\n\
+             lb_cache_lookups_total{{result=\"hit\",tier=\"coalesced\"}} {}\n\
+             lb_cache_lookups_total{{result=\"stale\",tier=\"any\"}} {}\n\
+             lb_cache_lookups_total{{result=\"miss\",tier=\"none\"}} {}\n\
+             lb_cache_lookups_total{{result=\"bypass\",tier=\"none\"}} {}\n\
+             # HELP lb_cache_memory_bytes Bytes held by the in-process cache tier\n\
+             # TYPE lb_cache_memory_bytes gauge\nlb_cache_memory_bytes {}\n\
+             # HELP lb_cache_evictions_total Entries evicted from the in-process tier to stay within its bound\n\
+             # TYPE lb_cache_evictions_total counter\nlb_cache_evictions_total {}\n\
+             # HELP lb_cache_store_degraded 1 while Redis is configured but unreachable and only the in-process tier serves\n\
+             # TYPE lb_cache_store_degraded gauge\nlb_cache_store_degraded {}\n",
+            c.hits_memory,
+            c.hits_shared,
+            c.hits_coalesced,
+            c.hits_stale,
+            c.leads + c.passes,
+            c.bypasses,
+            c.memory.bytes,
+            c.memory.evictions,
+            u8::from(c.degraded),
+        ));
         out.push_str(&format!(
             "# HELP lb_ratelimit_store_degraded 1 while Redis is configured but unreachable and limits are enforced per data plane\n\
              # TYPE lb_ratelimit_store_degraded gauge\nlb_ratelimit_store_degraded {}\n",
@@ -757,6 +797,7 @@ impl Shared {
             .config_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
         self.active.store(Some(Arc::new(active)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.applied.send_replace(version);
     }
 }

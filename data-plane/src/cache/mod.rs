@@ -290,6 +290,11 @@ impl Cache {
         self.inner.policy.load_full()
     }
 
+    /// Whether the cache is on; read on every request, so without touching a shared count.
+    pub fn enabled(&self) -> bool {
+        self.inner.policy.load().enabled
+    }
+
     /// Applies a new configuration. A new memory bound starts an empty memory tier (moka's
     /// bound is fixed at build); everything else applies to the next request.
     pub fn set_policy(&self, policy: Policy) {
