@@ -2,10 +2,12 @@
 //! credentials out of Redis, single flight across two data planes, purges of both tiers, and
 //! falling back to the memory tier when Redis goes away.
 
-use std::process::{Child, Command, Stdio};
+#[path = "support/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use data_plane::cache::key::{self, CacheKey};
@@ -17,68 +19,6 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use redis::aio::ConnectionManager;
 use tokio::task::JoinSet;
-
-/// A redis-server of the test's own, on a free port, killed on drop.
-struct RedisServer {
-    child: Child,
-    url: String,
-}
-
-impl RedisServer {
-    async fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        RedisServer { child, url }
-    }
-
-    async fn conn(&self) -> ConnectionManager {
-        ConnectionManager::new(redis::Client::open(self.url.as_str()).unwrap())
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -176,7 +116,7 @@ async fn all_keys(conn: &mut ConnectionManager) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn the_shared_tier_round_trips_entries_and_variants() {
     let redis = RedisServer::start().await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.manager().await;
     let none = HeaderMap::new();
     let k = key("/plain");
     let missing = shared::get(&mut conn, &k, &none).await.unwrap();
@@ -239,7 +179,7 @@ async fn the_shared_tier_round_trips_entries_and_variants() {
 #[tokio::test]
 async fn credentials_in_the_query_never_reach_redis() {
     let redis = RedisServer::start().await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.manager().await;
     let cache = Cache::new(policy());
     let none = HeaderMap::new();
     let gzip = h(&[("accept-encoding", "gzip")]);
@@ -306,8 +246,8 @@ async fn credentials_in_the_query_never_reach_redis() {
 async fn two_data_planes_never_hold_a_fill_lock_together() {
     let redis = RedisServer::start().await;
     let planes = [
-        (Cache::new(policy()), redis.conn().await),
-        (Cache::new(policy()), redis.conn().await),
+        (Cache::new(policy()), redis.manager().await),
+        (Cache::new(policy()), redis.manager().await),
     ];
     let holders = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
@@ -373,7 +313,7 @@ async fn two_data_planes_never_hold_a_fill_lock_together() {
 #[tokio::test]
 async fn purges_clear_both_tiers_on_every_plane() {
     let redis = RedisServer::start().await;
-    let conn = redis.conn().await;
+    let conn = redis.manager().await;
     let (a, b) = (Cache::new(policy()), Cache::new(policy()));
     let none = HeaderMap::new();
     let gzip = h(&[("accept-encoding", "gzip")]);
@@ -467,7 +407,7 @@ async fn purges_clear_both_tiers_on_every_plane() {
 #[tokio::test]
 async fn the_index_forgets_expired_records_a_bounded_batch_per_write() {
     let redis = RedisServer::start().await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.manager().await;
     for i in 0..150 {
         let path = format!("/short/{i}");
         let e = entry(&path, "max-age=1", "s", None);
@@ -525,7 +465,7 @@ async fn the_index_forgets_expired_records_a_bounded_batch_per_write() {
 #[tokio::test]
 async fn an_unreachable_redis_leaves_the_memory_tier_serving() {
     let redis = RedisServer::start().await;
-    let conn = redis.conn().await;
+    let conn = redis.manager().await;
     let cache = Cache::new(policy());
     let none = HeaderMap::new();
     fill(&cache, &conn, "/before", &none, None, "before").await;

@@ -1,75 +1,14 @@
 //! The in-process store and the Redis script make the same decisions: the same sequences, with
 //! an injected clock, run against both and must agree request by request.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
 use data_plane::ratelimit::gcra::{BanRule, Decision, Rate, Verdict};
 use data_plane::ratelimit::memory::MemoryStore;
 use data_plane::ratelimit::redis as rl;
 use redis::aio::ConnectionManager;
-
-/// A redis-server of the test's own, on a free port, killed on drop.
-struct RedisServer {
-    child: Child,
-    url: String,
-}
-
-impl RedisServer {
-    async fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        RedisServer { child, url }
-    }
-
-    async fn conn(&self) -> ConnectionManager {
-        ConnectionManager::new(redis::Client::open(self.url.as_str()).unwrap())
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use redis_server::RedisServer;
 
 const FREE: Rate = Rate {
     requests: 5,
@@ -108,7 +47,7 @@ async fn both(
 #[tokio::test]
 async fn memory_and_redis_agree_on_bursts_refusals_tier_changes_and_bans() {
     let redis = RedisServer::start().await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.manager().await;
     // A burst, refusals (strikes), a ban, its expiry, a second (doubled) ban.
     let mut steps: Vec<(u64, Rate)> = (0..8).map(|i| (i, FREE)).collect();
     steps.push((300_010, FREE));
@@ -147,7 +86,7 @@ async fn memory_and_redis_agree_on_bursts_refusals_tier_changes_and_bans() {
 #[tokio::test]
 async fn lifting_a_ban_clears_it_in_redis() {
     let redis = RedisServer::start().await;
-    let mut conn = redis.conn().await;
+    let mut conn = redis.manager().await;
     let who = "ip:192.0.2.1";
     let t0 = 1_700_000_000_000u64;
     let mut last = None;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../data-plane/tests/support/redis_server.rs"]
 pub mod redis_server;
 
 use std::net::SocketAddr;

@@ -1,5 +1,7 @@
 //! A redis-server of the test's own on a free port, stopped (killed) on drop or on demand, and
-//! restartable on the same port.
+//! restartable on the same port. Shared by the data plane's and the control plane's tests.
+
+#![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -71,6 +73,13 @@ impl RedisServer {
         redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// A reconnecting connection, as the data planes hold.
+    pub async fn manager(&self) -> redis::aio::ConnectionManager {
+        redis::aio::ConnectionManager::new(redis::Client::open(self.url()).unwrap())
             .await
             .unwrap()
     }
