@@ -400,7 +400,7 @@ pub async fn handle(
 
 fn refuse(
     shared: &Shared,
-    reason: &str,
+    reason: &'static str,
     status: StatusCode,
     message: &str,
     id: &HeaderValue,
@@ -408,7 +408,7 @@ fn refuse(
     shared.metrics.refused.with_label_values(&[reason]).inc();
     let mut r = local_response(status, reason, message, Some(id));
     r.extensions_mut().insert(Outcome {
-        decision: static_reason(reason),
+        decision: reason,
         ..Outcome::default()
     });
     r
@@ -509,32 +509,6 @@ fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u32) 
         return p;
     }
     base
-}
-
-/// The reasons a request is refused with, as static names for the request log.
-fn static_reason(reason: &str) -> &'static str {
-    const REASONS: &[&str] = &[
-        "body_too_large",
-        "not_configured",
-        "bad_request",
-        "shed",
-        "circuit_open",
-        "no_backend",
-        "bad_gateway",
-        "backend_unreachable",
-        "gateway_timeout",
-        "invalid_api_key",
-        "blocked",
-        "unknown_key",
-        "limiter_unavailable",
-        "rate_limited",
-        "banned",
-    ];
-    REASONS
-        .iter()
-        .find(|r| **r == reason)
-        .copied()
-        .unwrap_or("error")
 }
 
 /// The quota a request was admitted under, for the `RateLimit` headers of its response.

@@ -234,9 +234,12 @@ impl Endpoint {
         may_eject: impl FnOnce() -> bool,
     ) {
         let mut p = self.passive();
+        let was_open = self.circuit.load(Ordering::Relaxed) == CIRCUIT_OPEN;
         p.breaker.record(!failed, now);
-        let before = p.breaker.state(now);
         self.sync_circuit(&p, now);
+        if !was_open && self.circuit.load(Ordering::Relaxed) == CIRCUIT_OPEN {
+            tracing::warn!(backend = %self.address, "circuit opened");
+        }
         let would_eject = failed
             && outlier.consecutive_failures > 0
             && p.outlier.consecutive_failures() + 1 >= outlier.consecutive_failures;
@@ -251,12 +254,6 @@ impl Endpoint {
                 times = p.outlier.times_ejected(),
                 "backend ejected after consecutive failures"
             );
-        }
-        if before == CircuitState::Open
-            && self.circuit.load(Ordering::Relaxed) == CIRCUIT_OPEN
-            && failed
-        {
-            tracing::debug!(backend = %self.address, "circuit open");
         }
     }
 
@@ -751,11 +748,11 @@ impl Shared {
                         let cache = self.cache.clone();
                         let redis = self.settings.redis.clone();
                         tracing::info!(?purge, "cache purge");
-                        // Every data plane purges its memory tier; Redis too, so that a purge
-                        // holds even with every control plane on a store other than Redis.
+                        // Every data plane purges its memory tier, and Redis too (the same
+                        // keys many times over is harmless; one data plane missing is not).
                         tokio::spawn(async move {
-                            let conn = match redis {
-                                Some(_) => Limiter::new(redis).connect().await,
+                            let conn = match &redis {
+                                Some(url) => crate::ratelimit::connect(url).await,
                                 None => None,
                             };
                             if let Err(e) = cache.purge(conn.as_ref(), &purge).await {

@@ -78,36 +78,7 @@ impl Limiter {
     /// down at start, a lazy connection is returned (it connects on first use) and the data
     /// plane starts degraded. Must be called on that worker's runtime.
     pub async fn connect(&self) -> Option<ConnectionManager> {
-        let url = self.redis_url.as_ref()?;
-        let client = match ::redis::Client::open(url.as_str()) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(cause = %e, "redis URL is not usable");
-                return None;
-            }
-        };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let eager = ConnectionManager::new_with_config(client.clone(), config.clone());
-        match tokio::time::timeout(Duration::from_secs(1), eager).await {
-            Ok(Ok(c)) => return Some(c),
-            Ok(Err(e)) => {
-                tracing::warn!(cause = %e, "redis unreachable at start; limits enforced per data plane until it is")
-            }
-            Err(_) => tracing::warn!(
-                "redis did not answer at start; limits enforced per data plane until it does"
-            ),
-        }
-        match ConnectionManager::new_lazy_with_config(client, config) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!(cause = %e, "cannot set up the redis connection");
-                None
-            }
-        }
+        connect(self.redis_url.as_ref()?).await
     }
 
     /// Decides one request of `identity` under `rate`. `None` means refuse without a decision
@@ -184,5 +155,38 @@ impl Limiter {
     /// Bans enforced by this data plane's own store.
     pub fn local_bans(&self) -> Vec<(String, u64, u32)> {
         self.memory.bans(unix_ms())
+    }
+}
+
+/// A Redis connection that reconnects by itself, opened within the connect timeout when Redis
+/// answers, else lazily (it connects on first use). Must be called on the runtime that will use
+/// it.
+pub async fn connect(url: &str) -> Option<ConnectionManager> {
+    let client = match ::redis::Client::open(url) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(cause = %e, "redis URL is not usable");
+            return None;
+        }
+    };
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(2));
+    let eager = ConnectionManager::new_with_config(client.clone(), config.clone());
+    match tokio::time::timeout(Duration::from_secs(1), eager).await {
+        Ok(Ok(c)) => return Some(c),
+        Ok(Err(e)) => {
+            tracing::warn!(cause = %e, "redis unreachable; enforced per data plane until it answers")
+        }
+        Err(_) => tracing::warn!("redis did not answer; enforced per data plane until it does"),
+    }
+    match ConnectionManager::new_lazy_with_config(client, config) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot set up the redis connection");
+            None
+        }
     }
 }
