@@ -104,6 +104,11 @@ pub struct ControlPlane {
     stop: watch::Sender<bool>,
     /// The data planes' reports, added up.
     pub traffic: crate::traffic::Traffic,
+    /// Span export for Admin calls, set once at start when configured.
+    pub tracer: std::sync::OnceLock<Arc<data_plane::otel::Tracing>>,
+    /// Where reports from this control plane's data planes are also sent, for other control
+    /// planes to add up (set when the state is in Redis).
+    pub report_sink: std::sync::OnceLock<tokio::sync::mpsc::Sender<lb_proto::v1::StatsReport>>,
 }
 
 /// Checks a state as loaded or about to be published, with `config.keys` derived from the
@@ -173,6 +178,8 @@ impl ControlPlane {
             cluster_token,
             stop: watch::channel(false).0,
             traffic: crate::traffic::Traffic::default(),
+            tracer: std::sync::OnceLock::new(),
+            report_sink: std::sync::OnceLock::new(),
         })
     }
 

@@ -104,6 +104,7 @@ pub async fn run(
     )
     .await
     .context("cannot load the control plane's state")?;
+    crate::start_tracing(&cp, settings.tracing.as_ref());
     let grpc = bind(settings.grpc_listen, "--grpc-listen").await?;
     let http = bind(settings.http_listen, "--http-listen").await?;
     let grpc_addr = grpc.local_addr()?;
@@ -132,6 +133,7 @@ pub async fn run(
             node_id: format!("dev-{}", i + 1),
             redis: settings.redis.clone(),
             log_json: settings.log_json,
+            tracing: settings.tracing.clone(),
             ..data_plane::Settings::default()
         };
         urls.push((
@@ -158,7 +160,11 @@ pub async fn run(
         local_url(grpc_addr)
     );
     println!(
-        "  control plane HTTP {}/stats   /metrics",
+        "  control plane HTTP {}/stats   /metrics   /openapi.json",
+        local_url(http_addr)
+    );
+    println!(
+        "  dashboards         {0}/dashboard   {0}/dashboard/ratelimit",
         local_url(http_addr)
     );
     if let Some(m) = &mock {

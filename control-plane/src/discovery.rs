@@ -95,7 +95,13 @@ impl Discovery for DiscoveryService {
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg? {
-                    Some(report) => self.cp.traffic.record(report, crate::cluster::now_ms()),
+                    Some(report) => {
+                        if let Some(sink) = self.cp.report_sink.get() {
+                            // Dropped when the sink is full: Redis is slow, the local view stays.
+                            let _ = sink.try_send(report.clone());
+                        }
+                        self.cp.traffic.record(report, crate::cluster::now_ms());
+                    }
                     None => break,
                 },
                 () = async { let _ = stop.wait_for(|s| *s).await; } => break,

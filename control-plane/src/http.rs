@@ -1,6 +1,8 @@
-//! The control plane's HTTP listener: the original system's REST endpoints, health and
-//! Prometheus metrics. Same request shapes as there; the logic is the gRPC calls' (in
-//! [`crate::admin`], [`crate::keys`]), so both surfaces behave alike.
+//! The control plane's HTTP listener: the original system's REST endpoints, health,
+//! Prometheus metrics, the dashboards and their WebSocket feed ([`crate::dashboard`]), and an
+//! OpenAPI document of it all. Same request shapes as the original system, plus `api_key_id`
+//! wherever a key is named (the dashboards know keys only by id); the logic is the gRPC calls'
+//! (in [`crate::admin`], [`crate::keys`]), so both surfaces behave alike.
 //!
 //! Admin endpoints (`/change_strategy`, `/admin/*`, `/logs`) need the admin token as
 //! `Authorization: Bearer <token>`, as on gRPC. `/usage` does not: a client asks about the key it
@@ -15,13 +17,40 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lb_proto::validate;
+use lb_proto::validate::Invalid;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{bearer, constant_time_eq};
 use crate::cluster::{ControlPlane, UpdateError};
+use crate::dashboard;
 use crate::keys::{self, KeyTarget};
+
+/// The REST endpoints, as `GET /` lists them and `/openapi.json` documents them.
+pub const REST_PATHS: &[&str] = &[
+    "/stats",
+    "/change_strategy",
+    "/usage",
+    "/admin/users",
+    "/admin/upgrade_tier",
+    "/admin/block_key",
+    "/logs",
+    "/metrics",
+    "/healthz",
+    "/openapi.json",
+];
+
+/// Pages and the WebSocket feed, also documented in `/openapi.json`.
+pub const DASHBOARD_PATHS: &[&str] = &[
+    "/",
+    "/dashboard",
+    "/dashboard/ratelimit",
+    "/dashboard/app.js",
+    "/dashboard/app.css",
+    "/ws",
+];
+
+const OPENAPI: &str = include_str!("../assets/openapi.json");
 
 pub fn router(cp: Arc<ControlPlane>) -> Router {
     Router::new()
@@ -35,6 +64,12 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/admin/block_key", post(block_key))
         .route("/logs", get(logs))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/dashboard", get(dashboard::balancing_page))
+        .route("/dashboard/ratelimit", get(dashboard::ratelimit_page))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/app.css", get(dashboard::style))
+        .route("/ws", get(dashboard::ws))
         .with_state(cp)
 }
 
@@ -90,77 +125,22 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 async fn index() -> impl IntoResponse {
     Json(json!({
         "service": "control-plane",
-        "endpoints": [
-            "/stats", "/change_strategy", "/usage", "/admin/users", "/admin/upgrade_tier",
-            "/admin/block_key", "/logs", "/metrics", "/healthz",
-        ],
+        "endpoints": REST_PATHS,
+        "dashboards": {
+            "load_balancing": "/dashboard",
+            "rate_limiting": "/dashboard/ratelimit",
+            "live_feed": "/ws",
+        },
+        "openapi": "/openapi.json",
     }))
 }
 
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
 async fn stats(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {
-    let s = cp.snapshot();
-    let planes: Vec<_> = cp
-        .data_planes()
-        .into_iter()
-        .map(|p| {
-            json!({
-                "id": p.node.as_ref().map(|n| n.id.clone()),
-                "listen": p.node.as_ref().map(|n| n.listen.clone()),
-                "connected": p.connected,
-                "applied_version": p.applied_version,
-                "last_nack_version": p.last_nack_version,
-                "last_nack_error": p.last_nack_error,
-                "last_seen_ms": p.last_seen_ms,
-            })
-        })
-        .collect();
-    let now = crate::cluster::now_ms();
-    let seen = cp.traffic.backends(now);
-    let backends: Vec<_> = s
-        .backends
-        .iter()
-        .map(|b| {
-            let t = seen
-                .iter()
-                .find(|t| t.address == b.address)
-                .cloned()
-                .unwrap_or_default();
-            json!({
-                "address": b.address,
-                "weight": b.weight,
-                "draining": b.draining,
-                "requests": t.requests,
-                "errors": t.errors,
-                "in_flight": t.in_flight,
-                "latency_ewma_ms": t.ewma_latency_us as f64 / 1000.0,
-                "healthy": t.health != lb_proto::v1::HealthState::Unhealthy as i32,
-                "ejected": t.ejected,
-            })
-        })
-        .collect();
-    let c = cp.traffic.totals();
-    Json(json!({
-        "version": s.version,
-        "strategy": s.strategy,
-        "strategies": validate::STRATEGIES,
-        "totals": {
-            "requests": c.requests,
-            "2xx": c.responses_2xx,
-            "3xx": c.responses_3xx,
-            "4xx": c.responses_4xx,
-            "5xx": c.responses_5xx,
-            "rate_limited": c.rate_limited,
-            "banned": c.banned,
-            "blocked": c.blocked,
-            "cache_hits": c.cache_hits,
-            "cache_misses": c.cache_misses,
-            "retries": c.retries,
-            "shed": c.shed,
-        },
-        "backends": backends,
-        "data_planes_reporting": cp.traffic.live(now),
-        "data_planes": planes,
-    }))
+    Json(dashboard::overview(&cp, crate::cluster::now_ms()))
 }
 
 #[derive(Deserialize)]
@@ -212,27 +192,35 @@ async fn users(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
-    let users: Vec<_> = keys::list(&cp)
-        .into_iter()
-        .map(|k| {
-            json!({
-                "api_key_id": k.key_id,
-                "tier": k.tier,
-                "blocked": k.blocked,
-                "label": k.label,
-                "created_at_ms": k.created_at_ms,
-                "last_seen_ms": k.last_seen_ms,
-                "requests": k.requests,
-                "rejected": k.rejected,
-            })
-        })
-        .collect();
+    let users: Vec<_> = keys::list(&cp).iter().map(dashboard::key_json).collect();
     Ok(Json(json!({"users": users})))
+}
+
+/// The key a REST body names: `api_key` (the key itself) or `api_key_id` (its id, for keys the
+/// caller only knows by id), exactly one of them.
+fn key_target(api_key: Option<&str>, api_key_id: Option<&str>) -> Result<KeyTarget, ApiError> {
+    match (api_key, api_key_id) {
+        (Some(key), None) => Ok(KeyTarget::from_key(key).map_err(UpdateError::from)?),
+        (None, Some(id)) => {
+            keys::validate_key_id(id)
+                .map_err(|e| UpdateError::from(Invalid::new("api_key_id", e.message)))?;
+            Ok(KeyTarget::Id(id.to_owned()))
+        }
+        (Some(_), Some(_)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "api_key, api_key_id: give one of them, not both",
+        )),
+        (None, None) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "api_key: missing field (or give api_key_id)",
+        )),
+    }
 }
 
 #[derive(Deserialize)]
 struct UpgradeTier {
-    api_key: String,
+    api_key: Option<String>,
+    api_key_id: Option<String>,
     tier: String,
 }
 
@@ -243,7 +231,7 @@ async fn upgrade_tier(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
     let req: UpgradeTier = parse(&body)?;
-    let target = KeyTarget::from_key(&req.api_key).map_err(UpdateError::from)?;
+    let target = key_target(req.api_key.as_deref(), req.api_key_id.as_deref())?;
     let (version, id) = keys::set_tier(&cp, &target, &req.tier).await?;
     Ok(Json(json!({
         "status": "ok",
@@ -255,7 +243,15 @@ async fn upgrade_tier(
 
 #[derive(Deserialize)]
 struct BlockKey {
-    api_key: String,
+    api_key: Option<String>,
+    api_key_id: Option<String>,
+    /// `false` unblocks.
+    #[serde(default = "yes")]
+    blocked: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 async fn block_key(
@@ -265,12 +261,12 @@ async fn block_key(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
     let req: BlockKey = parse(&body)?;
-    let target = KeyTarget::from_key(&req.api_key).map_err(UpdateError::from)?;
-    let (version, id) = keys::set_blocked(&cp, &target, true).await?;
+    let target = key_target(req.api_key.as_deref(), req.api_key_id.as_deref())?;
+    let (version, id) = keys::set_blocked(&cp, &target, req.blocked).await?;
     Ok(Json(json!({
         "status": "ok",
         "api_key_id": id,
-        "blocked": true,
+        "blocked": req.blocked,
         "version": version,
     })))
 }
@@ -284,23 +280,8 @@ async fn logs(
     let logs: Vec<_> = cp
         .traffic
         .recent_log(200)
-        .into_iter()
-        .map(|e| {
-            json!({
-                "timestamp_ms": e.timestamp_ms,
-                "request_id": e.request_id,
-                "method": e.method,
-                "path": e.path,
-                "status": e.status,
-                "backend": e.backend,
-                "latency_ms": e.latency_us as f64 / 1000.0,
-                "client": e.client,
-                "key_id": e.key_id,
-                "tier": e.tier,
-                "decision": e.decision,
-                "data_plane": e.node_id,
-            })
-        })
+        .iter()
+        .map(dashboard::log_json)
         .collect();
     Ok(Json(json!({ "logs": logs })))
 }

@@ -447,22 +447,26 @@ pub async fn set_blocked(
     Ok((version, id))
 }
 
-/// Every registered key, oldest first, with its tier resolved to a name. Traffic counters stay 0
-/// until data planes report per-key activity.
+/// Every registered key, oldest first, with its tier resolved to a name and the traffic data
+/// planes reported for it since this control plane started (0 before any).
 pub fn list(cp: &ControlPlane) -> Vec<ApiKeyInfo> {
     let snapshot = cp.snapshot();
     let keys = cp.keys();
+    let seen = cp.traffic.keys();
     let mut out: Vec<ApiKeyInfo> = keys
         .records()
-        .map(|r| ApiKeyInfo {
-            key_id: r.key_id.clone(),
-            tier: effective_tier(&snapshot, &r.tier).to_owned(),
-            blocked: r.blocked,
-            label: r.label.clone(),
-            created_at_ms: r.created_at_ms,
-            last_seen_ms: 0,
-            requests: 0,
-            rejected: 0,
+        .map(|r| {
+            let s = seen.get(&r.key_id);
+            ApiKeyInfo {
+                key_id: r.key_id.clone(),
+                tier: effective_tier(&snapshot, &r.tier).to_owned(),
+                blocked: r.blocked,
+                label: r.label.clone(),
+                created_at_ms: r.created_at_ms,
+                last_seen_ms: s.map_or(0, |s| s.last_seen_ms),
+                requests: s.map_or(0, |s| s.requests),
+                rejected: s.map_or(0, |s| s.rejected),
+            }
         })
         .collect();
     out.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));

@@ -8,12 +8,14 @@
 //! - [`keys`]: the API key registry and the key operations of gRPC and REST.
 //! - [`ratelimit`]: key usage and bans as data planes keep them in Redis.
 //! - [`discovery`], [`admin`]: the `lb.v1.Discovery` and `lb.v1.Admin` gRPC services.
-//! - [`http`]: REST endpoints, `/stats` and `/metrics`.
+//! - [`http`]: REST endpoints, `/stats`, `/metrics` and `/openapi.json`.
+//! - [`dashboard`]: the dashboards' pages and their WebSocket feed, `/ws`.
 //! - [`dev`]: the all-in-one local stack of `control-plane dev`.
 
 pub mod admin;
 pub mod auth;
 pub mod cluster;
+pub mod dashboard;
 pub mod dev;
 pub mod discovery;
 pub mod http;
@@ -22,6 +24,7 @@ pub mod ratelimit;
 pub mod redis_store;
 pub mod settings;
 pub mod store;
+pub mod trace;
 pub mod traffic;
 
 use std::future::Future;
@@ -41,6 +44,18 @@ use lb_proto::v1::ConfigSnapshot;
 /// A random token of 32 hex digits.
 pub fn random_token() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// Exports a span for every Admin call from now on (call before [`serve`]).
+pub fn start_tracing(cp: &ControlPlane, settings: Option<&data_plane::otel::TraceSettings>) {
+    let Some(settings) = settings else { return };
+    let instance = data_plane::settings::default_node_id();
+    match data_plane::otel::Tracing::start(settings, "control-plane", &instance) {
+        Ok(t) => {
+            let _ = cp.tracer.set(Arc::new(t));
+        }
+        Err(e) => tracing::error!(cause = %e, "traces are not exported"),
+    }
 }
 
 /// The control plane on its store: Redis when `redis` names one, otherwise the embedded store
@@ -115,6 +130,9 @@ pub async fn serve(
     };
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .layer(trace::AdminTraceLayer {
+            tracer: cp.tracer.get().cloned(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -131,6 +149,9 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     grpc_task.await??;
     http_task.await??;
+    if let Some(t) = cp.tracer.get().cloned() {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     tracing::info!("control plane stopped");
     Ok(())
 }

@@ -79,6 +79,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     )
     .await
     .context("cannot load the control plane's state")?;
+    control_plane::start_tracing(&cp, settings.tracing.as_ref());
     let grpc = tokio::net::TcpListener::bind(settings.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;

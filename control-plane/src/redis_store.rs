@@ -41,6 +41,13 @@ pub const STATE_KEY: &str = "lb:cp:{state}";
 
 /// Where saves announce their version.
 pub const CHANGES_CHANNEL: &str = "lb:cp:changes";
+/// Pub/sub channel of data-plane reports: each control plane publishes those of its own data
+/// planes (its origin id, 32 hex digits, then the encoded `lb.v1.StatsReport`) and adds up the
+/// others', so every control plane shows the whole fleet.
+pub const REPORTS_CHANNEL: &str = "lb:cp:reports";
+/// Reports waiting to be published; more are dropped (the local view is unaffected).
+const REPORTS_QUEUED: usize = 1024;
+const ORIGIN_LEN: usize = 32;
 
 /// Deadline of one Redis call: long enough for a loaded Redis to answer, short enough that an
 /// admin call with Redis gone fails well before a client's own timeout.
@@ -401,8 +408,71 @@ pub async fn control_plane(
     .await?
     .with_shared_limits(Arc::clone(&store) as Arc<dyn SharedLimits>);
     let cp = Arc::new(cp);
-    spawn_follower(store, &cp);
+    let origin = crate::random_token();
+    let (tx, rx) = tokio::sync::mpsc::channel(REPORTS_QUEUED);
+    let _ = cp.report_sink.set(tx);
+    tokio::spawn(publish_reports(Arc::clone(&store), origin.clone(), rx));
+    tokio::spawn(follow(
+        store,
+        Arc::downgrade(&cp),
+        cp.stopping(),
+        Some(origin),
+    ));
     Ok(cp)
+}
+
+/// Publishes this control plane's reports on [`REPORTS_CHANNEL`] until its sink closes.
+async fn publish_reports(
+    store: Arc<RedisStore>,
+    origin: String,
+    mut reports: tokio::sync::mpsc::Receiver<lb_proto::v1::StatsReport>,
+) {
+    use prost::Message;
+    let mut failing = false;
+    while let Some(report) = reports.recv().await {
+        let mut payload = Vec::with_capacity(ORIGIN_LEN + report.encoded_len());
+        payload.extend_from_slice(origin.as_bytes());
+        report.encode(&mut payload).expect("a Vec grows as needed");
+        let mut conn = store.conn.clone();
+        let sent = tokio::time::timeout(
+            store.timeout,
+            redis::cmd("PUBLISH")
+                .arg(REPORTS_CHANNEL)
+                .arg(payload)
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => failing = false,
+            // Said once per outage: reports come every second.
+            _ if !failing => {
+                failing = true;
+                tracing::warn!(redis = %store.addr, "cannot share data-plane reports with other control planes");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A report published by another control plane, or why it is unusable.
+fn foreign_report(
+    payload: &[u8],
+    origin: &str,
+) -> Result<Option<lb_proto::v1::StatsReport>, String> {
+    use prost::Message;
+    if payload.len() < ORIGIN_LEN {
+        return Err(format!(
+            "{} bytes, shorter than the origin id",
+            payload.len()
+        ));
+    }
+    let (from, body) = payload.split_at(ORIGIN_LEN);
+    if from == origin.as_bytes() {
+        return Ok(None);
+    }
+    lb_proto::v1::StatsReport::decode(body)
+        .map(Some)
+        .map_err(|e| format!("not a StatsReport: {e}"))
 }
 
 /// Follows [`CHANGES_CHANNEL`] and adopts every newer state into `cp`, until `cp` stops or is
@@ -410,7 +480,7 @@ pub async fn control_plane(
 /// away.
 pub fn spawn_follower(store: Arc<RedisStore>, cp: &Arc<ControlPlane>) -> JoinHandle<()> {
     let stop = cp.stopping();
-    tokio::spawn(follow(store, Arc::downgrade(cp), stop))
+    tokio::spawn(follow(store, Arc::downgrade(cp), stop, None))
 }
 
 /// Adopts the stored state when it is newer than `cp`'s, and saves `cp`'s again when Redis holds
@@ -444,12 +514,21 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-async fn follow(store: Arc<RedisStore>, cp: Weak<ControlPlane>, mut stop: watch::Receiver<bool>) {
+/// With `origin`, also adds up the reports other control planes publish.
+async fn follow(
+    store: Arc<RedisStore>,
+    cp: Weak<ControlPlane>,
+    mut stop: watch::Receiver<bool>,
+    origin: Option<String>,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let subscribe = async {
             let mut pubsub = store.client.get_async_pubsub().await?;
             pubsub.subscribe(CHANGES_CHANNEL).await?;
+            if origin.is_some() {
+                pubsub.subscribe(REPORTS_CHANNEL).await?;
+            }
             Ok::<_, redis::RedisError>(pubsub)
         };
         let subscribed = tokio::select! {
@@ -472,6 +551,15 @@ async fn follow(store: Arc<RedisStore>, cp: Weak<ControlPlane>, mut stop: watch:
                         msg = messages.next() => {
                             let Some(msg) = msg else { break };
                             let Some(strong) = cp.upgrade() else { return };
+                            if msg.get_channel_name() == REPORTS_CHANNEL {
+                                let Some(origin) = &origin else { continue };
+                                match foreign_report(msg.get_payload_bytes(), origin) {
+                                    Ok(Some(report)) => strong.traffic.record(report, crate::cluster::now_ms()),
+                                    Ok(None) => {}
+                                    Err(e) => tracing::debug!(error = %e, "ignored a message on {REPORTS_CHANNEL}"),
+                                }
+                                continue;
+                            }
                             let announced = msg.get_payload::<String>().ok().and_then(|p| p.parse::<u64>().ok());
                             // An unreadable announcement still means something changed.
                             if announced.is_none_or(|v| v > strong.version())
@@ -505,5 +593,39 @@ async fn follow(store: Arc<RedisStore>, cp: Weak<ControlPlane>, mut stop: watch:
             () = stopped(&mut stop) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn reports_from_other_control_planes_are_decoded_and_bad_ones_named() {
+        let ours = "a".repeat(ORIGIN_LEN);
+        let theirs = "b".repeat(ORIGIN_LEN);
+        let report = lb_proto::v1::StatsReport {
+            interval_ms: 1000,
+            ..Default::default()
+        };
+        let mut payload = theirs.into_bytes();
+        report.encode(&mut payload).unwrap();
+        assert_eq!(foreign_report(&payload, &ours), Ok(Some(report.clone())));
+        let mut own = ours.clone().into_bytes();
+        report.encode(&mut own).unwrap();
+        assert_eq!(foreign_report(&own, &ours), Ok(None));
+        assert!(
+            foreign_report(b"short", &ours)
+                .unwrap_err()
+                .contains("origin")
+        );
+        let mut garbage = "c".repeat(ORIGIN_LEN).into_bytes();
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(
+            foreign_report(&garbage, &ours)
+                .unwrap_err()
+                .contains("StatsReport")
+        );
     }
 }

@@ -106,6 +106,8 @@ pub struct Settings {
     pub log_json: bool,
     /// The configuration to start from when the store holds none (version 1).
     pub initial: ConfigSnapshot,
+    /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
+    pub tracing: Option<data_plane::otel::TraceSettings>,
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
@@ -284,6 +286,8 @@ impl Settings {
             state_file: args.state_file.or(file.state_file),
             log_json: log_json(args.log_format.or(file.log_format))?,
             initial: s,
+            tracing: data_plane::otel::TraceSettings::from_env()
+                .map_err(|message| invalid("tracing", message))?,
         })
     }
 }

@@ -290,6 +290,47 @@ async fn a_change_on_one_control_plane_reaches_the_data_planes_of_another() {
     assert!(a.cp.snapshot().keys[0].blocked);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_control_plane_on_redis_adds_up_the_whole_fleet() {
+    let redis = RedisServer::start().await;
+    let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
+        .await
+        .unwrap();
+    let a = Cp::start_redis(snapshot_with(&mock.addrs()), &redis.url()).await;
+    let b = Cp::start_redis(snapshot_with(&[]), &redis.url()).await;
+    let dp_a = Dp::start(&a.url(), "dp-a").await;
+    let dp_b = Dp::start(&b.url(), "dp-b").await;
+    dp_a.wait_version(1).await;
+    dp_b.wait_version(1).await;
+
+    let client = http_client();
+    for _ in 0..5 {
+        assert_eq!(get(&client, &dp_a.url("/api/data")).await.status, 200);
+    }
+    for _ in 0..7 {
+        assert_eq!(get(&client, &dp_b.url("/api/data")).await.status, 200);
+    }
+    // Each control plane hears its own data plane directly and the other's through Redis.
+    for cp in [&a, &b] {
+        let mut seen = 0;
+        for _ in 0..400 {
+            seen = get(&client, &cp.http_url("/stats")).await.json()["totals"]["requests"]
+                .as_u64()
+                .unwrap();
+            if seen >= 12 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            seen, 12,
+            "requests through both data planes, on {}",
+            cp.http
+        );
+        assert_eq!(cp.cp.traffic.live(now_ms()), 2, "both data planes are live");
+    }
+}
+
 #[tokio::test]
 async fn the_loser_of_a_race_is_refused_and_catches_up() {
     let redis = RedisServer::start().await;

@@ -92,6 +92,14 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         "rate_limit_store": store_state(&shared),
         "cache": cache_stats(&shared),
         "queue_depth": shared.admission.depth(),
+        "tls": shared.tls().map(|t| {
+            let c = t.certificate();
+            json!({
+                "serial": c.serial,
+                "not_before": c.not_before.text,
+                "not_after": c.not_after.text,
+            })
+        }),
         "backends": backends,
     }))
 }

@@ -6,9 +6,11 @@
 //! - [`state`]: the configuration in force, swapped atomically, and per-backend counters.
 //! - [`balance`]: the balancing strategies (pure policy).
 //! - [`proxy`]: the request path.
+//! - [`tls`]: TLS on the proxy listener, certificate checks and reloads.
 //! - [`admin`]: `/healthz`, `/readyz`, `/stats`, `/metrics`.
 //! - [`metrics`], [`backoff`]: Prometheus metrics; jittered exponential backoff.
 //! - [`telemetry`]: logging set-up and the shutdown signal.
+//! - [`otel`]: OpenTelemetry span export and `traceparent` propagation.
 
 pub mod admin;
 pub mod admission;
@@ -20,6 +22,7 @@ pub mod discovery;
 pub mod health;
 pub mod identity;
 pub mod metrics;
+pub mod otel;
 pub mod outlier;
 pub mod probe;
 pub mod proxy;
@@ -29,6 +32,7 @@ pub mod retry;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -38,7 +42,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 pub use settings::{Args, Settings};
@@ -63,7 +67,16 @@ pub async fn run_shared(
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    if let Some(e) = shared.tls_error() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            e.to_string(),
+        ));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
+    let tls_watch = shared
+        .tls()
+        .map(|tls| tokio::spawn(Arc::clone(tls).watch(stop_rx.clone())));
     let discovery = tokio::spawn(discovery::run(Arc::clone(&shared), stop_rx.clone()));
     let reports = tokio::spawn(report::run(
         Arc::clone(&shared),
@@ -104,6 +117,7 @@ pub async fn run_shared(
     tracing::info!(
         node_id = %shared.settings.node_id,
         listen = %proxy.local_addr()?,
+        tls = shared.tls().is_some(),
         control_plane = %shared.settings.control_plane,
         "data plane started"
     );
@@ -113,6 +127,18 @@ pub async fn run_shared(
     let _ = probes.await;
     let _ = reports.await;
     let _ = admin_task.await;
+    if let Some(t) = tls_watch {
+        let _ = t.await;
+    }
+    if shared.tracer.is_some() {
+        let shared = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(t) = &shared.tracer {
+                t.shutdown();
+            }
+        })
+        .await;
+    }
     tracing::info!(node_id = %shared.settings.node_id, "data plane stopped");
     served
 }
@@ -189,6 +215,8 @@ async fn worker(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
+    let builder = Arc::new(builder);
+    let acceptor = shared.tls().map(|t| t.acceptor());
     let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id).await);
     let graceful = GracefulShutdown::new();
     let stopped = async move {
@@ -214,20 +242,40 @@ async fn worker(
             () = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn_ctx = Arc::new(proxy::ClientConn::new(peer));
+        let conn_ctx = Arc::new(proxy::ClientConn::new(peer, acceptor.is_some()));
         let worker_ctx = Arc::clone(&ctx);
         let svc = service_fn(move |req| {
             proxy::handle(Arc::clone(&worker_ctx), Arc::clone(&conn_ctx), req)
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
         let gauge = ConnectionGauge::new(&shared.metrics.connections);
+        let Some(acceptor) = &acceptor else {
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _gauge = gauge;
+                if let Err(e) = conn.await {
+                    tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's own task, so a slow client delays no accept;
+        // the watcher makes a drain wait for it too (bounded by the handshake timeout).
+        let handshake = handshake(acceptor, stream, peer, Arc::clone(&shared));
+        let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         tokio::spawn(async move {
             let _permit = permit;
             let _gauge = gauge;
-            if let Err(e) = conn.await {
+            let Some(stream) = handshake.await else {
+                return;
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
             }
         });
@@ -237,6 +285,38 @@ async fn worker(
         () = graceful.shutdown() => tracing::debug!("connections drained"),
         () = tokio::time::sleep(shared.settings.drain_timeout) => {
             tracing::warn!("drain timeout; closing the remaining connections");
+        }
+    }
+}
+
+/// A client's TLS handshake, bounded by the header timeout: a client that never finishes holds
+/// its connection slot no longer than one that never sends its request head. Failures are
+/// counted and logged at debug level (they are the client's doing: scanners, wrong protocol,
+/// an untrusted certificate).
+fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    shared: Arc<Shared>,
+) -> impl Future<Output = Option<tokio_rustls::server::TlsStream<TcpStream>>> + Send + use<> {
+    let accepting = acceptor.accept(stream);
+    async move {
+        match tokio::time::timeout(shared.settings.header_timeout, accepting).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                if let Some(t) = shared.tls() {
+                    t.handshake_failed(false);
+                }
+                tracing::debug!(client = %peer, cause = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                if let Some(t) = shared.tls() {
+                    t.handshake_failed(true);
+                }
+                tracing::debug!(client = %peer, "TLS handshake timed out");
+                None
+            }
         }
     }
 }

@@ -9,6 +9,8 @@ use data_plane::{Args, Settings};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // One process-wide crypto provider (ring) for any TLS built without naming one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let settings = match Settings::load(Args::parse()) {
         Ok(s) => s,
         Err(e) => {

@@ -17,6 +17,12 @@ pub struct BackendSample {
     pub requests: u64,
     pub errors: u64,
     pub in_flight: u32,
+    /// Passing active health checks (or not checked).
+    pub healthy: bool,
+    /// Out of rotation by outlier detection now.
+    pub ejected: bool,
+    /// Circuit breaker state: 0 closed, 1 open, 2 half-open.
+    pub circuit: u8,
 }
 
 pub struct Metrics {
@@ -34,6 +40,22 @@ pub struct Metrics {
     pub config_updates: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub connections: IntGauge,
+    /// Time requests spent in the priority queue waiting for a backend with room.
+    pub queue_wait: Histogram,
+    /// Registered only when the listener speaks TLS, so a plain listener exports no
+    /// certificate expiry of 0 for alerts to trip on.
+    tls: std::sync::OnceLock<TlsMetrics>,
+}
+
+/// Metrics of the TLS listener.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    /// Certificate reloads, by result ("ok" or "error").
+    pub reloads: IntCounterVec,
+    /// notAfter of the certificate in use, in Unix seconds.
+    pub expiry: IntGauge,
+    /// Client handshakes that failed, by reason ("error" or "timeout").
+    pub handshake_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -93,6 +115,14 @@ impl Metrics {
         .expect("valid metric");
         let connections = IntGauge::new("lb_client_connections", "Client connections open")
             .expect("valid metric");
+        let queue_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "lb_queue_wait_seconds",
+                "Time requests waited in the priority queue for a backend with room",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(responses_vec) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -103,6 +133,7 @@ impl Metrics {
             Box::new(config_updates.clone()),
             Box::new(control_plane_connected.clone()),
             Box::new(connections.clone()),
+            Box::new(queue_wait.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -117,7 +148,54 @@ impl Metrics {
             config_updates,
             control_plane_connected,
             connections,
+            queue_wait,
+            tls: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The TLS metrics, registered on first use.
+    pub fn tls(&self) -> &TlsMetrics {
+        self.tls.get_or_init(|| {
+            let reloads = IntCounterVec::new(
+                Opts::new(
+                    "lb_tls_reloads_total",
+                    "Certificate reloads of the proxy listener, by result (ok or error)",
+                ),
+                &["result"],
+            )
+            .expect("valid metric");
+            let expiry = IntGauge::new(
+                "lb_tls_certificate_expiry_seconds",
+                "Expiry (notAfter) of the certificate in use, in Unix seconds",
+            )
+            .expect("valid metric");
+            let handshake_failures = IntCounterVec::new(
+                Opts::new(
+                    "lb_tls_handshake_failures_total",
+                    "Client TLS handshakes that failed, by reason (error or timeout)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric");
+            for label in ["ok", "error"] {
+                reloads.with_label_values(&[label]);
+            }
+            for label in ["error", "timeout"] {
+                handshake_failures.with_label_values(&[label]);
+            }
+            for c in [
+                Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(expiry.clone()),
+                Box::new(handshake_failures.clone()),
+            ] {
+                self.registry.register(c).expect("metric names are unique");
+            }
+            TlsMetrics {
+                reloads,
+                expiry,
+                handshake_failures,
+            }
+        })
     }
 
     /// Counts a response by its status class.
@@ -149,7 +227,7 @@ impl Metrics {
             &'static str,
             fn(&BackendSample) -> u64,
         );
-        let series: [Series; 3] = [
+        let series: [Series; 6] = [
             (
                 "lb_backend_requests_total",
                 "counter",
@@ -167,6 +245,24 @@ impl Metrics {
                 "gauge",
                 "Requests in flight to each backend",
                 |b| u64::from(b.in_flight),
+            ),
+            (
+                "lb_backend_healthy",
+                "gauge",
+                "1 while the backend passes its active health checks",
+                |b| u64::from(b.healthy),
+            ),
+            (
+                "lb_backend_ejected",
+                "gauge",
+                "1 while outlier detection keeps the backend out of rotation",
+                |b| u64::from(b.ejected),
+            ),
+            (
+                "lb_backend_circuit_state",
+                "gauge",
+                "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+                |b| u64::from(b.circuit),
             ),
         ];
         for (name, kind, help, value) in series {

@@ -27,6 +27,7 @@ use crate::admission::Shed;
 use crate::balance::hash_bytes;
 use crate::cache::{Entry, Fill, Lookup, NotStored, X_CACHE};
 use crate::identity;
+use crate::otel::{self, Span as _};
 use crate::outlier;
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
 use crate::report::Outcome;
@@ -34,6 +35,7 @@ use crate::retry::{self, RetryBudget};
 use crate::state::{Active, HashSource, InFlight, Shared, View, millis};
 use crate::upstream::{self, Lease};
 use lb_proto::v1::RequestLogEntry;
+use opentelemetry::KeyValue;
 
 /// What the requests of one worker thread share.
 pub struct Worker {
@@ -88,6 +90,8 @@ impl Worker {
 /// What the requests of one client connection share, computed once per connection.
 pub struct ClientConn {
     pub peer: SocketAddr,
+    /// The client connected over TLS: backends are told `X-Forwarded-Proto: https`.
+    pub tls: bool,
     /// The peer's address as a header value, for X-Forwarded-For.
     peer_ip: HeaderValue,
     /// Hash of the peer's address, for ip_hash.
@@ -95,17 +99,23 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    pub fn new(peer: SocketAddr) -> ClientConn {
+    pub fn new(peer: SocketAddr, tls: bool) -> ClientConn {
         let affinity = match peer.ip() {
             std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
             std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
         };
         ClientConn {
             peer,
+            tls,
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             affinity,
         }
+    }
+
+    /// The scheme the client used: "https" or "http".
+    pub fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 }
 
@@ -353,10 +363,14 @@ pub fn local_response(
 pub async fn handle(
     worker: Arc<Worker>,
     conn: Arc<ClientConn>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let shared = &worker.shared;
+    let mut span = shared
+        .tracer
+        .as_ref()
+        .map(|t| start_span(t, &mut req, &conn));
     // Only sampled requests pay for copying their method and path.
     let head = shared.reporter.sample().then(|| {
         (
@@ -364,11 +378,15 @@ pub async fn handle(
             req.uri().path().chars().take(1024).collect::<String>(),
         )
     });
-    let mut resp = forward(&worker, &conn, req, head.is_some()).await;
+    let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
+    let mut resp = forward(&worker, &conn, req, detailed).await;
     let outcome = resp
         .extensions_mut()
         .remove::<Outcome>()
         .unwrap_or_default();
+    if let Some(span) = &mut span {
+        end_span(span, &worker, &resp, &outcome);
+    }
     if let Some((method, path)) = head {
         shared.reporter.log(RequestLogEntry {
             timestamp_ms: crate::ratelimit::unix_ms(),
@@ -396,6 +414,107 @@ pub async fn handle(
         .request_duration
         .observe(started.elapsed().as_secs_f64());
     Ok(resp)
+}
+
+/// A server span for the request, child of the client's `traceparent`; the request carries the
+/// span's context on to the backend.
+fn start_span(
+    t: &otel::Tracing,
+    req: &mut Request<Incoming>,
+    conn: &ClientConn,
+) -> otel::RequestSpan {
+    let parent = t.extract(req.headers());
+    let method = req.method().as_str().to_owned();
+    let version = match req.version() {
+        Version::HTTP_2 => "2",
+        Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    };
+    // The query stays out: it may carry credentials such as an API key.
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", method.clone()),
+        KeyValue::new(
+            "url.path",
+            req.uri().path().chars().take(1024).collect::<String>(),
+        ),
+        KeyValue::new("url.scheme", conn.scheme()),
+        KeyValue::new("client.address", conn.peer.ip().to_string()),
+        KeyValue::new("network.protocol.version", version),
+    ];
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+    if let Some(host) = host {
+        let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+        attributes.push(KeyValue::new("server.address", name.to_owned()));
+    }
+    if let Some(ua) = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        attributes.push(KeyValue::new(
+            "user_agent.original",
+            ua.chars().take(256).collect::<String>(),
+        ));
+    }
+    let span = t.server_span(method, &parent, attributes);
+    t.inject(&span, req.headers_mut());
+    span
+}
+
+/// Records what became of the request on its span and ends it (at the response head).
+fn end_span(
+    span: &mut otel::RequestSpan,
+    worker: &Worker,
+    resp: &Response<ProxyBody>,
+    outcome: &Outcome,
+) {
+    if !span.is_recording() {
+        return;
+    }
+    let status = resp.status().as_u16();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    let text = |name: &HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if let Some(id) = text(&X_REQUEST_ID) {
+        span.set_attribute(KeyValue::new("lb.request_id", id));
+    }
+    if let Some(backend) = &outcome.backend {
+        span.set_attribute(KeyValue::new("lb.backend", backend.clone()));
+    }
+    if let Some(active) = worker.active() {
+        span.set_attribute(KeyValue::new(
+            "lb.strategy",
+            active.snapshot.strategy.clone(),
+        ));
+    }
+    if !outcome.decision.is_empty() {
+        span.set_attribute(KeyValue::new("lb.decision", outcome.decision));
+    }
+    if let Some(tier) = &outcome.tier {
+        span.set_attribute(KeyValue::new("lb.rate_limit.policy", tier.clone()));
+    }
+    if let Some(remaining) = text(&HeaderName::from_static("x-ratelimit-remaining")) {
+        span.set_attribute(KeyValue::new("lb.rate_limit.remaining", remaining));
+    }
+    if let Some(cache) = text(&X_CACHE) {
+        span.set_attribute(KeyValue::new("lb.cache", cache));
+    }
+    if status >= 500 {
+        span.set_status(otel::Status::error(format!("HTTP {status}")));
+    }
+    span.end();
 }
 
 fn refuse(
@@ -840,7 +959,10 @@ async fn forward(
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(conn.scheme()),
+    );
     let has_host = host.is_some();
     if let Some(host) = host {
         if !h.contains_key(&X_FORWARDED_HOST) {
@@ -1044,6 +1166,10 @@ async fn send_with_retries(
             Choice::Saturated => {
                 let waited =
                     tokio::time::timeout_at(queue_deadline, shared.admission.wait(prio)).await;
+                shared
+                    .metrics
+                    .queue_wait
+                    .observe(now.elapsed().as_secs_f64());
                 match waited {
                     Ok(Ok(())) => continue,
                     Ok(Err(Shed::QueueFull)) => {

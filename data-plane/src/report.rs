@@ -171,10 +171,19 @@ fn build(shared: &Shared, node: &Node, totals: &mut Totals) -> StatsReport {
                     if entry.2.len() != cumulative.len() {
                         entry.2 = vec![0; cumulative.len()];
                     }
-                    let counts: Vec<u64> = cumulative
+                    let interval: Vec<u64> = cumulative
                         .iter()
                         .zip(entry.2.iter_mut())
                         .map(|(&n, b)| delta(n, b))
+                        .collect();
+                    // Prometheus buckets are cumulative; the report counts each bucket alone.
+                    let counts: Vec<u64> = interval
+                        .iter()
+                        .scan(0, |below, &n| {
+                            let own = n.saturating_sub(*below);
+                            *below = n;
+                            Some(own)
+                        })
                         .collect();
                     BackendReport {
                         address: e.address.clone(),

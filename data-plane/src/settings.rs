@@ -9,6 +9,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::tls::TlsFiles;
+
 /// Command line of the `data-plane` binary. Every flag can also be set through its environment
 /// variable or the TOML file.
 #[derive(Debug, Default, clap::Parser)]
@@ -71,6 +73,13 @@ pub struct Args {
     /// [default: one per CPU]
     #[arg(long, env = "LB_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+    /// PEM certificate chain (leaf first): the proxy listener then speaks TLS only. Needs
+    /// --tls-key; reloaded on SIGHUP and when the file changes [default: none, plain HTTP]
+    #[arg(long, env = "LB_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
+    #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -91,6 +100,8 @@ struct FileSettings {
     drain_timeout_ms: Option<u64>,
     log_format: Option<String>,
     workers: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// Settings in force, every one resolved.
@@ -112,6 +123,10 @@ pub struct Settings {
     pub workers: usize,
     /// Presented on `Discovery` calls when the control plane requires it (`LB_CLUSTER_TOKEN`).
     pub cluster_token: Option<String>,
+    /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
+    pub tracing: Option<crate::otel::TraceSettings>,
+    /// Certificate and key of the proxy listener; `None` is plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for Settings {
@@ -132,6 +147,8 @@ impl Default for Settings {
             log_json: false,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
             cluster_token: None,
+            tracing: None,
+            tls: None,
         }
     }
 }
@@ -148,6 +165,8 @@ pub enum SettingsError {
     Parse { path: PathBuf, message: String },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// `hostname-pid`, unique per process on a host.
@@ -190,6 +209,27 @@ impl Settings {
             .filter(|s| !s.trim().is_empty())
             .map(|s| parse_net(s.trim()))
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(SettingsError::Invalid {
+                    key: "tls_key",
+                    message: "missing: tls_cert (--tls-cert) is set, so the key must be too"
+                        .to_owned(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::Invalid {
+                    key: "tls_cert",
+                    message: "missing: tls_key (--tls-key) is set, so the certificate must be too"
+                        .to_owned(),
+                });
+            }
+        };
         let log_format = args
             .log_format
             .or(file.log_format)
@@ -242,8 +282,22 @@ impl Settings {
             cluster_token: std::env::var("LB_CLUSTER_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
+            tracing: crate::otel::TraceSettings::from_env().map_err(|message| {
+                SettingsError::Invalid {
+                    key: "tracing",
+                    message,
+                }
+            })?,
+            tls,
         };
         s.validate()?;
+        // Refused here, before anything binds, rather than at the first handshake.
+        if let Some(files) = &s.tls {
+            crate::tls::load(
+                files,
+                crate::tls::unix_seconds(std::time::SystemTime::now()),
+            )?;
+        }
         Ok(s)
     }
 
@@ -349,6 +403,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let e = Settings::load(Args {
+            tls_cert: Some("cert.pem".into()),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("tls_key: missing"), "{e}");
+        let e = Settings::load(Args {
+            tls_key: Some("key.pem".into()),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("tls_cert: missing"), "{e}");
+        let e = Settings::load(Args {
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_key: Some("/nonexistent/key.pem".into()),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/cert.pem"), "{e}");
     }
 
     #[test]

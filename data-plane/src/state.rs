@@ -516,16 +516,31 @@ pub struct Shared {
     /// Highest directive sequence number run (ban lifts), so each runs once.
     directives_seen: AtomicU64,
     applied: watch::Sender<u64>,
+    /// Span export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub tracer: Option<crate::otel::Tracing>,
+    /// The proxy listener's TLS, when configured; an error here stops `run` before it serves.
+    tls: Option<Result<Arc<crate::tls::Tls>, crate::tls::TlsError>>,
 }
 
 impl Shared {
     pub fn new(settings: Settings) -> Shared {
         let limiter = Limiter::new(settings.redis.clone());
+        let tracer = settings.tracing.as_ref().and_then(|t| {
+            crate::otel::Tracing::start(t, "data-plane", &settings.node_id)
+                .inspect_err(|e| tracing::error!(cause = %e, "traces are not exported"))
+                .ok()
+        });
+        let metrics = Metrics::new();
+        let tls = settings.tls.clone().map(|files| {
+            crate::tls::Tls::load(files, metrics.tls().clone())
+                .map(Arc::new)
+                .inspect_err(|e| tracing::error!(cause = %e, "TLS certificate not usable"))
+        });
         Shared {
             settings,
             active: ArcSwapOption::empty(),
             endpoints: Mutex::new(HashMap::new()),
-            metrics: Metrics::new(),
+            metrics,
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
             admission: Arc::new(Admission::new(0)),
@@ -537,7 +552,19 @@ impl Shared {
             )),
             directives_seen: AtomicU64::new(u64::MAX),
             applied: watch::channel(0).0,
+            tracer,
+            tls,
         }
+    }
+
+    /// The proxy listener's TLS, when configured and loaded.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
+        self.tls.as_ref().and_then(|t| t.as_ref().ok())
+    }
+
+    /// The reason TLS is configured but cannot be used, if so.
+    pub fn tls_error(&self) -> Option<&crate::tls::TlsError> {
+        self.tls.as_ref().and_then(|t| t.as_ref().err())
     }
 
     /// The configuration in force, if any yet.
@@ -682,6 +709,7 @@ impl Shared {
     /// The Prometheus text of every metric, per-backend counters included.
     pub fn render_metrics(&self) -> String {
         let mut out = self.metrics.render();
+        let now_ms = millis(Instant::now());
         let backends: Vec<BackendSample> = self
             .endpoints
             .lock()
@@ -692,9 +720,22 @@ impl Shared {
                 requests: e.requests.load(Ordering::Relaxed),
                 errors: e.errors.load(Ordering::Relaxed),
                 in_flight: e.in_flight(),
+                healthy: e.is_healthy(),
+                ejected: e.is_ejected(now_ms),
+                circuit: match e.circuit_state() {
+                    CircuitState::Closed => 0,
+                    CircuitState::Open => 1,
+                    CircuitState::HalfOpen => 2,
+                },
             })
             .collect();
         Metrics::render_backends(&mut out, &backends);
+        out.push_str(&format!(
+            "# HELP lb_queue_depth Requests waiting in the priority queue for a backend with room\n\
+             # TYPE lb_queue_depth gauge\n\
+             lb_queue_depth {}\n",
+            self.admission.depth()
+        ));
         let c = self.cache.stats();
         out.push_str(&format!(
             "# HELP lb_cache_lookups_total Cache lookups by result and, for hits, the tier that answered\n\

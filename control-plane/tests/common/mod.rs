@@ -223,6 +223,44 @@ impl Dp {
         }
     }
 
+    /// As [`Dp::start_with`], on listeners the caller already bound (several data planes on one
+    /// port at different loopback addresses, say).
+    pub async fn start_on(
+        control_plane: &str,
+        id: &str,
+        proxy: TcpListener,
+        admin: TcpListener,
+        tweak: impl FnOnce(&mut data_plane::Settings),
+    ) -> Dp {
+        let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+        let mut settings = data_plane::Settings {
+            listen: addr,
+            admin_listen: admin_addr,
+            control_plane: control_plane.to_owned(),
+            node_id: id.to_owned(),
+            drain_timeout: Duration::from_secs(5),
+            ..data_plane::Settings::default()
+        };
+        tweak(&mut settings);
+        let shared = Arc::new(Shared::new(settings));
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(data_plane::run_shared(
+            Arc::clone(&shared),
+            proxy,
+            admin,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Dp {
+            shared,
+            addr,
+            admin: admin_addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
     /// Waits until a configuration of at least `version` is in force.
     pub async fn wait_version(&self, version: u64) {
         let mut rx = self.shared.applied_version();

@@ -1,0 +1,76 @@
+//! The control plane adds up what every data plane reports, and notices a data plane that stops.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Polls `/stats` until `done` holds (bounded), returning the last answer.
+async fn stats_until(
+    client: &HttpClient,
+    url: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats = get(client, url).await.json();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen; /stats: {stats:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn liveness<'a>(stats: &'a serde_json::Value, id: &str) -> Option<&'a str> {
+    stats["data_planes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["id"] == id)?["liveness"]
+        .as_str()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_adds_up_and_a_stopped_data_plane_is_no_longer_live() {
+    let mut stack = Stack::start(2).await;
+    let client = http_client();
+    for _ in 0..4 {
+        assert_eq!(
+            get(&client, &stack.dps[0].url("/api/data")).await.status,
+            200
+        );
+    }
+    for _ in 0..6 {
+        assert_eq!(
+            get(&client, &stack.dps[1].url("/api/data")).await.status,
+            200
+        );
+    }
+    let url = stack.cp.http_url("/stats");
+    let stats = stats_until(&client, &url, "both data planes' requests adding up", |s| {
+        s["totals"]["requests"] == 10 && s["data_planes_reporting"] == 2
+    })
+    .await;
+    assert_eq!(liveness(&stats, "dp-1"), Some("live"));
+    assert_eq!(liveness(&stats, "dp-2"), Some("live"));
+    let per_backend: u64 = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_backend, 10, "per-backend requests add up to the total");
+
+    stack.dps.pop().unwrap().stop().await;
+    let stats = stats_until(&client, &url, "dp-2 marked as not live", |s| {
+        liveness(s, "dp-2").is_some_and(|l| l != "live") && s["data_planes_reporting"] == 1
+    })
+    .await;
+    assert_eq!(liveness(&stats, "dp-1"), Some("live"));
+    assert_eq!(stats["totals"]["requests"], 10, "what it reported is kept");
+}

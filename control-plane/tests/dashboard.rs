@@ -1,0 +1,806 @@
+//! The dashboards end to end: the pages in a real headless Chromium (through chromedriver)
+//! against a stack of mock backends, a control plane and two data planes; the `/ws` feed with a
+//! bare WebSocket client; the REST bodies that name keys by id; and `/openapi.json` against the
+//! routes the control plane serves.
+//!
+//! The browser test needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian packages
+//! `chromium` and `chromium-driver`) and fails, saying so, without them.
+
+mod common;
+#[path = "common/webdriver.rs"]
+mod webdriver;
+
+use std::time::Duration;
+
+use common::*;
+use control_plane::http::{DASHBOARD_PATHS, REST_PATHS};
+use control_plane::keys::{hash_key, key_id};
+use lb_proto::v1::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use webdriver::{Browser, artifact};
+
+/// The number in a counter's text ("–" before the first update counts as 0).
+fn count(text: &str) -> u64 {
+    text.chars()
+        .filter(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or(0)
+}
+
+async fn send_requests(
+    client: &HttpClient,
+    url: &str,
+    n: usize,
+    api_key: Option<&str>,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let mut req = http::Request::get(url);
+        if let Some(k) = api_key {
+            req = req.header("x-api-key", k);
+        }
+        let r = send(client, req.body(Default::default()).unwrap()).await;
+        statuses.push(r.status);
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboards_work_in_a_real_browser() {
+    webdriver::require_installed();
+    let stack = Stack::start(2).await;
+    let client = http_client();
+    let browser = Browser::start().await;
+    let base = format!("http://{}", stack.cp.http);
+
+    // --- load balancing ---
+    browser.goto(&format!("{base}/dashboard")).await;
+    let addrs: Vec<String> = stack.mock.addrs().iter().map(ToString::to_string).collect();
+    let script = format!(
+        "const want = {}; return want.every(a => document.querySelector(`#backends tbody tr[data-address=\"${{a}}\"]`));",
+        json!(addrs)
+    );
+    browser
+        .wait_for("the three backends in the table", &script)
+        .await;
+    browser
+        .wait_text("#conn-status", "live", |t| t == "live")
+        .await;
+
+    let before = count(&browser.text_of("#total-requests").await);
+    for dp in &stack.dps {
+        let statuses = send_requests(&client, &dp.url("/data"), 20, None).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    }
+    browser
+        .wait_text("#total-requests", "40 more requests", |t| {
+            count(t) >= before + 40
+        })
+        .await;
+
+    // A wrong token: the API's answer is shown and nothing changes.
+    let input = browser.find("#token-input").await;
+    browser.send_keys(&input, "wrong-token").await;
+    browser.click(&browser.find("#token-save").await).await;
+    browser
+        .click(
+            &browser
+                .find("#strategy-select option[value=\"least_connections\"]")
+                .await,
+        )
+        .await;
+    browser.click(&browser.find("#strategy-apply").await).await;
+    browser
+        .wait_text("#strategy-result", "the API error", |t| {
+            t.contains("wrong admin token")
+        })
+        .await;
+    assert_eq!(stack.cp.cp.snapshot().strategy, "round_robin");
+    assert_eq!(stack.cp.cp.version(), 1);
+
+    // The right token: the strategy changes everywhere.
+    browser.clear(&input).await;
+    browser.send_keys(&input, TOKEN).await;
+    browser.click(&browser.find("#token-save").await).await;
+    browser
+        .click(
+            &browser
+                .find("#strategy-select option[value=\"least_connections\"]")
+                .await,
+        )
+        .await;
+    browser.click(&browser.find("#strategy-apply").await).await;
+    browser
+        .wait_text("#strategy-result", "the change confirmed", |t| {
+            t.contains("least_connections")
+        })
+        .await;
+    let mut admin = stack.cp.admin(Some(TOKEN)).await;
+    let strategy = admin
+        .get_strategy(GetStrategyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(strategy.strategy, "least_connections");
+    let config = admin
+        .get_config(GetConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(config.strategy, "least_connections");
+    let v = config.version;
+    assert_eq!(v, 2);
+    stack.cp.wait_acked(&["dp-1", "dp-2"], v).await;
+    for dp in &stack.dps {
+        assert_eq!(
+            dp.shared.active().unwrap().snapshot.strategy,
+            "least_connections"
+        );
+    }
+    browser
+        .wait_text("#strategy-current", "least_connections", |t| {
+            t == "least_connections"
+        })
+        .await;
+    for id in ["dp-1", "dp-2"] {
+        browser
+            .wait_text(
+                &format!("#data-planes tbody tr[data-id=\"{id}\"] td[data-field=applied_version]"),
+                "the new version, current",
+                |t| t.starts_with(&v.to_string()) && t.contains("current"),
+            )
+            .await;
+        let live = browser
+            .text_of(&format!(
+                "#data-planes tbody tr[data-id=\"{id}\"] td[data-field=liveness]"
+            ))
+            .await;
+        assert_eq!(live, "live");
+    }
+    browser
+        .wait_for(
+            "a chart area per backend",
+            "return document.querySelectorAll('#chart polygon').length === 3",
+        )
+        .await;
+    let health = browser
+        .text_of(&format!(
+            "#backends tbody tr[data-address=\"{}\"] td[data-field=health]",
+            addrs[0]
+        ))
+        .await;
+    assert_eq!(health, "healthy");
+    browser.save_screenshot(&artifact("dashboard.png")).await;
+
+    // --- rate limiting ---
+    let key = admin
+        .create_api_key(CreateApiKeyRequest {
+            tier: String::new(),
+            label: "dashboard test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses = send_requests(&client, &stack.dps[0].url("/data"), 1, Some(&key.api_key)).await;
+    assert_eq!(statuses, [200]);
+    // A second key, on the free tier (5 a minute), goes over its limit.
+    let noisy = admin
+        .create_api_key(CreateApiKeyRequest {
+            tier: "free".into(),
+            label: "noisy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses =
+        send_requests(&client, &stack.dps[1].url("/data"), 8, Some(&noisy.api_key)).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
+
+    browser.goto(&format!("{base}/dashboard/ratelimit")).await;
+    browser
+        .wait_text("#conn-status", "live", |t| t == "live")
+        .await;
+    let row = format!("#keys tbody tr[data-key-id=\"{}\"]", key.key_id);
+    browser
+        .wait_text(
+            &format!("{row} td[data-field=requests]"),
+            "the key's request counted",
+            |t| t == "1",
+        )
+        .await;
+    let noisy_row = format!("#keys tbody tr[data-key-id=\"{}\"]", noisy.key_id);
+    browser
+        .wait_text(
+            &format!("{noisy_row} td[data-field=rejected]"),
+            "the noisy key's rejections",
+            |t| t == "3",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the sampled request log",
+            "return document.querySelectorAll('#log tbody tr').length > 0",
+        )
+        .await;
+    browser
+        .wait_text("#total-refused", "the 429s counted", |t| count(t) >= 3)
+        .await;
+
+    // Change the tier on the page.
+    browser
+        .click(
+            &browser
+                .find(&format!(
+                    "{row} select.tier-select option[value=\"premium\"]"
+                ))
+                .await,
+        )
+        .await;
+    browser
+        .click(&browser.find(&format!("{row} button.tier-apply")).await)
+        .await;
+    browser
+        .wait_text("#key-result", "the tier change confirmed", |t| {
+            t.contains("premium")
+        })
+        .await;
+    let listed = |keys: &[ApiKeyInfo]| {
+        keys.iter()
+            .find(|k| k.key_id == key.key_id)
+            .cloned()
+            .unwrap()
+    };
+    let info = listed(
+        &admin
+            .list_api_keys(ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys,
+    );
+    assert_eq!(info.tier, "premium");
+    assert_eq!(info.requests, 1);
+    browser
+        .wait_for(
+            "the row showing premium",
+            &format!(
+                "return document.querySelector('{row} .tier-current').textContent === 'premium'"
+            ),
+        )
+        .await;
+
+    // Block, then unblock, by id.
+    let toggle = format!("{row} button.block-toggle");
+    browser.click(&browser.find(&toggle).await).await;
+    browser
+        .wait_text(&toggle, "Unblock", |t| t == "Unblock")
+        .await;
+    let info = listed(
+        &admin
+            .list_api_keys(ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys,
+    );
+    assert!(info.blocked);
+    let blocked_version = stack.cp.cp.version();
+    for dp in &stack.dps {
+        dp.wait_version(blocked_version).await;
+    }
+    let statuses = send_requests(&client, &stack.dps[0].url("/data"), 1, Some(&key.api_key)).await;
+    assert_eq!(statuses, [403]);
+    browser.click(&browser.find(&toggle).await).await;
+    browser.wait_text(&toggle, "Block", |t| t == "Block").await;
+    let info = listed(
+        &admin
+            .list_api_keys(ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys,
+    );
+    assert!(!info.blocked);
+    browser
+        .wait_for(
+            "the decisions chart",
+            "return document.querySelectorAll('#rl-chart polygon').length === 4",
+        )
+        .await;
+    browser
+        .save_screenshot(&artifact("dashboard-ratelimit.png"))
+        .await;
+
+    // --- the control plane goes away and comes back ---
+    let Stack { mock, cp, dps } = stack;
+    let (grpc_addr, http_addr) = (cp.grpc, cp.http);
+    cp.stop().await;
+    browser
+        .wait_text("#conn-status", "disconnected", |t| {
+            t.contains("disconnected")
+        })
+        .await;
+    let grpc = tokio::net::TcpListener::bind(grpc_addr).await.unwrap();
+    let http = tokio::net::TcpListener::bind(http_addr).await.unwrap();
+    let cp = Cp::start_on(snapshot_with(&mock.addrs()), None, grpc, http).await;
+    browser
+        .wait_text("#conn-status", "live again", |t| t == "live")
+        .await;
+    drop(browser);
+    for dp in dps {
+        dp.stop().await;
+    }
+    cp.stop().await;
+}
+
+/// A bare WebSocket client: enough of RFC 6455 to read text frames and send masked ones.
+struct Ws {
+    stream: TcpStream,
+}
+
+impl Ws {
+    /// Opens `/ws`; the HTTP status when the upgrade is refused.
+    async fn connect(addr: std::net::SocketAddr, origin: Option<&str>) -> Result<Ws, u16> {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let origin = origin
+            .map(|o| format!("Origin: {o}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{origin}\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        // Read the response head byte by byte, so no frame bytes are consumed with it.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let b = stream.read_u8().await.unwrap();
+            head.push(b);
+        }
+        let head = String::from_utf8_lossy(&head);
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        if status == 101 {
+            Ok(Ws { stream })
+        } else {
+            Err(status)
+        }
+    }
+
+    /// The next text message; `None` when the server closed the socket.
+    async fn recv(&mut self) -> Option<String> {
+        loop {
+            let b0 = self.stream.read_u8().await.ok()?;
+            let b1 = self.stream.read_u8().await.ok()?;
+            assert_eq!(b1 & 0x80, 0, "server frames are not masked");
+            let len = match b1 & 0x7f {
+                126 => u64::from(self.stream.read_u16().await.ok()?),
+                127 => self.stream.read_u64().await.ok()?,
+                n => u64::from(n),
+            };
+            let mut payload = vec![0; usize::try_from(len).unwrap()];
+            self.stream.read_exact(&mut payload).await.ok()?;
+            match b0 & 0x0f {
+                0x1 => {
+                    assert_ne!(b0 & 0x80, 0, "text messages arrive in one frame");
+                    return Some(String::from_utf8(payload).unwrap());
+                }
+                0x8 => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// The next message as JSON, within 5 s.
+    async fn next(&mut self) -> Option<Value> {
+        let text = tokio::time::timeout(Duration::from_secs(5), self.recv())
+            .await
+            .expect("a message within 5 s")?;
+        Some(serde_json::from_str(&text).unwrap())
+    }
+
+    /// The next message whose `type` is `kind`.
+    async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let m = self.next().await.expect("socket open");
+            if m["type"] == kind {
+                return m;
+            }
+        }
+    }
+
+    async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            frame.push(0x80 | payload.len() as u8);
+        } else {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.send_frame(0x1, text.as_bytes()).await;
+    }
+}
+
+#[tokio::test]
+async fn feed_sends_state_then_admin_data_after_the_token() {
+    let stack = Stack::start(1).await;
+    let mut ws = Ws::connect(stack.cp.http, None).await.unwrap();
+    let first = ws.next_of("state").await;
+    assert_eq!(first["strategy"], "round_robin");
+    assert_eq!(first["backends"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        first["history"].as_array().unwrap().len() as u64,
+        control_plane::traffic::HISTORY_SECONDS,
+        "a new socket gets the whole kept history"
+    );
+    assert_eq!(first["admin"], false);
+    assert!(first.get("keys").is_none() && first.get("log").is_none());
+    assert!(
+        first["tiers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("premium"))
+    );
+
+    // Whatever else a client sends is ignored; the feed goes on.
+    ws.send_text("not json").await;
+    ws.send_text(r#"{"token": 5}"#).await;
+    ws.send_frame(0x2, b"\x00\x01binary").await;
+    let next = ws.next_of("state").await;
+    assert!(
+        next["history"].as_array().unwrap().len() <= 2,
+        "later messages carry only new seconds: {}",
+        next["history"]
+    );
+
+    ws.send_text(r#"{"token": "wrong"}"#).await;
+    let refused = ws.next_of("auth").await;
+    assert_eq!(refused["error"], "wrong admin token");
+
+    let mut admin = stack.cp.admin(Some(TOKEN)).await;
+    let key = admin
+        .create_api_key(CreateApiKeyRequest {
+            tier: "basic".into(),
+            label: "feed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ws.send_text(&json!({"token": TOKEN}).to_string()).await;
+    let m = ws.next_of("state").await;
+    assert_eq!(m["admin"], true);
+    let keys = m["keys"].as_array().unwrap();
+    assert!(
+        keys.iter()
+            .any(|k| k["api_key_id"] == key.key_id.as_str() && k["tier"] == "basic"),
+        "{keys:?}"
+    );
+    assert!(m["log"].is_array());
+
+    // A request shows up in the per-second history and the totals.
+    let client = http_client();
+    send_requests(&client, &stack.dps[0].url("/data"), 5, Some(&key.api_key)).await;
+    let mut seen = 0;
+    for _ in 0..10 {
+        let m = ws.next_of("state").await;
+        seen += m["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["requests"].as_u64().unwrap())
+            .sum::<u64>();
+        if seen >= 5 && m["totals"]["requests"] == 5 {
+            let k = m["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["api_key_id"] == key.key_id.as_str())
+                .unwrap()
+                .clone();
+            assert_eq!(k["requests"], 5);
+            break;
+        }
+    }
+    assert!(seen >= 5, "5 requests in the history, saw {seen}");
+
+    // Another site's page may not open the feed.
+    let e = Ws::connect(stack.cp.http, Some("http://evil.example"))
+        .await
+        .err();
+    assert_eq!(e, Some(403));
+    assert!(
+        Ws::connect(stack.cp.http, Some(&format!("http://{}", stack.cp.http)))
+            .await
+            .is_ok()
+    );
+
+    // Shutting the control plane down closes the feed instead of waiting for it.
+    let Stack {
+        mock: _mock,
+        cp,
+        dps,
+    } = stack;
+    for dp in dps {
+        dp.stop().await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), cp.stop())
+        .await
+        .expect("the control plane stops with a socket open");
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while ws.recv().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket is closed at shutdown");
+}
+
+#[tokio::test]
+async fn rest_names_keys_by_id_and_unblocks() {
+    let stack = Stack::start(0).await;
+    let cp = &stack.cp;
+    let client = http_client();
+    let post =
+        |path: &str, body: &str| request(http::Method::POST, &cp.http_url(path), Some(TOKEN), body);
+    let mut admin = cp.admin(Some(TOKEN)).await;
+    let key = admin
+        .create_api_key(CreateApiKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let info = |keys: Vec<ApiKeyInfo>| keys.into_iter().find(|k| k.key_id == key.key_id).unwrap();
+
+    let body = json!({"api_key_id": key.key_id, "tier": "enterprise"}).to_string();
+    let r = send(&client, post("/admin/upgrade_tier", &body)).await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    assert_eq!(r.json()["api_key_id"], key.key_id.as_str());
+    assert_eq!(r.json()["tier"], "enterprise");
+    let keys = admin
+        .list_api_keys(ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(info(keys).tier, "enterprise");
+
+    let body = json!({"api_key_id": key.key_id}).to_string();
+    let r = send(&client, post("/admin/block_key", &body)).await;
+    assert_eq!((r.status, r.json()["blocked"].clone()), (200, json!(true)));
+    let keys = admin
+        .list_api_keys(ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(info(keys).blocked);
+    let body = json!({"api_key_id": key.key_id, "blocked": false}).to_string();
+    let r = send(&client, post("/admin/block_key", &body)).await;
+    assert_eq!((r.status, r.json()["blocked"].clone()), (200, json!(false)));
+    let keys = admin
+        .list_api_keys(ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(!info(keys).blocked);
+
+    // The original shape still works, and unblocks too.
+    let r = send(
+        &client,
+        post("/admin/block_key", r#"{"api_key":"raw-key"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["api_key_id"],
+        key_id(&hash_key("raw-key")).as_str()
+    );
+    let r = send(
+        &client,
+        post(
+            "/admin/block_key",
+            r#"{"api_key":"raw-key","blocked":false}"#,
+        ),
+    )
+    .await;
+    assert_eq!((r.status, r.json()["blocked"].clone()), (200, json!(false)));
+
+    let version = cp.cp.version();
+    for (path, body, status, needle) in [
+        (
+            "/admin/upgrade_tier",
+            json!({"api_key": "raw-key", "api_key_id": key.key_id, "tier": "basic"}),
+            400,
+            "not both",
+        ),
+        (
+            "/admin/upgrade_tier",
+            json!({"tier": "basic"}),
+            400,
+            "api_key",
+        ),
+        (
+            "/admin/upgrade_tier",
+            json!({"api_key_id": "NOT-AN-ID", "tier": "basic"}),
+            400,
+            "api_key_id",
+        ),
+        (
+            "/admin/upgrade_tier",
+            json!({"api_key_id": "0000000000000000", "tier": "basic"}),
+            404,
+            "0000000000000000",
+        ),
+        ("/admin/block_key", json!({}), 400, "api_key"),
+        (
+            "/admin/block_key",
+            json!({"api_key_id": key.key_id, "blocked": "no"}),
+            400,
+            "boolean",
+        ),
+        (
+            "/admin/block_key",
+            json!({"api_key": "a", "api_key_id": key.key_id}),
+            400,
+            "not both",
+        ),
+    ] {
+        let r = send(&client, post(path, &body.to_string())).await;
+        assert_eq!(r.status, status, "{path} {body}: {}", r.json());
+        let message = r.json()["error"].as_str().unwrap().to_owned();
+        assert!(message.contains(needle), "{path} {body}: {message}");
+    }
+    assert_eq!(cp.cp.version(), version, "refused calls change nothing");
+    let r = send(
+        &client,
+        request(
+            http::Method::POST,
+            &cp.http_url("/admin/block_key"),
+            Some("wrong"),
+            &json!({"api_key_id": key.key_id}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+}
+
+/// The property names of a schema in the OpenAPI document.
+fn schema_fields(doc: &Value, name: &str) -> std::collections::BTreeSet<String> {
+    doc["components"]["schemas"][name]["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("schema {name} has no properties"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn fields(v: &Value) -> std::collections::BTreeSet<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route_and_the_shapes_served() {
+    let stack = Stack::start(1).await;
+    let cp = &stack.cp;
+    let client = http_client();
+    let r = get(&client, &cp.http_url("/openapi.json")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/json");
+    let doc = r.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.0"));
+    let paths = doc["paths"].as_object().unwrap();
+    let served: Vec<&str> = REST_PATHS.iter().chain(DASHBOARD_PATHS).copied().collect();
+    for p in &served {
+        assert!(paths.contains_key(*p), "{p} is not in /openapi.json");
+        let status = get(&client, &cp.http_url(p)).await.status;
+        assert_ne!(status, 404, "{p} is listed but not served");
+    }
+    for p in paths.keys() {
+        assert!(
+            served.contains(&p.as_str()),
+            "{p} is documented but not served"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearerAuth"]["scheme"],
+        "bearer"
+    );
+    for (p, method) in [
+        ("/change_strategy", "post"),
+        ("/admin/users", "get"),
+        ("/admin/upgrade_tier", "post"),
+        ("/admin/block_key", "post"),
+        ("/logs", "get"),
+    ] {
+        assert_eq!(
+            paths[p][method]["security"],
+            json!([{"bearerAuth": []}]),
+            "{p} needs the token"
+        );
+    }
+
+    let index = get(&client, &cp.http_url("/")).await.json();
+    assert_eq!(index["endpoints"], json!(REST_PATHS));
+    assert_eq!(index["dashboards"]["load_balancing"], "/dashboard");
+
+    // The documented shapes are the served ones.
+    send_requests(&client, &stack.dps[0].url("/data"), 3, None).await;
+    let stats = loop {
+        let s = get(&client, &cp.http_url("/stats")).await.json();
+        if s["totals"]["requests"] == 3 && s["data_planes_reporting"] == 1 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(fields(&stats), schema_fields(&doc, "Stats"));
+    assert_eq!(fields(&stats["totals"]), schema_fields(&doc, "Totals"));
+    assert_eq!(fields(&stats["per_second"]), schema_fields(&doc, "Second"));
+    assert_eq!(
+        fields(&stats["backends"][0]),
+        schema_fields(&doc, "Backend")
+    );
+    assert_eq!(
+        fields(&stats["data_planes"][0]),
+        schema_fields(&doc, "DataPlane")
+    );
+    assert_eq!(stats["data_planes"][0]["liveness"], "live");
+    let backend = &stats["backends"][0];
+    assert_eq!(backend["health"], "healthy");
+    assert_eq!(backend["circuit"], "closed");
+
+    let mut admin = cp.admin(Some(TOKEN)).await;
+    admin
+        .create_api_key(CreateApiKeyRequest::default())
+        .await
+        .unwrap();
+    let users = send(
+        &client,
+        request(
+            http::Method::GET,
+            &cp.http_url("/admin/users"),
+            Some(TOKEN),
+            "",
+        ),
+    )
+    .await
+    .json();
+    assert_eq!(fields(&users["users"][0]), schema_fields(&doc, "User"));
+
+    for (p, content_type, needle) in [
+        ("/dashboard", "text/html; charset=utf-8", "conn-status"),
+        (
+            "/dashboard/ratelimit",
+            "text/html; charset=utf-8",
+            "conn-status",
+        ),
+        (
+            "/dashboard/app.js",
+            "text/javascript; charset=utf-8",
+            "WebSocket",
+        ),
+        ("/dashboard/app.css", "text/css; charset=utf-8", ".status"),
+    ] {
+        let r = get(&client, &cp.http_url(p)).await;
+        assert_eq!(r.status, 200, "{p}");
+        assert_eq!(r.headers["content-type"], content_type, "{p}");
+        assert!(r.headers.contains_key("content-security-policy"), "{p}");
+        assert!(
+            String::from_utf8_lossy(&r.body).contains(needle),
+            "{p} lacks {needle}"
+        );
+    }
+}
