@@ -109,6 +109,8 @@ pub struct ControlPlane {
     /// Where reports from this control plane's data planes are also sent, for other control
     /// planes to add up (set when the state is in Redis).
     pub report_sink: std::sync::OnceLock<tokio::sync::mpsc::Sender<lb_proto::v1::StatsReport>>,
+    /// The listeners' TLS, when served with it (set by the first such serve), for `/metrics`.
+    pub tls: std::sync::OnceLock<Arc<crate::tls::ServerTls>>,
 }
 
 /// Checks a state as loaded or about to be published, with `config.keys` derived from the
@@ -180,6 +182,7 @@ impl ControlPlane {
             traffic: crate::traffic::Traffic::default(),
             tracer: std::sync::OnceLock::new(),
             report_sink: std::sync::OnceLock::new(),
+            tls: std::sync::OnceLock::new(),
         })
     }
 

@@ -91,12 +91,19 @@ pub async fn run(
         None
     };
     let settings = Settings::load(common)?;
+    if settings.tls.is_some() {
+        anyhow::bail!(
+            "tls_cert, tls_key (--tls-cert, --tls-key, LB_TLS_CERT, LB_TLS_KEY): `dev` serves \
+             plain HTTP and gRPC; TLS is for `control-plane serve`"
+        );
+    }
     let token = std::env::var("LB_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(random_token);
     let cp = crate::open(
         settings.redis.as_deref(),
+        settings.redis_root_ca()?.as_deref(),
         settings.state_file.clone(),
         settings.initial.clone(),
         token.clone(),
@@ -132,6 +139,7 @@ pub async fn run(
             control_plane: local_url(grpc_addr),
             node_id: format!("dev-{}", i + 1),
             redis: settings.redis.clone(),
+            redis_ca: settings.redis_ca.clone(),
             log_json: settings.log_json,
             tracing: settings.tracing.clone(),
             ..data_plane::Settings::default()

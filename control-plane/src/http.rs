@@ -294,7 +294,7 @@ async fn metrics(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {
         .iter()
         .filter(|p| p.connected && p.applied_version == s.version)
         .count();
-    let text = format!(
+    let mut text = format!(
         "# HELP lb_cp_config_version Version of the configuration the control plane publishes.\n\
          # TYPE lb_cp_config_version gauge\n\
          lb_cp_config_version {}\n\
@@ -310,6 +310,9 @@ async fn metrics(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {
         planes.len() - connected,
         current,
     );
+    if let Some(tls) = cp.tls.get() {
+        text.push_str(&tls.render_metrics());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -9,6 +9,7 @@
 //! - [`ratelimit`]: key usage and bans as data planes keep them in Redis.
 //! - [`discovery`], [`admin`]: the `lb.v1.Discovery` and `lb.v1.Admin` gRPC services.
 //! - [`http`]: REST endpoints, `/stats`, `/metrics` and `/openapi.json`.
+//! - [`tls`]: TLS on both listeners, with the data plane's certificate checks and reloads.
 //! - [`dashboard`]: the dashboards' pages and their WebSocket feed, `/ws`.
 //! - [`dev`]: the all-in-one local stack of `control-plane dev`.
 
@@ -24,10 +25,11 @@ pub mod ratelimit;
 pub mod redis_store;
 pub mod settings;
 pub mod store;
+pub mod tls;
 pub mod trace;
 pub mod traffic;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -40,6 +42,11 @@ use tonic_health::ServingStatus;
 pub use cluster::ControlPlane;
 use cluster::UpdateError;
 use lb_proto::v1::ConfigSnapshot;
+
+/// Time connections get to finish once shutdown begins. Watch streams and dashboard feeds are
+/// ended by the shutdown itself; what remains past it is a client holding an idle connection
+/// open (one that never sent a request, say), which would otherwise hold up the stop forever.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A random token of 32 hex digits.
 pub fn random_token() -> String {
@@ -62,6 +69,7 @@ pub fn start_tracing(cp: &ControlPlane, settings: Option<&data_plane::otel::Trac
 /// (keeping its state in `state_file` when given). `initial` is used when the store is empty.
 pub async fn open(
     redis: Option<&str>,
+    redis_ca: Option<&[u8]>,
     state_file: Option<PathBuf>,
     initial: ConfigSnapshot,
     admin_token: String,
@@ -72,9 +80,13 @@ pub async fn open(
             if state_file.is_some() {
                 tracing::warn!("--state-file is not used: the state is kept in Redis");
             }
-            let store = redis_store::RedisStore::open(url, redis_store::DEFAULT_CALL_TIMEOUT)
-                .await
-                .map_err(UpdateError::Unavailable)?;
+            let store = redis_store::RedisStore::open_with_ca(
+                url,
+                redis_ca,
+                redis_store::DEFAULT_CALL_TIMEOUT,
+            )
+            .await
+            .map_err(UpdateError::Unavailable)?;
             tracing::info!(redis = %store.addr(), "state kept in Redis");
             redis_store::control_plane(Arc::new(store), initial, admin_token, cluster_token).await
         }
@@ -92,6 +104,18 @@ pub async fn serve(
     cp: Arc<ControlPlane>,
     grpc: TcpListener,
     http: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with_tls(cp, grpc, http, None, shutdown).await
+}
+
+/// As [`serve`]; with `tls`, both listeners speak TLS only, and the certificate is reloaded on
+/// SIGHUP and when its files change.
+pub async fn serve_with_tls(
+    cp: Arc<ControlPlane>,
+    grpc: TcpListener,
+    http: TcpListener,
+    tls: Option<Arc<tls::ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -128,7 +152,7 @@ pub async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .layer(trace::AdminTraceLayer {
             tracer: cp.tracer.get().cloned(),
@@ -137,18 +161,64 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(discovery)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), wait(stop_rx.clone()));
-    let http_server =
-        axum::serve(http, http::router(Arc::clone(&cp))).with_graceful_shutdown(wait(stop_rx));
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, version = cp.snapshot().version, "control plane started");
-    let grpc_task = tokio::spawn(grpc_server);
-    let http_task = tokio::spawn(async move { http_server.await });
+        .add_service(admin);
+    let http_router = http::router(Arc::clone(&cp));
+    // The accepting tasks of TLS listeners, awaited at the end so that the ports are closed
+    // when this returns, as with plain listeners.
+    let mut accepting = Vec::new();
+    let (grpc_task, http_task, tls_watch) = match &tls {
+        None => {
+            (
+                tokio::spawn(grpc_router.serve_with_incoming_shutdown(
+                    TcpListenerStream::new(grpc),
+                    wait(stop_rx.clone()),
+                )),
+                tokio::spawn(
+                    axum::serve(http, http_router)
+                        .with_graceful_shutdown(wait(stop_rx.clone()))
+                        .into_future(),
+                ),
+                None,
+            )
+        }
+        Some(tls) => {
+            let _ = cp.tls.set(Arc::clone(tls));
+            let (grpc, grpc_accepting) = tls.listen(grpc, tls::GRPC_ALPN, "grpc")?;
+            let (http, http_accepting) = tls.listen(http, tls::HTTP_ALPN, "http")?;
+            accepting.extend([grpc_accepting, http_accepting]);
+            (
+                tokio::spawn(
+                    grpc_router
+                        .serve_with_incoming_shutdown(grpc.into_stream(), wait(stop_rx.clone())),
+                ),
+                tokio::spawn(
+                    axum::serve(http, http_router)
+                        .with_graceful_shutdown(wait(stop_rx.clone()))
+                        .into_future(),
+                ),
+                Some(tokio::spawn(Arc::clone(tls.tls()).watch(stop_rx.clone()))),
+            )
+        }
+    };
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = tls.is_some(), version = cp.snapshot().version, "control plane started");
     shutdown.await;
     cp.stop_streams();
     let _ = stop_tx.send(true);
-    grpc_task.await??;
-    http_task.await??;
+    let (grpc_abort, http_abort) = (grpc_task.abort_handle(), http_task.abort_handle());
+    match tokio::time::timeout(DRAIN_TIMEOUT, async { (grpc_task.await, http_task.await) }).await {
+        Ok((grpc, http)) => {
+            grpc??;
+            http??;
+        }
+        Err(_) => {
+            tracing::warn!("drain timeout; closing the remaining connections");
+            grpc_abort.abort();
+            http_abort.abort();
+        }
+    }
+    for task in accepting.into_iter().chain(tls_watch) {
+        let _ = task.await;
+    }
     if let Some(t) = cp.tracer.get().cloned() {
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
     }

@@ -29,6 +29,8 @@ enum Command {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // One process-wide crypto provider (ring) for any TLS built without naming one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let json = match &cli.command {
         Command::Serve(a) => a.log_format.as_deref() == Some("json"),
@@ -56,6 +58,12 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let settings = Settings::load(args)?;
+    let tls = settings
+        .tls
+        .clone()
+        .map(control_plane::tls::ServerTls::load)
+        .transpose()?
+        .map(std::sync::Arc::new);
     let token = match std::env::var("LB_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
@@ -72,6 +80,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
         .filter(|t| !t.is_empty());
     let cp = control_plane::open(
         settings.redis.as_deref(),
+        settings.redis_root_ca()?.as_deref(),
         settings.state_file.clone(),
         settings.initial.clone(),
         token,
@@ -86,5 +95,5 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(settings.http_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--http-listen)", settings.http_listen))?;
-    control_plane::serve(cp, grpc, http, shutdown_signal()).await
+    control_plane::serve_with_tls(cp, grpc, http, tls, shutdown_signal()).await
 }

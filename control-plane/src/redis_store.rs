@@ -18,6 +18,9 @@
 //! resubscribes and every [`HEALTH_INTERVAL`], so it converges without them; finding an older
 //! version than its own (Redis lost its data) it saves its state again.
 //!
+//! A `rediss://` URL is reached over TLS (rustls), the certificate checked against the
+//! `redis_ca` file when set, else the system's roots.
+//!
 //! Every call has a deadline ([`DEFAULT_CALL_TIMEOUT`] unless set): with Redis gone, admin calls
 //! that need it fail promptly with an error naming Redis, while the published configuration keeps
 //! being served to data planes from memory.
@@ -98,7 +101,27 @@ impl RedisStore {
     /// A store on the Redis at `url` with every call bounded by `timeout`. Nothing is sent yet:
     /// an unreachable Redis shows in the first call.
     pub async fn open(url: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| StoreError::RedisUrl(e.to_string()))?;
+        RedisStore::open_with_ca(url, None, timeout).await
+    }
+
+    /// As [`RedisStore::open`], with the PEM CA certificates a `rediss://` Redis's certificate
+    /// must chain to (the `redis_ca` setting; `None`: the system's roots).
+    pub async fn open_with_ca(
+        url: &str,
+        root_ca: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        let client = match root_ca {
+            Some(pem) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| StoreError::RedisUrl(e.to_string()))?;
         let addr = client.get_connection_info().addr().to_string();
         // Few, quick reconnection attempts: the call deadline is what callers wait on, and a
         // later call starts a new attempt anyway.

@@ -1,11 +1,16 @@
 //! Settings of `control-plane serve` and `control-plane dev`: flags over environment over a TOML
 //! file over defaults. The file also holds the initial cluster configuration (backends,
 //! strategy, policies, tiers), used when the store is empty.
+//!
+//! TLS files are loaded and checked here, as the data plane checks its own (missing, not PEM,
+//! key not matching, certificate expired or not yet valid), so a bad file stops the start with
+//! the file named.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use data_plane::settings::{SettingsError, read_toml};
+use data_plane::settings::{SettingsError, read_toml, tls_files};
+use data_plane::tls::TlsFiles;
 use lb_proto::v1::{
     Backend, BanPolicy, CachePolicy, CircuitBreakerPolicy, ConfigSnapshot, HashPolicy,
     HealthCheckPolicy, Limit, OutlierPolicy, QueuePolicy, RetryPolicy, StoreFailureMode, Tier,
@@ -29,6 +34,10 @@ pub struct CommonArgs {
     /// Redis URL for durable state and fan-out between control planes [default: embedded store]
     #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
     pub redis: Option<String>,
+    /// PEM CA certificates that a rediss:// Redis's certificate must chain to [default: the
+    /// system's roots]
+    #[arg(long, env = "LB_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
     /// Initial backends when the store is empty: host:port[=weight], comma-separated
     #[arg(long, env = "LB_BACKENDS", value_name = "LIST")]
     pub backends: Option<String>,
@@ -44,6 +53,14 @@ pub struct CommonArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "LB_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// PEM certificate chain (leaf first): the gRPC and HTTP listeners then speak TLS only
+    /// (`serve`; `dev` stays plain). Needs --tls-key; reloaded on SIGHUP and when the file
+    /// changes [default: none, plain]
+    #[arg(long, env = "LB_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
+    #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,8 +92,11 @@ struct FileSettings {
     grpc_listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
     redis: Option<String>,
+    redis_ca: Option<PathBuf>,
     state_file: Option<PathBuf>,
     log_format: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     strategy: Option<String>,
     ip_limit: Option<String>,
     backends: Option<Vec<BackendEntry>>,
@@ -102,12 +122,16 @@ pub struct Settings {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub redis: Option<String>,
+    /// CA file for a `rediss://` Redis; `None`: the system's roots.
+    pub redis_ca: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub log_json: bool,
     /// The configuration to start from when the store holds none (version 1).
     pub initial: ConfigSnapshot,
     /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
     pub tracing: Option<data_plane::otel::TraceSettings>,
+    /// Certificate and key of both listeners; `None` is plain HTTP and gRPC.
+    pub tls: Option<TlsFiles>,
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
@@ -185,6 +209,10 @@ impl Settings {
             Some(path) => read_toml(path)?,
             None => FileSettings::default(),
         };
+        let tls = tls_files(
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        )?;
         let mut s = defaults::snapshot();
         if let Some(strategy) = args.strategy.or(file.strategy) {
             validate::strategy(&strategy).map_err(|e| invalid("strategy", e.message))?;
@@ -273,6 +301,17 @@ impl Settings {
             key: "config",
             message: e.to_string(),
         })?;
+        let redis = args.redis.or(file.redis).filter(|r| !r.is_empty());
+        let redis_ca = args.redis_ca.or(file.redis_ca);
+        if let Some(ca) = &redis_ca {
+            if !redis.as_ref().is_some_and(|r| r.starts_with("rediss://")) {
+                return Err(invalid(
+                    "redis_ca",
+                    "is set, but redis is not a rediss:// URL: the CA would not be used",
+                ));
+            }
+            data_plane::tls::client::read_roots("redis_ca", ca)?;
+        }
         Ok(Settings {
             grpc_listen: args
                 .grpc_listen
@@ -282,13 +321,28 @@ impl Settings {
                 .http_listen
                 .or(file.http_listen)
                 .unwrap_or(([0, 0, 0, 0], 5000).into()),
-            redis: args.redis.or(file.redis).filter(|r| !r.is_empty()),
+            redis,
+            redis_ca,
             state_file: args.state_file.or(file.state_file),
             log_json: log_json(args.log_format.or(file.log_format))?,
             initial: s,
             tracing: data_plane::otel::TraceSettings::from_env()
                 .map_err(|message| invalid("tracing", message))?,
+            tls,
         })
+    }
+}
+
+impl Settings {
+    /// The PEM of the `redis_ca` file, for [`crate::redis_store::RedisStore::open_with_ca`];
+    /// read again here (it was checked at load), refused naming the file.
+    pub fn redis_root_ca(&self) -> Result<Option<Vec<u8>>, SettingsError> {
+        match &self.redis_ca {
+            Some(ca) => Ok(Some(
+                data_plane::tls::client::read_roots("redis_ca", ca)?.pem,
+            )),
+            None => Ok(None),
+        }
     }
 }
 

@@ -5,6 +5,12 @@
 //!
 //! With a state directory, every applied snapshot is also written to disk, and a data plane that
 //! cannot reach the control plane at start boots from it instead of refusing traffic.
+//!
+//! An `https://` control plane is reached over TLS (ALPN h2), its certificate checked against
+//! `control_plane_ca` when set, else the system's roots. The CA file is read again for each
+//! connection, so replacing it needs no restart; a certificate that fails the check is one more
+//! failed connection: logged with the cause, retried with backoff, the configuration in force
+//! kept.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,11 +22,16 @@ use lb_proto::v1::{ConfigSnapshot, Node, WatchRequest};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::backoff::Backoff;
+use crate::settings::Settings;
 use crate::state::Shared;
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";
+/// Bound on the TCP connect and, separately, the TLS handshake to the control plane: a control
+/// plane that does not answer in this time is tried again after the backoff.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest saved snapshot read back at boot; a bound against a corrupt or foreign file.
 const MAX_SAVED_BYTES: u64 = 64 << 20;
 
@@ -31,6 +42,44 @@ pub fn node(shared: &Shared) -> Node {
         listen: shared.settings.listen.to_string(),
         admin_listen: shared.settings.admin_listen.to_string(),
     }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The control plane's endpoint for both streams (Watch and Report): plain for `http://`, TLS
+/// for `https://`.
+pub fn endpoint(settings: &Settings) -> Result<Endpoint, BoxError> {
+    let endpoint = Endpoint::from_shared(settings.control_plane.clone())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    if !settings.control_plane.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = ClientTlsConfig::new().timeout(CONNECT_TIMEOUT);
+    let tls = match &settings.control_plane_ca {
+        Some(path) => {
+            let roots = crate::tls::client::read_roots("control_plane_ca", path)?;
+            tls.ca_certificate(Certificate::from_pem(roots.pem))
+        }
+        None => tls.with_native_roots(),
+    };
+    Ok(endpoint.tls_config(tls)?)
+}
+
+/// An error with its causes, `outer: inner: ...`: a transport error alone says only
+/// "transport error", the certificate problem is in its sources.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Runs the stream until `stop` turns true.
@@ -56,7 +105,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(control_plane = %shared.settings.control_plane, cause = %e, "control plane unreachable")
+                tracing::warn!(control_plane = %shared.settings.control_plane, cause = %error_chain(&*e), "control plane unreachable")
             }
         }
         // Unreachable at start: serve the last good snapshot rather than nothing.
@@ -81,10 +130,8 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 }
 
 /// One stream. `Ok(true)` when at least one snapshot arrived (the control plane was reached).
-async fn session(shared: &Shared) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(shared.settings.control_plane.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
+async fn session(shared: &Shared) -> Result<bool, BoxError> {
+    let endpoint = endpoint(&shared.settings)?
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);

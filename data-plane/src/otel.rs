@@ -118,7 +118,7 @@ impl Tracing {
     /// Starts a server span, child of the caller's context.
     pub fn server_span(
         &self,
-        name: String,
+        name: impl Into<std::borrow::Cow<'static, str>>,
         parent: &Context,
         attributes: Vec<KeyValue>,
     ) -> RequestSpan {

@@ -4,22 +4,21 @@
 //! over one interval and each later one jittered, so data planes and backends never fall into
 //! lockstep. A probe that errors, answers garbage, hangs past the timeout or answers a status
 //! outside 200-399 counts as a failure; the flip itself is [`crate::health::HealthState`]'s call.
+//!
+//! Probes open their connections as the proxy does ([`crate::upstream`]: plain, or TLS with the
+//! same roots and name checks), on a keep-alive connection of their own per backend, so a
+//! backend reached over TLS is probed over TLS and a certificate problem fails its probes too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Either, Full};
 use tokio::task::JoinHandle;
 
 use crate::health::{self, HealthState};
 use crate::state::{Endpoint, Shared};
-
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+use crate::upstream::{self, IdleConns};
 
 /// Largest probe answer read; a backend streaming an endless health body is cut off there.
 const MAX_PROBE_BODY: usize = 64 * 1024;
@@ -65,16 +64,9 @@ impl Prober {
     }
 }
 
-fn client() -> ProbeClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1)
-        .build(http)
-}
-
 async fn probe_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
-    let client = client();
+    // The probes' own connection: the proxy's pools belong to the worker threads.
+    let pool = Arc::new(IdleConns::new(1, endpoint.idle.transport().clone()));
     let mut state = HealthState::new();
     let mut first = true;
     loop {
@@ -99,36 +91,51 @@ async fn probe_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
             return;
         };
         let timeout = Duration::from_millis(u64::from(policy.timeout_ms));
-        let ok = probe(&client, &endpoint, &policy.path, timeout).await;
-        if let Some(healthy) = state.observe(ok, &policy) {
+        let outcome = probe(&pool, &endpoint, &policy.path, timeout).await;
+        if let Some(healthy) = state.observe(outcome.is_ok(), &policy) {
             endpoint.set_healthy(healthy);
-            if healthy {
-                tracing::info!(backend = %endpoint.address, "backend healthy again; back in rotation");
-            } else {
-                tracing::warn!(backend = %endpoint.address, path = %policy.path, "backend failed its health checks; out of rotation");
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(backend = %endpoint.address, "backend healthy again; back in rotation");
+                }
+                Err(cause) => {
+                    tracing::warn!(backend = %endpoint.address, path = %policy.path, cause = %cause, "backend failed its health checks; out of rotation");
+                }
             }
         }
     }
 }
 
-/// One probe: true when the backend answered a healthy status, in full, within `timeout`.
-async fn probe(client: &ProbeClient, endpoint: &Endpoint, path: &str, timeout: Duration) -> bool {
-    let Ok(uri) = format!("http://{}{path}", endpoint.address).parse::<http::Uri>() else {
-        return false;
-    };
-    let req = http::Request::get(uri)
+/// One probe: `Ok` when the backend answered a healthy status, in full, within `timeout`;
+/// otherwise why not.
+async fn probe(
+    pool: &Arc<IdleConns>,
+    endpoint: &Endpoint,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let req = http::Request::get(path)
+        .header(http::header::HOST, endpoint.authority.as_str())
         .header(http::header::USER_AGENT, "lb-health-check")
-        .body(Empty::new());
-    let Ok(req) = req else { return false };
+        .body(Either::Right(Full::default()))
+        .map_err(|e| format!("health check path {path:?}: {e}"))?;
     let exchange = async {
-        let resp = client.request(req).await.ok()?;
+        let (resp, lease) =
+            upstream::send(pool, 0, &endpoint.address, endpoint.resolved, timeout, req)
+                .await
+                .map_err(|(e, _)| e.to_string())?;
         let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY);
-        body.collect().await.ok()?;
-        Some(status)
+        body.collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        lease.release();
+        Ok(status)
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Ok(Some(status)) => health::is_healthy_status(status),
-        _ => false,
+        Ok(Ok(status)) if health::is_healthy_status(status) => Ok(()),
+        Ok(Ok(status)) => Err(format!("answered {status}")),
+        Ok(Err(cause)) => Err(cause),
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
 }

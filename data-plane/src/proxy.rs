@@ -424,44 +424,57 @@ fn start_span(
     conn: &ClientConn,
 ) -> otel::RequestSpan {
     let parent = t.extract(req.headers());
-    let method = req.method().as_str().to_owned();
-    let version = match req.version() {
-        Version::HTTP_2 => "2",
-        Version::HTTP_10 => "1.0",
-        _ => "1.1",
+    // Span names stay few: the standard methods, anything else as "_OTHER".
+    let name = match *req.method() {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => "_OTHER",
     };
-    // The query stays out: it may carry credentials such as an API key.
-    let mut attributes = vec![
-        KeyValue::new("http.request.method", method.clone()),
-        KeyValue::new(
-            "url.path",
-            req.uri().path().chars().take(1024).collect::<String>(),
-        ),
-        KeyValue::new("url.scheme", conn.scheme()),
-        KeyValue::new("client.address", conn.peer.ip().to_string()),
-        KeyValue::new("network.protocol.version", version),
-    ];
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
-    if let Some(host) = host {
-        let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
-        attributes.push(KeyValue::new("server.address", name.to_owned()));
+    let mut span = t.server_span(name, &parent, Vec::new());
+    // Attributes cost allocations: only spans that are kept get them.
+    if span.is_recording() {
+        let version = match req.version() {
+            Version::HTTP_2 => "2",
+            Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        // The query stays out: it may carry credentials such as an API key.
+        let mut attributes = vec![
+            KeyValue::new("http.request.method", req.method().as_str().to_owned()),
+            KeyValue::new(
+                "url.path",
+                req.uri().path().chars().take(1024).collect::<String>(),
+            ),
+            KeyValue::new("url.scheme", conn.scheme()),
+            KeyValue::new("client.address", conn.peer.ip().to_string()),
+            KeyValue::new("network.protocol.version", version),
+        ];
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        if let Some(host) = host {
+            let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            attributes.push(KeyValue::new("server.address", name.to_owned()));
+        }
+        if let Some(ua) = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+        {
+            attributes.push(KeyValue::new(
+                "user_agent.original",
+                ua.chars().take(256).collect::<String>(),
+            ));
+        }
+        span.set_attributes(attributes);
     }
-    if let Some(ua) = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-    {
-        attributes.push(KeyValue::new(
-            "user_agent.original",
-            ua.chars().take(256).collect::<String>(),
-        ));
-    }
-    let span = t.server_span(method, &parent, attributes);
     t.inject(&span, req.headers_mut());
     span
 }

@@ -242,11 +242,9 @@ pub async fn run(shared: Arc<Shared>, node: Node, mut stop: watch::Receiver<bool
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let session = async {
-            let channel =
-                tonic::transport::Endpoint::from_shared(shared.settings.control_plane.clone())?
-                    .connect_timeout(Duration::from_secs(2))
-                    .connect()
-                    .await?;
+            let channel = crate::discovery::endpoint(&shared.settings)?
+                .connect()
+                .await?;
             let (tx, rx) = mpsc::channel::<StatsReport>(4);
             let mut request = tonic::Request::new(ReceiverStream::new(rx));
             if let Some(token) = &shared.settings.cluster_token {
@@ -277,7 +275,7 @@ pub async fn run(shared: Arc<Shared>, node: Node, mut stop: watch::Receiver<bool
             _ = stop.wait_for(|s| *s) => return,
         };
         if let Err(e) = result {
-            tracing::debug!(cause = %e, "report stream ended");
+            tracing::debug!(cause = %crate::discovery::error_chain(&*e), "report stream ended");
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}

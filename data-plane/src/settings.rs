@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::tls::TlsFiles;
+use crate::tls::client::BackendTlsSettings;
 
 /// Command line of the `data-plane` binary. Every flag can also be set through its environment
 /// variable or the TOML file.
@@ -29,9 +30,13 @@ pub struct Args {
     /// Admin listener: /healthz /readyz /stats /metrics [default: 127.0.0.1:9901]
     #[arg(long, env = "LB_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
-    /// Control plane gRPC endpoint [default: http://127.0.0.1:50051]
+    /// Control plane gRPC endpoint; https:// speaks TLS [default: http://127.0.0.1:50051]
     #[arg(long, env = "LB_CONTROL_PLANE", value_name = "URL")]
     pub control_plane: Option<String>,
+    /// PEM CA certificates an https:// control plane's certificate must chain to; read again
+    /// at each connection [default: the system's roots]
+    #[arg(long, env = "LB_CONTROL_PLANE_CA", value_name = "FILE")]
+    pub control_plane_ca: Option<PathBuf>,
     /// This data plane's unique name [default: hostname-pid]
     #[arg(long, env = "LB_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,
@@ -80,6 +85,31 @@ pub struct Args {
     /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
     #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Connect to backends over TLS (HTTP/1.1), their certificates checked against
+    /// --backend-ca; health checks too [default: false]
+    #[arg(
+        long,
+        env = "LB_BACKEND_TLS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub backend_tls: Option<bool>,
+    /// PEM CA certificates that backend certificates must chain to; required with
+    /// --backend-tls [default: none]
+    #[arg(long, env = "LB_BACKEND_CA", value_name = "FILE")]
+    pub backend_ca: Option<PathBuf>,
+    /// Name checked in every backend's certificate (and sent as SNI) instead of the backend's
+    /// own host, for backends addressed by IP [default: each backend's host; an IP address is
+    /// checked against the certificate's IP addresses]
+    #[arg(long, env = "LB_BACKEND_SERVER_NAME", value_name = "NAME")]
+    pub backend_server_name: Option<String>,
+    /// PEM CA certificates that a rediss:// Redis's certificate must chain to [default: the
+    /// system's roots]
+    #[arg(long, env = "LB_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -89,6 +119,7 @@ struct FileSettings {
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     control_plane: Option<String>,
+    control_plane_ca: Option<PathBuf>,
     node_id: Option<String>,
     redis: Option<String>,
     state_dir: Option<PathBuf>,
@@ -102,6 +133,10 @@ struct FileSettings {
     workers: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    backend_tls: Option<bool>,
+    backend_ca: Option<PathBuf>,
+    backend_server_name: Option<String>,
+    redis_ca: Option<PathBuf>,
 }
 
 /// Settings in force, every one resolved.
@@ -110,6 +145,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub control_plane: String,
+    /// CA certificates (PEM) an https:// control plane is verified against; `None`: the
+    /// system's roots.
+    pub control_plane_ca: Option<PathBuf>,
     pub node_id: String,
     pub redis: Option<String>,
     pub state_dir: Option<PathBuf>,
@@ -127,6 +165,10 @@ pub struct Settings {
     pub tracing: Option<crate::otel::TraceSettings>,
     /// Certificate and key of the proxy listener; `None` is plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// TLS to backends (the CA file and name override); `None` is plain HTTP.
+    pub backend_tls: Option<BackendTlsSettings>,
+    /// CA file for a `rediss://` Redis; `None`: the system's roots.
+    pub redis_ca: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -135,6 +177,7 @@ impl Default for Settings {
             listen: ([0, 0, 0, 0], 8080).into(),
             admin_listen: ([127, 0, 0, 1], 9901).into(),
             control_plane: "http://127.0.0.1:50051".to_owned(),
+            control_plane_ca: None,
             node_id: default_node_id(),
             redis: None,
             state_dir: None,
@@ -149,6 +192,8 @@ impl Default for Settings {
             cluster_token: None,
             tracing: None,
             tls: None,
+            backend_tls: None,
+            redis_ca: None,
         }
     }
 }
@@ -209,27 +254,15 @@ impl Settings {
             .filter(|s| !s.trim().is_empty())
             .map(|s| parse_net(s.trim()))
             .collect::<Result<Vec<_>, _>>()?;
-        let tls = match (
+        let tls = tls_files(
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),
-        ) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(SettingsError::Invalid {
-                    key: "tls_key",
-                    message: "missing: tls_cert (--tls-cert) is set, so the key must be too"
-                        .to_owned(),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(SettingsError::Invalid {
-                    key: "tls_cert",
-                    message: "missing: tls_key (--tls-key) is set, so the certificate must be too"
-                        .to_owned(),
-                });
-            }
-        };
+        )?;
+        let backend_tls = backend_tls(
+            args.backend_tls.or(file.backend_tls).unwrap_or(false),
+            args.backend_ca.or(file.backend_ca),
+            args.backend_server_name.or(file.backend_server_name),
+        )?;
         let log_format = args
             .log_format
             .or(file.log_format)
@@ -244,6 +277,7 @@ impl Settings {
                 .control_plane
                 .or(file.control_plane)
                 .unwrap_or(d.control_plane),
+            control_plane_ca: args.control_plane_ca.or(file.control_plane_ca),
             node_id: args.node_id.or(file.node_id).unwrap_or(d.node_id),
             redis: args.redis.or(file.redis).filter(|r| !r.is_empty()),
             state_dir: args.state_dir.or(file.state_dir),
@@ -289,14 +323,18 @@ impl Settings {
                 }
             })?,
             tls,
+            backend_tls,
+            redis_ca: args.redis_ca.or(file.redis_ca),
         };
         s.validate()?;
-        // Refused here, before anything binds, rather than at the first handshake.
-        if let Some(files) = &s.tls {
-            crate::tls::load(
-                files,
-                crate::tls::unix_seconds(std::time::SystemTime::now()),
-            )?;
+        if let Some(ca) = &s.control_plane_ca {
+            crate::tls::client::read_roots("control_plane_ca", ca)?;
+        }
+        if let Some(b) = &s.backend_tls {
+            crate::tls::client::read_roots("backend_ca", &b.ca)?;
+        }
+        if let Some(ca) = &s.redis_ca {
+            crate::tls::client::read_roots("redis_ca", ca)?;
         }
         Ok(s)
     }
@@ -315,6 +353,12 @@ impl Settings {
         }
         if self.control_plane.parse::<http::Uri>().is_err() {
             return invalid("control_plane", "is not a URL");
+        }
+        if self.control_plane_ca.is_some() && !self.control_plane.starts_with("https://") {
+            return invalid(
+                "control_plane_ca",
+                "is set, but control_plane is not an https:// URL: the CA would not be used",
+            );
         }
         if self.node_id.is_empty()
             || self.node_id.len() > 128
@@ -341,8 +385,87 @@ impl Settings {
         {
             return invalid("redis", "must be a redis:// or rediss:// URL");
         }
+        if self.redis_ca.is_some()
+            && !self
+                .redis
+                .as_ref()
+                .is_some_and(|r| r.starts_with("rediss://"))
+        {
+            return invalid(
+                "redis_ca",
+                "is set, but redis is not a rediss:// URL: the CA would not be used",
+            );
+        }
         Ok(())
     }
+}
+
+/// The backend TLS settings: off, or on with a CA file and maybe a name override.
+fn backend_tls(
+    on: bool,
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+) -> Result<Option<BackendTlsSettings>, SettingsError> {
+    let invalid = |key, message: &str| SettingsError::Invalid {
+        key,
+        message: message.to_owned(),
+    };
+    if !on {
+        if ca.is_some() || server_name.is_some() {
+            return Err(invalid(
+                "backend_tls",
+                "is off, but backend_ca or backend_server_name is set; turn it on \
+                 (--backend-tls) or leave them out",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(ca) = ca else {
+        return Err(invalid(
+            "backend_ca",
+            "missing: backend_tls is on, so the CA file backend certificates are checked \
+             against must be set (--backend-ca)",
+        ));
+    };
+    let server_name = match server_name.filter(|n| !n.is_empty()) {
+        Some(n) => Some(
+            crate::tls::client::parse_server_name(&n)
+                .map_err(|m| invalid("backend_server_name", &m))?,
+        ),
+        None => None,
+    };
+    Ok(Some(BackendTlsSettings { ca, server_name }))
+}
+
+/// The `tls_cert` and `tls_key` settings of a TLS listener: both or neither. The pair is loaded
+/// and checked here, so a bad file is refused at start, before anything binds, rather than at
+/// the first handshake.
+pub fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<TlsFiles>, SettingsError> {
+    let files = match (cert, key) {
+        (Some(cert), Some(key)) => TlsFiles { cert, key },
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(SettingsError::Invalid {
+                key: "tls_key",
+                message: "missing: tls_cert (--tls-cert) is set, so the key must be too".to_owned(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(SettingsError::Invalid {
+                key: "tls_cert",
+                message: "missing: tls_key (--tls-key) is set, so the certificate must be too"
+                    .to_owned(),
+            });
+        }
+    };
+    crate::tls::load(
+        &files,
+        crate::tls::unix_seconds(std::time::SystemTime::now()),
+    )?;
+    Ok(Some(files))
 }
 
 fn parse_net(s: &str) -> Result<IpNet, SettingsError> {
@@ -429,6 +552,35 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+    }
+
+    #[test]
+    fn control_plane_ca_needs_https_and_a_certificate() {
+        let e = Settings::load(Args {
+            control_plane_ca: Some("/nonexistent/ca.pem".into()),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("control_plane_ca: is set, but"), "{e}");
+        let e = Settings::load(Args {
+            control_plane: Some("https://cp.example:50051".into()),
+            control_plane_ca: Some("/nonexistent/ca.pem".into()),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("control_plane_ca /nonexistent/ca.pem: cannot read"),
+            "{e}"
+        );
+        // No CA file: the system's roots.
+        let s = Settings::load(Args {
+            control_plane: Some("https://cp.example:50051".into()),
+            ..Args::default()
+        })
+        .unwrap();
+        assert_eq!(s.control_plane_ca, None);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::outlier::Outlier;
 use crate::ratelimit::Limiter;
 use crate::ratelimit::gcra::{BanRule, Rate};
 use crate::settings::Settings;
-use crate::upstream::IdleConns;
+use crate::upstream::{IdleConns, Transport};
 
 /// One backend's live counters, shared by every snapshot that lists it.
 pub struct Endpoint {
@@ -107,6 +107,7 @@ impl Endpoint {
         metrics: &Metrics,
         workers: usize,
         breaker: &CircuitBreakerPolicy,
+        transport: Transport,
     ) -> Result<Endpoint, Invalid> {
         let authority = address
             .parse::<Authority>()
@@ -115,7 +116,7 @@ impl Endpoint {
             address: address.to_owned(),
             authority,
             resolved: address.parse().ok(),
-            idle: Arc::new(IdleConns::new(workers)),
+            idle: Arc::new(IdleConns::new(workers, transport)),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -520,11 +521,30 @@ pub struct Shared {
     pub tracer: Option<crate::otel::Tracing>,
     /// The proxy listener's TLS, when configured; an error here stops `run` before it serves.
     tls: Option<Result<Arc<crate::tls::Tls>, crate::tls::TlsError>>,
+    /// TLS to backends, when configured; an error here stops `run` likewise.
+    backend_tls: Option<Result<crate::tls::client::BackendTls, crate::tls::TlsError>>,
+    /// The `redis_ca` file could not be used; stops `run` likewise.
+    redis_ca_error: Option<crate::tls::TlsError>,
 }
 
 impl Shared {
     pub fn new(settings: Settings) -> Shared {
-        let limiter = Limiter::new(settings.redis.clone());
+        let mut redis_ca_error = None;
+        let redis = settings.redis.clone().map(|url| {
+            let root_ca = settings.redis_ca.as_ref().and_then(|path| {
+                crate::tls::client::read_roots("redis_ca", path)
+                    .map(|roots| Arc::from(roots.pem))
+                    .inspect_err(|e| tracing::error!(cause = %e, "Redis CA file not usable"))
+                    .map_err(|e| redis_ca_error = Some(e))
+                    .ok()
+            });
+            crate::ratelimit::RedisTarget { url, root_ca }
+        });
+        let limiter = Limiter::new(redis);
+        let backend_tls = settings.backend_tls.as_ref().map(|b| {
+            crate::tls::client::BackendTls::load(b)
+                .inspect_err(|e| tracing::error!(cause = %e, "backend TLS not usable"))
+        });
         let tracer = settings.tracing.as_ref().and_then(|t| {
             crate::otel::Tracing::start(t, "data-plane", &settings.node_id)
                 .inspect_err(|e| tracing::error!(cause = %e, "traces are not exported"))
@@ -554,6 +574,8 @@ impl Shared {
             applied: watch::channel(0).0,
             tracer,
             tls,
+            backend_tls,
+            redis_ca_error,
         }
     }
 
@@ -562,9 +584,26 @@ impl Shared {
         self.tls.as_ref().and_then(|t| t.as_ref().ok())
     }
 
-    /// The reason TLS is configured but cannot be used, if so.
+    /// The reason TLS (the listener's, to backends or to Redis) is configured but cannot be
+    /// used, if so.
     pub fn tls_error(&self) -> Option<&crate::tls::TlsError> {
-        self.tls.as_ref().and_then(|t| t.as_ref().err())
+        self.tls
+            .as_ref()
+            .and_then(|t| t.as_ref().err())
+            .or_else(|| self.backend_tls.as_ref().and_then(|t| t.as_ref().err()))
+            .or(self.redis_ca_error.as_ref())
+    }
+
+    /// How connections to the backend at `address` are opened.
+    fn transport(&self, address: &str) -> Result<Transport, Invalid> {
+        match &self.backend_tls {
+            None => Ok(Transport::Plain),
+            Some(Ok(tls)) => tls
+                .for_backend(address)
+                .map(|(connector, name)| Transport::Tls { connector, name })
+                .map_err(|e| Invalid::new("backend.address", e)),
+            Some(Err(e)) => Err(Invalid::new("backend_tls", e)),
+        }
     }
 
     /// The configuration in force, if any yet.
@@ -631,6 +670,7 @@ impl Shared {
                             &self.metrics,
                             self.settings.workers,
                             &breaker,
+                            self.transport(&b.address)?,
                         )?);
                         endpoints.insert(b.address.clone(), Arc::clone(&e));
                         e
@@ -787,13 +827,13 @@ impl Shared {
                 Some(directive::Kind::Purge(p)) => {
                     if let Some(purge) = crate::cache::Purge::from_proto(p) {
                         let cache = self.cache.clone();
-                        let redis = self.settings.redis.clone();
+                        let redis = self.limiter.redis().cloned();
                         tracing::info!(?purge, "cache purge");
                         // Every data plane purges its memory tier, and Redis too (the same
                         // keys many times over is harmless; one data plane missing is not).
                         tokio::spawn(async move {
                             let conn = match &redis {
-                                Some(url) => crate::ratelimit::connect(url).await,
+                                Some(target) => crate::ratelimit::connect(target).await,
                                 None => None,
                             };
                             if let Err(e) = cache.purge(conn.as_ref(), &purge).await {

@@ -7,6 +7,12 @@
 //! rest of the body would still be in flight on it. A request that could not be written on a
 //! pooled connection (the backend had closed it) is moved to another connection: it never
 //! reached the backend, so this is safe whatever its method.
+//!
+//! With `backend_tls` on, new connections run a TLS handshake after the TCP connect, within the
+//! same connect timeout; a failed handshake (unknown CA, wrong name) is a connect failure like a
+//! refused connection. Only the connection task differs between the two transports (it is
+//! generic over the stream, so neither pays for the other): a pooled [`Sender`] has the same type
+//! either way, and the request path is the same code.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -17,8 +23,11 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::proxy::UpstreamBody;
 
@@ -40,18 +49,36 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle connections to one backend: one list per worker thread, most recently used last.
+/// How new connections to a backend are opened.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// TLS after the TCP connect, verifying the certificate for `name`.
+    Tls {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    },
+}
+
+/// The connections of one backend: how new ones are opened, and the idle ones, one list per
+/// worker thread, most recently used last.
 pub struct IdleConns {
     per_worker: Box<[Mutex<VecDeque<Idle>>]>,
+    transport: Transport,
 }
 
 impl IdleConns {
-    pub fn new(workers: usize) -> IdleConns {
+    pub fn new(workers: usize, transport: Transport) -> IdleConns {
         IdleConns {
             per_worker: (0..workers.max(1))
                 .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
+            transport,
         }
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     fn list(&self, worker: usize) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
@@ -122,6 +149,10 @@ pub enum UpstreamError {
     Connect(std::io::Error),
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
+    /// The TLS handshake failed (certificate not trusted or not for the name, no common
+    /// protocol); the request was not sent.
+    #[error("TLS handshake with {name} failed: {cause}")]
+    Tls { name: String, cause: std::io::Error },
     /// The request was (maybe partly) sent, then the exchange failed.
     #[error("{0}")]
     Exchange(#[from] hyper::Error),
@@ -132,7 +163,9 @@ impl UpstreamError {
     pub fn not_sent(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)
+            UpstreamError::Connect(_)
+                | UpstreamError::ConnectTimeout(_)
+                | UpstreamError::Tls { .. }
         )
     }
 }
@@ -141,7 +174,9 @@ async fn connect(
     addr: &str,
     resolved: Option<SocketAddr>,
     timeout: Duration,
+    transport: &Transport,
 ) -> Result<Sender, UpstreamError> {
+    let started = Instant::now();
     let connecting = async {
         match resolved {
             Some(a) => TcpStream::connect(a).await,
@@ -153,6 +188,28 @@ async fn connect(
         .map_err(|_| UpstreamError::ConnectTimeout(timeout))?
         .map_err(UpstreamError::Connect)?;
     let _ = stream.set_nodelay(true);
+    match transport {
+        Transport::Plain => handshake(stream).await,
+        Transport::Tls { connector, name } => {
+            // The handshake gets what the TCP connect left of the timeout.
+            let left = timeout.saturating_sub(started.elapsed());
+            let stream = tokio::time::timeout(left, connector.connect(name.clone(), stream))
+                .await
+                .map_err(|_| UpstreamError::ConnectTimeout(timeout))?
+                .map_err(|cause| UpstreamError::Tls {
+                    name: name.to_str().into_owned(),
+                    cause,
+                })?;
+            handshake(stream).await
+        }
+    }
+}
+
+/// The HTTP/1.1 handshake on a connected stream, its connection driven by a task of its own.
+async fn handshake<S>(stream: S) -> Result<Sender, UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -191,7 +248,7 @@ pub async fn send(
         }
     }
     // A request that never left is handed back, so the caller can send it elsewhere.
-    let mut sender = match connect(addr, resolved, connect_timeout).await {
+    let mut sender = match connect(addr, resolved, connect_timeout, &pool.transport).await {
         Ok(s) => s,
         Err(e) => return Err((e, Some(req))),
     };

@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use control_plane::ControlPlane;
 use control_plane::store::MemoryStore;
+use control_plane::tls::ServerTls;
 use data_plane::Shared;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -74,6 +75,23 @@ impl Cp {
         grpc: TcpListener,
         http: TcpListener,
     ) -> Cp {
+        Cp::start_on_with_tls(initial, state_file, grpc, http, None).await
+    }
+
+    /// As [`Cp::start`], both listeners speaking TLS only.
+    pub async fn start_tls(initial: ConfigSnapshot, tls: Arc<ServerTls>) -> Cp {
+        let grpc = listener().await;
+        let http = listener().await;
+        Cp::start_on_with_tls(initial, None, grpc, http, Some(tls)).await
+    }
+
+    pub async fn start_on_with_tls(
+        initial: ConfigSnapshot,
+        state_file: Option<PathBuf>,
+        grpc: TcpListener,
+        http: TcpListener,
+        tls: Option<Arc<ServerTls>>,
+    ) -> Cp {
         let store = Arc::new(MemoryStore::new(state_file));
         let cp = Arc::new(
             ControlPlane::new(store, initial, TOKEN.into(), None)
@@ -82,9 +100,15 @@ impl Cp {
         );
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(control_plane::serve(Arc::clone(&cp), grpc, http, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(control_plane::serve_with_tls(
+            Arc::clone(&cp),
+            grpc,
+            http,
+            tls,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Cp {
             cp,
             grpc: grpc_addr,
@@ -96,6 +120,11 @@ impl Cp {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The gRPC listener's URL when it speaks TLS.
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.grpc)
     }
 
     pub async fn stop(mut self) {
@@ -161,6 +190,14 @@ pub async fn admin_client(
         .connect()
         .await
         .unwrap();
+    admin_client_on(channel, token)
+}
+
+/// An Admin client on a connected channel, presenting `token` when given.
+pub fn admin_client_on(
+    channel: Channel,
+    token: Option<&str>,
+) -> AdminClient<InterceptedService<Channel, impl tonic::service::Interceptor + use<>>> {
     let header = token.map(|t| {
         format!("Bearer {t}")
             .parse::<tonic::metadata::MetadataValue<_>>()

@@ -7,11 +7,15 @@
 //! degraded, answers per the snapshot's failure mode (`local`: enforce per data plane; `open`:
 //! admit; `closed`: refuse), leaves Redis alone for [`REDIS_RETRY`], and goes back to shared
 //! enforcement by itself when a call succeeds again.
+//!
+//! A `rediss://` URL is reached over TLS (rustls, through the redis crate), with the Redis
+//! certificate checked against the `redis_ca` file when set, else the system's roots.
 
 pub mod gcra;
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,27 +49,74 @@ pub enum Source {
     Closed,
 }
 
+/// A Redis to connect to.
+#[derive(Clone)]
+pub struct RedisTarget {
+    pub url: String,
+    /// PEM CA certificates a `rediss://` server's certificate must chain to; `None`: the
+    /// system's roots.
+    pub root_ca: Option<Arc<[u8]>>,
+}
+
+impl RedisTarget {
+    pub fn new(url: impl Into<String>) -> RedisTarget {
+        RedisTarget {
+            url: url.into(),
+            root_ca: None,
+        }
+    }
+
+    /// A client for this Redis, with the CA file's roots when set.
+    pub fn client(&self) -> ::redis::RedisResult<::redis::Client> {
+        match &self.root_ca {
+            Some(pem) => ::redis::Client::build_with_tls(
+                self.url.as_str(),
+                ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+            None => ::redis::Client::open(self.url.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisTarget {
+    // The URL may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("tls", &self.url.starts_with("rediss://"))
+            .field("root_ca", &self.root_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A data plane's limiter: the in-process store and the state of its link to Redis.
 pub struct Limiter {
     memory: MemoryStore,
-    redis_url: Option<String>,
+    redis: Option<RedisTarget>,
     degraded: AtomicBool,
     /// Redis is left alone until then (unix ms).
     retry_at: AtomicU64,
 }
 
 impl Limiter {
-    pub fn new(redis_url: Option<String>) -> Limiter {
+    pub fn new(redis: Option<RedisTarget>) -> Limiter {
         Limiter {
             memory: MemoryStore::default(),
-            redis_url,
+            redis,
             degraded: AtomicBool::new(false),
             retry_at: AtomicU64::new(0),
         }
     }
 
     pub fn shared(&self) -> bool {
-        self.redis_url.is_some()
+        self.redis.is_some()
+    }
+
+    /// The Redis configured, if any.
+    pub fn redis(&self) -> Option<&RedisTarget> {
+        self.redis.as_ref()
     }
 
     /// True while Redis is configured but unreachable.
@@ -78,7 +129,7 @@ impl Limiter {
     /// down at start, a lazy connection is returned (it connects on first use) and the data
     /// plane starts degraded. Must be called on that worker's runtime.
     pub async fn connect(&self) -> Option<ConnectionManager> {
-        connect(self.redis_url.as_ref()?).await
+        connect(self.redis.as_ref()?).await
     }
 
     /// Decides one request of `identity` under `rate`. `None` means refuse without a decision
@@ -161,11 +212,11 @@ impl Limiter {
 /// A Redis connection that reconnects by itself, opened within the connect timeout when Redis
 /// answers, else lazily (it connects on first use). Must be called on the runtime that will use
 /// it.
-pub async fn connect(url: &str) -> Option<ConnectionManager> {
-    let client = match ::redis::Client::open(url) {
+pub async fn connect(target: &RedisTarget) -> Option<ConnectionManager> {
+    let client = match target.client() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(cause = %e, "redis URL is not usable");
+            tracing::error!(cause = %e, "redis URL or CA is not usable");
             return None;
         }
     };

@@ -1,5 +1,5 @@
 //! TLS on the proxy listener: the certificate and key files, their checks, and reloading them
-//! without a restart.
+//! without a restart. The control plane serves its gRPC and HTTP listeners with the same [`Tls`].
 //!
 //! The certificate in use sits behind an `ArcSwap` that the rustls resolver reads on every
 //! handshake, so a reload is one pointer swap: handshakes after it present the new certificate,
@@ -11,7 +11,10 @@
 //!
 //! The handshake itself runs on the proxy worker that accepted the connection (see the crate's
 //! `worker`), bounded by the header timeout.
+//!
+//! [`client`] holds the other direction: TLS to backends and the CA file of a `rediss://` Redis.
 
+pub mod client;
 pub mod x509;
 
 use std::io::Read;
@@ -171,6 +174,53 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+impl TlsMetrics {
+    /// The metrics of a TLS listener under `prefix` (`lb_tls` gives `lb_tls_reloads_total`,
+    /// `lb_tls_certificate_expiry_seconds`, `lb_tls_handshake_failures_total`), registered in
+    /// `registry`; `of` names the listener in their help texts.
+    pub fn register(
+        registry: &prometheus::Registry,
+        prefix: &str,
+        of: &str,
+    ) -> prometheus::Result<TlsMetrics> {
+        use prometheus::{IntCounterVec, IntGauge, Opts};
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                format!("{prefix}_reloads_total"),
+                format!("Certificate reloads of {of}, by result (ok or error)"),
+            ),
+            &["result"],
+        )?;
+        let expiry = IntGauge::new(
+            format!("{prefix}_certificate_expiry_seconds"),
+            format!("Expiry (notAfter) of the certificate in use by {of}, in Unix seconds"),
+        )?;
+        let handshake_failures = IntCounterVec::new(
+            Opts::new(
+                format!("{prefix}_handshake_failures_total"),
+                format!(
+                    "Client TLS handshakes with {of} that failed, by reason (error or timeout)"
+                ),
+            ),
+            &["reason"],
+        )?;
+        for label in ["ok", "error"] {
+            reloads.with_label_values(&[label]);
+        }
+        for label in ["error", "timeout"] {
+            handshake_failures.with_label_values(&[label]);
+        }
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(expiry.clone()))?;
+        registry.register(Box::new(handshake_failures.clone()))?;
+        Ok(TlsMetrics {
+            reloads,
+            expiry,
+            handshake_failures,
+        })
+    }
+}
+
 /// Hands rustls the certificate in use, for every handshake.
 #[derive(Debug)]
 pub struct CertResolver {
@@ -244,6 +294,14 @@ impl Tls {
     /// An acceptor presenting the certificate in use at each handshake.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(&self.config))
+    }
+
+    /// As [`Tls::acceptor`], offering only the protocols in `alpn`, for a listener that speaks
+    /// fewer than the proxy. It shares the certificate in use, so reloads reach it too.
+    pub fn acceptor_with_alpn(&self, alpn: &[&[u8]]) -> TlsAcceptor {
+        let mut config = ServerConfig::clone(&self.config);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        TlsAcceptor::from(Arc::new(config))
     }
 
     /// Serial number and validity of the certificate in use.

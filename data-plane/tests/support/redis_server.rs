@@ -1,14 +1,18 @@
 //! A redis-server of the test's own on a free port, stopped (killed) on drop or on demand, and
 //! restartable on the same port. Shared by the data plane's and the control plane's tests.
+//! [`RedisServer::start_tls`] starts one that speaks TLS only (`rediss://`).
 
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// PEM CA certificate of a TLS server: its clients trust it, its URL is `rediss://`.
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl RedisServer {
@@ -39,13 +43,67 @@ impl RedisServer {
         let server = RedisServer {
             child: Some(child),
             port,
+            tls_ca: None,
         };
         server.wait_ready().await;
         server
     }
 
+    /// A server on a free port speaking TLS only, with the certificate chain and key given;
+    /// clients are not asked for certificates. `ca` is the PEM file clients verify it with.
+    pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key)
+            .arg("--tls-ca-cert-file")
+            .arg(ca)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server)");
+        let server = RedisServer {
+            child: Some(child),
+            port,
+            tls_ca: Some(std::fs::read(ca).unwrap()),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    /// A client of this server (trusting its CA when it speaks TLS).
+    pub fn client(&self) -> redis::Client {
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            )
+            .unwrap(),
+            None => redis::Client::open(self.url()).unwrap(),
+        }
+    }
+
     async fn wait_ready(&self) {
-        let client = redis::Client::open(self.url()).unwrap();
+        let client = self.client();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await
@@ -66,12 +124,16 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
+        self.client()
             .get_multiplexed_async_connection()
             .await
             .unwrap()
@@ -79,7 +141,7 @@ impl RedisServer {
 
     /// A reconnecting connection, as the data planes hold.
     pub async fn manager(&self) -> redis::aio::ConnectionManager {
-        redis::aio::ConnectionManager::new(redis::Client::open(self.url()).unwrap())
+        redis::aio::ConnectionManager::new(self.client())
             .await
             .unwrap()
     }

@@ -1,0 +1,122 @@
+//! A data plane in the test's process with its configuration applied directly (no control
+//! plane: its URL points at a closed port), and a plain HTTP client for it.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use data_plane::{Settings, Shared};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use lb_proto::v1::{Backend, ConfigSnapshot, Limit};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Dp {
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// The default configuration with `backends`, version 1, and no per-IP limit.
+pub fn snapshot(backends: &[SocketAddr]) -> ConfigSnapshot {
+    let mut s = lb_proto::defaults::snapshot();
+    if let Some(rl) = s.rate_limit.as_mut() {
+        rl.ip_limit = Some(Limit {
+            requests: 0,
+            period_ms: 60_000,
+        });
+    }
+    s.version = 1;
+    s.backends = backends
+        .iter()
+        .map(|a| Backend {
+            address: a.to_string(),
+            weight: 1,
+            ..Default::default()
+        })
+        .collect();
+    s
+}
+
+impl Dp {
+    /// Settings for a one-worker data plane on free ports; `adjust` changes them further.
+    pub async fn settings(
+        adjust: impl FnOnce(&mut Settings),
+    ) -> (Settings, TcpListener, TcpListener) {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut settings = Settings {
+            listen: proxy.local_addr().unwrap(),
+            admin_listen: admin.local_addr().unwrap(),
+            control_plane: format!("http://{}", closed.local_addr().unwrap()),
+            node_id: "test".into(),
+            workers: 1,
+            drain_timeout: Duration::from_secs(2),
+            ..Settings::default()
+        };
+        drop(closed);
+        adjust(&mut settings);
+        (settings, proxy, admin)
+    }
+
+    /// Starts a data plane running `snapshot`.
+    pub async fn start(adjust: impl FnOnce(&mut Settings), snapshot: ConfigSnapshot) -> Dp {
+        let (settings, proxy, admin) = Dp::settings(adjust).await;
+        let shared = Arc::new(Shared::new(settings));
+        shared.apply(shared.prepare(snapshot).unwrap());
+        let addr = proxy.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(data_plane::run_shared(
+            Arc::clone(&shared),
+            proxy,
+            admin,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Dp {
+            shared,
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// One GET on a new client connection: status and body.
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "localhost")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("data plane stops")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
