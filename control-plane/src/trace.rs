@@ -57,7 +57,8 @@ where
             .path()
             .strip_prefix(ADMIN_PREFIX)
             .map(str::to_owned);
-        let (Some(tracer), Some(method)) = (self.tracer.as_ref(), method) else {
+        let tracer = self.tracer.as_ref().filter(|t| t.wanted(req.headers()));
+        let (Some(tracer), Some(method)) = (tracer, method) else {
             return Box::pin(self.inner.call(req));
         };
         let parent = tracer.extract(req.headers());

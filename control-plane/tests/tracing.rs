@@ -231,3 +231,45 @@ async fn proxied_requests_and_admin_calls_are_exported_as_spans() {
     dp.stop().await;
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ratio_zero_only_traces_callers_bring_are_continued() {
+    let (collector, endpoint) = Collector::start().await;
+    let trace = TraceSettings {
+        endpoint,
+        ratio: 0.0,
+    };
+    let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap()])
+        .await
+        .unwrap();
+    let cp = Cp::start(snapshot_with(&mock.addrs()), None).await;
+    let dp = Dp::start_with(&cp.url(), "dp-ratio-0", |s| s.tracing = Some(trace.clone())).await;
+    dp.wait_version(1).await;
+    let client = http_client();
+
+    // No caller context and a ratio of 0: no span, nothing handed on.
+    let reply = get(&client, &dp.url("/echo")).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.json()["headers"].get("traceparent").is_none());
+
+    // A caller's sampled trace is continued whatever the ratio.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let req = http::Request::builder()
+        .uri(dp.url("/echo"))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .body(Default::default())
+        .unwrap();
+    let seen = send(&client, req).await.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(seen.split('-').nth(1), Some(trace_id));
+    let span = collector
+        .wait_for("for the continued trace", |r| {
+            hex(&r.span.trace_id) == trace_id
+        })
+        .await;
+    assert_eq!(span.service, "data-plane");
+    dp.stop().await;
+    cp.stop().await;
+}

@@ -3,8 +3,9 @@
 //! The request path uses the OpenTelemetry API directly rather than `tracing` spans: with
 //! export off it costs one branch, and with it on one span per sampled request. Sampling is
 //! parent-based: a client's `traceparent` decides; otherwise the ratio from
-//! `OTEL_TRACES_SAMPLER_ARG` (default 1.0). The span context goes on to the backend in
-//! `traceparent`, so the backend's spans join the client's trace.
+//! `OTEL_TRACES_SAMPLER_ARG` (default 1.0), decided before anything is built ([`Tracing::wanted`]),
+//! so a request left out of a new trace costs one random number. The span context goes on to
+//! the backend in `traceparent`, so the backend's spans join the client's trace.
 
 use std::time::Duration;
 
@@ -76,6 +77,7 @@ pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
+    ratio: f64,
 }
 
 impl Tracing {
@@ -97,9 +99,8 @@ impl Tracing {
             .build();
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                settings.ratio,
-            ))))
+            // New traces are sampled by `wanted`; the SDK follows the caller's sampled flag.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_resource(resource)
             .build();
         let tracer = provider.tracer(service);
@@ -107,7 +108,15 @@ impl Tracing {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
+            ratio: settings.ratio,
         })
+    }
+
+    /// Whether a span is made for a request with these headers: always when the caller sends
+    /// a trace context (continued, sampled or not, as its flag says); otherwise for the
+    /// configured share of new traces. A request left out gets no span and no `traceparent`.
+    pub fn wanted(&self, headers: &HeaderMap) -> bool {
+        headers.contains_key("traceparent") || (self.ratio > 0.0 && fastrand::f64() < self.ratio)
     }
 
     /// The caller's trace context from `traceparent` / `tracestate`, if any.

@@ -370,6 +370,7 @@ pub async fn handle(
     let mut span = shared
         .tracer
         .as_ref()
+        .filter(|t| t.wanted(req.headers()))
         .map(|t| start_span(t, &mut req, &conn));
     // Only sampled requests pay for copying their method and path.
     let head = shared.reporter.sample().then(|| {
