@@ -15,10 +15,14 @@ use std::time::Duration;
 use common::*;
 use control_plane::http::{DASHBOARD_PATHS, REST_PATHS};
 use control_plane::keys::{hash_key, key_id};
+use lb_proto::v1::admin_client::AdminClient;
 use lb_proto::v1::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use webdriver::{Browser, artifact};
 
 /// The number in a counter's text ("–" before the first update counts as 0).
@@ -46,6 +50,33 @@ async fn send_requests(
         statuses.push(r.status);
     }
     statuses
+}
+
+/// Saves the token typed on the page, applies `least_connections`, and waits for the result
+/// `what` to show.
+async fn apply_least_connections(browser: &Browser, what: &str, shown: impl Fn(&str) -> bool) {
+    browser.click(&browser.find("#token-save").await).await;
+    browser
+        .click(
+            &browser
+                .find("#strategy-select option[value=\"least_connections\"]")
+                .await,
+        )
+        .await;
+    browser.click(&browser.find("#strategy-apply").await).await;
+    browser.wait_text("#strategy-result", what, shown).await;
+}
+
+/// Every API key, through the Admin API.
+async fn list_api_keys(
+    admin: &mut AdminClient<InterceptedService<Channel, impl Interceptor>>,
+) -> Vec<ApiKeyInfo> {
+    admin
+        .list_api_keys(ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,40 +115,20 @@ async fn dashboards_work_in_a_real_browser() {
     // A wrong token: the API's answer is shown and nothing changes.
     let input = browser.find("#token-input").await;
     browser.send_keys(&input, "wrong-token").await;
-    browser.click(&browser.find("#token-save").await).await;
-    browser
-        .click(
-            &browser
-                .find("#strategy-select option[value=\"least_connections\"]")
-                .await,
-        )
-        .await;
-    browser.click(&browser.find("#strategy-apply").await).await;
-    browser
-        .wait_text("#strategy-result", "the API error", |t| {
-            t.contains("wrong admin token")
-        })
-        .await;
+    apply_least_connections(&browser, "the API error", |t| {
+        t.contains("wrong admin token")
+    })
+    .await;
     assert_eq!(stack.cp.cp.snapshot().strategy, "round_robin");
     assert_eq!(stack.cp.cp.version(), 1);
 
     // The right token: the strategy changes everywhere.
     browser.clear(&input).await;
     browser.send_keys(&input, TOKEN).await;
-    browser.click(&browser.find("#token-save").await).await;
-    browser
-        .click(
-            &browser
-                .find("#strategy-select option[value=\"least_connections\"]")
-                .await,
-        )
-        .await;
-    browser.click(&browser.find("#strategy-apply").await).await;
-    browser
-        .wait_text("#strategy-result", "the change confirmed", |t| {
-            t.contains("least_connections")
-        })
-        .await;
+    apply_least_connections(&browser, "the change confirmed", |t| {
+        t.contains("least_connections")
+    })
+    .await;
     let mut admin = stack.cp.admin(Some(TOKEN)).await;
     let strategy = admin
         .get_strategy(GetStrategyRequest {})
@@ -257,14 +268,7 @@ async fn dashboards_work_in_a_real_browser() {
             .cloned()
             .unwrap()
     };
-    let info = listed(
-        &admin
-            .list_api_keys(ListApiKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys,
-    );
+    let info = listed(&list_api_keys(&mut admin).await);
     assert_eq!(info.tier, "premium");
     assert_eq!(info.requests, 1);
     browser
@@ -282,14 +286,7 @@ async fn dashboards_work_in_a_real_browser() {
     browser
         .wait_text(&toggle, "Unblock", |t| t == "Unblock")
         .await;
-    let info = listed(
-        &admin
-            .list_api_keys(ListApiKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys,
-    );
+    let info = listed(&list_api_keys(&mut admin).await);
     assert!(info.blocked);
     let blocked_version = stack.cp.cp.version();
     for dp in &stack.dps {
@@ -299,14 +296,7 @@ async fn dashboards_work_in_a_real_browser() {
     assert_eq!(statuses, [403]);
     browser.click(&browser.find(&toggle).await).await;
     browser.wait_text(&toggle, "Block", |t| t == "Block").await;
-    let info = listed(
-        &admin
-            .list_api_keys(ListApiKeysRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .keys,
-    );
+    let info = listed(&list_api_keys(&mut admin).await);
     assert!(!info.blocked);
     browser
         .wait_for(
@@ -569,33 +559,18 @@ async fn rest_names_keys_by_id_and_unblocks() {
     assert_eq!(r.status, 200, "{}", r.json());
     assert_eq!(r.json()["api_key_id"], key.key_id.as_str());
     assert_eq!(r.json()["tier"], "enterprise");
-    let keys = admin
-        .list_api_keys(ListApiKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_api_keys(&mut admin).await;
     assert_eq!(info(keys).tier, "enterprise");
 
     let body = json!({"api_key_id": key.key_id}).to_string();
     let r = send(&client, post("/admin/block_key", &body)).await;
     assert_eq!((r.status, r.json()["blocked"].clone()), (200, json!(true)));
-    let keys = admin
-        .list_api_keys(ListApiKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_api_keys(&mut admin).await;
     assert!(info(keys).blocked);
     let body = json!({"api_key_id": key.key_id, "blocked": false}).to_string();
     let r = send(&client, post("/admin/block_key", &body)).await;
     assert_eq!((r.status, r.json()["blocked"].clone()), (200, json!(false)));
-    let keys = admin
-        .list_api_keys(ListApiKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = list_api_keys(&mut admin).await;
     assert!(!info(keys).blocked);
 
     // The original shape still works, and unblocks too.

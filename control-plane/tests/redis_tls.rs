@@ -30,12 +30,8 @@ async fn control_planes_share_their_state_through_rediss() {
     let leaf = ca.leaf(&["127.0.0.1"]);
     let dir = Dir::new("cp-redis-tls");
     let ca_file = dir.write("ca.pem", &ca.pem);
-    let redis = RedisServer::start_tls(
-        &dir.write("redis.pem", &leaf.cert_pem),
-        &dir.write("redis-key.pem", &leaf.key_pem),
-        &ca_file,
-    )
-    .await;
+    let files = dir.install(&leaf);
+    let redis = RedisServer::start_tls(&files.cert, &files.key, &ca_file).await;
     let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
         .await
         .unwrap();

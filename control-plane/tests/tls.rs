@@ -22,16 +22,14 @@ use control_plane::settings::{CommonArgs, Settings};
 use control_plane::tls::ServerTls;
 use data_plane::tls::TlsFiles;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use lb_proto::v1::GetConfigRequest;
 use mock_backends::MockBackends;
-use pki::{Ca, Dir, Leaf};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use pki::{Ca, Dir, tls_connect};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 fn install_provider() {
@@ -44,56 +42,6 @@ fn install_provider() {
 /// The names every server certificate here is for.
 const NAMES: &[&str] = &["localhost", "127.0.0.1"];
 
-fn der(pem: &str) -> CertificateDer<'static> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-}
-
-/// A trust store holding `ca` only.
-fn roots(ca: &Ca) -> Arc<RootCertStore> {
-    let mut roots = RootCertStore::empty();
-    roots.add(der(&ca.pem)).unwrap();
-    Arc::new(roots)
-}
-
-/// Writes a certificate and its key as `cert.pem` and `key.pem`, each whole or not at all
-/// (written aside, then renamed), as a deployment replaces them.
-fn install(dir: &Dir, leaf: &Leaf) -> TlsFiles {
-    let put = |name: &str, text: &str| {
-        let tmp = dir.write(&format!(".{name}.tmp"), text);
-        let path = dir.0.join(name);
-        std::fs::rename(tmp, &path).unwrap();
-        path
-    };
-    TlsFiles {
-        key: put("key.pem", &leaf.key_pem),
-        cert: put("cert.pem", &leaf.cert_pem),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Clients
-
-/// A TLS connection to `addr`, offering `alpn`, trusting `roots`.
-async fn tls_connect(
-    addr: SocketAddr,
-    roots: Arc<RootCertStore>,
-    alpn: &[u8],
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    // Every connection does a full handshake, so each one shows the certificate in use.
-    config.resumption = rustls::client::Resumption::disabled();
-    let tcp = TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-}
-
 /// One HTTP/1.1 connection over TLS.
 struct Https {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -104,7 +52,9 @@ struct Https {
 
 impl Https {
     async fn open(addr: SocketAddr, roots: Arc<RootCertStore>) -> Https {
-        let tls = tls_connect(addr, roots, b"http/1.1").await.unwrap();
+        let tls = tls_connect(addr, roots, b"http/1.1", rustls::DEFAULT_VERSIONS)
+            .await
+            .unwrap();
         let (_, state) = tls.get_ref();
         let peer = state.peer_certificates().unwrap()[0].clone();
         let alpn = state.alpn_protocol().map(<[u8]>::to_vec);
@@ -126,15 +76,7 @@ impl Https {
         }
         let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
         self.sender.ready().await.unwrap();
-        let resp = self.sender.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        Reply::read(self.sender.send_request(req).await.unwrap()).await
     }
 
     async fn get(&mut self, path: &str) -> Reply {
@@ -163,7 +105,7 @@ const HANDSHAKE_ERRORS: &str = "lb_cp_tls_handshake_failures_total{reason=\"erro
 
 /// A control plane serving TLS with a certificate from `ca`, over three mock backends.
 async fn tls_stack(ca: &Ca, dir: &Dir) -> (MockBackends, Cp, Arc<ServerTls>) {
-    let files = install(dir, &ca.leaf(NAMES));
+    let files = dir.install(&ca.leaf(NAMES));
     let tls = Arc::new(ServerTls::load(files).unwrap());
     let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 3])
         .await
@@ -197,7 +139,7 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
     }
 
     // REST over HTTPS, on HTTP/1.1: a change is pushed to the data plane over TLS.
-    let mut https = Https::open(cp.http, roots(&ca)).await;
+    let mut https = Https::open(cp.http, ca.roots()).await;
     assert_eq!(https.alpn.as_deref(), Some(&b"http/1.1"[..]));
     let health = https.get("/healthz").await;
     assert_eq!((health.status, &health.body[..]), (200, &b"ok\n"[..]));
@@ -239,7 +181,7 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
     );
 
     // The dashboards' feed upgrades to a WebSocket over TLS and pushes at once.
-    let mut ws = Https::open(cp.http, roots(&ca)).await;
+    let mut ws = Https::open(cp.http, ca.roots()).await;
     let req = Request::get("/ws")
         .header("host", "localhost")
         .header("connection", "upgrade")
@@ -301,7 +243,11 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
     .await;
 
     // A client offering only HTTP/2 is refused by the HTTP listener (it offers HTTP/1.1).
-    assert!(tls_connect(cp.http, roots(&ca), b"h2").await.is_err());
+    assert!(
+        tls_connect(cp.http, ca.roots(), b"h2", rustls::DEFAULT_VERSIONS)
+            .await
+            .is_err()
+    );
 
     // Shutdown is graceful with the WebSocket and HTTPS connections open.
     dp.stop().await;
@@ -374,7 +320,7 @@ async fn a_data_plane_keeps_its_configuration_when_the_certificate_stops_being_t
     cp.stop().await;
     let other = Ca::new("some other CA");
     let other_dir = Dir::new("cp-tls-keep-other");
-    let tls = Arc::new(ServerTls::load(install(&other_dir, &other.leaf(NAMES))).unwrap());
+    let tls = Arc::new(ServerTls::load(other_dir.install(&other.leaf(NAMES))).unwrap());
     let listener = tokio::net::TcpListener::bind(grpc).await.unwrap();
     let cp = Cp::start_on_with_tls(
         (*initial).clone(),
@@ -406,17 +352,19 @@ async fn a_reload_reaches_both_listeners() {
     let ca = Ca::new("lb test CA");
     let dir = Dir::new("cp-tls-reload");
     let (mock, cp, tls) = tls_stack(&ca, &dir).await;
-    let first = Https::open(cp.http, roots(&ca)).await.peer;
+    let first = Https::open(cp.http, ca.roots()).await.peer;
 
     let second = ca.leaf(NAMES);
-    let second_der = der(&second.cert_pem);
-    install(&dir, &second);
+    let second_der = second.der();
+    dir.install(&second);
     tls.tls().reload().unwrap();
     // The file poll may have reloaded it too; at least one reload, and it took.
     assert!(metric(&tls, "lb_cp_tls_reloads_total{result=\"ok\"}") >= 1.0);
     assert_ne!(first, second_der);
-    assert_eq!(Https::open(cp.http, roots(&ca)).await.peer, second_der);
-    let grpc = tls_connect(cp.grpc, roots(&ca), b"h2").await.unwrap();
+    assert_eq!(Https::open(cp.http, ca.roots()).await.peer, second_der);
+    let grpc = tls_connect(cp.grpc, ca.roots(), b"h2", rustls::DEFAULT_VERSIONS)
+        .await
+        .unwrap();
     let (_, state) = grpc.get_ref();
     assert_eq!(state.peer_certificates().unwrap()[0], second_der);
     assert_eq!(state.alpn_protocol(), Some(&b"h2"[..]));
@@ -426,7 +374,7 @@ async fn a_reload_reaches_both_listeners() {
     let e = tls.tls().reload().unwrap_err().to_string();
     assert!(e.contains("cert.pem"), "{e}");
     assert!(metric(&tls, "lb_cp_tls_reloads_total{result=\"error\"}") >= 1.0);
-    assert_eq!(Https::open(cp.http, roots(&ca)).await.peer, second_der);
+    assert_eq!(Https::open(cp.http, ca.roots()).await.peer, second_der);
 
     // The gRPC connection above is still open and idle (it never sent a request): the stop
     // cuts it off at the drain deadline rather than waiting for it.
@@ -477,7 +425,7 @@ fn bad_files_are_refused_at_start_naming_the_file() {
     install_provider();
     let ca = Ca::new("lb test CA");
     let dir = Dir::new("cp-tls-refuse");
-    let files = install(&dir, &ca.leaf(NAMES));
+    let files = dir.install(&ca.leaf(NAMES));
     let other = ca.leaf(NAMES);
     let cases: Vec<(&str, TlsFiles, &str, &str)> = vec![
         (
@@ -580,7 +528,7 @@ async fn dev_refuses_tls_rather_than_ignoring_it() {
     install_provider();
     let ca = Ca::new("lb test CA");
     let dir = Dir::new("cp-tls-dev");
-    let files = install(&dir, &ca.leaf(NAMES));
+    let files = dir.install(&ca.leaf(NAMES));
     let args = control_plane::dev::DevArgs {
         common: CommonArgs {
             backends: Some("127.0.0.1:9".into()),

@@ -3,6 +3,8 @@
 //! CA or for another name never sees a request (the client gets the usual 503, or the request
 //! moves to another backend), and bad settings refused naming the file.
 
+#[path = "support/bin.rs"]
+mod bin;
 #[path = "support/dp.rs"]
 mod dp;
 #[path = "support/pki.rs"]
@@ -13,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bin::run_binary;
 use bytes::Bytes;
 use data_plane::Settings;
 use data_plane::tls::client::{BackendTlsSettings, parse_server_name};
@@ -302,22 +305,6 @@ async fn a_failed_handshake_moves_the_request_to_another_backend() {
     assert_eq!(good.proxied().len(), 6);
     assert!(bad.failed_handshakes() >= 1);
     dp.stop().await;
-}
-
-/// Runs the binary with `args` and `env`; its exit code and standard error.
-fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_data-plane"))
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(args)
-        .env_remove("LB_CONFIG")
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

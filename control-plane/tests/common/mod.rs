@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../data-plane/tests/support/dp.rs"]
+pub mod data_plane_support;
 #[path = "../../../data-plane/tests/support/redis_server.rs"]
 pub mod redis_server;
 
@@ -20,8 +22,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use lb_proto::v1::ConfigSnapshot;
 use lb_proto::v1::admin_client::AdminClient;
-use lb_proto::v1::{Backend, ConfigSnapshot};
 use mock_backends::MockBackends;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -38,20 +40,10 @@ pub async fn listener() -> TcpListener {
 /// Default policies over `backends`, with the per-IP limit off (tests send many requests from
 /// one address; the rate-limit tests turn it on).
 pub fn snapshot_with(backends: &[SocketAddr]) -> ConfigSnapshot {
-    let mut s = lb_proto::defaults::snapshot();
-    s.rate_limit.as_mut().unwrap().ip_limit = Some(lb_proto::v1::Limit {
-        requests: 0,
-        period_ms: 60_000,
-    });
-    s.backends = backends
-        .iter()
-        .map(|a| Backend {
-            address: a.to_string(),
-            weight: 1,
-            ..Default::default()
-        })
-        .collect();
-    s
+    ConfigSnapshot {
+        version: 0,
+        ..data_plane_support::snapshot(backends)
+    }
 }
 
 pub struct Cp {
@@ -229,35 +221,7 @@ impl Dp {
         id: &str,
         tweak: impl FnOnce(&mut data_plane::Settings),
     ) -> Dp {
-        let proxy = listener().await;
-        let admin = listener().await;
-        let mut settings = data_plane::Settings {
-            listen: proxy.local_addr().unwrap(),
-            admin_listen: admin.local_addr().unwrap(),
-            control_plane: control_plane.to_owned(),
-            node_id: id.to_owned(),
-            drain_timeout: Duration::from_secs(5),
-            ..data_plane::Settings::default()
-        };
-        tweak(&mut settings);
-        let shared = Arc::new(Shared::new(settings));
-        let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(data_plane::run_shared(
-            Arc::clone(&shared),
-            proxy,
-            admin,
-            async {
-                let _ = rx.await;
-            },
-        ));
-        Dp {
-            shared,
-            addr,
-            admin: admin_addr,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        Dp::start_on(control_plane, id, listener().await, listener().await, tweak).await
     }
 
     /// As [`Dp::start_with`], on listeners the caller already bound (several data planes on one
@@ -280,20 +244,12 @@ impl Dp {
         };
         tweak(&mut settings);
         let shared = Arc::new(Shared::new(settings));
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(data_plane::run_shared(
-            Arc::clone(&shared),
-            proxy,
-            admin,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let (stop, task) = data_plane_support::spawn(&shared, proxy, admin);
         Dp {
             shared,
             addr,
             admin: admin_addr,
-            stop: Some(tx),
+            stop: Some(stop),
             task: Some(task),
         }
     }
@@ -365,6 +321,18 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reads a response whole.
+    pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
@@ -372,15 +340,7 @@ impl Reply {
 }
 
 pub async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> Reply {
-    let resp = client.request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply::read(client.request(req).await.unwrap()).await
 }
 
 pub async fn get(client: &HttpClient, url: &str) -> Reply {

@@ -1,16 +1,20 @@
 //! A data plane in the test's process with its configuration applied directly (no control
-//! plane: its URL points at a closed port), and a plain HTTP client for it.
+//! plane: its URL points at a closed port), a plain HTTP client for it, and a small backend.
+//! [`spawn`] is shared with the control plane's tests, which run data planes of their own.
 
 #![allow(dead_code)]
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use data_plane::{Settings, Shared};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lb_proto::v1::{Backend, ConfigSnapshot, Limit};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,6 +49,47 @@ pub fn snapshot(backends: &[SocketAddr]) -> ConfigSnapshot {
     s
 }
 
+/// Runs the data plane `shared` on these listeners until the sender fires: the sender and the
+/// task to await.
+pub fn spawn(
+    shared: &Arc<Shared>,
+    proxy: TcpListener,
+    admin: TcpListener,
+) -> (oneshot::Sender<()>, JoinHandle<std::io::Result<()>>) {
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(data_plane::run_shared(
+        Arc::clone(shared),
+        proxy,
+        admin,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    (tx, task)
+}
+
+/// A backend answering every request with `answer(request)` as the body, marked `no-store`.
+pub async fn backend(answer: fn(&Request<Incoming>) -> String) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let mut resp = Response::new(Full::new(Bytes::from(answer(&req))));
+                    resp.headers_mut()
+                        .insert("cache-control", "no-store".parse().unwrap());
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 impl Dp {
     /// Settings for a one-worker data plane on free ports; `adjust` changes them further.
     pub async fn settings(
@@ -73,21 +118,34 @@ impl Dp {
         let shared = Arc::new(Shared::new(settings));
         shared.apply(shared.prepare(snapshot).unwrap());
         let addr = proxy.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(data_plane::run_shared(
-            Arc::clone(&shared),
-            proxy,
-            admin,
-            async {
-                let _ = rx.await;
-            },
-        ));
+        let (stop, task) = spawn(&shared, proxy, admin);
         Dp {
             shared,
             addr,
-            stop: Some(tx),
+            stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// A series' value in the data plane's metrics.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.shared.render_metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
+    /// Waits for a series to reach a value: the proxy counts after the client sees the effect.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.metric(series) < value {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed below {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.metric(series), value, "{series}");
     }
 
     /// One GET on a new client connection: status and body.

@@ -1,15 +1,22 @@
-//! Certificates for TLS tests, made with rcgen: a CA, server certificates it signs, and a scratch
-//! directory to write them to as PEM files. Shared by the data plane's and the control plane's
-//! tests.
+//! Certificates for TLS tests, made with rcgen: a CA, server certificates it signs, a scratch
+//! directory to write them to as PEM files, and a TLS client connection trusting the CA. Shared
+//! by the data plane's and the control plane's tests.
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use data_plane::tls::TlsFiles;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, SupportedProtocolVersion};
+use tokio::net::TcpStream;
 
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -21,6 +28,21 @@ pub struct Ca {
 pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+impl Leaf {
+    /// The certificate, DER: what a client sees the server present.
+    pub fn der(&self) -> CertificateDer<'static> {
+        der(&self.cert_pem)
+    }
+}
+
+/// Year, month, day.
+pub type Date = (i32, u8, u8);
+
+/// The first certificate in `pem`, DER.
+pub fn der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
 impl Ca {
@@ -37,12 +59,37 @@ impl Ca {
         }
     }
 
+    /// A trust store holding this CA only.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(der(&self.pem)).unwrap();
+        Arc::new(roots)
+    }
+
     /// A server certificate for `names` (DNS names, or IP addresses as IP SANs).
     pub fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with(names, None, None)
+    }
+
+    /// As [`Ca::leaf`], with this serial number and, when given, valid from the first date to
+    /// the second.
+    pub fn leaf_with(
+        &self,
+        names: &[&str],
+        serial: Option<u8>,
+        validity: Option<(Date, Date)>,
+    ) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut p = CertificateParams::new(names).unwrap();
         p.distinguished_name.push(DnType::CommonName, "test server");
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if let Some(serial) = serial {
+            p.serial_number = Some(SerialNumber::from_slice(&[serial]));
+        }
+        if let Some((b, a)) = validity {
+            p.not_before = rcgen::date_time_ymd(b.0, b.1, b.2);
+            p.not_after = rcgen::date_time_ymd(a.0, a.1, a.2);
+        }
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         Leaf {
@@ -63,10 +110,22 @@ impl Dir {
         Dir(d)
     }
 
+    /// Writes a file whole or not at all (written aside, then renamed), as a deployment
+    /// replaces certificates.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
         path
+    }
+
+    /// Writes a certificate and its key as `cert.pem` and `key.pem`.
+    pub fn install(&self, leaf: &Leaf) -> TlsFiles {
+        TlsFiles {
+            key: self.write("key.pem", &leaf.key_pem),
+            cert: self.write("cert.pem", &leaf.cert_pem),
+        }
     }
 }
 
@@ -74,4 +133,27 @@ impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A TLS connection to `addr` for the name `localhost`, offering `alpn` and `versions`,
+/// trusting `roots`. Every connection does a full handshake (no resumption), so each one shows
+/// the certificate in use.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+    alpn: &[u8],
+    versions: &[&'static SupportedProtocolVersion],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
 }
