@@ -46,6 +46,8 @@ pub struct Worker {
     pub budget: std::sync::Mutex<RetryBudget>,
     /// This thread's connection to the shared rate-limit store, if one is configured.
     pub redis: Option<redis::aio::ConnectionManager>,
+    /// Rate-limit decisions through Redis, batched per thread.
+    limits: Option<crate::ratelimit::Batcher>,
     /// This thread's handle on the configuration in force, and its version.
     // Deliberately two allocations: the outer count is this thread's alone (see `active`).
     #[allow(clippy::redundant_allocation)]
@@ -56,11 +58,13 @@ impl Worker {
     /// Must be called on the worker's own runtime (its Redis connection lives there).
     pub async fn new(shared: Arc<Shared>, id: usize) -> Worker {
         let redis = shared.limiter.connect().await;
+        let limits = redis.clone().map(crate::ratelimit::Batcher::spawn);
         Worker {
             shared,
             id,
             budget: std::sync::Mutex::new(RetryBudget::new()),
             redis,
+            limits,
             active: std::sync::Mutex::new(None),
         }
     }
@@ -754,7 +758,7 @@ async fn rate_limit(
     let (decision, _source) = shared
         .limiter
         .check(
-            worker.redis.as_ref(),
+            worker.limits.as_ref(),
             &who,
             rate,
             limits.ban,

@@ -108,3 +108,40 @@ async fn the_script_keeps_one_identity_in_one_hash_slot() {
     assert_eq!(tag(&a), tag(&b));
     assert_eq!(tag(&b), tag(&c));
 }
+
+#[tokio::test]
+async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.manager().await;
+    let memory = MemoryStore::default();
+    let t0 = 1_700_000_000_000u64;
+    // Two identities interleaved in one batch, past the limit and into a ban for one of them.
+    let checks: Vec<rl::Check> = (0..12)
+        .map(|i| rl::Check {
+            identity: if i % 3 == 2 {
+                "ip:10.0.0.2"
+            } else {
+                "ip:10.0.0.1"
+            }
+            .to_owned(),
+            now: t0 + i,
+            rate: FREE,
+            ban: BAN,
+        })
+        .collect();
+    let batched = rl::check_many(&mut conn, &checks).await.unwrap();
+    let alone: Vec<Decision> = checks
+        .iter()
+        .map(|c| memory.check(&c.identity, c.now, c.rate, c.ban))
+        .collect();
+    assert_eq!(batched, alone);
+    assert_eq!(
+        batched
+            .iter()
+            .filter(|d| d.verdict == Verdict::Allowed)
+            .count(),
+        9,
+        "5 for the first identity, all 4 of the second"
+    );
+    assert!(batched.iter().any(|d| d.verdict == Verdict::Banned));
+}

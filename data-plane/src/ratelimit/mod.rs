@@ -136,7 +136,7 @@ impl Limiter {
     /// (Redis unreachable in `closed` mode).
     pub async fn check(
         &self,
-        conn: Option<&ConnectionManager>,
+        conn: Option<&Batcher>,
         identity: &str,
         rate: Rate,
         ban: BanRule,
@@ -146,8 +146,12 @@ impl Limiter {
         if let Some(conn) = conn
             && now >= self.retry_at.load(Ordering::Relaxed)
         {
-            let mut conn = conn.clone();
-            let call = redis::check(&mut conn, identity, now, rate, ban);
+            let call = conn.check(redis::Check {
+                identity: identity.to_owned(),
+                now,
+                rate,
+                ban,
+            });
             match tokio::time::timeout(REDIS_TIMEOUT, call).await {
                 Ok(Ok(d)) => {
                     if self.degraded.swap(false, Ordering::Relaxed) {
@@ -238,6 +242,81 @@ pub async fn connect(target: &RedisTarget) -> Option<ConnectionManager> {
         Err(e) => {
             tracing::error!(cause = %e, "cannot set up the redis connection");
             None
+        }
+    }
+}
+
+/// Most decisions sent in one script call.
+const MAX_BATCH: usize = 64;
+
+type Job = (
+    redis::Check,
+    tokio::sync::oneshot::Sender<Result<Decision, String>>,
+);
+
+/// A worker thread's way to Redis for limit decisions: the decisions asked for while a call is
+/// in flight go together in the next call (one script call, one round trip for all of them),
+/// so under load Redis runs one script per batch instead of one per request, and a lone
+/// request goes at once. Each decision is still made atomically and in order, exactly as
+/// alone.
+#[derive(Clone)]
+pub struct Batcher {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+impl Batcher {
+    /// Spawns the sender on the current runtime; it ends when every handle is dropped.
+    pub fn spawn(conn: ConnectionManager) -> Batcher {
+        let (jobs, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run_batches(conn, rx));
+        Batcher { jobs }
+    }
+
+    pub async fn check(&self, check: redis::Check) -> Result<Decision, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send((check, tx))
+            .map_err(|_| "the redis sender stopped".to_owned())?;
+        rx.await
+            .map_err(|_| "the redis sender stopped".to_owned())?
+    }
+}
+
+async fn run_batches(
+    mut conn: ConnectionManager,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        // A caller that gave up (its deadline passed) has decided without Redis: its decision
+        // must not take a token too.
+        jobs.retain(|(_, reply)| !reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let (checks, replies): (Vec<redis::Check>, Vec<_>) = jobs.drain(..).unzip();
+        let result = tokio::time::timeout(REDIS_TIMEOUT, redis::check_many(&mut conn, &checks))
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match result {
+            Ok(decisions) => {
+                for (reply, d) in replies.into_iter().zip(decisions) {
+                    let _ = reply.send(Ok(d));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 }

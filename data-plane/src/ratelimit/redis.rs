@@ -24,8 +24,17 @@ pub fn keys(identity: &str) -> [String; 3] {
 pub enum RedisLimitError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis answered the limiter script with {0:?}; expected 5 integers")]
+    #[error("redis answered the limiter script with {0:?}; expected 5 integers per decision")]
     BadReply(Vec<i64>),
+}
+
+/// One decision to make in Redis.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub identity: String,
+    pub now: u64,
+    pub rate: Rate,
+    pub ban: BanRule,
 }
 
 pub async fn check(
@@ -35,30 +44,57 @@ pub async fn check(
     rate: Rate,
     ban: BanRule,
 ) -> Result<Decision, RedisLimitError> {
-    let [k1, k2, k3] = keys(identity);
-    let reply: Vec<i64> = SCRIPT
-        .key(k1)
-        .key(k2)
-        .key(k3)
-        .arg(now)
-        .arg(rate.requests)
-        .arg(rate.period_ms)
-        .arg(ban.strikes)
-        .arg(ban.strike_window_ms)
-        .arg(ban.base_ban_ms)
-        .arg(ban.multiplier)
-        .arg(ban.max_ban_ms)
-        .arg(ban.strike_decay_ms)
-        .invoke_async(conn)
-        .await?;
-    let [v, limit, remaining, reset, retry] = reply[..] else {
+    let check = Check {
+        identity: identity.to_owned(),
+        now,
+        rate,
+        ban,
+    };
+    let mut d = check_many(conn, std::slice::from_ref(&check)).await?;
+    Ok(d.remove(0))
+}
+
+/// Several decisions in one script call, made in order: one round trip for all of them.
+pub async fn check_many(
+    conn: &mut ConnectionManager,
+    checks: &[Check],
+) -> Result<Vec<Decision>, RedisLimitError> {
+    let mut call = SCRIPT.prepare_invoke();
+    for c in checks {
+        let [k1, k2, k3] = keys(&c.identity);
+        call.key(k1).key(k2).key(k3);
+    }
+    for c in checks {
+        call.arg(c.now)
+            .arg(c.rate.requests)
+            .arg(c.rate.period_ms)
+            .arg(c.ban.strikes)
+            .arg(c.ban.strike_window_ms)
+            .arg(c.ban.base_ban_ms)
+            .arg(c.ban.multiplier)
+            .arg(c.ban.max_ban_ms)
+            .arg(c.ban.strike_decay_ms);
+    }
+    let reply: Vec<i64> = call.invoke_async(conn).await?;
+    if reply.len() != 5 * checks.len() {
         return Err(RedisLimitError::BadReply(reply));
+    }
+    reply
+        .chunks(5)
+        .map(decision)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|()| RedisLimitError::BadReply(reply.clone()))
+}
+
+fn decision(r: &[i64]) -> Result<Decision, ()> {
+    let [v, limit, remaining, reset, retry] = r[..] else {
+        return Err(());
     };
     let verdict = match v {
         0 => Verdict::Allowed,
         1 => Verdict::Limited,
         2 => Verdict::Banned,
-        _ => return Err(RedisLimitError::BadReply(reply)),
+        _ => return Err(()),
     };
     let u = |x: i64| u64::try_from(x).unwrap_or(0);
     Ok(Decision {
