@@ -26,27 +26,7 @@ impl RedisServer {
     }
 
     pub async fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (apt-get install redis-server)");
-        let server = RedisServer {
-            child: Some(child),
-            port,
-            tls_ca: None,
-        };
-        server.wait_ready().await;
-        server
+        RedisServer::spawn(&["--port".as_ref(), port.to_string().as_ref()], port, None).await
     }
 
     /// A server on a free port speaking TLS only, with the certificate chain and key given;
@@ -57,31 +37,37 @@ impl RedisServer {
             .local_addr()
             .unwrap()
             .port();
+        let port_arg = port.to_string();
+        let args: [&std::ffi::OsStr; 12] = [
+            "--port".as_ref(),
+            "0".as_ref(),
+            "--tls-port".as_ref(),
+            port_arg.as_ref(),
+            "--tls-cert-file".as_ref(),
+            cert.as_ref(),
+            "--tls-key-file".as_ref(),
+            key.as_ref(),
+            "--tls-ca-cert-file".as_ref(),
+            ca.as_ref(),
+            "--tls-auth-clients".as_ref(),
+            "no".as_ref(),
+        ];
+        RedisServer::spawn(&args, port, Some(std::fs::read(ca).unwrap())).await
+    }
+
+    /// Starts `redis-server` with `args` plus loopback only and no persistence, and waits until
+    /// it answers on `port`.
+    async fn spawn(args: &[&std::ffi::OsStr], port: u16, tls_ca: Option<Vec<u8>>) -> RedisServer {
         let child = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string()])
-            .arg("--tls-cert-file")
-            .arg(cert)
-            .arg("--tls-key-file")
-            .arg(key)
-            .arg("--tls-ca-cert-file")
-            .arg(ca)
-            .args([
-                "--tls-auth-clients",
-                "no",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (apt-get install redis-server)");
         let server = RedisServer {
             child: Some(child),
             port,
-            tls_ca: Some(std::fs::read(ca).unwrap()),
+            tls_ca,
         };
         server.wait_ready().await;
         server
