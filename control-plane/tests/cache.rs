@@ -3,12 +3,16 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytes::Bytes;
 use common::redis_server::RedisServer;
 use common::*;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use lb_proto::v1::*;
 use mock_backends::Faults;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Fleet {
     mock: mock_backends::MockBackends,
@@ -286,4 +290,124 @@ async fn purge_by_prefix_reaches_both_tiers_on_every_data_plane() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+}
+
+/// A backend whose `GET /endless` answer is cacheable, chunked and never ends (until the socket
+/// fails); anything else gets a small 200. Counts the endless answers still being written.
+async fn endless_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&open);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let open = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut read = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut read).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&read[..n]),
+                        }
+                    };
+                    let endless = buf.starts_with(b"GET /endless ");
+                    buf.drain(..end);
+                    if !endless {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    open.fetch_add(1, Ordering::SeqCst);
+                    let head = b"HTTP/1.1 200 OK\r\ncache-control: public, max-age=60\r\n\
+                                 transfer-encoding: chunked\r\n\r\n";
+                    let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+                    if s.write_all(head).await.is_ok() {
+                        while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+    });
+    (addr, open)
+}
+
+/// Reads at least `n` bytes of a body that must not end.
+async fn read_at_least(body: &mut hyper::body::Incoming, n: usize) {
+    let mut got = 0;
+    while got < n {
+        let frame = body.frame().await.expect("the body ended").unwrap();
+        got += frame.data_ref().map_or(0, Bytes::len);
+    }
+}
+
+#[tokio::test]
+async fn a_cacheable_answer_that_never_ends_streams_through_and_is_not_kept() {
+    const LIMIT: u64 = 64 << 10;
+    let (backend, open) = endless_backend().await;
+    let mut snapshot = snapshot_with(&[backend]);
+    snapshot.cache = Some(CachePolicy {
+        enabled: true,
+        max_entry_bytes: LIMIT,
+        ..lb_proto::defaults::cache()
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-0").await;
+    dp.wait_version(1).await;
+    let client = http_client();
+    let endless = || {
+        let client = client.clone();
+        let url = dp.url("/endless");
+        async move {
+            let req = http::Request::get(url).body(Full::default()).unwrap();
+            client.request(req).await.unwrap()
+        }
+    };
+
+    // The first request leads the fill; a second one for the same key waits on it.
+    let mut first = endless().await;
+    assert_eq!((first.status().as_u16(), x_cache_of(&first)), (200, "MISS".into()));
+    read_at_least(first.body_mut(), (LIMIT / 4) as usize).await;
+    let second = tokio::spawn(endless());
+    // The first body outgrows the entry size: it keeps streaming, the fill is given up and the
+    // waiting request goes to the backend itself rather than hang.
+    read_at_least(first.body_mut(), 4 * LIMIT as usize).await;
+    let mut second = second.await.unwrap();
+    assert_eq!(second.status(), 200);
+    read_at_least(second.body_mut(), 2 * LIMIT as usize).await;
+
+    // Clients gone: the proxy drops both backend streams rather than read them forever.
+    drop((first, second));
+    eventually("the backend streams to close", || {
+        open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+
+    // Nothing was kept, and the resource now passes the cache by (for `PASS_MEMO`) rather
+    // than lead another fill; it still streams.
+    let mut third = endless().await;
+    assert_eq!((third.status().as_u16(), x_cache_of(&third)), (200, "MISS".into()));
+    read_at_least(third.body_mut(), 2 * LIMIT as usize).await;
+    drop(third);
+    let stats = dp.shared.cache.stats();
+    assert_eq!((stats.stored, stats.memory.bytes), (0, 0), "{stats:?}");
+    assert!(stats.not_stored >= 1 && stats.passes >= 1, "{stats:?}");
+    eventually("the backend streams to close", || {
+        open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+fn x_cache_of<B>(r: &http::Response<B>) -> String {
+    r.headers()
+        .get("x-cache")
+        .map_or(String::new(), |v| v.to_str().unwrap().to_owned())
 }
