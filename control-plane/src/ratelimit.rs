@@ -6,9 +6,13 @@
 //! its keys carry the identity as a Redis Cluster hash tag so one client's keys share a slot and
 //! a data plane's script can touch them together:
 //!
-//! - `lb:rl:{<identity>}:gcra`: hash, `tat` (theoretical arrival time, unix ms) and `t` (the
-//!   emission interval in ms that `tat` was computed with); both decimal numbers.
-//! - `lb:rl:{<identity>}:ban`: hash, `until` (unix ms) and `count` (bans so far), with a TTL.
+//! - `lb:rl:{<identity>}:gcra`: a string `"<tat> <t>"`, the theoretical arrival time (unix ms)
+//!   and the emission interval in ms it was computed with, both decimal numbers, with a TTL.
+//! - `lb:rl:{<identity>}:ban`: a string `"<until> <count>"`, the end of the ban (unix ms) and
+//!   the bans so far, with a TTL that outlasts the ban by the strike decay period.
+//!
+//! Plain strings rather than hashes: the script reads every state of a batch with one `MGET`
+//! and writes each with one `SET ... PX`.
 //! - `lb:rl:{<identity>}:strikes`: recent rejections, an integer with a TTL.
 //!
 //! The arithmetic is here, with the clock passed in; the Redis reads are behind [`SharedLimits`].

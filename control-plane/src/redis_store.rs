@@ -234,6 +234,12 @@ impl RedisStore {
 }
 
 /// A decimal number in a Redis value.
+/// A value the limiter script writes as two numbers, `"<a> <b>"`.
+fn pair(value: &[u8]) -> Option<(&[u8], &[u8])> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    Some((&value[..space], &value[space + 1..]))
+}
+
 fn decimal<T: std::str::FromStr>(bytes: &[u8]) -> Option<T> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
 }
@@ -309,19 +315,22 @@ impl Store for RedisStore {
 impl SharedLimits for RedisStore {
     async fn gcra(&self, identity: &str) -> Result<Option<GcraState>, StoreError> {
         let key = ratelimit::gcra_key(identity);
-        let mut v = self.hmget(&key, &["tat", "t"]).await?.into_iter();
-        let (tat, t) = (v.next().flatten(), v.next().flatten());
-        let Some(tat) = tat else {
+        let value: Option<Vec<u8>> = self
+            .idempotent("GET", &key, |mut conn| {
+                let key = &key;
+                async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
+            })
+            .await?;
+        let Some(value) = value else {
             return Ok(None);
         };
-        let number = |field: &str, b: &[u8]| {
-            decimal::<f64>(b)
-                .filter(|x| x.is_finite())
-                .ok_or_else(|| bad(&key, format!("field {field} is not a number")))
-        };
+        let (tat, t) = pair(&value)
+            .and_then(|(a, b)| Some((decimal::<f64>(a)?, decimal::<f64>(b)?)))
+            .filter(|(a, b)| a.is_finite() && b.is_finite())
+            .ok_or_else(|| bad(&key, "is not a GCRA state \"<tat_ms> <interval_ms>\""))?;
         Ok(Some(GcraState {
-            tat_ms: number("tat", &tat)?,
-            interval_ms: t.map(|t| number("t", &t)).transpose()?,
+            tat_ms: tat,
+            interval_ms: Some(t),
         }))
     }
 
@@ -349,30 +358,26 @@ impl SharedLimits for RedisStore {
                 })
                 .collect();
             // One round trip for the whole batch.
-            let fields: Vec<Vec<Option<Vec<u8>>>> = if keys.is_empty() {
+            let values: Vec<Option<Vec<u8>>> = if keys.is_empty() {
                 Vec::new()
             } else {
-                self.idempotent("HMGET", ratelimit::BAN_KEY_PATTERN, |mut conn| {
+                self.idempotent("GET", ratelimit::BAN_KEY_PATTERN, |mut conn| {
                     let mut pipe = redis::pipe();
                     for (k, _) in &keys {
-                        pipe.cmd("HMGET").arg(k).arg("until").arg("count");
+                        pipe.cmd("GET").arg(k);
                     }
                     async move { pipe.query_async(&mut conn).await }
                 })
                 .await?
             };
-            for ((key, client), values) in keys.into_iter().zip(fields) {
-                let mut v = values.into_iter();
-                // Expired between SCAN and HMGET.
-                let Some(until) = v.next().flatten() else {
+            for ((key, client), value) in keys.into_iter().zip(values) {
+                // Expired between SCAN and GET.
+                let Some(value) = value else {
                     continue;
                 };
-                let until_ms =
-                    whole(&until).ok_or_else(|| bad(&key, "field until is not a number"))?;
-                let count = match v.next().flatten() {
-                    Some(c) => whole(&c).ok_or_else(|| bad(&key, "field count is not a number"))?,
-                    None => 0,
-                };
+                let (until_ms, count) = pair(&value)
+                    .and_then(|(a, b)| Some((whole(a)?, whole(b)?)))
+                    .ok_or_else(|| bad(&key, "is not a ban \"<until_ms> <count>\""))?;
                 if until_ms > now_ms {
                     out.push(BanInfo {
                         client,

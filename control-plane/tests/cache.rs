@@ -374,7 +374,10 @@ async fn a_cacheable_answer_that_never_ends_streams_through_and_is_not_kept() {
 
     // The first request leads the fill; a second one for the same key waits on it.
     let mut first = endless().await;
-    assert_eq!((first.status().as_u16(), x_cache_of(&first)), (200, "MISS".into()));
+    assert_eq!(
+        (first.status().as_u16(), x_cache_of(&first)),
+        (200, "MISS".into())
+    );
     read_at_least(first.body_mut(), (LIMIT / 4) as usize).await;
     let second = tokio::spawn(endless());
     // The first body outgrows the entry size: it keeps streaming, the fill is given up and the
@@ -394,7 +397,10 @@ async fn a_cacheable_answer_that_never_ends_streams_through_and_is_not_kept() {
     // Nothing was kept, and the resource now passes the cache by (for `PASS_MEMO`) rather
     // than lead another fill; it still streams.
     let mut third = endless().await;
-    assert_eq!((third.status().as_u16(), x_cache_of(&third)), (200, "MISS".into()));
+    assert_eq!(
+        (third.status().as_u16(), x_cache_of(&third)),
+        (200, "MISS".into())
+    );
     read_at_least(third.body_mut(), 2 * LIMIT as usize).await;
     drop(third);
     let stats = dp.shared.cache.stats();
