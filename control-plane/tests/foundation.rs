@@ -647,3 +647,80 @@ async fn reports_from_two_data_planes_add_up_on_the_control_plane() {
         .json();
     assert_eq!(rest["totals"]["requests"], 20);
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` off `conn`, keeping what follows it in
+/// `buf`; returns its status line.
+async fn read_response(conn: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + length {
+                buf.drain(..end + 4 + length);
+                return head.lines().next().unwrap().to_owned();
+            }
+        }
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a whole response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_connections_is_spread_over_the_workers_and_all_served() {
+    use tokio::io::AsyncWriteExt;
+    const WORKERS: usize = 4;
+    const CONNECTIONS: usize = 40;
+    let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 3])
+        .await
+        .unwrap();
+    let cp = Cp::start(snapshot_with(&mock.addrs()), None).await;
+    let dp = Dp::start_with(&cp.url(), "dp-1", |s| s.workers = WORKERS).await;
+    dp.wait_version(1).await;
+
+    // Every client writes two requests the moment it connects, before any worker has it.
+    let request =
+        b"GET /data HTTP/1.1\r\nhost: t\r\n\r\nGET /data?again=1 HTTP/1.1\r\nhost: t\r\n\r\n";
+    let addr = dp.addr;
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+                conn.write_all(request).await.unwrap();
+                let mut buf = Vec::new();
+                let first = read_response(&mut conn, &mut buf).await;
+                let second = read_response(&mut conn, &mut buf).await;
+                (conn, [first, second])
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for c in clients {
+        let (conn, statuses) = c.await.unwrap();
+        assert_eq!(statuses, ["http/1.1 200 ok", "http/1.1 200 ok"]);
+        open.push(conn);
+    }
+    // All still open: each worker serves its share, whichever accepted them.
+    let loads: Vec<i64> = (0..WORKERS)
+        .map(|w| {
+            dp.shared
+                .metrics
+                .worker_connections
+                .with_label_values(&[&w.to_string()])
+                .get()
+        })
+        .collect();
+    assert_eq!(loads.iter().sum::<i64>(), CONNECTIONS as i64, "{loads:?}");
+    let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+    assert!(max - min <= 3, "connections per worker: {loads:?}");
+    drop(open);
+    eventually("the connections to close", || {
+        dp.shared.metrics.connections.get() == 0
+    })
+    .await;
+}

@@ -30,6 +30,7 @@ pub mod ratelimit;
 pub mod report;
 pub mod retry;
 pub mod settings;
+pub mod spread;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
@@ -42,8 +43,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use spread::{Handoff, Spread};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 pub use settings::{Args, Settings};
 pub use state::Shared;
@@ -145,7 +148,7 @@ pub async fn run_shared(
 
 /// Runs the proxy on `workers` threads, each a single-threaded event loop accepting from the
 /// shared listener with its own backend pool: no request crosses threads, as in nginx or
-/// HAProxy, and the kernel spreads new connections over the threads waiting in accept.
+/// HAProxy. A worker that accepts more than its share hands connections over ([`spread`]).
 async fn serve_proxy(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -154,14 +157,25 @@ async fn serve_proxy(
     let listener = listener.into_std()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
+    let (spread, inboxes) = Spread::new(
+        (0..shared.settings.workers.max(1))
+            .map(|i| {
+                shared
+                    .metrics
+                    .worker_connections
+                    .with_label_values(&[&i.to_string()])
+            })
+            .collect(),
+    );
     let mut finished = Vec::new();
-    for i in 0..shared.settings.workers.max(1) {
+    for (i, inbox) in inboxes.into_iter().enumerate() {
         let listener = listener.try_clone()?;
         let (shared, connections, stop) = (
             Arc::clone(&shared),
             Arc::clone(&connections),
             stop_rx.clone(),
         );
+        let spread = Arc::clone(&spread);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("proxy-{i}"))
@@ -172,7 +186,16 @@ async fn serve_proxy(
                 match runtime {
                     Ok(rt) => rt.block_on(async move {
                         match TcpListener::from_std(listener) {
-                            Ok(l) => worker(i, shared, l, connections, stop).await,
+                            Ok(l) => {
+                                let accept = Accept {
+                                    id: i,
+                                    listener: l,
+                                    connections,
+                                    spread,
+                                    inbox,
+                                };
+                                worker(shared, accept, stop).await;
+                            }
                             Err(e) => {
                                 tracing::error!(cause = %e, "proxy worker cannot use the listener")
                             }
@@ -195,14 +218,106 @@ async fn serve_proxy(
     Ok(())
 }
 
-/// One worker: accept, serve each connection, and on stop drain within the deadline.
-async fn worker(
+/// Where one worker's connections come from: its accepts, and its inbox for connections other
+/// workers hand over.
+struct Accept {
     id: usize,
-    shared: Arc<Shared>,
     listener: TcpListener,
     connections: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
+    spread: Arc<Spread>,
+    inbox: UnboundedReceiver<Handoff>,
+}
+
+/// A connection for this worker to serve.
+struct Accepted {
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+    _load: spread::Load,
+}
+
+impl Accept {
+    /// The next connection: accepted here within the connection limit, or handed over.
+    async fn next(&mut self) -> Accepted {
+        loop {
+            let permit = tokio::select! {
+                Some(h) = self.inbox.recv() => match adopt(h) {
+                    Some(a) => return a,
+                    None => continue,
+                },
+                // Backpressure: at the connection limit, stop accepting until one closes.
+                p = Arc::clone(&self.connections).acquire_owned() => {
+                    p.expect("semaphore is never closed")
+                }
+            };
+            let (stream, peer) = tokio::select! {
+                Some(h) = self.inbox.recv() => match adopt(h) {
+                    Some(a) => return a,
+                    None => continue,
+                },
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Usually out of file descriptors; back off instead of spinning.
+                        tracing::warn!(cause = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let to = self.spread.place(self.id);
+            if to != self.id {
+                match stream.into_std() {
+                    Ok(stream) => {
+                        let handoff = Handoff {
+                            stream,
+                            peer,
+                            permit,
+                            load: self.spread.take(to),
+                        };
+                        match self.spread.send(to, handoff) {
+                            Ok(()) => continue,
+                            Err(back) => match adopt(back) {
+                                Some(a) => return a,
+                                None => continue,
+                            },
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(client = %peer, cause = %e, "connection lost while handed over");
+                        continue;
+                    }
+                }
+            }
+            return Accepted {
+                stream,
+                peer,
+                permit,
+                _load: self.spread.take(self.id),
+            };
+        }
+    }
+}
+
+/// Registers a handed-over connection with this worker's event loop.
+fn adopt(h: Handoff) -> Option<Accepted> {
+    match TcpStream::from_std(h.stream) {
+        Ok(stream) => Some(Accepted {
+            stream,
+            peer: h.peer,
+            permit: h.permit,
+            _load: h.load,
+        }),
+        Err(e) => {
+            tracing::debug!(client = %h.peer, cause = %e, "connection lost while handed over");
+            None
+        }
+    }
+}
+
+/// One worker: accept, serve each connection, and on stop drain within the deadline.
+async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiver<bool>) {
+    let id = accept.id;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -224,21 +339,13 @@ async fn worker(
     };
     tokio::pin!(stopped);
     loop {
-        // Backpressure: at the connection limit, stop accepting until one closes.
-        let permit = tokio::select! {
-            p = Arc::clone(&connections).acquire_owned() => p.expect("semaphore is never closed"),
-            () = &mut stopped => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Usually out of file descriptors; back off instead of spinning.
-                    tracing::warn!(cause = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Accepted {
+            stream,
+            peer,
+            permit,
+            _load: load,
+        } = tokio::select! {
+            a = accept.next() => a,
             () = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
@@ -254,8 +361,7 @@ async fn worker(
                 .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
-                let _permit = permit;
-                let _gauge = gauge;
+                let _held = (permit, gauge, load);
                 if let Err(e) = conn.await {
                     tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
                 }
@@ -267,8 +373,7 @@ async fn worker(
         let handshake = handshake(acceptor, stream, peer, Arc::clone(&shared));
         let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         tokio::spawn(async move {
-            let _permit = permit;
-            let _gauge = gauge;
+            let _held = (permit, gauge, load);
             let Some(stream) = handshake.await else {
                 return;
             };
@@ -280,7 +385,7 @@ async fn worker(
             }
         });
     }
-    drop(listener);
+    drop(accept);
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("connections drained"),
         () = tokio::time::sleep(shared.settings.drain_timeout) => {

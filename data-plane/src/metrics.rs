@@ -2,8 +2,8 @@
 //! addresses and fixed outcome names, never a client address or a key.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, from 0.5 ms (a local backend) to 10 s.
@@ -40,6 +40,8 @@ pub struct Metrics {
     pub config_updates: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub connections: IntGauge,
+    /// Client connections open, by proxy worker thread (see [`crate::spread`]).
+    pub worker_connections: IntGaugeVec,
     /// Time requests spent in the priority queue waiting for a backend with room.
     pub queue_wait: Histogram,
     /// Registered only when the listener speaks TLS, so a plain listener exports no
@@ -115,6 +117,14 @@ impl Metrics {
         .expect("valid metric");
         let connections = IntGauge::new("lb_client_connections", "Client connections open")
             .expect("valid metric");
+        let worker_connections = IntGaugeVec::new(
+            Opts::new(
+                "lb_worker_connections",
+                "Client connections open, by proxy worker thread",
+            ),
+            &["worker"],
+        )
+        .expect("valid metric");
         let queue_wait = Histogram::with_opts(
             HistogramOpts::new(
                 "lb_queue_wait_seconds",
@@ -133,6 +143,7 @@ impl Metrics {
             Box::new(config_updates.clone()),
             Box::new(control_plane_connected.clone()),
             Box::new(connections.clone()),
+            Box::new(worker_connections.clone()),
             Box::new(queue_wait.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -148,6 +159,7 @@ impl Metrics {
             config_updates,
             control_plane_connected,
             connections,
+            worker_connections,
             queue_wait,
             tls: std::sync::OnceLock::new(),
         }

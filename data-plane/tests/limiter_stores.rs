@@ -145,10 +145,15 @@ async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
     );
     assert!(batched.iter().any(|d| d.verdict == Verdict::Banned));
     // The batch's states and bans reached Redis: later calls still agree with memory.
-    for (i, identity) in ["ip:10.0.0.1", "ip:10.0.0.2", "ip:10.0.0.2"].iter().enumerate() {
+    for (i, identity) in ["ip:10.0.0.1", "ip:10.0.0.2", "ip:10.0.0.2"]
+        .iter()
+        .enumerate()
+    {
         let now = t0 + 100 + i as u64;
         assert_eq!(
-            rl::check(&mut conn, identity, now, FREE, BAN).await.unwrap(),
+            rl::check(&mut conn, identity, now, FREE, BAN)
+                .await
+                .unwrap(),
             memory.check(identity, now, FREE, BAN),
             "{identity} after the batch"
         );
