@@ -43,9 +43,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use spread::{Handoff, Spread};
+use spread::Spread;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 pub use settings::{Args, Settings};
@@ -148,7 +147,8 @@ pub async fn run_shared(
 
 /// Runs the proxy on `workers` threads, each a single-threaded event loop accepting from the
 /// shared listener with its own backend pool: no request crosses threads, as in nginx or
-/// HAProxy. A worker that accepts more than its share hands connections over ([`spread`]).
+/// HAProxy. A worker ahead of the others by more than [`spread::SLACK`] connections leaves
+/// new ones to them ([`spread`]).
 async fn serve_proxy(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -157,7 +157,7 @@ async fn serve_proxy(
     let listener = listener.into_std()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
-    let (spread, inboxes) = Spread::new(
+    let spread = Spread::new(
         (0..shared.settings.workers.max(1))
             .map(|i| {
                 shared
@@ -168,7 +168,7 @@ async fn serve_proxy(
             .collect(),
     );
     let mut finished = Vec::new();
-    for (i, inbox) in inboxes.into_iter().enumerate() {
+    for i in 0..shared.settings.workers.max(1) {
         let listener = listener.try_clone()?;
         let (shared, connections, stop) = (
             Arc::clone(&shared),
@@ -192,7 +192,6 @@ async fn serve_proxy(
                                     listener: l,
                                     connections,
                                     spread,
-                                    inbox,
                                 };
                                 worker(shared, accept, stop).await;
                             }
@@ -218,14 +217,12 @@ async fn serve_proxy(
     Ok(())
 }
 
-/// Where one worker's connections come from: its accepts, and its inbox for connections other
-/// workers hand over.
+/// Where one worker's connections come from.
 struct Accept {
     id: usize,
     listener: TcpListener,
     connections: Arc<Semaphore>,
     spread: Arc<Spread>,
-    inbox: UnboundedReceiver<Handoff>,
 }
 
 /// A connection for this worker to serve.
@@ -237,80 +234,30 @@ struct Accepted {
 }
 
 impl Accept {
-    /// The next connection: accepted here within the connection limit, or handed over.
+    /// The next connection, within the connection limit and this worker's share.
     async fn next(&mut self) -> Accepted {
         loop {
-            let permit = tokio::select! {
-                Some(h) = self.inbox.recv() => match adopt(h) {
-                    Some(a) => return a,
-                    None => continue,
-                },
-                // Backpressure: at the connection limit, stop accepting until one closes.
-                p = Arc::clone(&self.connections).acquire_owned() => {
-                    p.expect("semaphore is never closed")
+            self.spread.turn(self.id).await;
+            // Backpressure: at the connection limit, stop accepting until one closes.
+            let permit = Arc::clone(&self.connections)
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    return Accepted {
+                        stream,
+                        peer,
+                        permit,
+                        _load: self.spread.take(self.id),
+                    };
                 }
-            };
-            let (stream, peer) = tokio::select! {
-                Some(h) = self.inbox.recv() => match adopt(h) {
-                    Some(a) => return a,
-                    None => continue,
-                },
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Usually out of file descriptors; back off instead of spinning.
-                        tracing::warn!(cause = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let to = self.spread.place(self.id);
-            if to != self.id {
-                match stream.into_std() {
-                    Ok(stream) => {
-                        let handoff = Handoff {
-                            stream,
-                            peer,
-                            permit,
-                            load: self.spread.take(to),
-                        };
-                        match self.spread.send(to, handoff) {
-                            Ok(()) => continue,
-                            Err(back) => match adopt(back) {
-                                Some(a) => return a,
-                                None => continue,
-                            },
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(client = %peer, cause = %e, "connection lost while handed over");
-                        continue;
-                    }
+                Err(e) => {
+                    // Usually out of file descriptors; back off instead of spinning.
+                    tracing::warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
-            return Accepted {
-                stream,
-                peer,
-                permit,
-                _load: self.spread.take(self.id),
-            };
-        }
-    }
-}
-
-/// Registers a handed-over connection with this worker's event loop.
-fn adopt(h: Handoff) -> Option<Accepted> {
-    match TcpStream::from_std(h.stream) {
-        Ok(stream) => Some(Accepted {
-            stream,
-            peer: h.peer,
-            permit: h.permit,
-            _load: h.load,
-        }),
-        Err(e) => {
-            tracing::debug!(client = %h.peer, cause = %e, "connection lost while handed over");
-            None
         }
     }
 }

@@ -2,33 +2,27 @@
 //!
 //! Every worker accepts from the same listening socket, and the one that wakes first takes
 //! every connection waiting in the backlog: a burst of new connections (a client pool starting,
-//! a load generator) can land on one thread while the others idle. So a worker that accepts a
-//! connection while it serves more than one connection over the least busy worker hands it
-//! over, as HAProxy does. A hand-over is one message to the other thread's event loop, once per
-//! connection; keep-alive connections then stay where they are.
+//! a load generator) can land on one thread while the others idle. So a worker that serves more
+//! than [`SLACK`] connections over the least busy one stops accepting until that is no longer
+//! so, and the others, woken by the same new connections, take them. Nothing moves between
+//! threads, so a connection costs no more than before, however short it is.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering, fence};
 
 use prometheus::IntGauge;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use tokio::sync::OwnedSemaphorePermit;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::Notify;
 
-/// A worker keeps a connection while it serves at most this many more than the least busy one.
-const SLACK: usize = 1;
+/// A worker accepts while it serves at most this many more connections than the least busy.
+pub const SLACK: usize = 1;
 
-/// The open connections of each worker and the way to hand one over.
+/// The open connections of each worker.
 pub struct Spread {
     /// Also exported, as `lb_worker_connections`.
     loads: Box<[IntGauge]>,
-    inboxes: Box<[UnboundedSender<Handoff>]>,
-}
-
-/// A connection accepted by one worker for another to serve.
-pub struct Handoff {
-    pub stream: std::net::TcpStream,
-    pub peer: SocketAddr,
-    pub permit: OwnedSemaphorePermit,
-    pub load: Load,
+    /// Workers waiting for the loads to change.
+    waiting: AtomicUsize,
+    changed: Notify,
 }
 
 /// Counts a connection against its worker while it is open.
@@ -40,51 +34,66 @@ pub struct Load {
 impl Drop for Load {
     fn drop(&mut self) {
         self.spread.loads[self.worker].dec();
+        self.spread.wake();
     }
 }
 
 impl Spread {
-    /// One worker per gauge, which counts its open connections; one inbox per worker, in
-    /// worker order.
-    pub fn new(loads: Vec<IntGauge>) -> (Arc<Spread>, Vec<UnboundedReceiver<Handoff>>) {
+    /// One worker per gauge, which counts its open connections.
+    pub fn new(loads: Vec<IntGauge>) -> Arc<Spread> {
         assert!(!loads.is_empty(), "at least one worker");
-        let (inboxes, receivers): (Vec<_>, Vec<_>) =
-            loads.iter().map(|_| unbounded_channel()).unzip();
-        let spread = Spread {
+        Arc::new(Spread {
             loads: loads.into_boxed_slice(),
-            inboxes: inboxes.into_boxed_slice(),
-        };
-        (Arc::new(spread), receivers)
+            waiting: AtomicUsize::new(0),
+            changed: Notify::new(),
+        })
     }
 
-    /// The worker that should serve a connection `worker` just accepted: itself, unless it
-    /// serves more than [`SLACK`] connections over the least busy worker.
-    pub fn place(&self, worker: usize) -> usize {
-        let mine = self.load(worker);
-        let (least, fewest) = (0..self.loads.len())
-            .map(|w| (w, self.load(w)))
-            .min_by_key(|&(_, n)| n)
-            .unwrap_or((worker, mine));
-        if mine > fewest + SLACK { least } else { worker }
+    /// Whether `worker` should accept now: it serves no more than [`SLACK`] connections over
+    /// the least busy worker.
+    pub fn may_accept(&self, worker: usize) -> bool {
+        let fewest = (0..self.loads.len()).map(|w| self.load(w)).min();
+        self.load(worker) <= fewest.unwrap_or(0) + SLACK
+    }
+
+    /// Returns once `worker` may accept.
+    pub async fn turn(&self, worker: usize) {
+        while !self.may_accept(worker) {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check again, so a change in between is not missed.
+            changed.as_mut().enable();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            // Pairs with the fence in `wake`: either this check sees the new load, or that
+            // side sees this worker waiting.
+            fence(Ordering::SeqCst);
+            if !self.may_accept(worker) {
+                changed.await;
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Counts a connection against `worker` until the returned guard drops.
     pub fn take(self: &Arc<Self>, worker: usize) -> Load {
         self.loads[worker].inc();
+        self.wake();
         Load {
             spread: Arc::clone(self),
             worker,
         }
     }
 
-    /// Hands a connection to `worker`; gives it back if that worker has stopped.
-    pub fn send(&self, worker: usize, handoff: Handoff) -> Result<(), Handoff> {
-        self.inboxes[worker].send(handoff).map_err(|e| e.0)
-    }
-
     /// Connections `worker` serves now.
     pub fn load(&self, worker: usize) -> usize {
         usize::try_from(self.loads[worker].get()).unwrap_or(0)
+    }
+
+    fn wake(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -92,7 +101,7 @@ impl Spread {
 mod tests {
     use super::*;
 
-    fn spread(workers: usize) -> (Arc<Spread>, Vec<UnboundedReceiver<Handoff>>) {
+    fn spread(workers: usize) -> Arc<Spread> {
         Spread::new(
             (0..workers)
                 .map(|_| IntGauge::new("connections", "open").unwrap())
@@ -100,77 +109,62 @@ mod tests {
         )
     }
 
-    /// Places `n` connections all accepted by worker 0, as in a burst, keeping the guards.
-    fn burst(spread: &Arc<Spread>, n: usize) -> (Vec<Load>, usize) {
-        let mut moved = 0;
-        let loads = (0..n)
-            .map(|_| {
-                let to = spread.place(0);
-                moved += usize::from(to != 0);
-                spread.take(to)
-            })
-            .collect();
-        (loads, moved)
-    }
-
     #[test]
-    fn a_burst_on_one_worker_ends_spread_over_all() {
-        let (spread, _inboxes) = spread(4);
-        let (_held, moved) = burst(&spread, 64);
-        let loads: Vec<usize> = (0..4).map(|w| spread.load(w)).collect();
-        assert_eq!(loads.iter().sum::<usize>(), 64);
-        let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
-        assert!(max - min <= SLACK + 1, "{loads:?}");
-        assert!(moved >= 64 - loads[0], "{moved} moved, {loads:?}");
-    }
-
-    #[test]
-    fn balanced_workers_keep_their_connections() {
-        let (spread, _inboxes) = spread(2);
-        let _a = spread.take(0);
-        let _b = spread.take(1);
-        assert_eq!((spread.place(0), spread.place(1)), (0, 1));
-        let _c = spread.take(0);
-        assert_eq!(spread.place(0), 0, "one more is within the slack");
-        let _d = spread.take(0);
-        assert_eq!(spread.place(0), 1, "two more is not");
+    fn a_worker_ahead_of_the_least_busy_by_more_than_the_slack_waits() {
+        let s = spread(2);
+        let _a = s.take(0);
+        let _b = s.take(1);
+        assert!(s.may_accept(0) && s.may_accept(1));
+        let _c = s.take(0);
+        assert!(s.may_accept(0), "one more is within the slack");
+        let _d = s.take(0);
+        assert!(!s.may_accept(0), "two more is not");
+        assert!(s.may_accept(1));
     }
 
     #[test]
     fn closed_connections_leave_the_count() {
-        let (spread, _inboxes) = spread(2);
-        let (held, _) = burst(&spread, 10);
-        assert_eq!(spread.load(0) + spread.load(1), 10);
+        let s = spread(3);
+        let held: Vec<Load> = (0..9).map(|i| s.take(i % 3)).collect();
+        assert_eq!((0..3).map(|w| s.load(w)).sum::<usize>(), 9);
         drop(held);
-        assert_eq!((spread.load(0), spread.load(1)), (0, 0));
+        assert_eq!((0..3).map(|w| s.load(w)).collect::<Vec<_>>(), [0, 0, 0]);
     }
 
     #[test]
-    fn one_worker_keeps_everything() {
-        let (spread, _inboxes) = spread(1);
-        let (_held, moved) = burst(&spread, 10);
-        assert_eq!((spread.load(0), moved), (10, 0));
+    fn one_worker_always_accepts() {
+        let s = spread(1);
+        let _held: Vec<Load> = (0..10).map(|_| s.take(0)).collect();
+        assert!(s.may_accept(0));
     }
 
     #[tokio::test]
-    async fn a_handoff_to_a_stopped_worker_comes_back() {
-        let (spread, mut inboxes) = spread(2);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        let (stream, peer) = listener.accept().unwrap();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .acquire_owned()
-            .await
-            .unwrap();
-        let handoff = Handoff {
-            stream,
-            peer,
-            permit,
-            load: spread.take(1),
-        };
-        drop(inboxes.remove(1));
-        let back = spread.send(1, handoff).expect_err("worker 1 has stopped");
-        assert_eq!(back.peer, client.local_addr().unwrap());
+    async fn a_waiting_worker_resumes_when_another_takes_a_connection() {
+        let s = spread(2);
+        let _a = s.take(0);
+        let _b = s.take(0);
+        let waiter = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.turn(0).await }
+        });
+        // The waiter is parked until worker 1 catches up.
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let _c = s.take(1);
+        waiter.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_resumes_when_its_own_connection_closes() {
+        let s = spread(2);
+        let a = s.take(0);
+        let _b = s.take(0);
+        let waiter = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.turn(0).await }
+        });
+        tokio::task::yield_now().await;
+        drop(a);
+        waiter.await.unwrap();
     }
 }
