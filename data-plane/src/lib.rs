@@ -191,6 +191,7 @@ async fn serve_proxy(
                                     id: i,
                                     listener: l,
                                     connections,
+                                    _serving: spread.serve(i),
                                     spread,
                                 };
                                 worker(shared, accept, stop).await;
@@ -223,6 +224,8 @@ struct Accept {
     listener: TcpListener,
     connections: Arc<Semaphore>,
     spread: Arc<Spread>,
+    /// Counts this worker in the spread while it accepts.
+    _serving: spread::Serving,
 }
 
 /// A connection for this worker to serve.

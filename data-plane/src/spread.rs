@@ -8,7 +8,7 @@
 //! threads, so a connection costs no more than before, however short it is.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 
 use prometheus::IntGauge;
 use tokio::sync::Notify;
@@ -20,6 +20,9 @@ pub const SLACK: usize = 1;
 pub struct Spread {
     /// Also exported, as `lb_worker_connections`.
     loads: Box<[IntGauge]>,
+    /// Workers accepting now; only they count, so a worker that failed to start or has stopped
+    /// holds nobody back.
+    serving: Box<[AtomicBool]>,
     /// Workers waiting for the loads to change.
     waiting: AtomicUsize,
     changed: Notify,
@@ -38,21 +41,48 @@ impl Drop for Load {
     }
 }
 
+/// Marks a worker as accepting while it lives.
+pub struct Serving {
+    spread: Arc<Spread>,
+    worker: usize,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.spread.serving[self.worker].store(false, Ordering::SeqCst);
+        self.spread.wake();
+    }
+}
+
 impl Spread {
     /// One worker per gauge, which counts its open connections.
     pub fn new(loads: Vec<IntGauge>) -> Arc<Spread> {
         assert!(!loads.is_empty(), "at least one worker");
         Arc::new(Spread {
+            serving: loads.iter().map(|_| AtomicBool::new(false)).collect(),
             loads: loads.into_boxed_slice(),
             waiting: AtomicUsize::new(0),
             changed: Notify::new(),
         })
     }
 
+    /// `worker` accepts connections until the returned guard drops.
+    pub fn serve(self: &Arc<Self>, worker: usize) -> Serving {
+        self.serving[worker].store(true, Ordering::SeqCst);
+        self.wake();
+        Serving {
+            spread: Arc::clone(self),
+            worker,
+        }
+    }
+
     /// Whether `worker` should accept now: it serves no more than [`SLACK`] connections over
-    /// the least busy worker.
+    /// the least busy worker that is accepting.
     pub fn may_accept(&self, worker: usize) -> bool {
-        let fewest = (0..self.loads.len()).map(|w| self.load(w)).min();
+        let fewest = (0..self.loads.len())
+            .filter(|&w| w == worker || self.serving[w].load(Ordering::SeqCst))
+            .map(|w| self.load(w))
+            .min();
         self.load(worker) <= fewest.unwrap_or(0) + SLACK
     }
 
@@ -101,17 +131,37 @@ impl Spread {
 mod tests {
     use super::*;
 
-    fn spread(workers: usize) -> Arc<Spread> {
-        Spread::new(
+    /// `workers` workers, all accepting while the guards live.
+    fn spread(workers: usize) -> (Arc<Spread>, Vec<Serving>) {
+        let s = Spread::new(
             (0..workers)
                 .map(|_| IntGauge::new("connections", "open").unwrap())
                 .collect(),
-        )
+        );
+        let serving = (0..workers).map(|w| s.serve(w)).collect();
+        (s, serving)
+    }
+
+    #[test]
+    fn a_worker_that_is_not_accepting_holds_nobody_back() {
+        let s = Spread::new(
+            (0..2)
+                .map(|_| IntGauge::new("connections", "open").unwrap())
+                .collect(),
+        );
+        let serving = s.serve(0);
+        let _held: Vec<Load> = (0..5).map(|_| s.take(0)).collect();
+        assert!(s.may_accept(0), "worker 1 never started");
+        let other = s.serve(1);
+        assert!(!s.may_accept(0));
+        drop(other);
+        assert!(s.may_accept(0), "worker 1 stopped");
+        drop(serving);
     }
 
     #[test]
     fn a_worker_ahead_of_the_least_busy_by_more_than_the_slack_waits() {
-        let s = spread(2);
+        let (s, _serving) = spread(2);
         let _a = s.take(0);
         let _b = s.take(1);
         assert!(s.may_accept(0) && s.may_accept(1));
@@ -124,7 +174,7 @@ mod tests {
 
     #[test]
     fn closed_connections_leave_the_count() {
-        let s = spread(3);
+        let (s, _serving) = spread(3);
         let held: Vec<Load> = (0..9).map(|i| s.take(i % 3)).collect();
         assert_eq!((0..3).map(|w| s.load(w)).sum::<usize>(), 9);
         drop(held);
@@ -133,14 +183,14 @@ mod tests {
 
     #[test]
     fn one_worker_always_accepts() {
-        let s = spread(1);
+        let (s, _serving) = spread(1);
         let _held: Vec<Load> = (0..10).map(|_| s.take(0)).collect();
         assert!(s.may_accept(0));
     }
 
     #[tokio::test]
     async fn a_waiting_worker_resumes_when_another_takes_a_connection() {
-        let s = spread(2);
+        let (s, _serving) = spread(2);
         let _a = s.take(0);
         let _b = s.take(0);
         let waiter = tokio::spawn({
@@ -156,7 +206,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_worker_resumes_when_its_own_connection_closes() {
-        let s = spread(2);
+        let (s, _serving) = spread(2);
         let a = s.take(0);
         let _b = s.take(0);
         let waiter = tokio::spawn({
