@@ -10,10 +10,10 @@
 //!   and the emission interval in ms it was computed with, both decimal numbers, with a TTL.
 //! - `lb:rl:{<identity>}:ban`: a string `"<until> <count>"`, the end of the ban (unix ms) and
 //!   the bans so far, with a TTL that outlasts the ban by the strike decay period.
+//! - `lb:rl:{<identity>}:strikes`: recent rejections, an integer with a TTL.
 //!
 //! Plain strings rather than hashes: the script reads every state of a batch with one `MGET`
 //! and writes each with one `SET ... PX`.
-//! - `lb:rl:{<identity>}:strikes`: recent rejections, an integer with a TTL.
 //!
 //! The arithmetic is here, with the clock passed in; the Redis reads are behind [`SharedLimits`].
 

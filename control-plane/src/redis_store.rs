@@ -233,13 +233,13 @@ impl RedisStore {
     }
 }
 
-/// A decimal number in a Redis value.
 /// A value the limiter script writes as two numbers, `"<a> <b>"`.
 fn pair(value: &[u8]) -> Option<(&[u8], &[u8])> {
     let space = value.iter().position(|&b| b == b' ')?;
     Some((&value[..space], &value[space + 1..]))
 }
 
+/// A decimal number in a Redis value.
 fn decimal<T: std::str::FromStr>(bytes: &[u8]) -> Option<T> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
 }

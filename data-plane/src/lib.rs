@@ -157,18 +157,16 @@ async fn serve_proxy(
     let listener = listener.into_std()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
+    let workers = shared.settings.workers.max(1);
+    let m = &shared.metrics;
     let spread = Spread::new(
-        (0..shared.settings.workers.max(1))
-            .map(|i| {
-                shared
-                    .metrics
-                    .worker_connections
-                    .with_label_values(&[&i.to_string()])
-            })
+        m.connections.clone(),
+        (0..workers)
+            .map(|i| m.worker_connections.with_label_values(&[&i.to_string()]))
             .collect(),
     );
     let mut finished = Vec::new();
-    for i in 0..shared.settings.workers.max(1) {
+    for i in 0..workers {
         let listener = listener.try_clone()?;
         let (shared, connections, stop) = (
             Arc::clone(&shared),
@@ -304,14 +302,13 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
         let svc = service_fn(move |req| {
             proxy::handle(Arc::clone(&worker_ctx), Arc::clone(&conn_ctx), req)
         });
-        let gauge = ConnectionGauge::new(&shared.metrics.connections);
         let Some(acceptor) = &acceptor else {
             let conn = builder
                 .serve_connection(TokioIo::new(stream), svc)
                 .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
-                let _held = (permit, gauge, load);
+                let _held = (permit, load);
                 if let Err(e) = conn.await {
                     tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
                 }
@@ -323,7 +320,7 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
         let handshake = handshake(acceptor, stream, peer, Arc::clone(&shared));
         let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         tokio::spawn(async move {
-            let _held = (permit, gauge, load);
+            let _held = (permit, load);
             let Some(stream) = handshake.await else {
                 return;
             };
@@ -373,21 +370,5 @@ fn handshake(
                 None
             }
         }
-    }
-}
-
-/// Counts a client connection while it is open.
-struct ConnectionGauge(prometheus::IntGauge);
-
-impl ConnectionGauge {
-    fn new(g: &prometheus::IntGauge) -> ConnectionGauge {
-        g.inc();
-        ConnectionGauge(g.clone())
-    }
-}
-
-impl Drop for ConnectionGauge {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

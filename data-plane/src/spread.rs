@@ -18,7 +18,9 @@ pub const SLACK: usize = 1;
 
 /// The open connections of each worker.
 pub struct Spread {
-    /// Also exported, as `lb_worker_connections`.
+    /// All workers' (`lb_client_connections`).
+    total: IntGauge,
+    /// Each worker's (`lb_worker_connections`).
     loads: Box<[IntGauge]>,
     /// Workers accepting now; only they count, so a worker that failed to start or has stopped
     /// holds nobody back.
@@ -36,6 +38,7 @@ pub struct Load {
 
 impl Drop for Load {
     fn drop(&mut self) {
+        self.spread.total.dec();
         self.spread.loads[self.worker].dec();
         self.spread.wake();
     }
@@ -55,10 +58,12 @@ impl Drop for Serving {
 }
 
 impl Spread {
-    /// One worker per gauge, which counts its open connections.
-    pub fn new(loads: Vec<IntGauge>) -> Arc<Spread> {
+    /// One worker per gauge in `loads`, which counts its open connections; `total` counts
+    /// them all.
+    pub fn new(total: IntGauge, loads: Vec<IntGauge>) -> Arc<Spread> {
         assert!(!loads.is_empty(), "at least one worker");
         Arc::new(Spread {
+            total,
             serving: loads.iter().map(|_| AtomicBool::new(false)).collect(),
             loads: loads.into_boxed_slice(),
             waiting: AtomicUsize::new(0),
@@ -106,6 +111,7 @@ impl Spread {
 
     /// Counts a connection against `worker` until the returned guard drops.
     pub fn take(self: &Arc<Self>, worker: usize) -> Load {
+        self.total.inc();
         self.loads[worker].inc();
         self.wake();
         Load {
@@ -131,24 +137,20 @@ impl Spread {
 mod tests {
     use super::*;
 
+    fn gauge() -> IntGauge {
+        IntGauge::new("connections", "open").unwrap()
+    }
+
     /// `workers` workers, all accepting while the guards live.
     fn spread(workers: usize) -> (Arc<Spread>, Vec<Serving>) {
-        let s = Spread::new(
-            (0..workers)
-                .map(|_| IntGauge::new("connections", "open").unwrap())
-                .collect(),
-        );
+        let s = Spread::new(gauge(), (0..workers).map(|_| gauge()).collect());
         let serving = (0..workers).map(|w| s.serve(w)).collect();
         (s, serving)
     }
 
     #[test]
     fn a_worker_that_is_not_accepting_holds_nobody_back() {
-        let s = Spread::new(
-            (0..2)
-                .map(|_| IntGauge::new("connections", "open").unwrap())
-                .collect(),
-        );
+        let s = Spread::new(gauge(), (0..2).map(|_| gauge()).collect());
         let serving = s.serve(0);
         let _held: Vec<Load> = (0..5).map(|_| s.take(0)).collect();
         assert!(s.may_accept(0), "worker 1 never started");
@@ -177,8 +179,10 @@ mod tests {
         let (s, _serving) = spread(3);
         let held: Vec<Load> = (0..9).map(|i| s.take(i % 3)).collect();
         assert_eq!((0..3).map(|w| s.load(w)).sum::<usize>(), 9);
+        assert_eq!(s.total.get(), 9);
         drop(held);
         assert_eq!((0..3).map(|w| s.load(w)).collect::<Vec<_>>(), [0, 0, 0]);
+        assert_eq!(s.total.get(), 0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The shared limiter store: one Lua script (`script.lua`, the twin of `gcra::check`) per
-//! request, loaded once and called by SHA (the client falls back to sending it whole on
-//! NOSCRIPT). One identity's keys share a hash tag, so the script runs on Redis Cluster too.
+//! The shared limiter store: one Lua script (`script.lua`, the twin of `gcra::check`) per call,
+//! deciding one request or a batch of them, loaded once and called by SHA (the client falls back
+//! to sending it whole on NOSCRIPT). One identity's keys share a hash tag; a batch that mixes
+//! identities spans several slots, so Redis Cluster would need batches split by slot.
 
 use std::sync::LazyLock;
 
