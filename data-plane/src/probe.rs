@@ -120,16 +120,14 @@ async fn probe(
         .body(Either::Right(Full::default()))
         .map_err(|e| format!("health check path {path:?}: {e}"))?;
     let exchange = async {
-        let (resp, lease) =
-            upstream::send(pool, 0, &endpoint.address, endpoint.resolved, timeout, req)
-                .await
-                .map_err(|(e, _)| e.to_string())?;
+        let resp = upstream::send(pool, 0, &endpoint.address, endpoint.resolved, timeout, req)
+            .await
+            .map_err(|(e, _)| e.to_string())?;
         let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY);
         body.collect()
             .await
             .map_err(|e| format!("reading the answer: {e}"))?;
-        lease.release();
         Ok(status)
     };
     match tokio::time::timeout(timeout, exchange).await {

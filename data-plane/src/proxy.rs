@@ -33,7 +33,7 @@ use crate::ratelimit::gcra::{Decision, Rate, Verdict};
 use crate::report::Outcome;
 use crate::retry::{self, RetryBudget};
 use crate::state::{Active, HashSource, InFlight, Shared, View, millis};
-use crate::upstream::{self, Lease};
+use crate::upstream;
 use lb_proto::v1::RequestLogEntry;
 use opentelemetry::KeyValue;
 
@@ -134,12 +134,10 @@ pub enum ProxyBody {
 }
 
 /// A backend's response body on its way to the client. It holds the backend's in-flight count
-/// and the connection lease until it ends; a body read to the end gives its connection back to
-/// the pool.
+/// until it ends; a body read to the end gives its connection back to the pool.
 pub struct UpstreamResponse {
-    body: Incoming,
+    body: upstream::Body,
     done: bool,
-    lease: Option<Lease>,
     _in_flight: InFlight,
     /// Set when the response fills the cache: the body is copied as it streams by.
     tee: Option<Box<Tee>>,
@@ -204,25 +202,22 @@ impl Drop for UpstreamResponse {
     fn drop(&mut self) {
         // The server may stop polling once it has sent a sized body, so the end is known from
         // the body itself rather than from a final poll.
-        if self.done || self.body.is_end_stream() {
-            if let Some(t) = self.tee.as_mut() {
-                t.finish();
-            }
-            if let Some(l) = self.lease.take() {
-                l.release();
-            }
+        if (self.done || self.body.is_end_stream())
+            && let Some(t) = self.tee.as_mut()
+        {
+            t.finish();
         }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(u) => {
                 let polled = Pin::new(&mut u.body).poll_frame(cx);
@@ -1126,7 +1121,7 @@ async fn refresh(
         active.connect_timeout,
         req,
     );
-    let Ok(Ok((resp, lease))) = tokio::time::timeout(
+    let Ok(Ok(resp)) = tokio::time::timeout(
         active.request_timeout.unwrap_or(Duration::from_secs(30)),
         sent,
     )
@@ -1139,7 +1134,6 @@ async fn refresh(
     let limit = usize::try_from(shared.cache.policy().max_entry_bytes).unwrap_or(usize::MAX);
     match http_body_util::BodyExt::collect(Limited::new(body, limit)).await {
         Ok(b) => {
-            lease.release();
             let _ = fill
                 .store(
                     redis.as_ref(),
@@ -1294,7 +1288,7 @@ async fn send_with_retries(
             ejected < outlier::max_ejected(active.slots.len(), active.outlier.max_ejection_percent)
         };
         match result {
-            Ok(Ok((resp, lease))) => {
+            Ok(Ok(resp)) => {
                 let status = resp.status();
                 let failed = status.is_server_error();
                 endpoint.record(elapsed, failed, now);
@@ -1303,7 +1297,7 @@ async fn send_with_retries(
                     && replay.is_some()
                     && may_retry(shared)
                 {
-                    drop((resp, lease, in_flight));
+                    drop((resp, in_flight));
                     tokio::time::sleep(retry::backoff(
                         tried.len() as u32,
                         &active.retry,
@@ -1331,7 +1325,6 @@ async fn send_with_retries(
                     ProxyBody::Upstream(UpstreamResponse {
                         body,
                         done: false,
-                        lease: Some(lease),
                         _in_flight: in_flight,
                         tee: None,
                     }),

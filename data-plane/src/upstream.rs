@@ -1,37 +1,47 @@
 //! Connections to backends: HTTP/1.1 keep-alive connections pooled per backend and per worker
-//! thread, so a request, its connection and that connection's task stay on one thread and the
-//! pool is a plain list behind an uncontended lock (no hashing, no shared queue).
+//! thread, so a request and its connection stay on one thread and the pool is a plain list
+//! behind an uncontended lock (no hashing, no shared queue).
 //!
-//! A connection is leased for one request and returns to its list only when the response body
-//! has been read to the end; a body abandoned half-way takes its connection with it, since the
-//! rest of the body would still be in flight on it. A request that could not be written on a
-//! pooled connection (the backend had closed it) is moved to another connection: it never
-//! reached the backend, so this is safe whatever its method.
+//! The exchange runs in the task that serves the client: the request is written, the response
+//! head read and parsed, and the response body read from the backend's socket as the client's
+//! connection asks for it. No task or channel sits between the two connections.
+//!
+//! A connection is leased for one request and returns to its list when the response body has
+//! been read to the end; a body abandoned half-way takes its connection with it, since the rest
+//! of the body would still be in flight on it. Before a pooled connection is used, it is checked
+//! for anything the backend sent while it sat idle (a close, usually): such a connection is
+//! dropped and the request, not yet written, goes on another. A request whose head could not be
+//! written is handed back too: the backend cannot have acted on it, whatever its method.
 //!
 //! With `backend_tls` on, new connections run a TLS handshake after the TCP connect, within the
 //! same connect timeout; a failed handshake (unknown CA, wrong name) is a connect failure like a
-//! refused connection. Only the connection task differs between the two transports (it is
-//! generic over the stream, so neither pays for the other): a pooled [`Sender`] has the same type
-//! either way, and the request path is the same code.
+//! refused connection.
+//!
+//! Responses are framed as RFC 9112 section 6.3 says: none for HEAD, 1xx, 204 and 304; chunked
+//! when that is the last transfer coding; otherwise `Content-Length` (conflicting values are an
+//! error); otherwise until the backend closes. A connection is reused only after an HTTP/1.1
+//! response without `Connection: close`, read exactly to its end.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::proxy::UpstreamBody;
-
-pub type Sender = http1::SendRequest<UpstreamBody>;
 
 /// Idle connections are closed after this long: below the usual 60-75 s keep-alive timeout of
 /// backend servers, so the pool rarely hands out a connection the backend is closing.
@@ -40,12 +50,118 @@ const POOL_IDLE: Duration = Duration::from_secs(50);
 /// Most idle connections kept per backend and worker; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
 
-/// Pooled connections on which a request was refused before it was written, tried before
-/// opening a new connection.
+/// Pooled connections found closed before a request was written, tried before opening a new
+/// connection.
 const MAX_STALE_TRIES: usize = 4;
 
+/// Largest response head accepted from a backend.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Most header fields accepted in a response head.
+const MAX_HEADERS: usize = 128;
+
+/// Longest chunk-size line (size and extensions) and trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A backend connection's byte stream.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Io {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One connection to a backend, with what has been read from it and not yet used.
+struct Conn {
+    io: Io,
+    buf: BytesMut,
+}
+
+impl Conn {
+    fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Ready(Ok(0))` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    /// True when the backend closed the connection, or sent something unasked, while it was
+    /// idle. Costs no system call unless the socket has signalled something since the last read.
+    fn is_gone(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.tcp().poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            // The signal may be left over from the last response; a read tells.
+            Poll::Ready(Ok(())) => !matches!(self.poll_fill(&mut cx), Poll::Pending),
+        }
+    }
+}
+
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -87,31 +203,25 @@ impl IdleConns {
     }
 
     /// The most recently used live connection, if any.
-    fn take(&self, worker: usize) -> Option<Sender> {
+    fn take(&self, worker: usize) -> Option<Conn> {
         let mut list = self.list(worker);
-        while let Some(idle) = list.pop_back() {
-            if !idle.sender.is_closed() && idle.since.elapsed() < POOL_IDLE {
-                return Some(idle.sender);
+        while let Some(mut idle) = list.pop_back() {
+            if idle.since.elapsed() < POOL_IDLE && !idle.conn.is_gone() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    fn put(&self, worker: usize, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, worker: usize, conn: Conn) {
         let mut list = self.list(worker);
         // Expire from the cold end on every return, so an idle backlog cannot linger.
-        while list
-            .front()
-            .is_some_and(|i| i.since.elapsed() >= POOL_IDLE || i.sender.is_closed())
-        {
+        while list.front().is_some_and(|i| i.since.elapsed() >= POOL_IDLE) {
             list.pop_front();
         }
         if list.len() < MAX_IDLE {
             list.push_back(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -121,22 +231,6 @@ impl IdleConns {
     pub fn clear(&self) {
         for l in &self.per_worker {
             l.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
-    }
-}
-
-/// A connection leased for one request.
-pub struct Lease {
-    sender: Option<Sender>,
-    pool: Arc<IdleConns>,
-    worker: usize,
-}
-
-impl Lease {
-    /// Gives the connection back for reuse: call only once the response is complete.
-    pub fn release(mut self) {
-        if let Some(s) = self.sender.take() {
-            self.pool.put(self.worker, s);
         }
     }
 }
@@ -153,9 +247,16 @@ pub enum UpstreamError {
     /// protocol); the request was not sent.
     #[error("TLS handshake with {name} failed: {cause}")]
     Tls { name: String, cause: std::io::Error },
+    /// The request head could not be written: the backend has not seen the request.
+    #[error("writing the request: {0}")]
+    Write(std::io::Error),
+    /// The client's request body failed (too large, or the client went away) while it was
+    /// being sent.
+    #[error("reading the request body: {0}")]
+    RequestBody(Box<dyn std::error::Error + Send + Sync>),
     /// The request was (maybe partly) sent, then the exchange failed.
     #[error("{0}")]
-    Exchange(#[from] hyper::Error),
+    Exchange(std::io::Error),
 }
 
 impl UpstreamError {
@@ -166,8 +267,17 @@ impl UpstreamError {
             UpstreamError::Connect(_)
                 | UpstreamError::ConnectTimeout(_)
                 | UpstreamError::Tls { .. }
+                | UpstreamError::Write(_)
         )
     }
+}
+
+fn invalid(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
+}
+
+fn eof(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, msg.into())
 }
 
 async fn connect(
@@ -175,7 +285,7 @@ async fn connect(
     resolved: Option<SocketAddr>,
     timeout: Duration,
     transport: &Transport,
-) -> Result<Sender, UpstreamError> {
+) -> Result<Conn, UpstreamError> {
     let started = Instant::now();
     let connecting = async {
         match resolved {
@@ -189,7 +299,7 @@ async fn connect(
         .map_err(UpstreamError::Connect)?;
     let _ = stream.set_nodelay(true);
     match transport {
-        Transport::Plain => handshake(stream).await,
+        Transport::Plain => Ok(Conn::new(Io::Plain(stream))),
         Transport::Tls { connector, name } => {
             // The handshake gets what the TCP connect left of the timeout.
             let left = timeout.saturating_sub(started.elapsed());
@@ -200,29 +310,20 @@ async fn connect(
                     name: name.to_str().into_owned(),
                     cause,
                 })?;
-            handshake(stream).await
+            Ok(Conn::new(Io::Tls(Box::new(stream))))
         }
     }
 }
 
-/// The HTTP/1.1 handshake on a connected stream, its connection driven by a task of its own.
-async fn handshake<S>(stream: S) -> Result<Sender, UpstreamError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(UpstreamError::Exchange)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(cause = %e, "backend connection ended with an error");
-        }
-    });
-    Ok(sender)
+/// Where a connection goes back once its response has been read to the end.
+struct Home {
+    pool: Arc<IdleConns>,
+    worker: usize,
 }
 
 /// Sends `req` to the backend at `addr` on a pooled connection of this worker, or a new one.
+/// On failure, a request that the backend cannot have seen is handed back, so the caller can
+/// send it elsewhere.
 pub async fn send(
     pool: &Arc<IdleConns>,
     worker: usize,
@@ -230,41 +331,651 @@ pub async fn send(
     resolved: Option<SocketAddr>,
     connect_timeout: Duration,
     mut req: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Lease), (UpstreamError, Option<Request<UpstreamBody>>)> {
+) -> Result<Response<Body>, (UpstreamError, Option<Request<UpstreamBody>>)> {
     for _ in 0..MAX_STALE_TRIES {
-        let Some(mut sender) = pool.take(worker) else {
+        let Some(conn) = pool.take(worker) else {
             break;
         };
-        if sender.ready().await.is_err() {
-            continue;
-        }
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease(pool, worker, sender))),
-            Err(mut e) => match e.take_message() {
-                // Not written: the connection was going away. Try the next one.
-                Some(r) => req = r,
-                None => return Err((UpstreamError::Exchange(e.into_error()), None)),
-            },
+        match exchange(conn, req, pool, worker).await {
+            // Not written: the connection was going away. Try the next one.
+            Err((UpstreamError::Write(_), Some(r))) => req = r,
+            done => return done,
         }
     }
-    // A request that never left is handed back, so the caller can send it elsewhere.
-    let mut sender = match connect(addr, resolved, connect_timeout, &pool.transport).await {
-        Ok(s) => s,
-        Err(e) => return Err((e, Some(req))),
+    match connect(addr, resolved, connect_timeout, &pool.transport).await {
+        Ok(conn) => exchange(conn, req, pool, worker).await,
+        Err(e) => Err((e, Some(req))),
+    }
+}
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq)]
+enum Out {
+    None,
+    Raw,
+    Chunked,
+}
+
+/// Writes the request and reads the response head on `conn`. A request body is sent while the
+/// response is awaited and, if the response starts first, while it streams (a backend may echo
+/// a body as it reads it).
+async fn exchange(
+    mut conn: Conn,
+    req: Request<UpstreamBody>,
+    pool: &Arc<IdleConns>,
+    worker: usize,
+) -> Result<Response<Body>, (UpstreamError, Option<Request<UpstreamBody>>)> {
+    let (parts, body) = req.into_parts();
+    let mut head = Vec::with_capacity(512);
+    let mut out = Out::Raw;
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if body.is_end_stream() {
+        out = Out::None;
+        let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+        if !has_length && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            head.extend_from_slice(b"content-length: 0\r\n");
+        }
+    } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        // The client's length, which its connection enforces.
+    } else if let Some(n) = body.size_hint().exact() {
+        head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+    } else {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        out = Out::Chunked;
+    }
+    head.extend_from_slice(b"\r\n");
+
+    let written = async {
+        conn.io.write_all(&head).await?;
+        conn.io.flush().await
     };
-    match sender.try_send_request(req).await {
-        Ok(resp) => Ok((resp, lease(pool, worker, sender))),
-        Err(mut e) => {
-            let returned = e.take_message();
-            Err((UpstreamError::Exchange(e.into_error()), returned))
+    if let Err(e) = written.await {
+        return Err((
+            UpstreamError::Write(e),
+            Some(Request::from_parts(parts, body)),
+        ));
+    }
+    let head_only = parts.method == Method::HEAD;
+    drop(parts);
+    let mut upload = (out != Out::None).then(|| Upload {
+        body,
+        out,
+        pending: Bytes::new(),
+        state: Sending::Frames,
+        failed: None,
+    });
+
+    let parsed = std::future::poll_fn(|cx| {
+        if let Some(up) = upload.as_mut() {
+            match up.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => upload = None,
+                // The client's body failed: the request cannot be completed.
+                Poll::Ready(Err(e @ UpstreamError::RequestBody(_))) => return Poll::Ready(Err(e)),
+                // The backend stopped reading; it may still have answered.
+                Poll::Ready(Err(_)) | Poll::Pending => {}
+            }
+        }
+        poll_head(&mut conn, head_only, cx).map(|r| {
+            r.map_err(|e| match upload.as_mut().and_then(|u| u.failed.take()) {
+                Some(w) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    UpstreamError::Exchange(w)
+                }
+                _ => UpstreamError::Exchange(e),
+            })
+        })
+    })
+    .await;
+    let (resp, framing, reusable) = parsed.map_err(|e| (e, None))?;
+    let home = reusable.then(|| Home {
+        pool: Arc::clone(pool),
+        worker,
+    });
+    Ok(resp.map(|()| Body::new(conn, framing, home, upload)))
+}
+
+/// What a request body upload is doing.
+enum Sending {
+    /// Reading the client's body and writing it on.
+    Frames,
+    /// The client's body is done; writing what is left, then flushing.
+    Last,
+    /// Writing failed: the backend stopped reading.
+    Failed,
+}
+
+/// A request body on its way to the backend, driven by whoever waits on the response.
+struct Upload {
+    body: UpstreamBody,
+    out: Out,
+    /// Framed bytes not yet written.
+    pending: Bytes,
+    state: Sending,
+    /// The write error, once the backend stopped reading.
+    failed: Option<std::io::Error>,
+}
+
+impl Upload {
+    /// Moves the body on as far as the client and the backend allow; `Ready(Ok)` when all of it
+    /// is written.
+    fn poll(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), UpstreamError>> {
+        if matches!(self.state, Sending::Failed) {
+            return Poll::Pending;
+        }
+        loop {
+            while !self.pending.is_empty() {
+                match Pin::new(&mut *io).poll_write(cx, &self.pending) {
+                    Poll::Ready(Ok(0)) => {
+                        return self.fail(std::io::ErrorKind::WriteZero.into());
+                    }
+                    Poll::Ready(Ok(n)) => self.pending.advance(n),
+                    Poll::Ready(Err(e)) => return self.fail(e),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if matches!(self.state, Sending::Last) {
+                return match Pin::new(&mut *io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                    Poll::Ready(Err(e)) => self.fail(e),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers are not forwarded.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.pending = if self.out == Out::Chunked {
+                        let mut framed = BytesMut::with_capacity(data.len() + 20);
+                        framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        framed.extend_from_slice(&data);
+                        framed.extend_from_slice(b"\r\n");
+                        framed.freeze()
+                    } else {
+                        data
+                    };
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(UpstreamError::RequestBody(e)));
+                }
+                Poll::Ready(None) => {
+                    self.state = Sending::Last;
+                    if self.out == Out::Chunked {
+                        self.pending = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn fail(&mut self, e: std::io::Error) -> Poll<Result<(), UpstreamError>> {
+        self.state = Sending::Failed;
+        self.failed = Some(e);
+        Poll::Ready(Err(UpstreamError::Exchange(std::io::Error::other(
+            "the backend stopped reading the request body",
+        ))))
+    }
+}
+
+/// How a response body is delimited.
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Reads and parses the response head (skipping interim 1xx responses). Also says whether the
+/// connection may carry another request once the body is read.
+fn poll_head(
+    conn: &mut Conn,
+    head_only: bool,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<(Response<()>, Framing, bool)>> {
+    loop {
+        if let Some(parsed) = parse_head(conn, head_only)? {
+            return Poll::Ready(Ok(parsed));
+        }
+        if conn.buf.len() > MAX_HEAD_BYTES {
+            return Poll::Ready(Err(invalid(format!(
+                "backend response head is larger than {MAX_HEAD_BYTES} bytes"
+            ))));
+        }
+        if std::task::ready!(conn.poll_fill(cx))? == 0 {
+            return Poll::Ready(Err(eof(if conn.buf.is_empty() {
+                "backend closed the connection without answering"
+            } else {
+                "backend closed the connection in the middle of the response head"
+            })));
         }
     }
 }
 
-fn lease(pool: &Arc<IdleConns>, worker: usize, sender: Sender) -> Lease {
-    Lease {
-        sender: Some(sender),
-        pool: Arc::clone(pool),
-        worker,
+/// One response head from the buffer, if it holds a complete one that is not interim.
+fn parse_head(
+    conn: &mut Conn,
+    head_only: bool,
+) -> std::io::Result<Option<(Response<()>, Framing, bool)>> {
+    loop {
+        if conn.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let len = match parsed.parse(&conn.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(invalid(format!(
+                    "backend response has more than {MAX_HEADERS} header fields"
+                )));
+            }
+            Err(e) => return Err(invalid(format!("malformed backend response head: {e}"))),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| invalid(format!("backend response status {code} is not valid")))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(invalid(
+                "backend switched protocols, which is not supported",
+            ));
+        }
+        if status.is_informational() {
+            conn.buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Values are slices of the head, so no field is copied.
+        let base = conn.buf.as_ptr() as usize;
+        let mut spans = Vec::with_capacity(parsed.headers.len());
+        for f in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(f.name.as_bytes())
+                .map_err(|_| invalid(format!("backend header name {:?} is not valid", f.name)))?;
+            let start = f.value.as_ptr() as usize - base;
+            spans.push((name, start, start + f.value.len()));
+        }
+        let raw = conn.buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, start, end) in spans {
+            let value = HeaderValue::from_maybe_shared(raw.slice(start..end))
+                .map_err(|_| invalid(format!("backend header {name} has an invalid value")))?;
+            headers.append(name, value);
+        }
+        let framing = framing(status, &headers, head_only)?;
+        let reusable = version == Version::HTTP_11
+            && !matches!(framing, Framing::UntilClose)
+            && !headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| has_token(v, "close"));
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        return Ok(Some((resp, framing, reusable)));
+    }
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// RFC 9112 section 6.3.
+fn framing(status: StatusCode, headers: &HeaderMap, head_only: bool) -> std::io::Result<Framing> {
+    if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.rsplit(',').next())
+            .map(str::trim);
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::UntilClose,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let part = part.trim();
+            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| invalid("backend sent an invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("backend sent conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+/// Where a chunked body's reading is.
+#[derive(Clone, Copy)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields until an empty line; bytes of them seen so far.
+    Trailers(usize),
+}
+
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+/// A backend's response body, read from its connection as the client's side asks for it.
+pub struct Body {
+    conn: Option<Conn>,
+    state: State,
+    home: Option<Home>,
+    /// The rest of the request body, when the response started before it was all sent.
+    upload: Option<Upload>,
+}
+
+impl Body {
+    fn new(conn: Conn, framing: Framing, home: Option<Home>, upload: Option<Upload>) -> Body {
+        let mut body = Body {
+            upload,
+            conn: Some(conn),
+            state: match framing {
+                Framing::Empty => State::Done,
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::Chunked(Chunk::Size),
+                Framing::UntilClose => State::UntilClose,
+            },
+            home,
+        };
+        if matches!(body.state, State::Done) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body is complete: its connection goes back to the pool if it can carry another
+    /// request, the request went out whole and nothing beyond the response was received.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take())
+            && conn.buf.is_empty()
+            && self.upload.is_none()
+        {
+            home.pool.put(home.worker, conn);
+        }
+    }
+
+    /// Reads more from the backend; an error if it closed the connection before the end.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Err(eof("backend connection already closed")));
+        };
+        match conn.poll_fill(cx) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(eof(
+                "backend closed the connection before the end of the response body",
+            ))),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Decodes from the buffer what can be: a data chunk, the end, or nothing yet.
+    fn decode(&mut self) -> std::io::Result<Option<Option<Bytes>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(Some(None));
+            };
+            let buf = &mut conn.buf;
+            match self.state {
+                State::Done => return Ok(Some(None)),
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(buf.split().freeze())));
+                }
+                State::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    self.state = State::Length(left);
+                    if left == 0 {
+                        self.finish();
+                    }
+                    return Ok(Some(Some(data)));
+                }
+                State::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    self.state = State::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Ok(Some(Some(data)));
+                }
+                State::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(invalid("backend chunk data is not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = State::Chunked(Chunk::Size);
+                }
+                State::Chunked(Chunk::Size) => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(invalid("backend chunk-size line is too long"));
+                        }
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 1);
+                    self.state = State::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                State::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if seen + buf.len() > MAX_TRAILERS {
+                            return Err(invalid("backend trailer section is too large"));
+                        }
+                        return Ok(None);
+                    };
+                    let empty = end == 0 || (end == 1 && buf[0] == b'\r');
+                    buf.advance(end + 1);
+                    if empty {
+                        self.finish();
+                        return Ok(Some(None));
+                    }
+                    // Trailer fields are not forwarded.
+                    self.state = State::Chunked(Chunk::Trailers(seen + end + 1));
+                }
+            }
+        }
+    }
+}
+
+/// The size on a chunk-size line (hex digits, then optional extensions), without its LF.
+fn chunk_size(line: &[u8]) -> std::io::Result<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t');
+    if digits == 0 || digits > 16 || !rest_ok {
+        return Err(invalid("backend sent an invalid chunk size"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| invalid("invalid chunk size"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| invalid("backend sent an invalid chunk size"))
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            match up.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                // Whatever the backend still sends is passed on; the connection is not reused.
+                Poll::Ready(Err(_)) => this.home = None,
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            match this.decode() {
+                Ok(Some(Some(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(None)) => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            match this.poll_more(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    this.conn = None;
+                    let until_close = matches!(this.state, State::UntilClose);
+                    this.state = State::Done;
+                    if until_close && e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        // Delimited by the close: this is its end.
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done | State::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Done => SizeHint::with_exact(0),
+            State::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex_with_optional_extensions() {
+        assert_eq!(chunk_size(b"1a\r").unwrap(), 26);
+        assert_eq!(chunk_size(b"0").unwrap(), 0);
+        assert_eq!(chunk_size(b"FF;name=value\r").unwrap(), 255);
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"zz\r").is_err());
+        assert!(chunk_size(b"1x\r").is_err());
+        assert!(chunk_size(b"11111111111111111\r").is_err());
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn responses_are_framed_as_rfc_9112_says() {
+        let ok = StatusCode::OK;
+        let f = |h: &[(&'static str, &'static str)]| framing(ok, &headers(h), false);
+        assert!(matches!(
+            f(&[("content-length", "12")]),
+            Ok(Framing::Length(12))
+        ));
+        assert!(matches!(
+            f(&[("content-length", "12, 12")]),
+            Ok(Framing::Length(12))
+        ));
+        assert!(f(&[("content-length", "12, 13")]).is_err());
+        assert!(f(&[("content-length", "-1")]).is_err());
+        assert!(f(&[("content-length", "+5")]).is_err());
+        assert!(matches!(
+            f(&[
+                ("transfer-encoding", "gzip, chunked"),
+                ("content-length", "5")
+            ]),
+            Ok(Framing::Chunked)
+        ));
+        assert!(matches!(
+            f(&[("transfer-encoding", "gzip")]),
+            Ok(Framing::UntilClose)
+        ));
+        assert!(matches!(f(&[]), Ok(Framing::UntilClose)));
+        assert!(matches!(
+            framing(ok, &headers(&[("content-length", "12")]), true),
+            Ok(Framing::Empty)
+        ));
+        assert!(matches!(
+            framing(StatusCode::NOT_MODIFIED, &headers(&[]), false),
+            Ok(Framing::Empty)
+        ));
     }
 }

@@ -1,0 +1,226 @@
+//! What backends send on the wire, and what clients get through the data plane: chunked bodies
+//! with extensions and trailers, interim 1xx responses, bodies delimited by the close, HEAD,
+//! malformed or conflicting response heads, and connections a backend closes while they sit
+//! idle in the pool.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// A backend that answers each path with fixed bytes. `/bye` answers and then closes the
+/// connection (as a backend's keep-alive timeout would), reporting the close on `closed`.
+struct RawBackend {
+    addr: std::net::SocketAddr,
+    closed: mpsc::UnboundedReceiver<()>,
+}
+
+fn answer(method: &str, path: &str, conn: usize) -> (Vec<u8>, bool) {
+    let fixed = |s: &str| (s.as_bytes().to_vec(), false);
+    match path {
+        "/chunked" => fixed(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+             5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 1\r\n\r\n",
+        ),
+        "/interim" => fixed(
+            "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+        ),
+        "/until-close" => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of this, until the close"
+                .to_vec(),
+            true,
+        ),
+        "/conflicting-length" => {
+            fixed("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd")
+        }
+        "/garbage" => fixed("SPEAKING SOMETHING ELSE\r\n\r\n"),
+        "/bye" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye".to_vec(),
+            true,
+        ),
+        "/conn" => (
+            format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-conn: {conn}\r\n\r\n").into_bytes(),
+            false,
+        ),
+        _ if method == "HEAD" => fixed("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"),
+        _ => (
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{method}",
+                method.len()
+            )
+            .into_bytes(),
+            false,
+        ),
+    }
+}
+
+impl RawBackend {
+    async fn start() -> RawBackend {
+        let listener = listener().await;
+        let addr = listener.local_addr().unwrap();
+        let (tx, closed) = mpsc::unbounded_channel();
+        let next = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = listener.accept().await.unwrap();
+                let id = next.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve(conn, id, tx.clone()));
+            }
+        });
+        RawBackend { addr, closed }
+    }
+}
+
+/// Serves requests (head, then a `content-length` body) until the client or the script closes.
+async fn serve(mut conn: TcpStream, id: usize, closed: mpsc::UnboundedSender<()>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        if head.starts_with("POST /early ") {
+            // Refuses the body without reading it, and keeps the connection open.
+            let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo much";
+            let _ = conn.write_all(refusal).await;
+            std::future::pending::<()>().await;
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .map_or(0, |v| v.parse().unwrap());
+        while buf.len() < end + 4 + length {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + 4 + length);
+        let mut words = head.split(' ');
+        let (method, path) = (words.next().unwrap(), words.next().unwrap());
+        let (bytes, close) = answer(method, path, id);
+        if conn.write_all(&bytes).await.is_err() {
+            return;
+        }
+        if close {
+            drop(conn);
+            if path == "/bye" {
+                let _ = closed.send(());
+            }
+            return;
+        }
+    }
+}
+
+async fn stack() -> (RawBackend, Cp, Dp) {
+    let backend = RawBackend::start().await;
+    let cp = Cp::start(snapshot_with(&[backend.addr]), None).await;
+    // One worker: every request uses the same pool of backend connections.
+    let dp = Dp::start_with(&cp.url(), "dp-1", |s| s.workers = 1).await;
+    dp.wait_version(1).await;
+    (backend, cp, dp)
+}
+
+#[tokio::test]
+async fn bodies_come_through_however_the_backend_delimits_them() {
+    let (_backend, _cp, dp) = stack().await;
+    let client = http_client();
+
+    let r = get(&client, &dp.url("/chunked")).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"hello world"[..]));
+    let r = get(&client, &dp.url("/interim")).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"final"[..]));
+    let r = get(&client, &dp.url("/until-close")).await;
+    assert_eq!(
+        (r.status, &r.body[..]),
+        (200, &b"all of this, until the close"[..])
+    );
+    let head = http::Request::head(dp.url("/anything"))
+        .body(Full::default())
+        .unwrap();
+    let r = send(&client, head).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-length"], "100");
+    assert!(r.body.is_empty());
+    // Every exchange above left its connection usable or closed it: the next still works.
+    let post = http::Request::post(dp.url("/echo"))
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let r = send(&client, post).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"POST"[..]));
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused() {
+    let (_backend, _cp, dp) = stack().await;
+    let client = http_client();
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        let r = get(&client, &dp.url("/conn")).await;
+        assert_eq!(r.status, 200);
+        ids.insert(r.headers["x-conn"].to_str().unwrap().to_owned());
+    }
+    // One connection, or two if a health check held the first at some point.
+    assert!(ids.len() <= 2, "backend connections used: {ids:?}");
+}
+
+#[tokio::test]
+async fn malformed_or_conflicting_response_heads_are_a_502() {
+    let (_backend, _cp, dp) = stack().await;
+    let client = http_client();
+    for path in ["/garbage", "/conflicting-length"] {
+        let r = get(&client, &dp.url(path)).await;
+        assert_eq!(r.status, 502, "{path}");
+        assert_eq!(r.json()["error"], "bad_gateway", "{path}");
+    }
+    assert_eq!(get(&client, &dp.url("/conn")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_connection_the_backend_closed_while_idle_costs_no_request() {
+    let (mut backend, _cp, dp) = stack().await;
+    let client = http_client();
+    for _ in 0..5 {
+        let r = get(&client, &dp.url("/bye")).await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"bye"[..]));
+        backend.closed.recv().await.unwrap();
+        // Not idempotent, so it could not be retried had it gone out on the closed connection.
+        let post = http::Request::post(dp.url("/echo"))
+            .body(Full::new(Bytes::from_static(b"order")))
+            .unwrap();
+        let r = send(&client, post).await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"POST"[..]));
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_answers_before_reading_the_body_is_heard() {
+    let (_backend, _cp, dp) = stack().await;
+    let client = http_client();
+    // Far more than the socket buffers hold, so the upload stalls once the backend stops reading.
+    let post = http::Request::post(dp.url("/early"))
+        .body(Full::new(Bytes::from(vec![b'x'; 8 << 20])))
+        .unwrap();
+    let r = send(&client, post).await;
+    assert_eq!((r.status, &r.body[..]), (413, &b"too much"[..]));
+    // That connection is not reused; the next request gets a fresh one.
+    let r = get(&client, &dp.url("/conn")).await;
+    assert_eq!(r.status, 200);
+}
