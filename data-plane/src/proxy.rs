@@ -652,36 +652,46 @@ struct Quota {
     decision: Decision,
 }
 
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 impl Quota {
     fn headers(&self, h: &mut HeaderMap) {
+        use std::fmt::Write as _;
         let window = self.rate.period_ms.div_ceil(1000);
         let reset = self.decision.reset_ms.div_ceil(1000);
-        let put = |h: &mut HeaderMap, name: &'static str, v: String| {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(name, v);
+        let mut text = String::with_capacity(2 * self.policy.len() + 48);
+        let mut put = |name: &HeaderName, text: &str| {
+            if let Ok(v) = HeaderValue::from_str(text) {
+                h.insert(name.clone(), v);
             }
         };
         // draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it.
-        put(
-            h,
-            "ratelimit-policy",
-            format!("\"{}\";q={};w={window}", self.policy, self.rate.requests),
+        let _ = write!(
+            text,
+            "\"{}\";q={};w={window}",
+            self.policy, self.rate.requests
         );
-        put(
-            h,
-            "ratelimit",
-            format!(
-                "\"{}\";r={};t={reset}",
-                self.policy, self.decision.remaining
-            ),
+        put(&RATELIMIT_POLICY, &text);
+        text.clear();
+        let _ = write!(
+            text,
+            "\"{}\";r={};t={reset}",
+            self.policy, self.decision.remaining
         );
-        put(h, "x-ratelimit-limit", self.rate.requests.to_string());
-        put(
-            h,
-            "x-ratelimit-remaining",
-            self.decision.remaining.to_string(),
+        put(&RATELIMIT, &text);
+        h.insert(
+            X_RATELIMIT_LIMIT.clone(),
+            HeaderValue::from(self.rate.requests),
         );
-        put(h, "x-ratelimit-reset", reset.to_string());
+        h.insert(
+            X_RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(self.decision.remaining),
+        );
+        h.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(reset));
     }
 }
 

@@ -159,3 +159,35 @@ async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_batch_with_a_limit_change_half_way_decides_as_one_by_one() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.manager().await;
+    let memory = MemoryStore::default();
+    let t0 = 1_700_000_000_000u64;
+    let upgraded = Rate {
+        requests: 20,
+        period_ms: 60_000,
+    };
+    // One client's decisions in a batch switch limits (an upgrade arriving), then back.
+    let checks: Vec<rl::Check> = (0..16)
+        .map(|i| rl::Check {
+            identity: if i % 4 == 3 {
+                "ip:10.0.0.4"
+            } else {
+                "ip:10.0.0.3"
+            }
+            .to_owned(),
+            now: t0 + i,
+            rate: if (6..12).contains(&i) { upgraded } else { FREE },
+            ban: BAN,
+        })
+        .collect();
+    let batched = rl::check_many(&mut conn, &checks).await.unwrap();
+    let alone: Vec<Decision> = checks
+        .iter()
+        .map(|c| memory.check(&c.identity, c.now, c.rate, c.ban))
+        .collect();
+    assert_eq!(batched, alone);
+}

@@ -289,6 +289,8 @@ async fn run_batches(
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         jobs.push(first);
+        // Let the requests this thread has already read ask too, so they share the round trip.
+        tokio::task::yield_now().await;
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => jobs.push(j),

@@ -55,18 +55,22 @@ pub async fn check(
     Ok(d.remove(0))
 }
 
-/// Several decisions in one script call, made in order: one round trip for all of them.
+/// Several decisions in one script call, made in order: one round trip for all of them. One
+/// identity's decisions under the same limits travel as a group (its keys and limits once, then
+/// each decision's time), so a batch from one busy client costs little more than one decision.
 pub async fn check_many(
     conn: &mut ConnectionManager,
     checks: &[Check],
 ) -> Result<Vec<Decision>, RedisLimitError> {
+    let groups = groups(checks);
     let mut call = SCRIPT.prepare_invoke();
-    for c in checks {
-        let [k1, k2, k3] = keys(&c.identity);
+    for g in &groups {
+        let [k1, k2, k3] = keys(&checks[g[0]].identity);
         call.key(k1).key(k2).key(k3);
     }
-    for c in checks {
-        call.arg(c.now)
+    for g in &groups {
+        let c = &checks[g[0]];
+        call.arg(g.len())
             .arg(c.rate.requests)
             .arg(c.rate.period_ms)
             .arg(c.ban.strikes)
@@ -75,16 +79,36 @@ pub async fn check_many(
             .arg(c.ban.multiplier)
             .arg(c.ban.max_ban_ms)
             .arg(c.ban.strike_decay_ms);
+        for &i in g {
+            call.arg(checks[i].now);
+        }
     }
     let reply: Vec<i64> = call.invoke_async(conn).await?;
     if reply.len() != 5 * checks.len() {
         return Err(RedisLimitError::BadReply(reply));
     }
-    reply
-        .chunks(5)
-        .map(decision)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|()| RedisLimitError::BadReply(reply.clone()))
+    let mut decided: Vec<Option<Decision>> = vec![None; checks.len()];
+    for (&i, r) in groups.iter().flatten().zip(reply.chunks(5)) {
+        decided[i] = Some(decision(r).map_err(|()| RedisLimitError::BadReply(reply.clone()))?);
+    }
+    Ok(decided.into_iter().flatten().collect())
+}
+
+/// The checks (by index) in groups: one identity's decisions in order, a new group whenever its
+/// limits change, so each identity's decisions are still made in the order they came.
+fn groups(checks: &[Check]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, c) in checks.iter().enumerate() {
+        let last = groups
+            .iter_mut()
+            .rev()
+            .find(|g| checks[g[0]].identity == c.identity);
+        match last {
+            Some(g) if checks[g[0]].rate == c.rate && checks[g[0]].ban == c.ban => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    groups
 }
 
 fn decision(r: &[i64]) -> Result<Decision, ()> {
@@ -118,4 +142,37 @@ pub async fn lift_ban(
         .arg(strikes)
         .query_async::<()>(conn)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(identity: &str, requests: u64) -> Check {
+        Check {
+            identity: identity.to_owned(),
+            now: 0,
+            rate: Rate {
+                requests,
+                period_ms: 60_000,
+            },
+            ban: BanRule::default(),
+        }
+    }
+
+    #[test]
+    fn one_identitys_decisions_group_in_order_until_its_limits_change() {
+        let checks = [
+            check("ip:a", 5),
+            check("ip:b", 5),
+            check("ip:a", 5),
+            check("ip:a", 20),
+            check("ip:b", 5),
+            check("ip:a", 5),
+        ];
+        assert_eq!(
+            groups(&checks),
+            vec![vec![0, 2], vec![1, 4], vec![3], vec![5]]
+        );
+    }
 }

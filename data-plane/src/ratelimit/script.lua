@@ -1,27 +1,17 @@
 -- Rate-limit decisions, atomically: ban check, GCRA, strikes and escalating bans, for one or
 -- more identities in order (a batch from one data-plane thread; each decision is what it would
 -- be alone). The twin of gcra.rs `check`; keep them in step (the same tests run against both).
--- KEYS, three per decision (one hash tag per identity):
+-- The decisions come in groups: one identity's consecutive decisions under the same limits.
+-- KEYS, three per group (one hash tag per identity):
 --   GCRA state, a string "<tat_ms> <interval_ms>";
 --   ban, a string "<until_ms> <count>", kept for the decay period after the ban ends;
 --   strike counter.
--- ARGV, nine per decision: now_ms, requests, period_ms, strikes, strike_window_ms, base_ban_ms,
---       multiplier, max_ban_ms, strike_decay_ms
--- Returns, five per decision: verdict (0 allowed, 1 limited, 2 banned), limit, remaining,
---       reset_ms, retry_after_ms.
+-- ARGV, per group: the number of decisions c, requests, period_ms, strikes, strike_window_ms,
+--       base_ban_ms, multiplier, max_ban_ms, strike_decay_ms, then c times now_ms.
+-- Returns, five per decision, groups in order: verdict (0 allowed, 1 limited, 2 banned), limit,
+--       remaining, reset_ms, retry_after_ms.
 -- Cost: one MGET for every state and ban of the batch, then one SET per identity whose state
 -- changed, however many of its decisions the batch holds; a ban or a strike adds its own.
-
--- Numbers by their text: a batch repeats the same few arguments.
-local numbers = {}
-local function num(s)
-  local v = numbers[s]
-  if v == nil then
-    v = tonumber(s)
-    numbers[s] = v
-  end
-  return v
-end
 
 -- "<a> <b>" as {a, b}; absent or anything else reads as {0, 0}.
 local function pair(v)
@@ -63,10 +53,10 @@ local function store(key, tat, t, live)
   ttl[key] = live
 end
 
-local function decide(K1, K2, K3, a)
-  local now = num(ARGV[a + 1])
-  local n = num(ARGV[a + 2])
-  local p = num(ARGV[a + 3])
+-- One decision at `now` under the group's limits `L` = {requests, period_ms, strikes,
+-- strike_window_ms, base_ban_ms, multiplier, max_ban_ms, strike_decay_ms}.
+local function decide(K1, K2, K3, now, L)
+  local n, p = L[1], L[2]
   local t = p / math.max(n, 1)
 
   local ban = state[K2]
@@ -90,15 +80,14 @@ local function decide(K1, K2, K3, a)
   store(K1, tat, t, math.ceil(tat - now) + 1000)
   local retry = math.max(math.ceil(nxt - now - p), 1)
   local reset = math.max(math.ceil(tat - now), 0)
-  local need = num(ARGV[a + 4])
+  local need = L[3]
   if need > 0 then
     local s = redis.call('INCR', K3)
     if s == 1 then
-      redis.call('PEXPIRE', K3, math.max(num(ARGV[a + 5]), 1))
+      redis.call('PEXPIRE', K3, math.max(L[4], 1))
     end
     if s >= need then
-      local base, mult = num(ARGV[a + 6]), num(ARGV[a + 7])
-      local maxban, decay = num(ARGV[a + 8]), num(ARGV[a + 9])
+      local base, mult, maxban, decay = L[5], L[6], L[7], L[8]
       -- The ban key outlives the ban by the decay period, carrying the count; once it expires
       -- the count starts again from zero.
       local count = ban[2] + 1
@@ -120,10 +109,22 @@ local function decide(K1, K2, K3, a)
 end
 
 local out = {}
-for i = 0, #KEYS / 3 - 1 do
-  local o = 5 * i
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
-    decide(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3], 9 * i)
+local o = 0
+local a = 1
+for g = 0, #KEYS / 3 - 1 do
+  local K1, K2, K3 = KEYS[3 * g + 1], KEYS[3 * g + 2], KEYS[3 * g + 3]
+  local c = tonumber(ARGV[a])
+  local L = {}
+  for j = 1, 8 do
+    L[j] = tonumber(ARGV[a + j])
+  end
+  a = a + 9
+  for _ = 1, c do
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
+      decide(K1, K2, K3, tonumber(ARGV[a]), L)
+    o = o + 5
+    a = a + 1
+  end
 end
 for _, key in ipairs(order) do
   local s = state[key]
