@@ -579,18 +579,22 @@ fn parse_head(
         if conn.buf.is_empty() {
             return Ok(None);
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(&conn.buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(invalid(format!(
-                    "backend response has more than {MAX_HEADERS} header fields"
-                )));
-            }
-            Err(e) => return Err(invalid(format!("malformed backend response head: {e}"))),
-        };
+        // Left uninitialised: the parser writes only the fields it finds.
+        let mut fields =
+            [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len =
+            match config.parse_response_with_uninit_headers(&mut parsed, &conn.buf, &mut fields) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(invalid(format!(
+                        "backend response has more than {MAX_HEADERS} header fields"
+                    )));
+                }
+                Err(e) => return Err(invalid(format!("malformed backend response head: {e}"))),
+            };
         let code = parsed.code.unwrap_or(0);
         let status = StatusCode::from_u16(code)
             .map_err(|_| invalid(format!("backend response status {code} is not valid")))?;
