@@ -707,6 +707,10 @@ enum State {
     Done,
 }
 
+/// Longest a request body the backend did not take is read and dropped after its response, so
+/// that the client, still sending, gets that response rather than a reset connection.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
 /// A backend's response body, read from its connection as the client's side asks for it.
 pub struct Body {
     conn: Option<Conn>,
@@ -847,6 +851,33 @@ impl Body {
                 }
             }
         }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // A backend that answered before taking the whole request body (a 413, say): the rest
+        // is read and dropped, within its size limit and DRAIN_TIME, so the client's connection
+        // closes cleanly or even stays open, instead of being reset under the answer.
+        let Some(up) = self.upload.take() else {
+            return;
+        };
+        if matches!(up.state, Sending::Last) || up.body.is_end_stream() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = up.body;
+        runtime.spawn(async move {
+            let drain = async {
+                while let Some(Ok(_)) =
+                    std::future::poll_fn(|cx| Pin::new(&mut rest).poll_frame(cx)).await
+                {
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        });
     }
 }
 
