@@ -46,6 +46,11 @@ fn answer(method: &str, path: &str, conn: usize) -> (Vec<u8>, bool) {
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye".to_vec(),
             true,
         ),
+        "/cut-short" => (
+            b"HTTP/1.1 200 OK\r\ncache-control: public, max-age=60\r\ncontent-length: 100\r\n\r\npartial"
+                .to_vec(),
+            true,
+        ),
         "/conn" => (
             format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-conn: {conn}\r\n\r\n").into_bytes(),
             false,
@@ -263,4 +268,35 @@ async fn a_backend_that_answers_before_reading_the_body_is_heard() {
     // That connection is not reused; the next request gets a fresh one.
     let r = get(&http_client(), &dp.url("/conn")).await;
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_cacheable_body_cut_short_is_not_kept() {
+    let backend = RawBackend::start().await;
+    let mut snapshot = snapshot_with(&[backend.addr]);
+    snapshot.cache = Some(lb_proto::v1::CachePolicy {
+        enabled: true,
+        ..lb_proto::defaults::cache()
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    for _ in 0..2 {
+        // A new client each time: the first one's connection ends with the broken body.
+        let client = http_client();
+        let req = http::Request::get(dp.url("/cut-short"))
+            .body(Full::default())
+            .unwrap();
+        // The client never gets the short body as if it were whole: the connection fails
+        // before the head or in the body.
+        let whole = async {
+            let resp = client.request(req).await.ok()?;
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok()
+        };
+        assert!(whole.await.is_none());
+    }
+    let stats = dp.shared.cache.stats();
+    assert_eq!((stats.stored, stats.memory.bytes), (0, 0), "{stats:?}");
 }

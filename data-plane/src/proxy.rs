@@ -137,7 +137,6 @@ pub enum ProxyBody {
 /// until it ends; a body read to the end gives its connection back to the pool.
 pub struct UpstreamResponse {
     body: upstream::Body,
-    done: bool,
     _in_flight: InFlight,
     /// Set when the response fills the cache: the body is copied as it streams by.
     tee: Option<Box<Tee>>,
@@ -202,7 +201,7 @@ impl Drop for UpstreamResponse {
     fn drop(&mut self) {
         // The server may stop polling once it has sent a sized body, so the end is known from
         // the body itself rather than from a final poll.
-        if (self.done || self.body.is_end_stream())
+        if self.body.is_end_stream()
             && let Some(t) = self.tee.as_mut()
         {
             t.finish();
@@ -221,22 +220,16 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Upstream(u) => {
                 let polled = Pin::new(&mut u.body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) => {
-                        u.done = true;
-                        if let Some(t) = u.tee.as_mut() {
-                            t.finish();
-                        }
+                if let Some(t) = u.tee.as_mut() {
+                    if let Poll::Ready(Some(Ok(frame))) = &polled
+                        && let Some(data) = frame.data_ref()
+                    {
+                        t.push(data);
                     }
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(t), Some(data)) = (u.tee.as_mut(), frame.data_ref()) {
-                            t.push(data);
-                            if u.body.is_end_stream() {
-                                t.finish();
-                            }
-                        }
+                    // Only a body read to its end is stored, never one cut short.
+                    if u.body.is_end_stream() {
+                        t.finish();
                     }
-                    _ => {}
                 }
                 polled
             }
@@ -246,7 +239,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(u) => u.done || u.body.is_end_stream(),
+            ProxyBody::Upstream(u) => u.body.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
         }
     }
@@ -1334,7 +1327,6 @@ async fn send_with_retries(
                     parts,
                     ProxyBody::Upstream(UpstreamResponse {
                         body,
-                        done: false,
                         _in_flight: in_flight,
                         tee: None,
                     }),

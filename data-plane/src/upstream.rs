@@ -704,7 +704,11 @@ enum State {
     Length(u64),
     Chunked(Chunk),
     UntilClose,
+    /// Read to its end.
     Done,
+    /// Cut short (the backend closed early, or sent something malformed): not an end, so
+    /// nothing takes it for a complete body.
+    Failed,
 }
 
 /// Longest a request body the backend did not take is read and dropped after its response, so
@@ -774,7 +778,7 @@ impl Body {
             };
             let buf = &mut conn.buf;
             match self.state {
-                State::Done => return Ok(Some(None)),
+                State::Done | State::Failed => return Ok(Some(None)),
                 State::UntilClose => {
                     if buf.is_empty() {
                         return Ok(None);
@@ -921,7 +925,7 @@ impl http_body::Body for Body {
                 Ok(None) => {}
                 Err(e) => {
                     this.conn = None;
-                    this.state = State::Done;
+                    this.state = State::Failed;
                     return Poll::Ready(Some(Err(e)));
                 }
             }
@@ -929,12 +933,14 @@ impl http_body::Body for Body {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
                     this.conn = None;
-                    let until_close = matches!(this.state, State::UntilClose);
-                    this.state = State::Done;
-                    if until_close && e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    if matches!(this.state, State::UntilClose)
+                        && e.kind() == std::io::ErrorKind::UnexpectedEof
+                    {
                         // Delimited by the close: this is its end.
+                        this.state = State::Done;
                         return Poll::Ready(None);
                     }
+                    this.state = State::Failed;
                     return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Pending => return Poll::Pending,
