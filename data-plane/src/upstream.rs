@@ -454,7 +454,8 @@ enum Sending {
     Frames,
     /// The client's body is done; writing what is left, then flushing.
     Last,
-    /// Writing failed: the backend stopped reading.
+    /// Stopped short: the backend stopped reading, or the client's body failed. The request
+    /// never went out whole, so its connection is not reused.
     Failed,
 }
 
@@ -514,6 +515,7 @@ impl Upload {
                     };
                 }
                 Poll::Ready(Some(Err(e))) => {
+                    self.state = Sending::Failed;
                     return Poll::Ready(Err(UpstreamError::RequestBody(e)));
                 }
                 Poll::Ready(None) => {
