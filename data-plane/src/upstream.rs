@@ -34,6 +34,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -146,10 +147,8 @@ impl Conn {
 
     /// True when the backend closed the connection, or sent something unasked, while it was
     /// idle. Costs no system call unless the socket has signalled something since the last read.
+    /// (A pooled connection's buffer is empty: see [`Body::finish`].)
     fn is_gone(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return true;
-        }
         let mut cx = Context::from_waker(Waker::noop());
         match self.io.tcp().poll_read_ready(&mut cx) {
             Poll::Pending => false,
@@ -791,9 +790,7 @@ impl Body {
                     if buf.is_empty() {
                         return Ok(None);
                     }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let data = buf.split_to(n).freeze();
-                    let left = left - n as u64;
+                    let (data, left) = take_up_to(buf, left);
                     self.state = State::Length(left);
                     if left == 0 {
                         self.finish();
@@ -804,9 +801,7 @@ impl Body {
                     if buf.is_empty() {
                         return Ok(None);
                     }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let data = buf.split_to(n).freeze();
-                    let left = left - n as u64;
+                    let (data, left) = take_up_to(buf, left);
                     self.state = State::Chunked(if left == 0 {
                         Chunk::DataEnd
                     } else {
@@ -860,6 +855,12 @@ impl Body {
     }
 }
 
+/// Up to `left` bytes from the front of `buf`, and how many are left after them.
+fn take_up_to(buf: &mut BytesMut, left: u64) -> (Bytes, u64) {
+    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+    (buf.split_to(n).freeze(), left - n as u64)
+}
+
 impl Drop for Body {
     fn drop(&mut self) {
         // A backend that answered before taking the whole request body (a 413, say): the rest
@@ -876,12 +877,7 @@ impl Drop for Body {
         };
         let mut rest = up.body;
         runtime.spawn(async move {
-            let drain = async {
-                while let Some(Ok(_)) =
-                    std::future::poll_fn(|cx| Pin::new(&mut rest).poll_frame(cx)).await
-                {
-                }
-            };
+            let drain = async { while let Some(Ok(_)) = rest.frame().await {} };
             let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
         });
     }
@@ -912,13 +908,12 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
-        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
-            match up.poll(&mut conn.io, cx) {
-                Poll::Ready(Ok(())) => this.upload = None,
-                // Whatever the backend still sends is passed on; the connection is not reused.
-                Poll::Ready(Err(_)) => this.home = None,
-                Poll::Pending => {}
-            }
+        // An upload that fails stays in place, so the connection is not reused; whatever the
+        // backend still sends is passed on.
+        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut())
+            && let Poll::Ready(Ok(())) = up.poll(&mut conn.io, cx)
+        {
+            this.upload = None;
         }
         loop {
             match this.decode() {

@@ -109,6 +109,23 @@ async fn the_script_keeps_one_identity_in_one_hash_slot() {
     assert_eq!(tag(&b), tag(&c));
 }
 
+fn check_at(identity: &str, now: u64, rate: Rate) -> rl::Check {
+    rl::Check {
+        identity: identity.to_owned(),
+        now,
+        rate,
+        ban: BAN,
+    }
+}
+
+/// The decisions the in-memory store makes for `checks`, one at a time.
+fn one_by_one(memory: &MemoryStore, checks: &[rl::Check]) -> Vec<Decision> {
+    checks
+        .iter()
+        .map(|c| memory.check(&c.identity, c.now, c.rate, c.ban))
+        .collect()
+}
+
 #[tokio::test]
 async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
     let redis = RedisServer::start().await;
@@ -117,24 +134,17 @@ async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
     let t0 = 1_700_000_000_000u64;
     // Two identities interleaved in one batch, past the limit and into a ban for one of them.
     let checks: Vec<rl::Check> = (0..12)
-        .map(|i| rl::Check {
-            identity: if i % 3 == 2 {
+        .map(|i| {
+            let who = if i % 3 == 2 {
                 "ip:10.0.0.2"
             } else {
                 "ip:10.0.0.1"
-            }
-            .to_owned(),
-            now: t0 + i,
-            rate: FREE,
-            ban: BAN,
+            };
+            check_at(who, t0 + i, FREE)
         })
         .collect();
     let batched = rl::check_many(&mut conn, &checks).await.unwrap();
-    let alone: Vec<Decision> = checks
-        .iter()
-        .map(|c| memory.check(&c.identity, c.now, c.rate, c.ban))
-        .collect();
-    assert_eq!(batched, alone);
+    assert_eq!(batched, one_by_one(&memory, &checks));
     assert_eq!(
         batched
             .iter()
@@ -172,22 +182,19 @@ async fn a_batch_with_a_limit_change_half_way_decides_as_one_by_one() {
     };
     // One client's decisions in a batch switch limits (an upgrade arriving), then back.
     let checks: Vec<rl::Check> = (0..16)
-        .map(|i| rl::Check {
-            identity: if i % 4 == 3 {
+        .map(|i| {
+            let who = if i % 4 == 3 {
                 "ip:10.0.0.4"
             } else {
                 "ip:10.0.0.3"
-            }
-            .to_owned(),
-            now: t0 + i,
-            rate: if (6..12).contains(&i) { upgraded } else { FREE },
-            ban: BAN,
+            };
+            check_at(
+                who,
+                t0 + i,
+                if (6..12).contains(&i) { upgraded } else { FREE },
+            )
         })
         .collect();
     let batched = rl::check_many(&mut conn, &checks).await.unwrap();
-    let alone: Vec<Decision> = checks
-        .iter()
-        .map(|c| memory.check(&c.identity, c.now, c.rate, c.ban))
-        .collect();
-    assert_eq!(batched, alone);
+    assert_eq!(batched, one_by_one(&memory, &checks));
 }
