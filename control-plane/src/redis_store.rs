@@ -19,7 +19,10 @@
 //! version than its own (Redis lost its data) it saves its state again.
 //!
 //! A `rediss://` URL is reached over TLS (rustls), the certificate checked against the
-//! `redis_ca` file when set, else the system's roots.
+//! `redis_ca` file when set, else the system's roots. A `redis+cluster://` URL names a Redis
+//! Cluster ([`data_plane::redis_link`]): the state key and the save script live in one slot,
+//! a cluster carries published messages to every node, so the follower subscribes on any node
+//! (the next one listed after a failure), and listing bans scans every primary.
 //!
 //! Every call has a deadline ([`DEFAULT_CALL_TIMEOUT`] unless set): with Redis gone, admin calls
 //! that need it fail promptly with an error naming Redis, while the published configuration keeps
@@ -28,9 +31,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use data_plane::redis_link::{RedisConn, RedisTarget, Scan, Timeouts};
 use lb_proto::v1::{BanInfo, StoredState};
 use prost::Message;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -91,8 +94,8 @@ return {1, ARGV[1]}
 pub struct RedisStore {
     /// host:port, for messages (the URL may hold a password).
     addr: String,
-    client: redis::Client,
-    conn: ConnectionManager,
+    target: RedisTarget,
+    conn: RedisConn,
     timeout: Duration,
     save_script: redis::Script,
 }
@@ -111,36 +114,23 @@ impl RedisStore {
         root_ca: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let client = match root_ca {
-            Some(pem) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                },
-            ),
-            None => redis::Client::open(url),
-        }
-        .map_err(|e| StoreError::RedisUrl(e.to_string()))?;
-        let addr = client.get_connection_info().addr().to_string();
+        let target = RedisTarget {
+            url: url.to_owned(),
+            root_ca: root_ca.map(Arc::from),
+        };
+        let addr = target.addr();
         // Few, quick reconnection attempts: the call deadline is what callers wait on, and a
         // later call starts a new attempt anyway.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = client
-            .get_connection_manager_lazy(config)
-            .map_err(|e| StoreError::Redis {
-                addr: addr.clone(),
-                op: "connect".into(),
-                message: e.to_string(),
-            })?;
+        let conn = target
+            .connect_lazy(Timeouts {
+                connect: timeout,
+                response: timeout,
+                retries: 2,
+            })
+            .map_err(|e| StoreError::RedisUrl(e.to_string()))?;
         Ok(RedisStore {
             addr,
-            client,
+            target,
             conn,
             timeout,
             save_script: redis::Script::new(SAVE_SCRIPT),
@@ -183,7 +173,7 @@ impl RedisStore {
     /// are not retried: their first attempt may have been applied.)
     async fn idempotent<T, F, Fut>(&self, op: &str, key: &str, attempt: F) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(RedisConn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let twice = async {
@@ -336,20 +326,26 @@ impl SharedLimits for RedisStore {
 
     async fn bans(&self, now_ms: u64) -> Result<Vec<BanInfo>, StoreError> {
         let mut out = Vec::new();
-        let mut cursor = 0u64;
+        let pattern = ratelimit::BAN_KEY_PATTERN;
+        let mut conn = self.conn.clone();
+        let mut scan = self
+            .idempotent("SCAN", pattern, |mut conn| async move {
+                Scan::start(&mut conn, pattern, SCAN_COUNT).await
+            })
+            .await?;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .idempotent("SCAN", ratelimit::BAN_KEY_PATTERN, |mut conn| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(ratelimit::BAN_KEY_PATTERN)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT)
-                        .query_async(&mut conn)
-                        .await
-                })
-                .await?;
+            // A step only advances when it succeeds, so a dropped connection can retry it.
+            let step = async {
+                match scan.next(&mut conn).await {
+                    Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                        scan.next(&mut conn).await
+                    }
+                    r => r,
+                }
+            };
+            let Some(keys) = self.call("SCAN", pattern, step).await? else {
+                return Ok(out);
+            };
             let keys: Vec<(String, String)> = keys
                 .into_iter()
                 .filter_map(|k| {
@@ -357,19 +353,29 @@ impl SharedLimits for RedisStore {
                     Some((k, client))
                 })
                 .collect();
-            // One round trip for the whole batch.
+            // One round trip for the whole batch (on Redis Cluster, one per slot, in parallel).
             let values: Vec<Option<Vec<u8>>> = if keys.is_empty() {
                 Vec::new()
             } else {
-                self.idempotent("GET", ratelimit::BAN_KEY_PATTERN, |mut conn| {
-                    let mut pipe = redis::pipe();
+                self.idempotent("MGET", pattern, |mut conn| {
+                    let mut get = redis::cmd("MGET");
                     for (k, _) in &keys {
-                        pipe.cmd("GET").arg(k);
+                        get.arg(k);
                     }
-                    async move { pipe.query_async(&mut conn).await }
+                    async move { get.query_async(&mut conn).await }
                 })
                 .await?
             };
+            if values.len() != keys.len() {
+                return Err(bad(
+                    pattern,
+                    format!(
+                        "MGET answered {} values for {} keys",
+                        values.len(),
+                        keys.len()
+                    ),
+                ));
+            }
             for ((key, client), value) in keys.into_iter().zip(values) {
                 // Expired between SCAN and GET.
                 let Some(value) = value else {
@@ -389,10 +395,6 @@ impl SharedLimits for RedisStore {
                     }
                 }
             }
-            if next == 0 {
-                return Ok(out);
-            }
-            cursor = next;
         }
     }
 
@@ -550,9 +552,21 @@ async fn follow(
     origin: Option<String>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // Any node will do: on Redis Cluster a message published on one node reaches subscribers
+    // on all. After a failure the next node named is tried.
+    let clients = match store.target.node_clients() {
+        Ok(c) if !c.is_empty() => c,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::error!(redis = %store.addr, error = %e, "cannot follow configuration changes");
+            return;
+        }
+    };
+    let mut node = 0;
     loop {
+        let client = &clients[node % clients.len()];
         let subscribe = async {
-            let mut pubsub = store.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(CHANGES_CHANNEL).await?;
             if origin.is_some() {
                 pubsub.subscribe(REPORTS_CHANNEL).await?;
@@ -614,6 +628,7 @@ async fn follow(
                 tracing::warn!(redis = %store.addr, "cannot subscribe to configuration changes: no answer");
             }
         }
+        node += 1;
         let half = backoff / 2;
         let delay = half + half.mul_f64(fastrand::f64());
         tokio::select! {

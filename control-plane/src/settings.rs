@@ -31,7 +31,8 @@ pub struct CommonArgs {
     /// HTTP listener: REST admin, /stats, /metrics [default: 0.0.0.0:5000]
     #[arg(long, env = "LB_HTTP_LISTEN", value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
-    /// Redis URL for durable state and fan-out between control planes [default: embedded store]
+    /// Redis URL for durable state and fan-out between control planes; redis+cluster://host:port,...
+    /// for a Redis Cluster [default: embedded store]
     #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
     pub redis: Option<String>,
     /// PEM CA certificates that a rediss:// Redis's certificate must chain to [default: the
@@ -303,8 +304,14 @@ impl Settings {
         })?;
         let redis = args.redis.or(file.redis).filter(|r| !r.is_empty());
         let redis_ca = args.redis_ca.or(file.redis_ca);
+        if let Some(r) = &redis {
+            data_plane::redis_link::endpoints(r).map_err(|e| invalid("redis", e.0))?;
+        }
         if let Some(ca) = &redis_ca {
-            if !redis.as_ref().is_some_and(|r| r.starts_with("rediss://")) {
+            if !redis
+                .as_ref()
+                .is_some_and(|r| data_plane::redis_link::RedisTarget::new(r.as_str()).is_tls())
+            {
                 return Err(invalid(
                     "redis_ca",
                     "is set, but redis is not a rediss:// URL: the CA would not be used",

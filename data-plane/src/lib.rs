@@ -27,6 +27,7 @@ pub mod outlier;
 pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_link;
 pub mod report;
 pub mod retry;
 pub mod settings;

@@ -45,7 +45,7 @@ pub struct Worker {
     /// This thread's retry budget (a share of its own traffic).
     pub budget: std::sync::Mutex<RetryBudget>,
     /// This thread's connection to the shared rate-limit store, if one is configured.
-    pub redis: Option<redis::aio::ConnectionManager>,
+    pub redis: Option<crate::redis_link::RedisConn>,
     /// Rate-limit decisions through Redis, batched per thread.
     limits: Option<crate::ratelimit::Batcher>,
     /// This thread's handle on the configuration in force, and its version.
@@ -148,7 +148,7 @@ pub struct UpstreamResponse {
 /// waiting for it).
 pub struct Tee {
     fill: Option<Fill>,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<crate::redis_link::RedisConn>,
     status: StatusCode,
     headers: HeaderMap,
     buf: bytes::BytesMut,
@@ -1084,7 +1084,7 @@ fn cached(resp: Response<Bytes>, id: &HeaderValue, quota: Option<&Quota>) -> Res
 /// its body read up to the entry bound, stored through `fill`.
 async fn refresh(
     shared: Arc<Shared>,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<crate::redis_link::RedisConn>,
     worker: usize,
     fill: Fill,
     uri: Uri,

@@ -40,7 +40,8 @@ pub struct Args {
     /// This data plane's unique name [default: hostname-pid]
     #[arg(long, env = "LB_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,
-    /// Redis URL for shared rate-limit state and cache [default: none, per-instance state]
+    /// Redis URL for shared rate-limit state and cache; redis+cluster://host:port,... for a
+    /// Redis Cluster [default: none, per-instance state]
     #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
     pub redis: Option<String>,
     /// Directory where the last good snapshot is kept, to boot from when the control plane is
@@ -379,17 +380,15 @@ impl Settings {
             return invalid("header_timeout_ms", "must be at least 1");
         }
         if let Some(r) = &self.redis
-            && !(r.starts_with("redis://")
-                || r.starts_with("rediss://")
-                || r.starts_with("unix://"))
+            && let Err(e) = crate::redis_link::endpoints(r)
         {
-            return invalid("redis", "must be a redis:// or rediss:// URL");
+            return invalid("redis", &e.0);
         }
         if self.redis_ca.is_some()
             && !self
                 .redis
                 .as_ref()
-                .is_some_and(|r| r.starts_with("rediss://"))
+                .is_some_and(|r| crate::redis_link::RedisTarget::new(r.as_str()).is_tls())
         {
             return invalid(
                 "redis_ca",

@@ -15,9 +15,9 @@ use data_plane::cache::shared::{self, INDEX_PATHS};
 use data_plane::cache::{
     Cache, CacheRequest, Entry, Fill, Lookup, Policy, Purge, SharedError, Tier, policy,
 };
+use data_plane::redis_link::RedisConn;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
-use redis::aio::ConnectionManager;
 use tokio::task::JoinSet;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -66,7 +66,7 @@ fn hit_tier(l: Lookup) -> (Tier, Bytes) {
 /// Looks `path` up and fills it with `body`, varying on `vary` when given.
 async fn fill(
     cache: &Cache,
-    conn: &ConnectionManager,
+    conn: &RedisConn,
     path: &str,
     headers: &HeaderMap,
     vary: Option<&str>,
@@ -109,7 +109,7 @@ fn key(path: &str) -> CacheKey {
     CacheKey::new(&Method::GET, "example.com", &path.parse().unwrap(), &[]).unwrap()
 }
 
-async fn all_keys(conn: &mut ConnectionManager) -> Vec<Vec<u8>> {
+async fn all_keys(conn: &mut RedisConn) -> Vec<Vec<u8>> {
     redis::cmd("KEYS").arg("*").query_async(conn).await.unwrap()
 }
 
@@ -313,7 +313,18 @@ async fn two_data_planes_never_hold_a_fill_lock_together() {
 #[tokio::test]
 async fn purges_clear_both_tiers_on_every_plane() {
     let redis = RedisServer::start().await;
-    let conn = redis.manager().await;
+    purges_clear_both_tiers(redis.manager().await).await;
+}
+
+/// Records, variants and the index spread over every node; the purges (by prefix, by key,
+/// everything) still find them all.
+#[tokio::test]
+async fn purges_clear_both_tiers_on_a_redis_cluster_too() {
+    let cluster = redis_server::RedisCluster::start(3).await;
+    purges_clear_both_tiers(cluster.conn().await).await;
+}
+
+async fn purges_clear_both_tiers(conn: RedisConn) {
     let (a, b) = (Cache::new(policy()), Cache::new(policy()));
     let none = HeaderMap::new();
     let gzip = h(&[("accept-encoding", "gzip")]);
@@ -416,7 +427,7 @@ async fn the_index_forgets_expired_records_a_bounded_batch_per_write() {
             .await
             .unwrap();
     }
-    let card = |mut c: ConnectionManager| async move {
+    let card = |mut c: RedisConn| async move {
         redis::cmd("ZCARD")
             .arg(INDEX_PATHS)
             .query_async::<u64>(&mut c)

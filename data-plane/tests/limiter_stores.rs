@@ -7,7 +7,7 @@ mod redis_server;
 use data_plane::ratelimit::gcra::{BanRule, Decision, Rate, Verdict};
 use data_plane::ratelimit::memory::MemoryStore;
 use data_plane::ratelimit::redis as rl;
-use redis::aio::ConnectionManager;
+use data_plane::redis_link::RedisConn;
 use redis_server::RedisServer;
 
 const FREE: Rate = Rate {
@@ -29,7 +29,7 @@ const BAN: BanRule = BanRule {
 
 /// Runs `steps` (time offset, rate) against both stores; returns both decision lists.
 async fn both(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     who: &str,
     steps: &[(u64, Rate)],
 ) -> (Vec<Decision>, Vec<Decision>) {
@@ -197,4 +197,42 @@ async fn a_batch_with_a_limit_change_half_way_decides_as_one_by_one() {
         .collect();
     let batched = rl::check_many(&mut conn, &checks).await.unwrap();
     assert_eq!(batched, one_by_one(&memory, &checks));
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_batch_of_many_clients_decides_as_one_by_one() {
+    let cluster = redis_server::RedisCluster::start(3).await;
+    let mut conn = cluster.conn().await;
+    let memory = MemoryStore::default();
+    let t0 = 1_700_000_000_000u64;
+    // Forty clients, whose keys fall in slots all over the cluster, interleaved in one batch;
+    // each makes eight requests, so each is refused and banned along the way.
+    let checks: Vec<rl::Check> = (0..320)
+        .map(|i| check_at(&format!("ip:10.1.0.{}", i % 40), t0 + i, FREE))
+        .collect();
+    let batched = rl::check_many(&mut conn, &checks).await.unwrap();
+    assert_eq!(batched, one_by_one(&memory, &checks));
+    assert_eq!(
+        batched
+            .iter()
+            .filter(|d| d.verdict == Verdict::Allowed)
+            .count(),
+        40 * 5
+    );
+    let sizes = cluster.sizes().await;
+    assert!(
+        sizes.iter().all(|&n| n > 0),
+        "every node holds some clients' state: {sizes:?}"
+    );
+    // Later single decisions, and a lifted ban, agree too.
+    rl::lift_ban(&mut conn, "ip:10.1.0.7").await.unwrap();
+    memory.lift_ban("ip:10.1.0.7");
+    for who in ["ip:10.1.0.7", "ip:10.1.0.8"] {
+        let now = t0 + 20_000;
+        assert_eq!(
+            rl::check(&mut conn, who, now, FREE, BAN).await.unwrap(),
+            memory.check(who, now, FREE, BAN),
+            "{who}"
+        );
+    }
 }

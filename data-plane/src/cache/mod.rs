@@ -52,11 +52,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::redis_link::RedisConn;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode, Uri};
-use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use coalesce::{Flight, Flights, Join, Outcome, Waited};
@@ -378,7 +378,7 @@ impl Cache {
     }
 
     /// A clone of the worker's connection, unless Redis is being left alone after a failure.
-    fn conn(&self, redis: Option<&ConnectionManager>, now_ms: u64) -> Option<ConnectionManager> {
+    fn conn(&self, redis: Option<&RedisConn>, now_ms: u64) -> Option<RedisConn> {
         let c = redis?;
         (now_ms >= self.inner.retry_at.load(Ordering::Relaxed)).then(|| c.clone())
     }
@@ -440,7 +440,7 @@ impl Cache {
     /// clock; waits are bounded by the policy's `coalesce_timeout_ms` from the call.
     pub async fn lookup(
         &self,
-        redis: Option<&ConnectionManager>,
+        redis: Option<&RedisConn>,
         req: &CacheRequest,
         headers: &HeaderMap,
         now_ms: u64,
@@ -565,7 +565,7 @@ impl Cache {
     /// elsewhere is refreshing it already.
     async fn refresh(
         &self,
-        redis: Option<&ConnectionManager>,
+        redis: Option<&RedisConn>,
         req: &CacheRequest,
         headers: &HeaderMap,
         id: Digest32,
@@ -596,7 +596,7 @@ impl Cache {
     #[allow(clippy::too_many_arguments)]
     async fn lead(
         &self,
-        redis: Option<&ConnectionManager>,
+        redis: Option<&RedisConn>,
         req: &CacheRequest,
         headers: &HeaderMap,
         id: Digest32,
@@ -695,7 +695,7 @@ impl Cache {
     /// from Redis.
     pub async fn purge(
         &self,
-        redis: Option<&ConnectionManager>,
+        redis: Option<&RedisConn>,
         purge: &Purge,
     ) -> Result<u64, SharedError> {
         let memory = self.memory();
@@ -727,7 +727,7 @@ fn new_token() -> String {
 }
 
 struct Lock {
-    conn: ConnectionManager,
+    conn: RedisConn,
     token: String,
 }
 
@@ -806,7 +806,7 @@ impl Fill {
     /// with a stale-if-error entry serve it, and the resource is not marked uncacheable.
     pub async fn store(
         mut self,
-        redis: Option<&ConnectionManager>,
+        redis: Option<&RedisConn>,
         status: StatusCode,
         headers: &HeaderMap,
         body: Bytes,

@@ -29,9 +29,9 @@ use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
+use crate::redis_link::RedisConn;
 use bytes::Bytes;
 use http::HeaderMap;
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 
 use super::entry::{DecodeError, Entry, Record, VarySpec};
@@ -119,14 +119,14 @@ pub struct Found {
     pub entry: Option<Entry>,
 }
 
-async fn get_raw(conn: &mut ConnectionManager, k: &str) -> Result<Option<Bytes>, SharedError> {
+async fn get_raw(conn: &mut RedisConn, k: &str) -> Result<Option<Bytes>, SharedError> {
     let raw: Option<Vec<u8>> = timed(redis::cmd("GET").arg(k).query_async(conn)).await?;
     Ok(raw.map(Bytes::from))
 }
 
 /// Looks a request up, following a vary spec (a second round trip).
 pub async fn get(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     key: &CacheKey,
     headers: &HeaderMap,
 ) -> Result<Found, SharedError> {
@@ -170,7 +170,7 @@ fn member(path: &str, redis_key: &str) -> Vec<u8> {
 /// Stores an entry under `variant` of `primary` (its vary spec under `primary` when they
 /// differ) until its last stale window ends. Does nothing for an entry already expired.
 pub async fn put(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     primary: &Digest32,
     variant: &Digest32,
     entry: &Entry,
@@ -226,11 +226,7 @@ pub async fn put(
 /// Deletes the records of every index member between `min` and `max` (ZRANGEBYLEX bounds) and
 /// the members themselves, in batches. The number of batches is fixed up front from the
 /// count, so records written meanwhile cannot keep it going.
-async fn purge_range(
-    conn: &mut ConnectionManager,
-    min: &[u8],
-    max: &[u8],
-) -> Result<u64, SharedError> {
+async fn purge_range(conn: &mut RedisConn, min: &[u8], max: &[u8]) -> Result<u64, SharedError> {
     let count: u64 = timed(
         redis::cmd("ZLEXCOUNT")
             .arg(INDEX_PATHS)
@@ -259,16 +255,17 @@ async fn purge_range(
             .iter()
             .filter_map(|m| m.iter().position(|&b| b == 0).map(|i| &m[i + 1..]))
             .collect();
+        // The records first, then their index members (the index may list a record that is
+        // gone, never miss one that is there). The records span slots: on Redis Cluster the
+        // client splits the UNLINK per slot, while the index sets share one.
+        if !keys.is_empty() {
+            let n: u64 = timed(redis::cmd("UNLINK").arg(&keys).query_async(conn)).await?;
+            removed += n;
+        }
         let mut pipe = redis::pipe();
-        if !keys.is_empty() {
-            pipe.cmd("UNLINK").arg(&keys);
-        }
-        pipe.cmd("ZREM").arg(INDEX_PATHS).arg(&members);
-        pipe.cmd("ZREM").arg(INDEX_EXPIRY).arg(&members);
-        let replies: Vec<i64> = timed(pipe.query_async(conn)).await?;
-        if !keys.is_empty() {
-            removed += u64::try_from(replies[0]).unwrap_or(0);
-        }
+        pipe.cmd("ZREM").arg(INDEX_PATHS).arg(&members).ignore();
+        pipe.cmd("ZREM").arg(INDEX_EXPIRY).arg(&members).ignore();
+        timed(pipe.query_async::<()>(conn)).await?;
     }
     Ok(removed)
 }
@@ -285,17 +282,14 @@ fn prefix_bounds(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Deletes every record whose path starts with `prefix`; returns how many existed.
-pub async fn purge_prefix(conn: &mut ConnectionManager, prefix: &str) -> Result<u64, SharedError> {
+pub async fn purge_prefix(conn: &mut RedisConn, prefix: &str) -> Result<u64, SharedError> {
     let (min, max) = prefix_bounds(prefix.as_bytes());
     purge_range(conn, &min, &max).await
 }
 
 /// Deletes every record of one resource (its entry, or its vary spec and every variant);
 /// returns how many existed.
-pub async fn purge_key(
-    conn: &mut ConnectionManager,
-    primary: &Digest32,
-) -> Result<u64, SharedError> {
+pub async fn purge_key(conn: &mut RedisConn, primary: &Digest32) -> Result<u64, SharedError> {
     let pk = redis_key(primary, primary);
     let mut removed = 0;
     if let Some(raw) = get_raw(conn, &pk).await?
@@ -309,35 +303,23 @@ pub async fn purge_key(
 }
 
 /// Deletes every key of the cache, index and locks included; returns how many there were.
-pub async fn purge_all(conn: &mut ConnectionManager) -> Result<u64, SharedError> {
+/// On Redis Cluster every primary is scanned.
+pub async fn purge_all(conn: &mut RedisConn) -> Result<u64, SharedError> {
     let pattern = format!("{REDIS_PREFIX}*");
-    let mut cursor: u64 = 0;
+    let mut scan = timed(crate::redis_link::Scan::start(conn, &pattern, 1000)).await?;
     let mut removed = 0;
-    loop {
-        let (next, keys): (u64, Vec<Vec<u8>>) = timed(
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn),
-        )
-        .await?;
+    while let Some(keys) = timed(scan.next(conn)).await? {
         if !keys.is_empty() {
             let n: u64 = timed(redis::cmd("UNLINK").arg(&keys).query_async(conn)).await?;
             removed += n;
         }
-        if next == 0 {
-            return Ok(removed);
-        }
-        cursor = next;
     }
+    Ok(removed)
 }
 
 /// Takes the fill lock of a record for `ttl_ms` unless another holder has it.
 pub async fn try_lock(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     primary: &Digest32,
     variant: &Digest32,
     token: &str,
@@ -358,7 +340,7 @@ pub async fn try_lock(
 
 /// Releases the fill lock if `token` still holds it (it may have expired and passed on).
 pub async fn unlock(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     primary: &Digest32,
     variant: &Digest32,
     token: &str,

@@ -9,17 +9,16 @@
 //! enforcement by itself when a call succeeds again.
 //!
 //! A `rediss://` URL is reached over TLS (rustls, through the redis crate), with the Redis
-//! certificate checked against the `redis_ca` file when set, else the system's roots.
+//! certificate checked against the `redis_ca` file when set, else the system's roots; a
+//! `redis+cluster://` URL names a Redis Cluster ([`crate::redis_link`]).
 
 pub mod gcra;
 pub mod memory;
 pub mod redis;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use lb_proto::v1::StoreFailureMode;
 
 use gcra::{BanRule, Decision, Rate};
@@ -49,47 +48,8 @@ pub enum Source {
     Closed,
 }
 
-/// A Redis to connect to.
-#[derive(Clone)]
-pub struct RedisTarget {
-    pub url: String,
-    /// PEM CA certificates a `rediss://` server's certificate must chain to; `None`: the
-    /// system's roots.
-    pub root_ca: Option<Arc<[u8]>>,
-}
-
-impl RedisTarget {
-    pub fn new(url: impl Into<String>) -> RedisTarget {
-        RedisTarget {
-            url: url.into(),
-            root_ca: None,
-        }
-    }
-
-    /// A client for this Redis, with the CA file's roots when set.
-    pub fn client(&self) -> ::redis::RedisResult<::redis::Client> {
-        match &self.root_ca {
-            Some(pem) => ::redis::Client::build_with_tls(
-                self.url.as_str(),
-                ::redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                },
-            ),
-            None => ::redis::Client::open(self.url.as_str()),
-        }
-    }
-}
-
-impl std::fmt::Debug for RedisTarget {
-    // The URL may hold a password.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisTarget")
-            .field("tls", &self.url.starts_with("rediss://"))
-            .field("root_ca", &self.root_ca.is_some())
-            .finish_non_exhaustive()
-    }
-}
+pub use crate::redis_link::RedisTarget;
+use crate::redis_link::{RedisConn, Timeouts};
 
 /// A data plane's limiter: the in-process store and the state of its link to Redis.
 pub struct Limiter {
@@ -128,7 +88,7 @@ impl Limiter {
     /// here, within the connect timeout, so the first requests are already shared; if Redis is
     /// down at start, a lazy connection is returned (it connects on first use) and the data
     /// plane starts degraded. Must be called on that worker's runtime.
-    pub async fn connect(&self) -> Option<ConnectionManager> {
+    pub async fn connect(&self) -> Option<RedisConn> {
         connect(self.redis.as_ref()?).await
     }
 
@@ -192,7 +152,7 @@ impl Limiter {
     }
 
     /// Forgets a ban here and, with a connection, in Redis.
-    pub async fn lift_ban(&self, conn: Option<&ConnectionManager>, identity: &str) {
+    pub async fn lift_ban(&self, conn: Option<&RedisConn>, identity: &str) {
         self.memory.lift_ban(identity);
         if let Some(c) = conn {
             let mut c = c.clone();
@@ -216,28 +176,20 @@ impl Limiter {
 /// A Redis connection that reconnects by itself, opened within the connect timeout when Redis
 /// answers, else lazily (it connects on first use). Must be called on the runtime that will use
 /// it.
-pub async fn connect(target: &RedisTarget) -> Option<ConnectionManager> {
-    let client = match target.client() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(cause = %e, "redis URL or CA is not usable");
-            return None;
-        }
+pub async fn connect(target: &RedisTarget) -> Option<RedisConn> {
+    let t = Timeouts {
+        connect: Duration::from_millis(500),
+        response: REDIS_TIMEOUT,
+        retries: 1,
     };
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(REDIS_TIMEOUT))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(2));
-    let eager = ConnectionManager::new_with_config(client.clone(), config.clone());
-    match tokio::time::timeout(Duration::from_secs(1), eager).await {
+    match tokio::time::timeout(Duration::from_secs(1), target.connect(t)).await {
         Ok(Ok(c)) => return Some(c),
         Ok(Err(e)) => {
             tracing::warn!(cause = %e, "redis unreachable; enforced per data plane until it answers")
         }
         Err(_) => tracing::warn!("redis did not answer; enforced per data plane until it does"),
     }
-    match ConnectionManager::new_lazy_with_config(client, config) {
+    match target.connect_lazy(t) {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::error!(cause = %e, "cannot set up the redis connection");
@@ -266,7 +218,7 @@ pub struct Batcher {
 
 impl Batcher {
     /// Spawns the sender on the current runtime; it ends when every handle is dropped.
-    pub fn spawn(conn: ConnectionManager) -> Batcher {
+    pub fn spawn(conn: RedisConn) -> Batcher {
         let (jobs, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(run_batches(conn, rx));
         Batcher { jobs }
@@ -282,10 +234,7 @@ impl Batcher {
     }
 }
 
-async fn run_batches(
-    mut conn: ConnectionManager,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>,
-) {
+async fn run_batches(mut conn: RedisConn, mut rx: tokio::sync::mpsc::UnboundedReceiver<Job>) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         jobs.push(first);

@@ -1,12 +1,13 @@
 //! The shared limiter store: one Lua script (`script.lua`, the twin of `gcra::check`) per call,
 //! deciding one request or a batch of them, loaded once and called by SHA (the client falls back
 //! to sending it whole on NOSCRIPT). One identity's keys share a hash tag; a batch that mixes
-//! identities spans several slots, so Redis Cluster would need batches split by slot.
+//! identities spans several slots, so on Redis Cluster it is split by identity ([`check_many`]).
 
 use std::sync::LazyLock;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
+
+use crate::redis_link::RedisConn;
 
 use super::gcra::{BanRule, Decision, Rate, Verdict};
 
@@ -39,7 +40,7 @@ pub struct Check {
 }
 
 pub async fn check(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     identity: &str,
     now: u64,
     rate: Rate,
@@ -58,17 +59,62 @@ pub async fn check(
 /// Several decisions in one script call, made in order: one round trip for all of them. One
 /// identity's decisions under the same limits travel as a group (its keys and limits once, then
 /// each decision's time), so a batch from one busy client costs little more than one decision.
+///
+/// On a Redis Cluster a script may touch one slot only, so each identity's groups go in a call
+/// of their own, the calls sent together (pipelined on each node's connection): still one
+/// round trip, and one script call per request at most.
 pub async fn check_many(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     checks: &[Check],
 ) -> Result<Vec<Decision>, RedisLimitError> {
     let groups = groups(checks);
+    let calls: Vec<Vec<&[usize]>> = if conn.is_cluster() {
+        let mut by_identity: Vec<Vec<&[usize]>> = Vec::new();
+        for g in &groups {
+            let id = &checks[g[0]].identity;
+            match by_identity
+                .iter_mut()
+                .find(|c| checks[c[0][0]].identity == *id)
+            {
+                Some(c) => c.push(g),
+                None => by_identity.push(vec![g]),
+            }
+        }
+        by_identity
+    } else {
+        vec![groups.iter().map(Vec::as_slice).collect()]
+    };
+    let replies = if let [only] = &calls[..] {
+        vec![call(conn, checks, only).await?]
+    } else {
+        futures_util::future::try_join_all(calls.iter().map(|groups| {
+            let mut conn = conn.clone();
+            async move { call(&mut conn, checks, groups).await }
+        }))
+        .await?
+    };
+    let mut decided: Vec<Option<Decision>> = vec![None; checks.len()];
+    for (groups, reply) in calls.iter().zip(replies) {
+        for (&i, d) in groups.iter().copied().flatten().zip(reply) {
+            decided[i] = Some(d);
+        }
+    }
+    Ok(decided.into_iter().flatten().collect())
+}
+
+/// One script call deciding `groups` (indices into `checks`) in order.
+async fn call(
+    conn: &mut RedisConn,
+    checks: &[Check],
+    groups: &[&[usize]],
+) -> Result<Vec<Decision>, RedisLimitError> {
     let mut call = SCRIPT.prepare_invoke();
-    for g in &groups {
+    for g in groups {
         let [k1, k2, k3] = keys(&checks[g[0]].identity);
         call.key(k1).key(k2).key(k3);
     }
-    for g in &groups {
+    let mut expected = 0;
+    for g in groups {
         let c = &checks[g[0]];
         call.arg(g.len())
             .arg(c.rate.requests)
@@ -79,19 +125,20 @@ pub async fn check_many(
             .arg(c.ban.multiplier)
             .arg(c.ban.max_ban_ms)
             .arg(c.ban.strike_decay_ms);
-        for &i in g {
+        for &i in *g {
             call.arg(checks[i].now);
         }
+        expected += g.len();
     }
     let reply: Vec<i64> = call.invoke_async(conn).await?;
-    if reply.len() != 5 * checks.len() {
+    if reply.len() != 5 * expected {
         return Err(RedisLimitError::BadReply(reply));
     }
-    let mut decided: Vec<Option<Decision>> = vec![None; checks.len()];
-    for (&i, r) in groups.iter().flatten().zip(reply.chunks(5)) {
-        decided[i] = Some(decision(r).map_err(|()| RedisLimitError::BadReply(reply.clone()))?);
-    }
-    Ok(decided.into_iter().flatten().collect())
+    reply
+        .chunks(5)
+        .map(decision)
+        .collect::<Result<_, ()>>()
+        .map_err(|()| RedisLimitError::BadReply(reply.clone()))
 }
 
 /// The checks (by index) in groups: one identity's decisions in order, a new group whenever its
@@ -132,10 +179,7 @@ fn decision(r: &[i64]) -> Result<Decision, ()> {
 }
 
 /// Lifts a ban in Redis (the control plane does the same on `LiftBan`).
-pub async fn lift_ban(
-    conn: &mut ConnectionManager,
-    identity: &str,
-) -> Result<(), redis::RedisError> {
+pub async fn lift_ban(conn: &mut RedisConn, identity: &str) -> Result<(), redis::RedisError> {
     let [_, ban, strikes] = keys(identity);
     redis::cmd("DEL")
         .arg(ban)

@@ -1,6 +1,7 @@
 //! A redis-server of the test's own on a free port, stopped (killed) on drop or on demand, and
 //! restartable on the same port. Shared by the data plane's and the control plane's tests.
-//! [`RedisServer::start_tls`] starts one that speaks TLS only (`rediss://`).
+//! [`RedisServer::start_tls`] starts one that speaks TLS only (`rediss://`); [`RedisCluster`]
+//! forms a Redis Cluster of several.
 
 #![allow(dead_code)]
 
@@ -126,10 +127,12 @@ impl RedisServer {
     }
 
     /// A reconnecting connection, as the data planes hold.
-    pub async fn manager(&self) -> redis::aio::ConnectionManager {
-        redis::aio::ConnectionManager::new(self.client())
-            .await
-            .unwrap()
+    pub async fn manager(&self) -> data_plane::redis_link::RedisConn {
+        data_plane::redis_link::RedisConn::One(
+            redis::aio::ConnectionManager::new(self.client())
+                .await
+                .unwrap(),
+        )
     }
 
     /// Kills the server (as a crash would).
@@ -153,6 +156,191 @@ impl RedisServer {
             .and_then(|rest| rest.split(',').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// A Redis Cluster of the test's own: `n` primaries on free ports, no replicas, the slots split
+/// evenly, each node's cluster file in a directory removed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    pub async fn start(n: usize) -> RedisCluster {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lb-redis-cluster-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            nodes.push(RedisCluster::node(&dir, port).await);
+        }
+        let cluster = RedisCluster { nodes, dir };
+        cluster.form().await;
+        cluster
+    }
+
+    /// A cluster node on `port`, its cluster file in `dir` (so a restart rejoins as itself).
+    async fn node(dir: &Path, port: u16) -> RedisServer {
+        let conf = dir.join(format!("nodes-{port}.conf"));
+        let port_arg = port.to_string();
+        let args: [&std::ffi::OsStr; 8] = [
+            "--port".as_ref(),
+            port_arg.as_ref(),
+            "--cluster-enabled".as_ref(),
+            "yes".as_ref(),
+            "--cluster-config-file".as_ref(),
+            conf.as_ref(),
+            "--cluster-node-timeout".as_ref(),
+            "2000".as_ref(),
+        ];
+        RedisServer::spawn(&args, port, None).await
+    }
+
+    /// Kills node `i` (as a crash would).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its port and waits until the cluster is whole again.
+    pub async fn restart(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        self.nodes[i] = RedisCluster::node(&self.dir, port).await;
+        self.wait_ok().await;
+    }
+
+    /// The node holding `key`'s slot (the slots are split evenly, in node order).
+    pub async fn node_of(&self, key: &str) -> usize {
+        let slot: u32 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut self.nodes[0].conn().await)
+            .await
+            .unwrap();
+        let n = self.nodes.len() as u32;
+        (0..n).find(|&i| slot < 16384 * (i + 1) / n).unwrap() as usize
+    }
+
+    /// Splits the slots, introduces the nodes, and waits until every node sees them all and
+    /// says the cluster is ok.
+    async fn form(&self) {
+        let n = self.nodes.len() as u32;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let i = i as u32;
+            let (first, last) = (16384 * i / n, 16384 * (i + 1) / n - 1);
+            let mut c = node.conn().await;
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SET-CONFIG-EPOCH")
+                .arg(i + 1)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let _: () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let mut first = self.nodes[0].conn().await;
+        for node in &self.nodes[1..] {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .query_async(&mut first)
+                .await
+                .unwrap();
+        }
+        self.wait_ok().await;
+    }
+
+    /// Waits until every node knows every other and says the cluster is ok.
+    async fn wait_ok(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for node in &self.nodes {
+            let mut c = node.conn().await;
+            loop {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let known = format!("cluster_known_nodes:{}", self.nodes.len());
+                if info.contains("cluster_state:ok") && info.contains(&known) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the cluster did not form: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// `redis+cluster://` naming every node.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Keys held by each node.
+    pub async fn sizes(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            out.push(
+                redis::cmd("DBSIZE")
+                    .query_async(&mut n.conn().await)
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    }
+
+    /// Calls of one command on all nodes together.
+    pub async fn calls(&self, command: &str) -> u64 {
+        let mut total = 0;
+        for n in &self.nodes {
+            total += n.calls(command).await;
+        }
+        total
+    }
+
+    /// A cluster connection, as the data planes hold.
+    pub async fn conn(&self) -> data_plane::redis_link::RedisConn {
+        data_plane::redis_link::RedisTarget::new(self.url())
+            .connect(data_plane::redis_link::Timeouts {
+                connect: Duration::from_secs(2),
+                response: Duration::from_secs(2),
+                retries: 2,
+            })
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
