@@ -29,6 +29,11 @@ fn answer(method: &str, path: &str, conn: usize) -> (Vec<u8>, bool) {
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
              5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 1\r\n\r\n",
         ),
+        "/hop-by-hop" => fixed(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret-hop\r\nx-secret-hop: 1\r\n\
+             keep-alive: timeout=5\r\nproxy-connection: keep-alive\r\nx-kept: yes\r\n\
+             transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
         "/interim" => fixed(
             "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
              HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
@@ -170,6 +175,25 @@ async fn bodies_come_through_however_the_backend_delimits_them() {
         .unwrap();
     let r = send(&client, post).await;
     assert_eq!((r.status, &r.body[..]), (200, &b"POST"[..]));
+}
+
+#[tokio::test]
+async fn hop_by_hop_fields_of_a_response_stop_at_the_proxy() {
+    let (_backend, _cp, dp) = stack().await;
+    let r = get(&http_client(), &dp.url("/hop-by-hop")).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"abc"[..]));
+    assert_eq!(r.headers["x-kept"], "yes");
+    for gone in ["x-secret-hop", "keep-alive", "proxy-connection"] {
+        assert!(!r.headers.contains_key(gone), "{gone}: {:?}", r.headers);
+    }
+    // The proxy's own framing and connection handling, not the backend's.
+    assert!(
+        r.headers
+            .get("connection")
+            .is_none_or(|v| v != "keep-alive, x-secret-hop"),
+        "{:?}",
+        r.headers
+    );
 }
 
 #[tokio::test]

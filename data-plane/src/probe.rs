@@ -117,8 +117,9 @@ async fn probe(
     let req = http::Request::get(path)
         .header(http::header::HOST, endpoint.authority.as_str())
         .header(http::header::USER_AGENT, "lb-health-check")
-        .body(Either::Right(Full::default()))
+        .body(())
         .map_err(|e| format!("health check path {path:?}: {e}"))?;
+    let req = upstream::Outgoing::new(&req.into_parts().0, Either::Right(Full::default()));
     let exchange = async {
         let resp = upstream::send(pool, 0, &endpoint.address, endpoint.resolved, timeout, req)
             .await

@@ -253,17 +253,6 @@ impl Body for ProxyBody {
 }
 
 /// Headers that belong to one connection and are never forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -272,32 +261,34 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Longest client-supplied request id kept; a longer or odd one is replaced.
 const MAX_REQUEST_ID: usize = 200;
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::UPGRADE
-}
-
+/// Removes the hop-by-hop fields of a message on its way through: the classic set, and those
+/// `Connection` names. One pass finds them; most messages carry none.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass to find out: most messages carry none, and then nothing is hashed or removed.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    // Headers named in Connection are hop-by-hop too.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if upstream::is_hop_by_hop(name) {
+            found.push(name.clone());
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    if found.is_empty() {
+        return;
     }
-    headers.remove(header::UPGRADE);
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            // `close` and `keep-alive` name no field to remove (or one removed anyway).
+            if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(token)
+                && !found.contains(&n)
+            {
+                found.push(n);
+            }
+        }
+    }
+    for n in found {
+        headers.remove(n);
+    }
 }
 
 /// 128 random bits as 32 hex digits.
@@ -735,23 +726,24 @@ async fn rate_limit(
             };
             (
                 format!("key:{}", k.id()),
-                Some(tier.rate),
+                tier.rate,
                 tier.name.clone(),
                 tier.priority,
             )
         }
         None => {
+            // No per-IP limit: nothing to name the client for.
+            let Some(rate) = limits.ip else {
+                return Ok((active.default_priority, None));
+            };
             let ip = identity::client_ip(conn.peer.ip(), &parts.headers, &active.trusted);
             (
-                format!("ip:{ip}"),
-                limits.ip,
+                identity::ip_identity(ip),
+                rate,
                 "ip".to_owned(),
                 active.default_priority,
             )
         }
-    };
-    let Some(rate) = rate else {
-        return Ok((prio, None));
     };
     let (decision, _source) = shared
         .limiter
@@ -842,23 +834,6 @@ fn retry_after(resp: &mut Response<ProxyBody>, secs: u64) {
 }
 
 /// A request head kept to send again (a request without a body).
-struct Replay {
-    method: http::Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Replay {
-    fn request(&self) -> Request<UpstreamBody> {
-        let mut r = Request::new(Either::Right(Full::default()));
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.version_mut() = Version::HTTP_11;
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
-}
-
 /// Most attempts a request makes, whatever the policy says.
 const MAX_TRIED: usize = 8;
 
@@ -991,19 +966,19 @@ async fn forward(
     let max_attempts = (active.retry.max_attempts.max(1) as usize).min(MAX_TRIED);
     // A request without a body can be sent again after it reached a backend, if idempotent;
     // any request can be moved elsewhere when it never left (connect failure).
-    let replay = (max_attempts > 1 && body.is_end_stream() && retry::is_idempotent(&parts.method))
-        .then(|| Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-        });
-    let pending = Some(Request::from_parts(
-        parts,
+    let replayable =
+        max_attempts > 1 && body.is_end_stream() && retry::is_idempotent(&parts.method);
+    let pending = upstream::Outgoing::new(
+        &parts,
         Either::Left(Limited::new(
             body,
             usize::try_from(max_body).unwrap_or(usize::MAX),
         )),
-    ));
+    );
+    drop(parts);
+    // Its encoded head, to send again: a refcount, not a copy of its fields.
+    let replay = replayable.then(|| pending.head().clone());
+    let pending = Some(pending);
     worker.budget().deposit(Instant::now());
 
     let mut resp = send_with_retries(
@@ -1108,11 +1083,12 @@ async fn refresh(
     };
     let endpoint = &active.slots[i].endpoint;
     strip_hop_by_hop(&mut headers);
-    let mut req = Request::new(Either::Right(Full::default()));
+    let mut req = Request::new(());
     *req.uri_mut() = uri
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     *req.headers_mut() = headers;
+    let req = upstream::Outgoing::new(&req.into_parts().0, Either::Right(Full::default()));
     let Some(_in_flight) = endpoint.try_start(0, &shared.admission) else {
         return;
     };
@@ -1163,8 +1139,8 @@ async fn send_with_retries(
     max_body: u64,
     max_attempts: usize,
     has_host: bool,
-    mut pending: Option<Request<UpstreamBody>>,
-    replay: Option<Replay>,
+    mut pending: Option<upstream::Outgoing>,
+    replay: Option<upstream::Head>,
     quota: Option<Quota>,
     sampled: bool,
 ) -> Response<ProxyBody> {
@@ -1253,12 +1229,12 @@ async fn send_with_retries(
         let mut upstream = match pending.take() {
             Some(r) => r,
             None => match &replay {
-                Some(r) => r.request(),
+                Some(head) => upstream::Outgoing::again(head),
                 None => break,
             },
         };
         if !has_host && let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
-            upstream.headers_mut().insert(header::HOST, v);
+            upstream.set_host(v);
         }
         let sending = upstream::send(
             &endpoint.idle,
@@ -1309,8 +1285,8 @@ async fn send_with_retries(
                     .await;
                     continue;
                 }
+                // Hop-by-hop fields were left out when the head was read.
                 let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
                 if let Some(q) = &quota {
                     q.headers(&mut parts.headers);

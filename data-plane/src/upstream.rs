@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
@@ -329,8 +329,8 @@ pub async fn send(
     addr: &str,
     resolved: Option<SocketAddr>,
     connect_timeout: Duration,
-    mut req: Request<UpstreamBody>,
-) -> Result<Response<Body>, (UpstreamError, Option<Request<UpstreamBody>>)> {
+    mut req: Outgoing,
+) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
     for _ in 0..MAX_STALE_TRIES {
         let Some(conn) = pool.take(worker) else {
             break;
@@ -355,62 +355,129 @@ enum Out {
     Chunked,
 }
 
+/// A request head encoded for the wire once: a retry of a request without a body sends the
+/// same bytes again, a refcount rather than a copy of its fields.
+#[derive(Clone)]
+pub struct Head {
+    bytes: Bytes,
+    head_only: bool,
+}
+
+/// A request ready to go to a backend: its head, and its body with the framing chosen for it.
+pub struct Outgoing {
+    head: Head,
+    /// A `Host` field to add (the backend's own name, for a client that sent none).
+    host: Option<HeaderValue>,
+    out: Out,
+    body: UpstreamBody,
+}
+
+impl Outgoing {
+    /// Encodes `parts` as an HTTP/1.1 head with an origin-form target and the framing `body`
+    /// needs: none, the client's `Content-Length`, an exact size, or chunked.
+    pub fn new(parts: &http::request::Parts, body: UpstreamBody) -> Outgoing {
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .as_bytes(),
+        );
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        let mut out = Out::Raw;
+        if body.is_end_stream() {
+            out = Out::None;
+            let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+            if !has_length && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+                head.extend_from_slice(b"content-length: 0\r\n");
+            }
+        } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+            // The client's length, which its connection enforces.
+        } else if let Some(n) = body.size_hint().exact() {
+            head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+        } else {
+            head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            out = Out::Chunked;
+        }
+        head.extend_from_slice(b"\r\n");
+        Outgoing {
+            head: Head {
+                bytes: Bytes::from(head),
+                head_only: parts.method == Method::HEAD,
+            },
+            host: None,
+            out,
+            body,
+        }
+    }
+
+    /// The same request again, without a body: for a request that had none.
+    pub fn again(head: &Head) -> Outgoing {
+        Outgoing {
+            head: head.clone(),
+            host: None,
+            out: Out::None,
+            body: http_body_util::Either::Right(http_body_util::Full::default()),
+        }
+    }
+
+    /// The encoded head, to send again later.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// Adds `Host: host` to the head when it is written.
+    pub fn set_host(&mut self, host: HeaderValue) {
+        self.host = Some(host);
+    }
+
+    /// The bytes to write: the head, with the `Host` field when one is set.
+    fn wire(&self) -> std::borrow::Cow<'_, [u8]> {
+        let bytes = &self.head.bytes[..];
+        match &self.host {
+            None => std::borrow::Cow::Borrowed(bytes),
+            Some(host) => {
+                let end = bytes.len() - 2;
+                let mut v = Vec::with_capacity(bytes.len() + host.len() + 8);
+                v.extend_from_slice(&bytes[..end]);
+                v.extend_from_slice(b"host: ");
+                v.extend_from_slice(host.as_bytes());
+                v.extend_from_slice(b"\r\n\r\n");
+                std::borrow::Cow::Owned(v)
+            }
+        }
+    }
+}
+
 /// Writes the request and reads the response head on `conn`. A request body is sent while the
 /// response is awaited and, if the response starts first, while it streams (a backend may echo
 /// a body as it reads it).
 async fn exchange(
     mut conn: Conn,
-    req: Request<UpstreamBody>,
+    req: Outgoing,
     pool: &Arc<IdleConns>,
     worker: usize,
-) -> Result<Response<Body>, (UpstreamError, Option<Request<UpstreamBody>>)> {
-    let (parts, body) = req.into_parts();
-    let mut head = Vec::with_capacity(512);
-    let mut out = Out::Raw;
-    head.extend_from_slice(parts.method.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .as_bytes(),
-    );
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    if body.is_end_stream() {
-        out = Out::None;
-        let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
-        if !has_length && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-            head.extend_from_slice(b"content-length: 0\r\n");
-        }
-    } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
-        // The client's length, which its connection enforces.
-    } else if let Some(n) = body.size_hint().exact() {
-        head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
-    } else {
-        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        out = Out::Chunked;
-    }
-    head.extend_from_slice(b"\r\n");
-
+) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
     let written = async {
-        conn.io.write_all(&head).await?;
+        conn.io.write_all(&req.wire()).await?;
         conn.io.flush().await
     };
     if let Err(e) = written.await {
-        return Err((
-            UpstreamError::Write(e),
-            Some(Request::from_parts(parts, body)),
-        ));
+        return Err((UpstreamError::Write(e), Some(req)));
     }
-    let head_only = parts.method == Method::HEAD;
-    drop(parts);
+    let Outgoing {
+        head, out, body, ..
+    } = req;
+    let head_only = head.head_only;
     let mut upload = (out != Out::None).then(|| Upload {
         body,
         out,
@@ -613,15 +680,41 @@ fn parse_head(
         } else {
             Version::HTTP_11
         };
-        // Values are slices of the head, so no field is copied.
+        // Values are slices of the head, so no field is copied. Hop-by-hop fields (RFC 9110
+        // section 7.6.1: the classic set, Connection and the fields it names) are read here, for
+        // framing and reuse, and left out of the response passed on.
         let base = conn.buf.as_ptr() as usize;
         let mut spans = Vec::with_capacity(parsed.headers.len());
+        let mut close = false;
+        let mut named: Vec<HeaderName> = Vec::new();
+        let mut transfer_encoding: Option<&[u8]> = None;
         for f in parsed.headers.iter() {
             let name = HeaderName::from_bytes(f.name.as_bytes())
                 .map_err(|_| invalid(format!("backend header name {:?} is not valid", f.name)))?;
+            if name == header::CONNECTION {
+                for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                        && let Ok(n) = HeaderName::from_bytes(token)
+                    {
+                        named.push(n);
+                    }
+                }
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                transfer_encoding = Some(f.value);
+            }
+            if is_hop_by_hop(&name) {
+                continue;
+            }
             let start = f.value.as_ptr() as usize - base;
             spans.push((name, start, start + f.value.len()));
         }
+        let framing = framing(status, transfer_encoding, parsed.headers, head_only)?;
+        let reusable =
+            version == Version::HTTP_11 && !matches!(framing, Framing::UntilClose) && !close;
         let raw = conn.buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
         for (name, start, end) in spans {
@@ -629,13 +722,9 @@ fn parse_head(
                 .map_err(|_| invalid(format!("backend header {name} has an invalid value")))?;
             headers.append(name, value);
         }
-        let framing = framing(status, &headers, head_only)?;
-        let reusable = version == Version::HTTP_11
-            && !matches!(framing, Framing::UntilClose)
-            && !headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| has_token(v, "close"));
+        for n in named {
+            headers.remove(n);
+        }
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
@@ -644,32 +733,47 @@ fn parse_head(
     }
 }
 
-fn has_token(v: &HeaderValue, token: &str) -> bool {
-    v.to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+/// Fields that describe one connection rather than the message (RFC 9110 section 7.6.1), never
+/// passed on by a proxy; fields named in `Connection` are too.
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
 }
 
-/// RFC 9112 section 6.3.
-fn framing(status: StatusCode, headers: &HeaderMap, head_only: bool) -> std::io::Result<Framing> {
+/// RFC 9112 section 6.3, from the last `Transfer-Encoding` field and the `Content-Length` ones.
+fn framing(
+    status: StatusCode,
+    transfer_encoding: Option<&[u8]>,
+    fields: &[httparse::Header<'_>],
+    head_only: bool,
+) -> std::io::Result<Framing> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.rsplit(',').next())
-            .map(str::trim);
+    if let Some(te) = transfer_encoding {
+        let last = te.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
         return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            Some(c) if c.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
             _ => Framing::UntilClose,
         });
     }
     let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("x").split(',') {
+    for f in fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("content-length"))
+    {
+        for part in std::str::from_utf8(f.value).unwrap_or("x").split(',') {
             let part = part.trim();
             let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| part.parse::<u64>().ok())
@@ -973,17 +1077,31 @@ mod tests {
         assert!(chunk_size(b"11111111111111111\r").is_err());
     }
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs
+    /// Framing of a head with these fields, as parsed.
+    fn framing_of(
+        status: StatusCode,
+        pairs: &[(&'static str, &'static str)],
+        head_only: bool,
+    ) -> std::io::Result<Framing> {
+        let fields: Vec<httparse::Header<'_>> = pairs
             .iter()
-            .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
-            .collect()
+            .map(|(n, v)| httparse::Header {
+                name: n,
+                value: v.as_bytes(),
+            })
+            .collect();
+        let te = pairs
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == "transfer-encoding")
+            .map(|(_, v)| v.as_bytes());
+        framing(status, te, &fields, head_only)
     }
 
     #[test]
     fn responses_are_framed_as_rfc_9112_says() {
         let ok = StatusCode::OK;
-        let f = |h: &[(&'static str, &'static str)]| framing(ok, &headers(h), false);
+        let f = |h: &[(&'static str, &'static str)]| framing_of(ok, h, false);
         assert!(matches!(
             f(&[("content-length", "12")]),
             Ok(Framing::Length(12))
@@ -1008,11 +1126,11 @@ mod tests {
         ));
         assert!(matches!(f(&[]), Ok(Framing::UntilClose)));
         assert!(matches!(
-            framing(ok, &headers(&[("content-length", "12")]), true),
+            framing_of(ok, &[("content-length", "12")], true),
             Ok(Framing::Empty)
         ));
         assert!(matches!(
-            framing(StatusCode::NOT_MODIFIED, &headers(&[]), false),
+            framing_of(StatusCode::NOT_MODIFIED, &[], false),
             Ok(Framing::Empty)
         ));
     }

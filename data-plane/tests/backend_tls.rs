@@ -220,9 +220,8 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
 
     // The error the proxy logs names the check that failed, and counts as a connect failure
     // (the request is handed back, unsent).
-    let req = Request::get("/")
-        .body(http_body_util::Either::Right(Full::default()))
-        .unwrap();
+    let (parts, ()) = Request::get("/").body(()).unwrap().into_parts();
+    let req = upstream::Outgoing::new(&parts, http_body_util::Either::Right(Full::default()));
     let Err((e, returned)) = upstream::send(
         &endpoint.idle,
         0,
