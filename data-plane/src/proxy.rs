@@ -890,8 +890,9 @@ async fn forward(
             Err(_) => cache_label = Some("BYPASS"),
             Ok(creq) => {
                 let now_ms = crate::ratelimit::unix_ms();
-                match cache
-                    .lookup(worker.redis.as_ref(), &creq, &parts.headers, now_ms)
+                // Boxed: a lookup that may go to Redis is a large future, which inline would
+                // enlarge every request's, cacheable or not.
+                match Box::pin(cache.lookup(worker.redis.as_ref(), &creq, &parts.headers, now_ms))
                     .await
                 {
                     Lookup::Hit(mut hit) => {
@@ -979,7 +980,6 @@ async fn forward(
     // Its encoded head, to send again: a refcount, not a copy of its fields.
     let replay = replayable.then(|| pending.head().clone());
     let pending = Some(pending);
-    worker.budget().deposit(Instant::now());
 
     let mut resp = send_with_retries(
         worker,
@@ -1148,10 +1148,17 @@ async fn send_with_retries(
     let id = id.clone();
     let mut tried: Vec<usize> = Vec::new();
     let mut last_failure: Option<Response<ProxyBody>> = None;
-    let queue_deadline =
-        Instant::now() + Duration::from_millis(u64::from(active.queue.timeout_ms.max(1)));
+    let first = Instant::now();
+    worker.budget().deposit(first);
+    let queue_deadline = first + Duration::from_millis(u64::from(active.queue.timeout_ms.max(1)));
+    let (mut now, mut again) = (first, false);
     loop {
-        let now = Instant::now();
+        // The first pass goes on the time just taken; every later one (after a queue wait, a
+        // failure or a lost race for a slot) reads the clock again.
+        if again {
+            now = Instant::now();
+        }
+        again = true;
         let i = match choose(active, affinity, millis(now), &tried, worker.id) {
             Choice::Backend(i) => i,
             Choice::Saturated => {
@@ -1248,7 +1255,8 @@ async fn send_with_retries(
             Some(t) => tokio::time::timeout(t, sending).await,
             None => Ok(sending.await),
         };
-        let elapsed = now.elapsed();
+        let done = Instant::now();
+        let elapsed = done.saturating_duration_since(now);
         let may_retry = |shared: &Shared| {
             tried.len() < max_attempts && tried.len() < active.slots.len() && {
                 let ok = worker.budget().try_withdraw(Instant::now(), &active.retry);
@@ -1271,7 +1279,7 @@ async fn send_with_retries(
                 let status = resp.status();
                 let failed = status.is_server_error();
                 endpoint.record(elapsed, failed, now);
-                endpoint.record_outcome(failed, Instant::now(), &active.outlier, may_eject);
+                endpoint.record_outcome(failed, done, &active.outlier, may_eject);
                 if (status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE)
                     && replay.is_some()
                     && may_retry(shared)
@@ -1310,7 +1318,7 @@ async fn send_with_retries(
             }
             Ok(Err((e, returned))) => {
                 endpoint.record(elapsed, true, now);
-                endpoint.record_outcome(true, Instant::now(), &active.outlier, may_eject);
+                endpoint.record_outcome(true, done, &active.outlier, may_eject);
                 drop(in_flight);
                 let cause = error_chain(&e);
                 if cause.contains("length limit exceeded") {
@@ -1357,7 +1365,7 @@ async fn send_with_retries(
             }
             Err(_) => {
                 endpoint.record(elapsed, true, now);
-                endpoint.record_outcome(true, Instant::now(), &active.outlier, may_eject);
+                endpoint.record_outcome(true, done, &active.outlier, may_eject);
                 drop(in_flight);
                 let msg = format!("backend {} did not answer in time", endpoint.address);
                 return refuse(

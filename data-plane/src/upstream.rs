@@ -341,7 +341,9 @@ pub async fn send(
             done => return done,
         }
     }
-    match connect(addr, resolved, connect_timeout, &pool.transport).await {
+    // Boxed: a connect (with its TLS handshake) is a large future, and rare on pooled
+    // connections; inline it would make every request's future, moved per request, that large.
+    match Box::pin(connect(addr, resolved, connect_timeout, &pool.transport)).await {
         Ok(conn) => exchange(conn, req, pool, worker).await,
         Err(e) => Err((e, Some(req))),
     }
