@@ -37,6 +37,7 @@ async fn requests_reach_every_backend_with_forwarding_headers() {
         .header("x-forwarded-for", "203.0.113.9")
         .header("connection", "x-hop")
         .header("x-hop", "secret")
+        .header("x-priority", "enterprise")
         .header("host", "api.example.com")
         .body(Full::default())
         .unwrap();
@@ -54,6 +55,21 @@ async fn requests_reach_every_backend_with_forwarding_headers() {
         h.get("x-hop").is_none(),
         "header named in Connection is hop-by-hop: {h}"
     );
+    assert!(
+        h.get("x-priority").is_none(),
+        "X-Priority is read by the proxy, never passed on: {h}"
+    );
+
+    // An X-Forwarded-Host set by a proxy in front is passed on as it came.
+    let req = http::Request::get(dp.url("/echo"))
+        .header("x-forwarded-host", "www.example.org")
+        .header("host", "internal.example.com")
+        .body(Full::default())
+        .unwrap();
+    let h = &send(&client, req).await.json()["headers"];
+    assert_eq!(h["x-forwarded-host"], "www.example.org");
+    assert_eq!(h["host"], "internal.example.com");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
 }
 
 #[tokio::test]

@@ -257,6 +257,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
 
 /// Longest client-supplied request id kept; a longer or odd one is replaced.
 const MAX_REQUEST_ID: usize = 200;
@@ -941,36 +942,45 @@ async fn forward(
 
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
-    h.remove("x-priority");
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok()
         }
         _ => Some(conn.peer_ip.clone()),
     };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    h.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(conn.scheme()),
-    );
+    let proto = HeaderValue::from_static(conn.scheme());
     let has_host = host.is_some();
-    if let Some(host) = host {
-        if !h.contains_key(&X_FORWARDED_HOST) {
-            h.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
-        h.insert(header::HOST, host);
+    let keep_forwarded_host = h.contains_key(&X_FORWARDED_HOST);
+    // The fields the proxy sets, written straight into the backend's head in place of the
+    // client's (`None`: the client's dropped), rather than edited into its map first.
+    let mut set: [(&HeaderName, Option<&HeaderValue>); 6] = [
+        (&X_PRIORITY, None),
+        (&X_FORWARDED_PROTO, Some(&proto)),
+        (&header::HOST, host.as_ref()),
+        (&X_REQUEST_ID, Some(&id)),
+        (&X_FORWARDED_FOR, xff.as_ref()),
+        (&X_FORWARDED_HOST, host.as_ref()),
+    ];
+    // A value that cannot be extended is passed on as it came, as is the client's own
+    // X-Forwarded-Host.
+    let mut n = set.len();
+    if keep_forwarded_host {
+        n -= 1;
     }
-    h.insert(X_REQUEST_ID.clone(), id.clone());
+    if xff.is_none() {
+        set[4] = set[n - 1];
+        n -= 1;
+    }
+    let set = &set[..n];
 
     let max_attempts = (active.retry.max_attempts.max(1) as usize).min(MAX_TRIED);
     // A request without a body can be sent again after it reached a backend, if idempotent;
     // any request can be moved elsewhere when it never left (connect failure).
     let replayable =
         max_attempts > 1 && body.is_end_stream() && retry::is_idempotent(&parts.method);
-    let pending = upstream::Outgoing::new(
+    let pending = upstream::Outgoing::with_fields(
         &parts,
+        set,
         Either::Left(Limited::new(
             body,
             usize::try_from(max_body).unwrap_or(usize::MAX),

@@ -378,6 +378,16 @@ impl Outgoing {
     /// Encodes `parts` as an HTTP/1.1 head with an origin-form target and the framing `body`
     /// needs: none, the client's `Content-Length`, an exact size, or chunked.
     pub fn new(parts: &http::request::Parts, body: UpstreamBody) -> Outgoing {
+        Outgoing::with_fields(parts, &[], body)
+    }
+
+    /// As [`Outgoing::new`], with `set`'s fields in place of any of the same names in `parts`
+    /// (a name with `None` is left out).
+    pub fn with_fields(
+        parts: &http::request::Parts,
+        set: &[(&HeaderName, Option<&HeaderValue>)],
+        body: UpstreamBody,
+    ) -> Outgoing {
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(parts.method.as_str().as_bytes());
         head.push(b' ');
@@ -389,7 +399,12 @@ impl Outgoing {
                 .as_bytes(),
         );
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
+        let own = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| !set.iter().any(|(n, _)| n == name));
+        let ours = set.iter().filter_map(|(n, v)| Some((*n, (*v)?)));
+        for (name, value) in own.chain(ours) {
             head.extend_from_slice(name.as_str().as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
@@ -718,7 +733,8 @@ fn parse_head(
         let reusable =
             version == Version::HTTP_11 && !matches!(framing, Framing::UntilClose) && !close;
         let raw = conn.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
+        // Room for the fields the proxy adds (request id, rate-limit and cache headers).
+        let mut headers = HeaderMap::with_capacity(spans.len() + 8);
         for (name, start, end) in spans {
             let value = HeaderValue::from_maybe_shared(raw.slice(start..end))
                 .map_err(|_| invalid(format!("backend header {name} has an invalid value")))?;
