@@ -952,24 +952,22 @@ async fn forward(
     let has_host = host.is_some();
     let keep_forwarded_host = h.contains_key(&X_FORWARDED_HOST);
     // The fields the proxy sets, written straight into the backend's head in place of the
-    // client's (`None`: the client's dropped), rather than edited into its map first.
-    let mut set: [(&HeaderName, Option<&HeaderValue>); 6] = [
-        (&X_PRIORITY, None),
-        (&X_FORWARDED_PROTO, Some(&proto)),
-        (&header::HOST, host.as_ref()),
-        (&X_REQUEST_ID, Some(&id)),
-        (&X_FORWARDED_FOR, xff.as_ref()),
-        (&X_FORWARDED_HOST, host.as_ref()),
+    // client's (`None`: the client's left out), rather than edited into its map first. The
+    // client's X-Forwarded-For stays as it came if it cannot be extended, and a forwarded host
+    // set by a proxy in front is kept.
+    let fields = [
+        Some((&X_PRIORITY, None)),
+        Some((&X_FORWARDED_PROTO, Some(&proto))),
+        Some((&header::HOST, host.as_ref())),
+        Some((&X_REQUEST_ID, Some(&id))),
+        xff.as_ref().map(|v| (&X_FORWARDED_FOR, Some(v))),
+        (!keep_forwarded_host).then_some((&X_FORWARDED_HOST, host.as_ref())),
     ];
-    // A value that cannot be extended is passed on as it came, as is the client's own
-    // X-Forwarded-Host.
-    let mut n = set.len();
-    if keep_forwarded_host {
-        n -= 1;
-    }
-    if xff.is_none() {
-        set[4] = set[n - 1];
-        n -= 1;
+    let mut set: [(&HeaderName, Option<&HeaderValue>); 6] = [(&X_PRIORITY, None); 6];
+    let mut n = 0;
+    for f in fields.into_iter().flatten() {
+        set[n] = f;
+        n += 1;
     }
     let set = &set[..n];
 
