@@ -163,6 +163,9 @@ impl RedisServer {
 /// evenly, each node's cluster file in a directory removed on drop.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// Each node's cluster bus port, chosen free too: the default, its port + 10000, is past
+    /// 65535 for ports above 55535, and redis-server then refuses to start.
+    bus: Vec<u16>,
     dir: std::path::PathBuf,
 }
 
@@ -175,27 +178,33 @@ impl RedisCluster {
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut nodes = Vec::new();
-        for _ in 0..n {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
-                .port();
-            nodes.push(RedisCluster::node(&dir, port).await);
+                .port()
+        };
+        let (mut nodes, mut bus) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let (port, bus_port) = (free(), free());
+            nodes.push(RedisCluster::node(&dir, port, bus_port).await);
+            bus.push(bus_port);
         }
-        let cluster = RedisCluster { nodes, dir };
+        let cluster = RedisCluster { nodes, bus, dir };
         cluster.form().await;
         cluster
     }
 
     /// A cluster node on `port`, its cluster file in `dir` (so a restart rejoins as itself).
-    async fn node(dir: &Path, port: u16) -> RedisServer {
+    async fn node(dir: &Path, port: u16, bus: u16) -> RedisServer {
         let conf = dir.join(format!("nodes-{port}.conf"));
-        let port_arg = port.to_string();
-        let args: [&std::ffi::OsStr; 8] = [
+        let (port_arg, bus_arg) = (port.to_string(), bus.to_string());
+        let args: [&std::ffi::OsStr; 10] = [
             "--port".as_ref(),
             port_arg.as_ref(),
+            "--cluster-port".as_ref(),
+            bus_arg.as_ref(),
             "--cluster-enabled".as_ref(),
             "yes".as_ref(),
             "--cluster-config-file".as_ref(),
@@ -214,7 +223,7 @@ impl RedisCluster {
     /// Starts node `i` again on its port and waits until the cluster is whole again.
     pub async fn restart(&mut self, i: usize) {
         let port = self.nodes[i].port;
-        self.nodes[i] = RedisCluster::node(&self.dir, port).await;
+        self.nodes[i] = RedisCluster::node(&self.dir, port, self.bus[i]).await;
         self.wait_ok().await;
     }
 
@@ -253,11 +262,12 @@ impl RedisCluster {
                 .unwrap();
         }
         let mut first = self.nodes[0].conn().await;
-        for node in &self.nodes[1..] {
+        for (node, bus) in self.nodes[1..].iter().zip(&self.bus[1..]) {
             let _: () = redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
                 .arg(node.port)
+                .arg(*bus)
                 .query_async(&mut first)
                 .await
                 .unwrap();
