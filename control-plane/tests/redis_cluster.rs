@@ -4,6 +4,8 @@
 //! kept across a restart, and bans listed from every node.
 
 mod common;
+#[path = "../../data-plane/tests/support/pki.rs"]
+mod pki;
 
 use common::redis_server::RedisCluster;
 use common::*;
@@ -280,4 +282,63 @@ async fn bans_on_every_node_of_a_cluster_are_listed_and_lifted() {
         .await
         .unwrap();
     assert_eq!(d.verdict, Verdict::Allowed, "{d:?}");
+}
+
+#[tokio::test]
+async fn both_planes_work_on_a_cluster_over_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = pki::Ca::new("redis cluster CA");
+    let leaf = ca.peer_leaf(&["127.0.0.1"]);
+    let dir = pki::Dir::new("redis-cluster-tls");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let files = dir.install(&leaf);
+    let cluster = RedisCluster::start_tls(3, &files.cert, &files.key, &ca_file).await;
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
+        .await
+        .unwrap();
+    let store = std::sync::Arc::new(
+        control_plane::redis_store::RedisStore::open_with_ca(
+            &cluster.url(),
+            Some(ca.pem.as_bytes()),
+            REDIS_CALL_TIMEOUT,
+        )
+        .await
+        .unwrap(),
+    );
+    let cp = control_plane::redis_store::control_plane(
+        store,
+        snapshot_with(&mock.addrs()),
+        TOKEN.into(),
+        None,
+    )
+    .await
+    .unwrap();
+    let cp = Cp::serve(cp).await;
+    let stored: bool = redis::cmd("EXISTS")
+        .arg(control_plane::redis_store::STATE_KEY)
+        .query_async(&mut cluster.conn().await)
+        .await
+        .unwrap();
+    assert!(stored, "the state was saved on the cluster");
+
+    let (url, ca_path) = (cluster.url(), ca_file.clone());
+    let dp = Dp::start_with(&cp.url(), "dp-tls-cluster", move |s| {
+        s.redis = Some(url);
+        s.redis_ca = Some(ca_path);
+    })
+    .await;
+    dp.wait_version(1).await;
+    let replies = burst(
+        std::slice::from_ref(&dp),
+        30,
+        Some("tls-cluster-key"),
+        "/data",
+    )
+    .await;
+    assert_eq!(admitted(&replies), 5);
+    assert!(
+        !dp.shared.limiter.is_degraded(),
+        "decided through the cluster"
+    );
 }

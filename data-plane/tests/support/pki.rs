@@ -71,6 +71,12 @@ impl Ca {
         self.leaf_with(names, None, None)
     }
 
+    /// A certificate for `names` that serves as client and server both, as the nodes of a
+    /// Redis Cluster over TLS need (each connects to the others' bus with it).
+    pub fn peer_leaf(&self, names: &[&str]) -> Leaf {
+        self.issue(names, None, None, true)
+    }
+
     /// As [`Ca::leaf`], with this serial number and, when given, valid from the first date to
     /// the second.
     pub fn leaf_with(
@@ -79,10 +85,24 @@ impl Ca {
         serial: Option<u8>,
         validity: Option<(Date, Date)>,
     ) -> Leaf {
+        self.issue(names, serial, validity, false)
+    }
+
+    fn issue(
+        &self,
+        names: &[&str],
+        serial: Option<u8>,
+        validity: Option<(Date, Date)>,
+        client_too: bool,
+    ) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut p = CertificateParams::new(names).unwrap();
         p.distinguished_name.push(DnType::CommonName, "test server");
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if client_too {
+            p.extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         if let Some(serial) = serial {
             p.serial_number = Some(SerialNumber::from_slice(&[serial]));
         }

@@ -167,10 +167,22 @@ pub struct RedisCluster {
     /// 65535 for ports above 55535, and redis-server then refuses to start.
     bus: Vec<u16>,
     dir: std::path::PathBuf,
+    /// Certificate, key and CA files when the nodes speak TLS only (to clients and each other).
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl RedisCluster {
     pub async fn start(n: usize) -> RedisCluster {
+        RedisCluster::start_with(n, None).await
+    }
+
+    /// As [`RedisCluster::start`], every node speaking TLS only (to clients and on the cluster
+    /// bus) with this certificate chain (usable as client certificate too), key and CA.
+    pub async fn start_tls(n: usize, cert: &Path, key: &Path, ca: &Path) -> RedisCluster {
+        RedisCluster::start_with(n, Some([cert.into(), key.into(), ca.into()])).await
+    }
+
+    async fn start_with(n: usize, tls: Option<[std::path::PathBuf; 3]>) -> RedisCluster {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "lb-redis-cluster-{}-{}",
@@ -188,21 +200,29 @@ impl RedisCluster {
         let (mut nodes, mut bus) = (Vec::new(), Vec::new());
         for _ in 0..n {
             let (port, bus_port) = (free(), free());
-            nodes.push(RedisCluster::node(&dir, port, bus_port).await);
+            nodes.push(RedisCluster::node(&dir, port, bus_port, tls.as_ref()).await);
             bus.push(bus_port);
         }
-        let cluster = RedisCluster { nodes, bus, dir };
+        let cluster = RedisCluster {
+            nodes,
+            bus,
+            dir,
+            tls,
+        };
         cluster.form().await;
         cluster
     }
 
     /// A cluster node on `port`, its cluster file in `dir` (so a restart rejoins as itself).
-    async fn node(dir: &Path, port: u16, bus: u16) -> RedisServer {
+    async fn node(
+        dir: &Path,
+        port: u16,
+        bus: u16,
+        tls: Option<&[std::path::PathBuf; 3]>,
+    ) -> RedisServer {
         let conf = dir.join(format!("nodes-{port}.conf"));
         let (port_arg, bus_arg) = (port.to_string(), bus.to_string());
-        let args: [&std::ffi::OsStr; 10] = [
-            "--port".as_ref(),
-            port_arg.as_ref(),
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "--cluster-port".as_ref(),
             bus_arg.as_ref(),
             "--cluster-enabled".as_ref(),
@@ -212,7 +232,27 @@ impl RedisCluster {
             "--cluster-node-timeout".as_ref(),
             "2000".as_ref(),
         ];
-        RedisServer::spawn(&args, port, None).await
+        match tls {
+            None => args.extend::<[&std::ffi::OsStr; 2]>(["--port".as_ref(), port_arg.as_ref()]),
+            Some([cert, key, ca]) => args.extend::<[&std::ffi::OsStr; 14]>([
+                "--port".as_ref(),
+                "0".as_ref(),
+                "--tls-port".as_ref(),
+                port_arg.as_ref(),
+                "--tls-cluster".as_ref(),
+                "yes".as_ref(),
+                "--tls-cert-file".as_ref(),
+                cert.as_ref(),
+                "--tls-key-file".as_ref(),
+                key.as_ref(),
+                "--tls-ca-cert-file".as_ref(),
+                ca.as_ref(),
+                "--tls-auth-clients".as_ref(),
+                "no".as_ref(),
+            ]),
+        }
+        let ca = tls.map(|[_, _, ca]| std::fs::read(ca).unwrap());
+        RedisServer::spawn(&args, port, ca).await
     }
 
     /// Kills node `i` (as a crash would).
@@ -223,7 +263,7 @@ impl RedisCluster {
     /// Starts node `i` again on its port and waits until the cluster is whole again.
     pub async fn restart(&mut self, i: usize) {
         let port = self.nodes[i].port;
-        self.nodes[i] = RedisCluster::node(&self.dir, port, self.bus[i]).await;
+        self.nodes[i] = RedisCluster::node(&self.dir, port, self.bus[i], self.tls.as_ref()).await;
         self.wait_ok().await;
     }
 
@@ -306,7 +346,12 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{}", hosts.join(","))
     }
 
     /// Keys held by each node.
@@ -334,7 +379,11 @@ impl RedisCluster {
 
     /// A cluster connection, as the data planes hold.
     pub async fn conn(&self) -> data_plane::redis_link::RedisConn {
-        data_plane::redis_link::RedisTarget::new(self.url())
+        let target = data_plane::redis_link::RedisTarget {
+            url: self.url(),
+            root_ca: self.nodes[0].tls_ca.clone().map(std::sync::Arc::from),
+        };
+        target
             .connect(data_plane::redis_link::Timeouts {
                 connect: Duration::from_secs(2),
                 response: Duration::from_secs(2),
