@@ -276,10 +276,13 @@ async fn purge_by_prefix_reaches_both_tiers_on_every_data_plane() {
         dp.wait_version(v).await;
     }
     // The purge runs as each data plane applies the snapshot; it is done when a lookup misses.
-    for dp in &f.dps {
+    // Each data plane checks a path of its own: a miss refills Redis, where the other data
+    // plane would find it.
+    for (dp, path) in f.dps.iter().zip(["p=a", "p=b"]) {
+        let url = dp.url(&format!("/cacheable?max_age=300&{path}"));
         let mut label = String::new();
         for _ in 0..200 {
-            label = x_cache(&get(&client, &dp.url("/cacheable?max_age=300&p=a")).await).to_owned();
+            label = x_cache(&get(&client, &url).await).to_owned();
             if label == "MISS" {
                 break;
             }
