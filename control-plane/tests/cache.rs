@@ -288,7 +288,7 @@ async fn purge_by_prefix_reaches_both_tiers_on_every_data_plane() {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(label, "MISS", "purged on every data plane");
+        assert_eq!(label, "MISS", "purged on every data plane: {url}");
     }
     let bad = admin
         .purge_cache(CachePurge {

@@ -690,14 +690,27 @@ impl Cache {
         Lookup::Lead(fill)
     }
 
-    /// Purges this data plane's memory tier and, with a connection, Redis (whatever the
-    /// degraded state: purges are rare and worth the attempt). Returns the records removed
-    /// from Redis.
+    /// Purges Redis, with a connection (whatever the degraded state: purges are rare and worth
+    /// the attempt), then this data plane's memory tier, whether Redis answered or not.
+    /// Returns the records removed from Redis.
     pub async fn purge(
         &self,
         redis: Option<&RedisConn>,
         purge: &Purge,
     ) -> Result<u64, SharedError> {
+        // Redis first: a lookup between the two would otherwise copy what Redis still holds
+        // back into the memory tier just purged, and serve it on.
+        let in_redis = match redis {
+            None => Ok(0),
+            Some(conn) => {
+                let mut conn = conn.clone();
+                match purge {
+                    Purge::Key(id) => shared::purge_key(&mut conn, id).await,
+                    Purge::PathPrefix(p) => shared::purge_prefix(&mut conn, p).await,
+                    Purge::All => shared::purge_all(&mut conn).await,
+                }
+            }
+        };
         let memory = self.memory();
         match purge {
             Purge::Key(id) => memory.purge_key(id),
@@ -707,13 +720,7 @@ impl Cache {
                 self.inner.memo.invalidate_all();
             }
         }
-        let Some(conn) = redis else { return Ok(0) };
-        let mut conn = conn.clone();
-        match purge {
-            Purge::Key(id) => shared::purge_key(&mut conn, id).await,
-            Purge::PathPrefix(p) => shared::purge_prefix(&mut conn, p).await,
-            Purge::All => shared::purge_all(&mut conn).await,
-        }
+        in_redis
     }
 }
 
