@@ -236,3 +236,37 @@ async fn on_a_cluster_a_batch_of_many_clients_decides_as_one_by_one() {
         );
     }
 }
+
+#[tokio::test]
+async fn time_zero_is_the_redis_servers_clock() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.manager().await;
+    let who = "ip:192.0.2.50";
+    let verdicts: Vec<Verdict> = {
+        let mut v = Vec::new();
+        for _ in 0..6 {
+            v.push(
+                rl::check(&mut conn, who, 0, FREE, BAN)
+                    .await
+                    .unwrap()
+                    .verdict,
+            );
+        }
+        v
+    };
+    assert_eq!(&verdicts[..5], &[Verdict::Allowed; 5]);
+    assert_eq!(verdicts[5], Verdict::Limited);
+    // The state is stamped in unix ms by the server's clock (this machine's, here).
+    let [gcra, _, _] = rl::keys(who);
+    let state: String = redis::cmd("GET")
+        .arg(gcra)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tat: f64 = state.split(' ').next().unwrap().parse().unwrap();
+    let now = data_plane::ratelimit::unix_ms() as f64;
+    assert!(
+        tat > now && tat < now + 61_000.0,
+        "tat {tat} against now {now}"
+    );
+}

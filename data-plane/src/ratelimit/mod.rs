@@ -106,9 +106,11 @@ impl Limiter {
         if let Some(conn) = conn
             && now >= self.retry_at.load(Ordering::Relaxed)
         {
+            // Decided on Redis's clock (time 0), so the data planes' decisions are made in
+            // one time order however their clocks differ.
             let call = conn.check(redis::Check {
                 identity: identity.to_owned(),
-                now,
+                now: 0,
                 rate,
                 ban,
             });

@@ -34,6 +34,7 @@ pub enum RedisLimitError {
 #[derive(Debug, Clone)]
 pub struct Check {
     pub identity: String,
+    /// When the decision is made, unix ms; 0: now on the Redis server's clock.
     pub now: u64,
     pub rate: Rate,
     pub ban: BanRule,
