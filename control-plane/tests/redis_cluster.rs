@@ -51,25 +51,36 @@ fn admitted(statuses: &[u16]) -> usize {
     statuses.iter().filter(|&&s| s == 200).count()
 }
 
-#[tokio::test]
-async fn three_data_planes_on_a_cluster_admit_exactly_the_limit() {
-    let cluster = RedisCluster::start(3).await;
+/// Mock backends, a control plane and `n` data planes, all on `cluster`, with a per-IP limit of
+/// `ip_limit` per 60 s.
+async fn fleet(
+    cluster: &RedisCluster,
+    n: usize,
+    ip_limit: u64,
+) -> (mock_backends::MockBackends, Cp, Vec<Dp>) {
     let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 3])
         .await
         .unwrap();
     let mut snapshot = snapshot_with(&mock.addrs());
     snapshot.rate_limit.as_mut().unwrap().ip_limit = Some(Limit {
-        requests: 100,
+        requests: ip_limit,
         period_ms: 60_000,
     });
     let cp = Cp::start_redis(snapshot, &cluster.url()).await;
     let mut dps = Vec::new();
-    for i in 0..3 {
+    for i in 0..n {
         let url = cluster.url();
         let dp = Dp::start_with(&cp.url(), &format!("dp-{i}"), move |s| s.redis = Some(url)).await;
         dp.wait_version(1).await;
         dps.push(dp);
     }
+    (mock, cp, dps)
+}
+
+#[tokio::test]
+async fn three_data_planes_on_a_cluster_admit_exactly_the_limit() {
+    let cluster = RedisCluster::start(3).await;
+    let (_mock, _cp, dps) = fleet(&cluster, 3, 100).await;
 
     let replies = burst(&dps, 300, Some("free-key-on-a-cluster"), "/data").await;
     assert_eq!(admitted(&replies), 5);
@@ -104,18 +115,8 @@ async fn three_data_planes_on_a_cluster_admit_exactly_the_limit() {
 #[tokio::test]
 async fn a_cluster_node_dying_fails_nothing_and_shared_limits_come_back() {
     let mut cluster = RedisCluster::start(3).await;
-    let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
-        .await
-        .unwrap();
-    let mut snapshot = snapshot_with(&mock.addrs());
-    snapshot.rate_limit.as_mut().unwrap().ip_limit = Some(Limit {
-        requests: 1_000_000,
-        period_ms: 60_000,
-    });
-    let cp = Cp::start_redis(snapshot, &cluster.url()).await;
-    let url = cluster.url();
-    let dp = Dp::start_with(&cp.url(), "dp", move |s| s.redis = Some(url)).await;
-    dp.wait_version(1).await;
+    let (_mock, _cp, dps) = fleet(&cluster, 1, 1_000_000).await;
+    let dp = &dps[0];
     let client = http_client();
     let stats = |client: &HttpClient| {
         let (client, url) = (client.clone(), format!("http://{}/stats", dp.admin));

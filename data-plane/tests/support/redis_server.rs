@@ -16,13 +16,18 @@ pub struct RedisServer {
     tls_ca: Option<Vec<u8>>,
 }
 
+/// A loopback port nothing listens on (at the time of asking).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         RedisServer::start_on(port).await
     }
 
@@ -33,11 +38,7 @@ impl RedisServer {
     /// A server on a free port speaking TLS only, with the certificate chain and key given;
     /// clients are not asked for certificates. `ca` is the PEM file clients verify it with.
     pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let port_arg = port.to_string();
         let args: [&std::ffi::OsStr; 12] = [
             "--port".as_ref(),
@@ -190,16 +191,9 @@ impl RedisCluster {
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
         let (mut nodes, mut bus) = (Vec::new(), Vec::new());
         for _ in 0..n {
-            let (port, bus_port) = (free(), free());
+            let (port, bus_port) = (free_port(), free_port());
             nodes.push(RedisCluster::node(&dir, port, bus_port, tls.as_ref()).await);
             bus.push(bus_port);
         }
