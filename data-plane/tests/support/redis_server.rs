@@ -25,6 +25,30 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Arguments for TLS only on `port` with this certificate chain, key and CA; clients are not
+/// asked for certificates.
+fn tls_args<'a>(
+    port: &'a str,
+    cert: &'a Path,
+    key: &'a Path,
+    ca: &'a Path,
+) -> [&'a std::ffi::OsStr; 12] {
+    [
+        "--port".as_ref(),
+        "0".as_ref(),
+        "--tls-port".as_ref(),
+        port.as_ref(),
+        "--tls-cert-file".as_ref(),
+        cert.as_ref(),
+        "--tls-key-file".as_ref(),
+        key.as_ref(),
+        "--tls-ca-cert-file".as_ref(),
+        ca.as_ref(),
+        "--tls-auth-clients".as_ref(),
+        "no".as_ref(),
+    ]
+}
+
 impl RedisServer {
     pub async fn start() -> RedisServer {
         let port = free_port();
@@ -40,20 +64,7 @@ impl RedisServer {
     pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
         let port = free_port();
         let port_arg = port.to_string();
-        let args: [&std::ffi::OsStr; 12] = [
-            "--port".as_ref(),
-            "0".as_ref(),
-            "--tls-port".as_ref(),
-            port_arg.as_ref(),
-            "--tls-cert-file".as_ref(),
-            cert.as_ref(),
-            "--tls-key-file".as_ref(),
-            key.as_ref(),
-            "--tls-ca-cert-file".as_ref(),
-            ca.as_ref(),
-            "--tls-auth-clients".as_ref(),
-            "no".as_ref(),
-        ];
+        let args = tls_args(&port_arg, cert, key, ca);
         RedisServer::spawn(&args, port, Some(std::fs::read(ca).unwrap())).await
     }
 
@@ -228,22 +239,10 @@ impl RedisCluster {
         ];
         match tls {
             None => args.extend::<[&std::ffi::OsStr; 2]>(["--port".as_ref(), port_arg.as_ref()]),
-            Some([cert, key, ca]) => args.extend::<[&std::ffi::OsStr; 14]>([
-                "--port".as_ref(),
-                "0".as_ref(),
-                "--tls-port".as_ref(),
-                port_arg.as_ref(),
-                "--tls-cluster".as_ref(),
-                "yes".as_ref(),
-                "--tls-cert-file".as_ref(),
-                cert.as_ref(),
-                "--tls-key-file".as_ref(),
-                key.as_ref(),
-                "--tls-ca-cert-file".as_ref(),
-                ca.as_ref(),
-                "--tls-auth-clients".as_ref(),
-                "no".as_ref(),
-            ]),
+            Some([cert, key, ca]) => {
+                args.extend(tls_args(&port_arg, cert, key, ca));
+                args.extend::<[&std::ffi::OsStr; 2]>(["--tls-cluster".as_ref(), "yes".as_ref()]);
+            }
         }
         let ca = tls.map(|[_, _, ca]| std::fs::read(ca).unwrap());
         RedisServer::spawn(&args, port, ca).await
