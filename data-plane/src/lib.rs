@@ -31,6 +31,7 @@ pub mod redis_link;
 pub mod report;
 pub mod retry;
 pub mod settings;
+pub mod sniff;
 pub mod spread;
 pub mod state;
 pub mod telemetry;
@@ -41,10 +42,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use spread::Spread;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -267,19 +268,18 @@ impl Accept {
 /// One worker: accept, serve each connection, and on stop drain within the deadline.
 async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiver<bool>) {
     let id = accept.id;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(shared.settings.header_timeout)
         .max_buf_size(shared.settings.max_header_bytes.max(8192))
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
+    let servers = Arc::new(Servers { http1, http2 });
     let acceptor = shared.tls().map(|t| t.acceptor());
     let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id).await);
     tokio::spawn(keep_timers_armed(shared.settings.header_timeout));
@@ -299,39 +299,26 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
             () = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn_ctx = Arc::new(proxy::ClientConn::new(peer, acceptor.is_some()));
+        let client = Arc::new(proxy::ClientConn::new(peer, acceptor.is_some()));
         let worker_ctx = Arc::clone(&ctx);
-        let svc = service_fn(move |req| {
-            proxy::handle(Arc::clone(&worker_ctx), Arc::clone(&conn_ctx), req)
-        });
+        // Everything past the accept runs in the connection's own task, so a slow client delays
+        // no accept; the watcher makes a drain wait for it too (bounded by the header timeout
+        // until its first request, by the drain timeout after).
+        let (servers, watcher) = (Arc::clone(&servers), graceful.watcher());
         let Some(acceptor) = &acceptor else {
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _held = (permit, load);
-                if let Err(e) = conn.await {
-                    tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
-                }
+                servers.serve(stream, worker_ctx, client, watcher).await;
             });
             continue;
         };
-        // The handshake runs in the connection's own task, so a slow client delays no accept;
-        // the watcher makes a drain wait for it too (bounded by the handshake timeout).
         let handshake = handshake(acceptor, stream, peer, Arc::clone(&shared));
-        let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         tokio::spawn(async move {
             let _held = (permit, load);
             let Some(stream) = handshake.await else {
                 return;
             };
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
-            }
+            servers.serve(stream, worker_ctx, client, watcher).await;
         });
     }
     drop(accept);
@@ -339,6 +326,55 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
         () = graceful.shutdown() => tracing::debug!("connections drained"),
         () = tokio::time::sleep(shared.settings.drain_timeout) => {
             tracing::warn!("drain timeout; closing the remaining connections");
+        }
+    }
+}
+
+/// The HTTP servers of one worker, one per protocol.
+struct Servers {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Servers {
+    /// Serves one client connection (plain, or TLS after its handshake) until it closes. Its
+    /// first bytes tell HTTP/2 from HTTP/1 ([`sniff`]); a client that sends none within the
+    /// header timeout is cut off, as one that never completes a request head is by the server.
+    async fn serve<S>(
+        &self,
+        mut stream: S,
+        worker: Arc<proxy::Worker>,
+        client: Arc<proxy::ClientConn>,
+        watcher: Watcher,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (peer, header_timeout) = (client.peer, worker.shared.settings.header_timeout);
+        let (protocol, first) = match tokio::time::timeout(
+            header_timeout,
+            sniff::sniff(&mut stream),
+        )
+        .await
+        {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => {
+                tracing::debug!(client = %peer, cause = %e, "client connection ended before a request");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client = %peer, "client sent nothing within the header timeout");
+                return;
+            }
+        };
+        let io = sniff::Sniffed::new(first, stream);
+        let svc =
+            service_fn(move |req| proxy::handle(Arc::clone(&worker), Arc::clone(&client), req));
+        let served = match protocol {
+            sniff::Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, svc)).await,
+            sniff::Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, svc)).await,
+        };
+        if let Err(e) = served {
+            tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
         }
     }
 }

@@ -1,6 +1,7 @@
 //! TLS on the proxy listener, end to end: HTTPS over HTTP/1.1 and h2 (ALPN) and TLS 1.2, the
 //! backend told `X-Forwarded-Proto: https`, start-up refusals naming the file, certificate
-//! reloads that leave open connections alone, and the handshake timeout.
+//! reloads that leave open connections alone, and the handshake timeout (and, on a plain
+//! listener, the cut-off of a client that sends nothing).
 //!
 //! The data plane runs in this process with its configuration applied directly (no control
 //! plane: its URL points at a closed port) in front of a small hyper backend. Certificates are
@@ -201,6 +202,33 @@ async fn plain_listener_still_says_http() {
         !dp.shared.render_metrics().contains("lb_tls_"),
         "no TLS series without TLS"
     );
+    dp.stop().await;
+}
+
+#[tokio::test]
+async fn a_plain_client_that_sends_nothing_is_cut_off() {
+    install_provider();
+    let dp = start(None, Duration::from_millis(300)).await;
+    let mut silent = TcpStream::connect(dp.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("the data plane closes the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A client that sends its request a few bytes at a time is served.
+    let mut slow = TcpStream::connect(dp.addr).await.unwrap();
+    for piece in [
+        "GE",
+        "T / HTTP/1.1\r\nhost: localhost\r\n",
+        "connection: close\r\n\r\n",
+    ] {
+        slow.write_all(piece.as_bytes()).await.unwrap();
+        slow.flush().await.unwrap();
+    }
+    let mut resp = String::new();
+    slow.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("http"), "{resp}");
     dp.stop().await;
 }
 

@@ -1,0 +1,175 @@
+//! Tells which HTTP version a client speaks from its first bytes, read in one go.
+//!
+//! A client that opens with the HTTP/2 connection preface (RFC 9113 section 3.4) speaks HTTP/2:
+//! with prior knowledge on a plain connection, as ALPN chose over TLS. Any other first bytes are
+//! an HTTP/1 request. The bytes read to tell are handed to the server first ([`Sniffed`]), so
+//! one `read` both identifies the protocol and, usually, carries the whole request head: no
+//! separate read of the preface's length first.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::rt::ReadBufCursor;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+/// How an HTTP/2 client opens every connection.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Size of the first read: a typical request head fits; a larger one is read on by the server.
+const FIRST_READ: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Reads until the first bytes tell the protocol: usually one read, more only while they are
+/// still a prefix of the HTTP/2 preface. Fails if the client closes before that. Unbounded in
+/// time: the caller bounds it (the header timeout).
+pub async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Protocol, Bytes)> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed the connection before sending a request",
+            ));
+        }
+        let seen = buf.len().min(H2_PREFACE.len());
+        if buf[..seen] != H2_PREFACE[..seen] {
+            return Ok((Protocol::Http1, buf.freeze()));
+        }
+        if seen == H2_PREFACE.len() {
+            return Ok((Protocol::Http2, buf.freeze()));
+        }
+    }
+}
+
+/// A client connection whose first bytes were read by [`sniff`]: reads return them first, then
+/// go to the connection; writes go straight to it.
+pub struct Sniffed<S> {
+    first: Bytes,
+    io: TokioIo<S>,
+}
+
+impl<S> Sniffed<S> {
+    pub fn new(first: Bytes, io: S) -> Sniffed<S> {
+        Sniffed {
+            first,
+            io: TokioIo::new(io),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> hyper::rt::Read for Sniffed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.first.is_empty() {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let n = this.first.len().min(buf.remaining());
+        buf.put_slice(&this.first[..n]);
+        this.first.advance(n);
+        if this.first.is_empty() {
+            // Frees the first read's buffer for the rest of the connection.
+            this.first = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        hyper::rt::Write::is_write_vectored(&self.io)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Sniffs what a client sends in the given pieces, each a separate write.
+    async fn sniff_pieces(pieces: &[&[u8]]) -> io::Result<(Protocol, Bytes)> {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+        // Closes its end after the last piece.
+        let writer = tokio::spawn(async move {
+            for p in pieces {
+                client.write_all(&p).await.unwrap();
+                client.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let sniffed = sniff(&mut server).await;
+        writer.await.unwrap();
+        sniffed
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_is_told_from_its_first_byte_and_kept_whole() {
+        let (p, first) = sniff_pieces(&[b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"])
+            .await
+            .unwrap();
+        assert_eq!(p, Protocol::Http1);
+        assert_eq!(&first[..], b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn the_preface_in_pieces_is_http2() {
+        let (p, first) = sniff_pieces(&[b"PRI * HT", b"TP/2.0\r\n", b"\r\nSM\r\n\r\n"])
+            .await
+            .unwrap();
+        assert_eq!(p, Protocol::Http2);
+        assert_eq!(&first[..], H2_PREFACE);
+    }
+
+    #[tokio::test]
+    async fn a_method_that_starts_like_the_preface_is_http1() {
+        let (p, first) = sniff_pieces(&[b"PR", b"OPFIND / HTTP/1.1\r\n\r\n"])
+            .await
+            .unwrap();
+        assert_eq!(p, Protocol::Http1);
+        assert_eq!(&first[..], b"PROPFIND / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_first_is_an_error() {
+        let e = sniff_pieces(&[]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let e = sniff_pieces(&[b"PRI * "]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
