@@ -136,6 +136,16 @@ impl Client {
     }
 }
 
+/// Connects, sends nothing, and waits for the data plane to close the connection.
+async fn connect_silently_and_be_cut_off(addr: SocketAddr) {
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("the data plane closes the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
 const TLS13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 const TLS12: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
 
@@ -209,12 +219,7 @@ async fn plain_listener_still_says_http() {
 async fn a_plain_client_that_sends_nothing_is_cut_off() {
     install_provider();
     let dp = start(None, Duration::from_millis(300)).await;
-    let mut silent = TcpStream::connect(dp.addr).await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
-        .await
-        .expect("the data plane closes the connection");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    connect_silently_and_be_cut_off(dp.addr).await;
     // A client that sends its request a few bytes at a time is served.
     let mut slow = TcpStream::connect(dp.addr).await.unwrap();
     for piece in [
@@ -418,12 +423,7 @@ async fn a_client_that_never_finishes_the_handshake_is_cut_off() {
         Duration::from_millis(300),
     )
     .await;
-    let mut silent = TcpStream::connect(dp.addr).await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
-        .await
-        .expect("the data plane closes the connection");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    connect_silently_and_be_cut_off(dp.addr).await;
     dp.wait_metric("lb_tls_handshake_failures_total{reason=\"timeout\"}", 1.0)
         .await;
     // The slot is free again: a real client gets through.
