@@ -6,6 +6,10 @@
 //! head read and parsed, and the response body read from the backend's socket as the client's
 //! connection asks for it. No task or channel sits between the two connections.
 //!
+//! Requests are written at the end of a turn of the worker's event loop, together, as HAProxy
+//! orders its work (every receive, then every send), so a backend can take the requests of a
+//! turn on one wake-up.
+//!
 //! A connection is leased for one request and returns to its list when the response body has
 //! been read to the end; a body abandoned half-way takes its connection with it, since the rest
 //! of the body would still be in flight on it. Before a pooled connection is used, it is checked
@@ -484,6 +488,12 @@ async fn exchange(
     pool: &Arc<IdleConns>,
     worker: usize,
 ) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
+    // Written once every other task the event loop has ready has run: the requests one turn
+    // of the loop produces then reach each backend back to back, and the backend can take
+    // them on one wake-up rather than one each. The write waits one turn of the loop at most
+    // (microseconds when idle); under load it saves the proxy and its backends CPU on every
+    // request (README, Performance).
+    tokio::task::yield_now().await;
     let written = async {
         conn.io.write_all(&req.wire()).await?;
         conn.io.flush().await
