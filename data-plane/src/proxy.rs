@@ -262,6 +262,9 @@ static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
 /// Longest client-supplied request id kept; a longer or odd one is replaced.
 const MAX_REQUEST_ID: usize = 200;
 
+/// How many passes of the event loop a response waits before hyper writes it (see [`handle`]).
+const RESPONSE_PASSES: usize = 3;
+
 /// Removes the hop-by-hop fields of a message on its way through: the classic set, and those
 /// `Connection` names. One pass finds them; most messages carry none.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -365,6 +368,15 @@ pub async fn handle(
     });
     let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
     let mut resp = forward(&worker, &conn, req, detailed).await;
+    // A response waits RESPONSE_PASSES passes of the event loop over its ready tasks before
+    // hyper writes it to the client. The requests read in the same turn go to their backends
+    // first ([`upstream::send`] waits one pass), and the responses gathered over a pass go out
+    // together, so a client takes more of them per wake-up: wrk, in front of this data plane,
+    // calls `epoll_wait` about 30% less often per response and spends about 8% less CPU
+    // (README, Performance). A pass takes microseconds when the loop is idle.
+    for _ in 0..RESPONSE_PASSES {
+        tokio::task::yield_now().await;
+    }
     let outcome = resp
         .extensions_mut()
         .remove::<Outcome>()
