@@ -295,6 +295,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the client's connection closes after this request: `Connection: close`, or HTTP/1.0
+/// without `Connection: keep-alive`. HTTP/2 streams share a connection that stays.
+fn closes_after<B>(req: &Request<B>) -> bool {
+    let says = |word: &[u8]| {
+        req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(word))
+        })
+    };
+    match req.version() {
+        Version::HTTP_09 | Version::HTTP_10 => !says(b"keep-alive"),
+        Version::HTTP_11 => says(b"close"),
+        _ => false,
+    }
+}
+
 /// 128 random bits as 32 hex digits.
 fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -367,15 +384,19 @@ pub async fn handle(
         )
     });
     let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
+    let last = closes_after(&req);
     let mut resp = forward(&worker, &conn, req, detailed).await;
     // A response waits RESPONSE_PASSES passes of the event loop over its ready tasks before
     // hyper writes it to the client. The requests read in the same turn go to their backends
     // first ([`upstream::send`] waits one pass), and the responses gathered over a pass go out
     // together, so a client takes more of them per wake-up: wrk, in front of this data plane,
     // calls `epoll_wait` about 30% less often per response and spends about 8% less CPU
-    // (README, Performance). A pass takes microseconds when the loop is idle.
-    for _ in 0..RESPONSE_PASSES {
-        tokio::task::yield_now().await;
+    // (README, Performance). A pass takes microseconds when the loop is idle. The last
+    // response of a connection goes out at once: there is no next request to gather it with.
+    if !last {
+        for _ in 0..RESPONSE_PASSES {
+            tokio::task::yield_now().await;
+        }
     }
     let outcome = resp
         .extensions_mut()
@@ -1439,6 +1460,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn a_connection_closes_after_a_request_as_http_1_says() {
+        let req = |version, connection: Option<&'static str>| {
+            let mut b = Request::builder().version(version);
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!closes_after(&req(Version::HTTP_11, None)));
+        assert!(closes_after(&req(Version::HTTP_11, Some("Close"))));
+        assert!(closes_after(&req(Version::HTTP_11, Some("x-a, close"))));
+        assert!(!closes_after(&req(Version::HTTP_11, Some("keep-alive"))));
+        assert!(closes_after(&req(Version::HTTP_10, None)));
+        assert!(!closes_after(&req(Version::HTTP_10, Some("Keep-Alive"))));
+        assert!(!closes_after(&req(Version::HTTP_2, Some("close"))));
     }
 
     #[test]
