@@ -277,17 +277,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if found.is_empty() {
         return;
     }
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-            // `close` and `keep-alive` name no field to remove (or one removed anyway).
-            if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(token)
-                && !found.contains(&n)
-            {
-                found.push(n);
-            }
+    for token in connection_tokens(headers) {
+        // `close` and `keep-alive` name no field to remove (or one removed anyway).
+        if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        if let Ok(n) = HeaderName::from_bytes(token)
+            && !found.contains(&n)
+        {
+            found.push(n);
         }
     }
     for n in found {
@@ -295,16 +293,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The comma-separated tokens of every `Connection` field, trimmed.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::CONNECTION)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
 /// Whether the client's connection closes after this request: `Connection: close`, or HTTP/1.0
 /// without `Connection: keep-alive`. HTTP/2 streams share a connection that stays.
 fn closes_after<B>(req: &Request<B>) -> bool {
-    let says = |word: &[u8]| {
-        req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(word))
-        })
-    };
+    let says = |word: &[u8]| connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case(word));
     match req.version() {
         Version::HTTP_09 | Version::HTTP_10 => !says(b"keep-alive"),
         Version::HTTP_11 => says(b"close"),
