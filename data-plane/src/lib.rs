@@ -52,6 +52,26 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 pub use settings::{Args, Settings};
 pub use state::Shared;
 
+/// Connections the kernel queues for the proxy listener before a worker accepts them. The
+/// kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the proxy listener with room for [`LISTEN_BACKLOG`] connections not yet accepted. With
+/// the usual 128, a burst of new clients (a fleet reconnecting after a restart, a load balancer
+/// in front opening its pool) overflows the queue while the workers are busy, and the kernel
+/// drops the extra handshakes: each of those clients waits out a one-second SYN retransmit.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted data plane can take its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs a data plane on bound listeners until `shutdown` resolves, then stops accepting and
 /// gives requests in flight up to the drain timeout to finish.
 pub async fn run(
@@ -424,5 +444,47 @@ fn handshake(
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpStream;
+
+    /// More clients than the usual backlog of 128 connect while nothing accepts (every worker
+    /// busy): every handshake completes and waits in the queue, none is dropped.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog() {
+        let listener = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut connecting = tokio::task::JoinSet::new();
+        for _ in 0..300 {
+            // A dropped handshake would be retried after a second, and again after three.
+            connecting.spawn(tokio::time::timeout(
+                Duration::from_secs(10),
+                TcpStream::connect(addr),
+            ));
+        }
+        let mut clients = Vec::new();
+        while let Some(done) = connecting.join_next().await {
+            let stream = done
+                .unwrap()
+                .expect("a connection was left waiting: the backlog overflowed")
+                .unwrap();
+            clients.push(stream);
+        }
+        assert_eq!(clients.len(), 300);
+        // Each one was queued (a client can believe it is connected while the listener dropped
+        // its last handshake packet): the listener hands every one of them out.
+        let accepted = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..300 {
+                listener.accept().await.unwrap();
+            }
+        });
+        accepted
+            .await
+            .expect("a connection was never queued: the backlog overflowed");
     }
 }

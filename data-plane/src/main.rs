@@ -32,8 +32,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let proxy = tokio::net::TcpListener::bind(settings.listen)
-        .await
+    let proxy = data_plane::listen(settings.listen)
         .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
     let admin = tokio::net::TcpListener::bind(settings.admin_listen)
         .await
