@@ -1,7 +1,7 @@
 //! What backends send on the wire, and what clients get through the data plane: chunked bodies
 //! with extensions and trailers, interim 1xx responses, bodies delimited by the close, HEAD,
-//! malformed or conflicting response heads, and connections a backend closes while they sit
-//! idle in the pool.
+//! malformed or conflicting response heads, connections a backend closes while they sit idle in
+//! the pool, and a body the backend stops sending.
 
 mod common;
 
@@ -102,6 +102,12 @@ async fn serve(mut conn: TcpStream, id: usize, closed: mpsc::UnboundedSender<()>
             continue;
         };
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        if head.starts_with("GET /stall ") {
+            // Sends the head and part of the body, then nothing more, holding the connection.
+            let part = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial";
+            let _ = conn.write_all(part).await;
+            std::future::pending::<()>().await;
+        }
         if head.starts_with("POST /early ") {
             // Refuses the body without reading it, and keeps the connection open.
             let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo much";
@@ -323,4 +329,35 @@ async fn a_cacheable_body_cut_short_is_not_kept() {
     }
     let stats = dp.shared.cache.stats();
     assert_eq!((stats.stored, stats.memory.bytes), (0, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_body_the_backend_stops_sending_is_cut_after_the_request_timeout() {
+    let backend = RawBackend::start().await;
+    let mut snapshot = snapshot_with(&[backend.addr]);
+    snapshot.timeouts = Some(lb_proto::v1::TimeoutPolicy {
+        request_ms: 300,
+        ..lb_proto::defaults::timeouts()
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    let client = http_client();
+    let req = http::Request::get(dp.url("/stall"))
+        .body(Full::default())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The head came and the end of the body never will: the client is told, by the response
+    // ending short, instead of waiting as long as the backend holds the connection.
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the client was left waiting on a body the backend stopped sending");
+    assert!(body.is_err());
+    // Only that response was cut: the data plane serves on.
+    let r = get(&client, &dp.url("/after")).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
 }

@@ -121,9 +121,17 @@ async fn probe(
         .map_err(|e| format!("health check path {path:?}: {e}"))?;
     let req = upstream::Outgoing::new(&req.into_parts().0, Either::Right(Full::default()));
     let exchange = async {
-        let resp = upstream::send(pool, 0, &endpoint.address, endpoint.resolved, timeout, req)
-            .await
-            .map_err(|(e, _)| e.to_string())?;
+        let resp = upstream::send(
+            pool,
+            0,
+            &endpoint.address,
+            endpoint.resolved,
+            timeout,
+            None,
+            req,
+        )
+        .await
+        .map_err(|(e, _)| e.to_string())?;
         let status = resp.status().as_u16();
         let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY);
         body.collect()

@@ -128,6 +128,9 @@ impl ClientConn {
 pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 /// Body of a response to a client: a backend's, streamed, or one made here (errors).
+// Nearly every response is a backend's: boxing that variant to shrink the rare local one would
+// cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Upstream(UpstreamResponse),
     Local(Option<Bytes>),
@@ -1134,20 +1137,18 @@ async fn refresh(
     let Some(_in_flight) = endpoint.try_start(0, &shared.admission) else {
         return;
     };
+    // Bounded even with no request timeout configured: nobody waits on a fill.
+    let timeout = active.request_timeout.unwrap_or(Duration::from_secs(30));
     let sent = upstream::send(
         &endpoint.idle,
         worker,
         &endpoint.address,
         endpoint.resolved,
         active.connect_timeout,
+        Some(timeout),
         req,
     );
-    let Ok(Ok(resp)) = tokio::time::timeout(
-        active.request_timeout.unwrap_or(Duration::from_secs(30)),
-        sent,
-    )
-    .await
-    else {
+    let Ok(Ok(resp)) = tokio::time::timeout(timeout, sent).await else {
         fill.failed().await;
         return;
     };
@@ -1291,6 +1292,7 @@ async fn send_with_retries(
             &endpoint.address,
             endpoint.resolved,
             active.connect_timeout,
+            active.request_timeout,
             upstream,
         );
         let result = match active.request_timeout {

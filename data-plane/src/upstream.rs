@@ -333,6 +333,7 @@ pub async fn send(
     addr: &str,
     resolved: Option<SocketAddr>,
     connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
     mut req: Outgoing,
 ) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
     // Sent once every other task the event loop has ready has run: the requests one turn of
@@ -346,7 +347,7 @@ pub async fn send(
         let Some(conn) = pool.take(worker) else {
             break;
         };
-        match exchange(conn, req, pool, worker).await {
+        match exchange(conn, req, pool, worker, idle_timeout).await {
             // Not written: the connection was going away. Try the next one.
             Err((UpstreamError::Write(_), Some(r))) => req = r,
             done => return done,
@@ -355,7 +356,7 @@ pub async fn send(
     // Boxed: a connect (with its TLS handshake) is a large future, and rare on pooled
     // connections; inline it would make every request's future, moved per request, that large.
     match Box::pin(connect(addr, resolved, connect_timeout, &pool.transport)).await {
-        Ok(conn) => exchange(conn, req, pool, worker).await,
+        Ok(conn) => exchange(conn, req, pool, worker, idle_timeout).await,
         Err(e) => Err((e, Some(req))),
     }
 }
@@ -494,6 +495,7 @@ async fn exchange(
     req: Outgoing,
     pool: &Arc<IdleConns>,
     worker: usize,
+    idle_timeout: Option<Duration>,
 ) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
     let written = async {
         conn.io.write_all(&req.wire()).await?;
@@ -539,7 +541,7 @@ async fn exchange(
         pool: Arc::clone(pool),
         worker,
     });
-    Ok(resp.map(|()| Body::new(conn, framing, home, upload)))
+    Ok(resp.map(|()| Body::new(conn, framing, home, upload, idle_timeout)))
 }
 
 /// What a request body upload is doing.
@@ -856,12 +858,24 @@ pub struct Body {
     home: Option<Home>,
     /// The rest of the request body, when the response started before it was all sent.
     upload: Option<Upload>,
+    /// Longest wait for the backend's next bytes (none: no limit).
+    idle_timeout: Option<Duration>,
+    /// Runs while the body waits on the backend; set when a wait starts, cleared by progress.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Body {
-    fn new(conn: Conn, framing: Framing, home: Option<Home>, upload: Option<Upload>) -> Body {
+    fn new(
+        conn: Conn,
+        framing: Framing,
+        home: Option<Home>,
+        upload: Option<Upload>,
+        idle_timeout: Option<Duration>,
+    ) -> Body {
         let mut body = Body {
             upload,
+            idle_timeout,
+            stall: None,
             conn: Some(conn),
             state: match framing {
                 Framing::Empty => State::Done,
@@ -902,6 +916,35 @@ impl Body {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// Waiting on the backend: pending until it has sent nothing for the idle timeout, then the
+    /// body fails (the client sees its response cut short, as when the backend closes early)
+    /// and the connection is dropped. The timer starts with the wait, so a body the client
+    /// reads slowly is not cut, and only a body that waits pays for one.
+    fn poll_stall(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let Some(idle) = self.idle_timeout else {
+            return Poll::Pending;
+        };
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.stall = None;
+        self.conn = None;
+        self.state = State::Failed;
+        Poll::Ready(Some(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "backend sent nothing for {} ms in the middle of the response body",
+                idle.as_millis()
+            ),
+        ))))
     }
 
     /// Decodes from the buffer what can be: a data chunk, the end, or nothing yet.
@@ -1060,7 +1103,7 @@ impl http_body::Body for Body {
                 }
             }
             match this.poll_more(cx) {
-                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Ok(())) => this.stall = None,
                 Poll::Ready(Err(e)) => {
                     this.conn = None;
                     if matches!(this.state, State::UntilClose)
@@ -1073,7 +1116,7 @@ impl http_body::Body for Body {
                     this.state = State::Failed;
                     return Poll::Ready(Some(Err(e)));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return this.poll_stall(cx),
             }
         }
     }

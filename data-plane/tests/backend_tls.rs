@@ -228,6 +228,7 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
         &endpoint.address,
         endpoint.resolved,
         Duration::from_secs(2),
+        None,
         req,
     )
     .await
