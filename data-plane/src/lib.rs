@@ -386,7 +386,7 @@ impl Servers {
                 return;
             }
         };
-        let io = sniff::Sniffed::new(first, stream);
+        let io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
         let svc =
             service_fn(move |req| proxy::handle(Arc::clone(&worker), Arc::clone(&client), req));
         let served = match protocol {

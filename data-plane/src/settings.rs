@@ -69,6 +69,9 @@ pub struct Args {
     /// Time a client has to send its request head, in ms [default: 10000]
     #[arg(long, env = "LB_HEADER_TIMEOUT_MS", value_name = "MS")]
     pub header_timeout_ms: Option<u64>,
+    /// Time a client may take nothing of a response being written to it, in ms [default: 60000]
+    #[arg(long, env = "LB_SEND_TIMEOUT_MS", value_name = "MS")]
+    pub send_timeout_ms: Option<u64>,
     /// On shutdown, time given to requests in flight, in ms [default: 10000]
     #[arg(long, env = "LB_DRAIN_TIMEOUT_MS", value_name = "MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -129,6 +132,7 @@ struct FileSettings {
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     header_timeout_ms: Option<u64>,
+    send_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     log_format: Option<String>,
     workers: Option<usize>,
@@ -157,6 +161,8 @@ pub struct Settings {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
+    /// A write to a client that makes no progress for this long ends its connection.
+    pub send_timeout: Duration,
     pub drain_timeout: Duration,
     pub log_json: bool,
     pub workers: usize,
@@ -187,6 +193,7 @@ impl Default for Settings {
             max_body_bytes: 100 << 20,
             max_header_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             log_json: false,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
@@ -299,6 +306,10 @@ impl Settings {
                 .header_timeout_ms
                 .or(file.header_timeout_ms)
                 .map_or(d.header_timeout, Duration::from_millis),
+            send_timeout: args
+                .send_timeout_ms
+                .or(file.send_timeout_ms)
+                .map_or(d.send_timeout, Duration::from_millis),
             drain_timeout: args
                 .drain_timeout_ms
                 .or(file.drain_timeout_ms)
@@ -378,6 +389,9 @@ impl Settings {
         }
         if self.header_timeout.is_zero() {
             return invalid("header_timeout_ms", "must be at least 1");
+        }
+        if self.send_timeout.is_zero() {
+            return invalid("send_timeout_ms", "must be at least 1");
         }
         if let Some(r) = &self.redis
             && let Err(e) = crate::redis_link::endpoints(r)

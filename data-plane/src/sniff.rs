@@ -6,14 +6,17 @@
 //! one `read` both identifies the protocol and, usually, carries the whole request head: no
 //! separate read of the preface's length first.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::ReadBufCursor;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::time::Sleep;
 
 /// How an HTTP/2 client opens every connection.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -50,18 +53,53 @@ pub async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Protocol, By
 }
 
 /// A client connection whose first bytes were read by [`sniff`]: reads return them first, then
-/// go to the connection; writes go straight to it.
+/// go to the connection; writes go straight to it, and fail once one has made no progress for
+/// the send timeout (a client that stopped reading, or vanished without a close), so such a
+/// client holds its connection slot and its backend connection no longer than that.
 pub struct Sniffed<S> {
     first: Bytes,
     io: TokioIo<S>,
+    send_timeout: Duration,
+    /// Runs while a write waits on the client; set when a wait starts, cleared by progress.
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Sniffed<S> {
-    pub fn new(first: Bytes, io: S) -> Sniffed<S> {
+    pub fn new(first: Bytes, io: S, send_timeout: Duration) -> Sniffed<S> {
         Sniffed {
             first,
             io: TokioIo::new(io),
+            send_timeout,
+            stall: None,
         }
+    }
+
+    /// Passes on a write's outcome; a wait starts the timer (only a write that waits pays for
+    /// one), and a wait past the send timeout is an error.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stall = None;
+            return polled;
+        }
+        let limit = self.send_timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.stall = None;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client took nothing of the response for {} ms",
+                limit.as_millis()
+            ),
+        )))
     }
 }
 
@@ -92,7 +130,9 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.bounded(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -100,7 +140,9 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.bounded(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -108,7 +150,9 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.bounded(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -171,5 +215,50 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let e = sniff_pieces(&[b"PRI * "]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Writes `data` whole through `io`, as hyper would.
+    async fn write_all(
+        io: &mut Sniffed<tokio::io::DuplexStream>,
+        mut data: &[u8],
+    ) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = std::future::poll_fn(|cx| {
+                hyper::rt::Write::poll_write(Pin::new(&mut *io), cx, data)
+            })
+            .await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_nothing_is_cut_after_the_send_timeout() {
+        // The client's side holds 64 bytes and never reads them.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = Sniffed::new(Bytes::new(), server, Duration::from_secs(60));
+        let started = tokio::time::Instant::now();
+        let e = write_all(&mut io, &[b'x'; 100]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_not_cut_while_it_takes_something() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = Sniffed::new(Bytes::new(), server, Duration::from_secs(60));
+        // Takes 64 bytes every 50 s: slower than the whole response, never silent for 60 s.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 640 {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                got += client.read(&mut buf).await.unwrap();
+            }
+        });
+        let started = tokio::time::Instant::now();
+        write_all(&mut io, &[b'x'; 640]).await.unwrap();
+        reader.await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(450));
     }
 }
