@@ -33,6 +33,7 @@ pub mod retry;
 pub mod settings;
 pub mod sniff;
 pub mod spread;
+mod stall;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -6,7 +6,6 @@
 //! one `read` both identifies the protocol and, usually, carries the whole request head: no
 //! separate read of the preface's length first.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,7 +15,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::ReadBufCursor;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::time::Sleep;
+
+use crate::stall::Stall;
 
 /// How an HTTP/2 client opens every connection.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -60,8 +60,8 @@ pub struct Sniffed<S> {
     first: Bytes,
     io: TokioIo<S>,
     send_timeout: Duration,
-    /// Runs while a write waits on the client; set when a wait starts, cleared by progress.
-    stall: Option<Pin<Box<Sleep>>>,
+    /// Times a write that waits on the client.
+    stall: Stall,
 }
 
 impl<S> Sniffed<S> {
@@ -70,7 +70,7 @@ impl<S> Sniffed<S> {
             first,
             io: TokioIo::new(io),
             send_timeout,
-            stall: None,
+            stall: Stall::default(),
         }
     }
 
@@ -82,22 +82,17 @@ impl<S> Sniffed<S> {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.stall = None;
+            self.stall.progress();
             return polled;
         }
-        let limit = self.send_timeout;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if stall.as_mut().poll(cx).is_pending() {
+        if !self.stall.expired(cx, self.send_timeout) {
             return Poll::Pending;
         }
-        self.stall = None;
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
                 "the client took nothing of the response for {} ms",
-                limit.as_millis()
+                self.send_timeout.as_millis()
             ),
         )))
     }

@@ -47,6 +47,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::proxy::UpstreamBody;
+use crate::stall::Stall;
 
 /// Idle connections are closed after this long: below the usual 60-75 s keep-alive timeout of
 /// backend servers, so the pool rarely hands out a connection the backend is closing.
@@ -860,8 +861,8 @@ pub struct Body {
     upload: Option<Upload>,
     /// Longest wait for the backend's next bytes (none: no limit).
     idle_timeout: Option<Duration>,
-    /// Runs while the body waits on the backend; set when a wait starts, cleared by progress.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Times a wait on the backend.
+    stall: Stall,
 }
 
 impl Body {
@@ -875,7 +876,7 @@ impl Body {
         let mut body = Body {
             upload,
             idle_timeout,
-            stall: None,
+            stall: Stall::default(),
             conn: Some(conn),
             state: match framing {
                 Framing::Empty => State::Done,
@@ -929,13 +930,9 @@ impl Body {
         let Some(idle) = self.idle_timeout else {
             return Poll::Pending;
         };
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-        if stall.as_mut().poll(cx).is_pending() {
+        if !self.stall.expired(cx, idle) {
             return Poll::Pending;
         }
-        self.stall = None;
         self.conn = None;
         self.state = State::Failed;
         Poll::Ready(Some(Err(std::io::Error::new(
@@ -1103,7 +1100,7 @@ impl http_body::Body for Body {
                 }
             }
             match this.poll_more(cx) {
-                Poll::Ready(Ok(())) => this.stall = None,
+                Poll::Ready(Ok(())) => this.stall.progress(),
                 Poll::Ready(Err(e)) => {
                     this.conn = None;
                     if matches!(this.state, State::UntilClose)
