@@ -1,7 +1,7 @@
 //! What backends send on the wire, and what clients get through the data plane: chunked bodies
 //! with extensions and trailers, interim 1xx responses, bodies delimited by the close, HEAD,
 //! malformed or conflicting response heads, connections a backend closes while they sit idle in
-//! the pool, and a body the backend stops sending.
+//! the pool, a body the backend stops sending, and bodies cut short counted against the backend.
 
 mod common;
 
@@ -360,4 +360,51 @@ async fn a_body_the_backend_stops_sending_is_cut_after_the_request_timeout() {
     // Only that response was cut: the data plane serves on.
     let r = get(&client, &dp.url("/after")).await;
     assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
+}
+
+#[tokio::test]
+async fn a_backend_that_cuts_bodies_short_is_ejected() {
+    let (a, b) = (RawBackend::start().await, RawBackend::start().await);
+    let mut snapshot = snapshot_with(&[a.addr, b.addr]);
+    snapshot.outlier = Some(lb_proto::v1::OutlierPolicy {
+        consecutive_failures: 3,
+        base_ejection_ms: 60_000,
+        max_ejection_ms: 60_000,
+        max_ejection_percent: 50,
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    // Every head is a 200; every body ends early: the backend closes the connection in it. Both backends answer so, and the ejection cap
+    // (half of two) lets one of them go.
+    for _ in 0..6 {
+        let client = http_client();
+        let req = http::Request::get(dp.url("/cut-short"))
+            .body(Full::default())
+            .unwrap();
+        // Cut before the head reached the client, or in the body: never whole.
+        let whole = async {
+            let resp = client.request(req).await.ok()?;
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok()
+        };
+        assert!(whole.await.is_none());
+    }
+    let active = dp.shared.active().unwrap();
+    eventually(
+        "a backend to be ejected for the bodies it cut short",
+        || {
+            let now = data_plane::state::millis(tokio::time::Instant::now());
+            active.slots.iter().any(|s| s.endpoint.is_ejected(now))
+        },
+    )
+    .await;
+    let stats = get(&http_client(), &format!("http://{}/stats", dp.admin))
+        .await
+        .json();
+    let errors: u64 = (0..2)
+        .map(|i| stats["backends"][i]["errors"].as_u64().unwrap())
+        .sum();
+    assert_eq!(errors, 6, "{stats}");
 }

@@ -140,7 +140,9 @@ pub enum ProxyBody {
 /// until it ends; a body read to the end gives its connection back to the pool.
 pub struct UpstreamResponse {
     body: upstream::Body,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    /// The outcome still to record for a response whose head was good.
+    pending: Option<Pending>,
     /// Set when the response fills the cache: the body is copied as it streams by.
     tee: Option<Box<Tee>>,
 }
@@ -200,6 +202,16 @@ impl Tee {
     }
 }
 
+/// What recording a response's outcome at the end of its body takes: the configuration it was
+/// sent under (the outlier policy, and the backends for the ejection cap) and when its head
+/// arrived. Held through this worker's own handle on the configuration, so it costs no count
+/// shared between threads.
+struct Pending {
+    #[allow(clippy::redundant_allocation)]
+    active: Arc<Arc<Active>>,
+    at: Instant,
+}
+
 impl Drop for UpstreamResponse {
     fn drop(&mut self) {
         // The server may stop polling once it has sent a sized body, so the end is known from
@@ -209,7 +221,32 @@ impl Drop for UpstreamResponse {
         {
             t.finish();
         }
+        // A body the backend cut short (closed mid-way, stalled past the timeout, or sent
+        // unreadable framing) fails the request as surely as a 5xx head: the breaker and the
+        // outlier detector count it. A body the client walked away from is no fault of the
+        // backend's and counts as the success its head was.
+        if let Some(Pending { active, at }) = self.pending.take() {
+            let endpoint = self.in_flight.endpoint();
+            if self.body.failed() {
+                let now = Instant::now();
+                endpoint.body_failed();
+                endpoint.record_outcome(true, now, &active.outlier, || may_eject(&active, now));
+            } else {
+                endpoint.record_outcome(false, at, &active.outlier, || may_eject(&active, at));
+            }
+        }
     }
+}
+
+/// Whether one more backend may be ejected now without passing the configured share.
+fn may_eject(active: &Active, now: Instant) -> bool {
+    let now_ms = millis(now);
+    let ejected = active
+        .slots
+        .iter()
+        .filter(|s| s.endpoint.is_ejected(now_ms))
+        .count();
+    ejected < outlier::max_ejected(active.slots.len(), active.outlier.max_ejection_percent)
 }
 
 impl Body for ProxyBody {
@@ -1172,10 +1209,10 @@ async fn refresh(
 
 /// Sends a request, retrying on other backends within the budget; queues when every backend
 /// is full. Every failure is an HTTP response.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::redundant_allocation)]
 async fn send_with_retries(
     worker: &Worker,
-    active: &Arc<Active>,
+    active: &Arc<Arc<Active>>,
     affinity: u64,
     prio: u32,
     id: &HeaderValue,
@@ -1310,20 +1347,22 @@ async fn send_with_retries(
                 ok
             }
         };
-        let may_eject = || {
-            let ejected = active
-                .slots
-                .iter()
-                .filter(|s| s.endpoint.is_ejected(millis(now)))
-                .count();
-            ejected < outlier::max_ejected(active.slots.len(), active.outlier.max_ejection_percent)
-        };
+        let eject_ok = || may_eject(active, now);
         match result {
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 let failed = status.is_server_error();
                 endpoint.record(elapsed, failed, now);
-                endpoint.record_outcome(failed, done, &active.outlier, may_eject);
+                // A good head is judged with its body, when that ends (see `Pending`).
+                let pending = if failed {
+                    endpoint.record_outcome(true, done, &active.outlier, eject_ok);
+                    None
+                } else {
+                    Some(Pending {
+                        active: Arc::clone(active),
+                        at: done,
+                    })
+                };
                 if (status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE)
                     && replay.is_some()
                     && may_retry(shared)
@@ -1355,14 +1394,15 @@ async fn send_with_retries(
                     parts,
                     ProxyBody::Upstream(UpstreamResponse {
                         body,
-                        _in_flight: in_flight,
+                        in_flight,
+                        pending,
                         tee: None,
                     }),
                 );
             }
             Ok(Err((e, returned))) => {
                 endpoint.record(elapsed, true, now);
-                endpoint.record_outcome(true, done, &active.outlier, may_eject);
+                endpoint.record_outcome(true, done, &active.outlier, eject_ok);
                 drop(in_flight);
                 let cause = error_chain(&e);
                 if cause.contains("length limit exceeded") {
@@ -1409,7 +1449,7 @@ async fn send_with_retries(
             }
             Err(_) => {
                 endpoint.record(elapsed, true, now);
-                endpoint.record_outcome(true, done, &active.outlier, may_eject);
+                endpoint.record_outcome(true, done, &active.outlier, eject_ok);
                 drop(in_flight);
                 let msg = format!("backend {} did not answer in time", endpoint.address);
                 return refuse(

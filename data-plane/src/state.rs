@@ -284,6 +284,16 @@ impl Endpoint {
         })
     }
 
+    /// Counts a response whose head was good but whose body the backend cut short: an error in
+    /// the statistics, and a failure in the recent failure rate the adaptive strategy scores.
+    pub fn body_failed(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let f = i64::from(self.failure_ppm.load(Ordering::Relaxed));
+        let next = f + (1_000_000 - f) / FAILURE_WINDOW;
+        self.failure_ppm
+            .store(next.clamp(0, 1_000_000) as u32, Ordering::Relaxed);
+    }
+
     /// Records the outcome of one request: `elapsed` to the response head, failed or not.
     pub fn record(&self, elapsed: Duration, failed: bool, now: Instant) {
         let f = self.failure_ppm.load(Ordering::Relaxed);
@@ -312,6 +322,12 @@ impl Endpoint {
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     admission: Option<Arc<Admission>>,
+}
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
 }
 
 impl Drop for InFlight {

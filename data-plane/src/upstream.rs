@@ -866,6 +866,12 @@ pub struct Body {
 }
 
 impl Body {
+    /// The backend broke off this body: its connection failed or closed before the end, it
+    /// stalled past the idle timeout, or its framing could not be read.
+    pub fn failed(&self) -> bool {
+        matches!(self.state, State::Failed)
+    }
+
     fn new(
         conn: Conn,
         framing: Framing,
