@@ -44,10 +44,8 @@ fn offset(addr: SocketAddr, by: u16) -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::new(addr.ip(), port))
 }
 
-async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} ({flag})"))
+fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    data_plane::listen(addr).with_context(|| format!("cannot listen on {addr} ({flag})"))
 }
 
 /// A loopback URL for a listener that may be bound to every interface.
@@ -73,7 +71,7 @@ pub async fn run(
             mock_backends::parse_ports(&args.ports).map_err(|e| anyhow::anyhow!("--ports: {e}"))?;
         let mut listeners = Vec::new();
         for p in &ports {
-            listeners.push(bind(SocketAddr::from(([127, 0, 0, 1], *p)), "--ports").await?);
+            listeners.push(bind(SocketAddr::from(([127, 0, 0, 1], *p)), "--ports")?);
         }
         let mock = mock_backends::MockBackends::from_listeners(listeners)?;
         common.backends = Some(
@@ -112,8 +110,8 @@ pub async fn run(
     .await
     .context("cannot load the control plane's state")?;
     crate::start_tracing(&cp, settings.tracing.as_ref());
-    let grpc = bind(settings.grpc_listen, "--grpc-listen").await?;
-    let http = bind(settings.http_listen, "--http-listen").await?;
+    let grpc = bind(settings.grpc_listen, "--grpc-listen")?;
+    let http = bind(settings.http_listen, "--http-listen")?;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
 
@@ -133,7 +131,7 @@ pub async fn run(
         let admin_listen = offset(admin_listen, i)?;
         let proxy = data_plane::listen(listen)
             .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
-        let admin = bind(admin_listen, "--admin-listen").await?;
+        let admin = bind(admin_listen, "--admin-listen")?;
         let dp = data_plane::Settings {
             listen,
             admin_listen,

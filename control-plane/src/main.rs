@@ -89,11 +89,11 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     .await
     .context("cannot load the control plane's state")?;
     control_plane::start_tracing(&cp, settings.tracing.as_ref());
-    let grpc = tokio::net::TcpListener::bind(settings.grpc_listen)
-        .await
+    // A fleet of data planes reconnects at once after a restart: the long accept queue keeps
+    // their handshakes from being dropped.
+    let grpc = data_plane::listen(settings.grpc_listen)
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;
-    let http = tokio::net::TcpListener::bind(settings.http_listen)
-        .await
+    let http = data_plane::listen(settings.http_listen)
         .with_context(|| format!("cannot listen on {} (--http-listen)", settings.http_listen))?;
     control_plane::serve_with_tls(cp, grpc, http, tls, shutdown_signal()).await
 }

@@ -53,14 +53,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 pub use settings::{Args, Settings};
 pub use state::Shared;
 
-/// Connections the kernel queues for the proxy listener before a worker accepts them. The
-/// kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+/// Connections the kernel queues for a listener before they are accepted. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds the proxy listener with room for [`LISTEN_BACKLOG`] connections not yet accepted. With
-/// the usual 128, a burst of new clients (a fleet reconnecting after a restart, a load balancer
-/// in front opening its pool) overflows the queue while the workers are busy, and the kernel
-/// drops the extra handshakes: each of those clients waits out a one-second SYN retransmit.
+/// Binds a listener (the proxy's, and the control plane's) with room for [`LISTEN_BACKLOG`]
+/// connections not yet accepted. With the usual 128, a burst of new clients (a fleet
+/// reconnecting after a restart, a load balancer in front opening its pool) overflows the queue
+/// while the workers are busy, and the kernel drops the extra handshakes: each of those clients
+/// waits out a one-second SYN retransmit.
 pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
