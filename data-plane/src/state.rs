@@ -235,11 +235,17 @@ impl Endpoint {
         may_eject: impl FnOnce() -> bool,
     ) {
         let mut p = self.passive();
-        let was_open = self.circuit.load(Ordering::Relaxed) == CIRCUIT_OPEN;
+        let was = self.circuit.load(Ordering::Relaxed);
         p.breaker.record(!failed, now);
         self.sync_circuit(&p, now);
-        if !was_open && self.circuit.load(Ordering::Relaxed) == CIRCUIT_OPEN {
-            tracing::warn!(backend = %self.address, "circuit opened");
+        match self.circuit.load(Ordering::Relaxed) {
+            CIRCUIT_OPEN if was != CIRCUIT_OPEN => {
+                tracing::warn!(backend = %self.address, "circuit opened");
+            }
+            CIRCUIT_CLOSED if was != CIRCUIT_CLOSED => {
+                tracing::info!(backend = %self.address, "circuit closed after its trial requests succeeded");
+            }
+            _ => {}
         }
         let would_eject = failed
             && outlier.consecutive_failures > 0
