@@ -129,8 +129,7 @@ pub async fn run(
     for i in 0..args.data_planes {
         let listen = offset(listen, i)?;
         let admin_listen = offset(admin_listen, i)?;
-        let proxy = data_plane::listen(listen)
-            .with_context(|| format!("cannot listen on {listen} (--listen)"))?;
+        let proxy = bind(listen, "--listen")?;
         let admin = bind(admin_listen, "--admin-listen")?;
         let dp = data_plane::Settings {
             listen,

@@ -300,6 +300,20 @@ async fn a_backend_that_answers_before_reading_the_body_is_heard() {
     assert_eq!(r.status, 200);
 }
 
+/// GET `path` from a new client (a connection that ended with a broken body is not reused): the
+/// whole body, or `None` when the connection failed before the head or in the body.
+async fn whole_body(dp: &Dp, path: &str) -> Option<Bytes> {
+    let client = http_client();
+    let req = http::Request::get(dp.url(path))
+        .body(Full::default())
+        .unwrap();
+    let resp = client.request(req).await.ok()?;
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .ok()?;
+    Some(body.to_bytes())
+}
+
 #[tokio::test]
 async fn a_cacheable_body_cut_short_is_not_kept() {
     let backend = RawBackend::start().await;
@@ -312,20 +326,8 @@ async fn a_cacheable_body_cut_short_is_not_kept() {
     let dp = Dp::start(&cp.url(), "dp-1").await;
     dp.wait_version(1).await;
     for _ in 0..2 {
-        // A new client each time: the first one's connection ends with the broken body.
-        let client = http_client();
-        let req = http::Request::get(dp.url("/cut-short"))
-            .body(Full::default())
-            .unwrap();
-        // The client never gets the short body as if it were whole: the connection fails
-        // before the head or in the body.
-        let whole = async {
-            let resp = client.request(req).await.ok()?;
-            http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .ok()
-        };
-        assert!(whole.await.is_none());
+        // The client never gets the short body as if it were whole.
+        assert!(whole_body(&dp, "/cut-short").await.is_none());
     }
     let stats = dp.shared.cache.stats();
     assert_eq!((stats.stored, stats.memory.bytes), (0, 0), "{stats:?}");
@@ -375,21 +377,10 @@ async fn a_backend_that_cuts_bodies_short_is_ejected() {
     let cp = Cp::start(snapshot, None).await;
     let dp = Dp::start(&cp.url(), "dp-1").await;
     dp.wait_version(1).await;
-    // Every head is a 200; every body ends early: the backend closes the connection in it. Both backends answer so, and the ejection cap
-    // (half of two) lets one of them go.
+    // Every head is a 200; every body ends early: the backend closes the connection in it.
+    // Both backends answer so, and the ejection cap (half of two) lets one of them go.
     for _ in 0..6 {
-        let client = http_client();
-        let req = http::Request::get(dp.url("/cut-short"))
-            .body(Full::default())
-            .unwrap();
-        // Cut before the head reached the client, or in the body: never whole.
-        let whole = async {
-            let resp = client.request(req).await.ok()?;
-            http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .ok()
-        };
-        assert!(whole.await.is_none());
+        assert!(whole_body(&dp, "/cut-short").await.is_none());
     }
     let active = dp.shared.active().unwrap();
     eventually(

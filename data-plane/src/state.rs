@@ -293,24 +293,26 @@ impl Endpoint {
     /// Counts a response whose head was good but whose body the backend cut short: an error in
     /// the statistics, and a failure in the recent failure rate the adaptive strategy scores.
     pub fn body_failed(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let f = i64::from(self.failure_ppm.load(Ordering::Relaxed));
-        let next = f + (1_000_000 - f) / FAILURE_WINDOW;
-        self.failure_ppm
-            .store(next.clamp(0, 1_000_000) as u32, Ordering::Relaxed);
+        self.count_outcome(true);
     }
 
-    /// Records the outcome of one request: `elapsed` to the response head, failed or not.
-    pub fn record(&self, elapsed: Duration, failed: bool, now: Instant) {
+    /// Moves the recent failure share one step towards this outcome; counts a failure as an
+    /// error.
+    fn count_outcome(&self, failed: bool) {
         let f = self.failure_ppm.load(Ordering::Relaxed);
         let target: i64 = if failed { 1_000_000 } else { 0 };
         let next = i64::from(f) + (target - i64::from(f)) / FAILURE_WINDOW;
         self.failure_ppm
             .store(next.clamp(0, 1_000_000) as u32, Ordering::Relaxed);
-        self.latency_at_ms.store(millis(now), Ordering::Relaxed);
         if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records the outcome of one request: `elapsed` to the response head, failed or not.
+    pub fn record(&self, elapsed: Duration, failed: bool, now: Instant) {
+        self.count_outcome(failed);
+        self.latency_at_ms.store(millis(now), Ordering::Relaxed);
         self.m_duration.observe(elapsed.as_secs_f64());
         let sample = elapsed.as_micros().min(u128::from(u64::MAX / 2)) as u64;
         let old = self.latency_us.load(Ordering::Relaxed);
