@@ -377,6 +377,7 @@ mod tests {
             &f,
             "strategy = \"ip_hash\"\nbackends = [\"127.0.0.1:1=3\", { address = \"127.0.0.1:2\" }]\n\
              [health_check]\ninterval_ms = 1000\ntimeout_ms = 500\n\
+             [timeouts]\nbody_idle_ms = 0\n\
              [[tiers]]\nname = \"free\"\nrequests = 7\n",
         )
         .unwrap();
@@ -390,6 +391,8 @@ mod tests {
         assert_eq!(s.initial.backends[1].weight, 1);
         let hc = s.initial.health_check.unwrap();
         assert_eq!((hc.interval_ms, hc.path.as_str()), (1000, "/health"));
+        let t = s.initial.timeouts.unwrap();
+        assert_eq!((t.request_ms, t.body_idle_ms), (30_000, Some(0)));
         std::fs::write(&f, "[health_check]\nintervl_ms = 1000\n").unwrap();
         let e = Settings::load(CommonArgs {
             config: Some(f.clone()),

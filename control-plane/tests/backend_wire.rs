@@ -365,6 +365,61 @@ async fn a_body_the_backend_stops_sending_is_cut_after_the_request_timeout() {
 }
 
 #[tokio::test]
+async fn a_body_idle_timeout_of_its_own_cuts_a_stalled_body_before_the_request_timeout() {
+    let backend = RawBackend::start().await;
+    let mut snapshot = snapshot_with(&[backend.addr]);
+    snapshot.timeouts = Some(lb_proto::v1::TimeoutPolicy {
+        request_ms: 60_000,
+        body_idle_ms: Some(300),
+        ..lb_proto::defaults::timeouts()
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    let client = http_client();
+    let req = http::Request::get(dp.url("/stall"))
+        .body(Full::default())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Cut by the body's own limit, well before the minute the head was allowed.
+    let body = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("the body's wait was bounded by the request timeout, not body_idle_ms");
+    assert!(body.is_err());
+}
+
+#[tokio::test]
+async fn body_idle_ms_zero_lets_a_stream_stay_silent_under_a_request_timeout() {
+    let backend = RawBackend::start().await;
+    let timeouts = |body_idle_ms| lb_proto::v1::TimeoutPolicy {
+        request_ms: 300,
+        body_idle_ms,
+        ..lb_proto::defaults::timeouts()
+    };
+    let mut snapshot = snapshot_with(&[backend.addr]);
+    snapshot.timeouts = Some(timeouts(Some(0)));
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    let active = dp.shared.active().unwrap();
+    let ms = std::time::Duration::from_millis;
+    assert_eq!(
+        (active.request_timeout, active.body_idle_timeout),
+        (Some(ms(300)), None)
+    );
+    // Unset, the body's wait is the request timeout's.
+    let mut unset = snapshot_with(&[backend.addr]);
+    unset.version = 2;
+    unset.timeouts = Some(timeouts(None));
+    let prepared = dp.shared.prepare(unset).unwrap();
+    assert_eq!(prepared.body_idle_timeout, Some(ms(300)));
+}
+
+#[tokio::test]
 async fn a_backend_that_cuts_bodies_short_is_ejected() {
     let (a, b) = (RawBackend::start().await, RawBackend::start().await);
     let mut snapshot = snapshot_with(&[a.addr, b.addr]);

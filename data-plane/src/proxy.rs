@@ -1182,7 +1182,7 @@ async fn refresh(
         &endpoint.address,
         endpoint.resolved,
         active.connect_timeout,
-        Some(timeout),
+        Some(active.body_idle_timeout.unwrap_or(timeout)),
         req,
     );
     let Ok(Ok(resp)) = tokio::time::timeout(timeout, sent).await else {
@@ -1329,7 +1329,7 @@ async fn send_with_retries(
             &endpoint.address,
             endpoint.resolved,
             active.connect_timeout,
-            active.request_timeout,
+            active.body_idle_timeout,
             upstream,
         );
         let result = match active.request_timeout {

@@ -380,6 +380,8 @@ pub struct Active {
     pub balancer: Balancer,
     pub connect_timeout: Duration,
     pub request_timeout: Option<Duration>,
+    /// The longest wait for each next part of a response body (`timeouts.body_idle_ms`).
+    pub body_idle_timeout: Option<Duration>,
 }
 
 /// A tier as the request path needs it.
@@ -725,6 +727,11 @@ impl Shared {
         let connect_timeout = Duration::from_millis(u64::from(timeouts.connect_ms));
         let request_timeout = (timeouts.request_ms > 0)
             .then(|| Duration::from_millis(u64::from(timeouts.request_ms)));
+        let body_idle_timeout = match timeouts.body_idle_ms {
+            None => request_timeout,
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(u64::from(ms))),
+        };
         let rl = snapshot.rate_limit.clone().unwrap_or_default();
         let trusted = rl
             .trusted_proxies
@@ -767,6 +774,7 @@ impl Shared {
             balancer,
             connect_timeout,
             request_timeout,
+            body_idle_timeout,
         })
     }
 

@@ -143,6 +143,7 @@ pub fn timeouts() -> TimeoutPolicy {
     TimeoutPolicy {
         connect_ms: 1_000,
         request_ms: 30_000,
+        body_idle_ms: None,
     }
 }
 
