@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod affinity;
 pub mod backoff;
 pub mod balance;
 pub mod breaker;
@@ -189,8 +190,10 @@ async fn serve_proxy(
             .map(|i| m.worker_connections.with_label_values(&[&i.to_string()]))
             .collect(),
     );
+    let cpus = pinned_cpus(shared.settings.pin_workers, workers);
     let mut finished = Vec::new();
     for i in 0..workers {
+        let cpu = cpus.as_ref().map(|c| c[i]);
         let listener = listener.try_clone()?;
         let (shared, connections, stop) = (
             Arc::clone(&shared),
@@ -202,6 +205,11 @@ async fn serve_proxy(
         std::thread::Builder::new()
             .name(format!("proxy-{i}"))
             .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(e) = affinity::pin_current_thread(cpu)
+                {
+                    tracing::warn!(cause = %e, worker = i, cpu, "proxy worker runs unbound");
+                }
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build();
@@ -238,6 +246,30 @@ async fn serve_proxy(
         let _ = f.await;
     }
     Ok(())
+}
+
+/// The CPU of each worker when they are to be bound to one each ([`affinity`]).
+fn pinned_cpus(enabled: bool, workers: usize) -> Option<Vec<usize>> {
+    if !enabled {
+        return None;
+    }
+    let allowed = match affinity::allowed_cpus() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot read the CPUs this process may use; workers run unbound");
+            return None;
+        }
+    };
+    let plan = affinity::plan(enabled, workers, &allowed);
+    match &plan {
+        Some(cpus) => tracing::info!(?cpus, "proxy workers bound one per CPU"),
+        None => tracing::info!(
+            workers,
+            cpus = allowed.len(),
+            "proxy workers run unbound: not one per CPU"
+        ),
+    }
+    plan
 }
 
 /// Where one worker's connections come from.

@@ -82,6 +82,10 @@ pub struct Args {
     /// [default: one per CPU]
     #[arg(long, env = "LB_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+    /// Bind proxy worker threads to CPUs: auto (one worker per CPU when there are exactly as
+    /// many workers as CPUs this process may use) or off [default: off]
+    #[arg(long, env = "LB_CPU_AFFINITY", value_name = "MODE")]
+    pub cpu_affinity: Option<String>,
     /// PEM certificate chain (leaf first): the proxy listener then speaks TLS only. Needs
     /// --tls-key; reloaded on SIGHUP and when the file changes [default: none, plain HTTP]
     #[arg(long, env = "LB_TLS_CERT", value_name = "FILE")]
@@ -136,6 +140,7 @@ struct FileSettings {
     drain_timeout_ms: Option<u64>,
     log_format: Option<String>,
     workers: Option<usize>,
+    cpu_affinity: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     backend_tls: Option<bool>,
@@ -166,6 +171,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub log_json: bool,
     pub workers: usize,
+    /// Whether each worker is bound to a CPU of its own when there is one per worker.
+    pub pin_workers: bool,
     /// Presented on `Discovery` calls when the control plane requires it (`LB_CLUSTER_TOKEN`).
     pub cluster_token: Option<String>,
     /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
@@ -197,6 +204,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(10),
             log_json: false,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
+            pin_workers: false,
             cluster_token: None,
             tracing: None,
             tls: None,
@@ -325,6 +333,17 @@ impl Settings {
                 }
             },
             workers: args.workers.or(file.workers).unwrap_or(d.workers),
+            pin_workers: match args.cpu_affinity.or(file.cpu_affinity).as_deref() {
+                None => d.pin_workers,
+                Some("auto") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(SettingsError::Invalid {
+                        key: "cpu_affinity",
+                        message: format!("{other:?}; valid: auto, off"),
+                    });
+                }
+            },
             cluster_token: std::env::var("LB_CLUSTER_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
@@ -594,6 +613,21 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.control_plane_ca, None);
+    }
+
+    #[test]
+    fn cpu_affinity_is_auto_or_off() {
+        let mode = |m: Option<&str>| {
+            Settings::load(Args {
+                cpu_affinity: m.map(str::to_owned),
+                ..Args::default()
+            })
+        };
+        assert!(!mode(None).unwrap().pin_workers);
+        assert!(mode(Some("auto")).unwrap().pin_workers);
+        assert!(!mode(Some("off")).unwrap().pin_workers);
+        let e = mode(Some("on")).unwrap_err().to_string();
+        assert!(e.contains("cpu_affinity") && e.contains("auto, off"), "{e}");
     }
 
     #[test]
