@@ -333,63 +333,70 @@ async fn a_cacheable_body_cut_short_is_not_kept() {
     assert_eq!((stats.stored, stats.memory.bytes), (0, 0), "{stats:?}");
 }
 
-#[tokio::test]
-async fn a_body_the_backend_stops_sending_is_cut_after_the_request_timeout() {
-    let backend = RawBackend::start().await;
-    let mut snapshot = snapshot_with(&[backend.addr]);
-    snapshot.timeouts = Some(lb_proto::v1::TimeoutPolicy {
-        request_ms: 300,
-        ..lb_proto::defaults::timeouts()
-    });
+/// A control plane and a data plane in front of `backend`, with `timeouts`, version 1 applied.
+async fn serve_with_timeouts(
+    backend: std::net::SocketAddr,
+    timeouts: lb_proto::v1::TimeoutPolicy,
+) -> (Cp, Dp) {
+    let mut snapshot = snapshot_with(&[backend]);
+    snapshot.timeouts = Some(timeouts);
     let cp = Cp::start(snapshot, None).await;
     let dp = Dp::start(&cp.url(), "dp-1").await;
     dp.wait_version(1).await;
-    let client = http_client();
+    (cp, dp)
+}
+
+/// GETs `/stall` (a 200 head, then a body that never ends) and checks that the client sees the
+/// body end short within `within`; `left_waiting` says what it means if not.
+async fn stalled_body_is_cut(dp: &Dp, within: std::time::Duration, left_waiting: &str) {
     let req = http::Request::get(dp.url("/stall"))
         .body(Full::default())
         .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = http_client().request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(within, http_body_util::BodyExt::collect(resp.into_body()))
+        .await
+        .expect(left_waiting);
+    assert!(body.is_err());
+}
+
+#[tokio::test]
+async fn a_body_the_backend_stops_sending_is_cut_after_the_request_timeout() {
+    let backend = RawBackend::start().await;
+    let timeouts = lb_proto::v1::TimeoutPolicy {
+        request_ms: 300,
+        ..lb_proto::defaults::timeouts()
+    };
+    let (_cp, dp) = serve_with_timeouts(backend.addr, timeouts).await;
     // The head came and the end of the body never will: the client is told, by the response
     // ending short, instead of waiting as long as the backend holds the connection.
-    let body = tokio::time::timeout(
+    stalled_body_is_cut(
+        &dp,
         std::time::Duration::from_secs(30),
-        http_body_util::BodyExt::collect(resp.into_body()),
+        "the client was left waiting on a body the backend stopped sending",
     )
-    .await
-    .expect("the client was left waiting on a body the backend stopped sending");
-    assert!(body.is_err());
+    .await;
     // Only that response was cut: the data plane serves on.
-    let r = get(&client, &dp.url("/after")).await;
+    let r = get(&http_client(), &dp.url("/after")).await;
     assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
 }
 
 #[tokio::test]
 async fn a_body_idle_timeout_of_its_own_cuts_a_stalled_body_before_the_request_timeout() {
     let backend = RawBackend::start().await;
-    let mut snapshot = snapshot_with(&[backend.addr]);
-    snapshot.timeouts = Some(lb_proto::v1::TimeoutPolicy {
+    let timeouts = lb_proto::v1::TimeoutPolicy {
         request_ms: 60_000,
         body_idle_ms: Some(300),
         ..lb_proto::defaults::timeouts()
-    });
-    let cp = Cp::start(snapshot, None).await;
-    let dp = Dp::start(&cp.url(), "dp-1").await;
-    dp.wait_version(1).await;
-    let client = http_client();
-    let req = http::Request::get(dp.url("/stall"))
-        .body(Full::default())
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    };
+    let (_cp, dp) = serve_with_timeouts(backend.addr, timeouts).await;
     // Cut by the body's own limit, well before the minute the head was allowed.
-    let body = tokio::time::timeout(
+    stalled_body_is_cut(
+        &dp,
         std::time::Duration::from_secs(20),
-        http_body_util::BodyExt::collect(resp.into_body()),
+        "the body's wait was bounded by the request timeout, not body_idle_ms",
     )
-    .await
-    .expect("the body's wait was bounded by the request timeout, not body_idle_ms");
-    assert!(body.is_err());
+    .await;
 }
 
 #[tokio::test]
@@ -400,11 +407,7 @@ async fn body_idle_ms_zero_lets_a_stream_stay_silent_under_a_request_timeout() {
         body_idle_ms,
         ..lb_proto::defaults::timeouts()
     };
-    let mut snapshot = snapshot_with(&[backend.addr]);
-    snapshot.timeouts = Some(timeouts(Some(0)));
-    let cp = Cp::start(snapshot, None).await;
-    let dp = Dp::start(&cp.url(), "dp-1").await;
-    dp.wait_version(1).await;
+    let (_cp, dp) = serve_with_timeouts(backend.addr, timeouts(Some(0))).await;
     let active = dp.shared.active().unwrap();
     let ms = std::time::Duration::from_millis;
     assert_eq!(
