@@ -1,7 +1,8 @@
 //! What backends send on the wire, and what clients get through the data plane: chunked bodies
 //! with extensions and trailers, interim 1xx responses, bodies delimited by the close, HEAD,
 //! malformed or conflicting response heads, connections a backend closes while they sit idle in
-//! the pool, a body the backend stops sending, and bodies cut short counted against the backend.
+//! the pool, a body the backend stops sending, bodies cut short counted against the backend, and
+//! a stream judged by its head while it lasts.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use common::*;
+use data_plane::breaker::CircuitState;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,9 +19,11 @@ use tokio::sync::mpsc;
 
 /// A backend that answers each path with fixed bytes. `/bye` answers and then closes the
 /// connection (as a backend's keep-alive timeout would), reporting the close on `closed`.
+/// `/cut-later` sends a head and part of a body, and closes when `cut` is notified.
 struct RawBackend {
     addr: std::net::SocketAddr,
     closed: mpsc::UnboundedReceiver<()>,
+    cut: Arc<tokio::sync::Notify>,
 }
 
 fn answer(method: &str, path: &str, conn: usize) -> (Vec<u8>, bool) {
@@ -56,6 +60,7 @@ fn answer(method: &str, path: &str, conn: usize) -> (Vec<u8>, bool) {
                 .to_vec(),
             true,
         ),
+        "/fail" => fixed("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nfail"),
         "/conn" => (
             format!("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-conn: {conn}\r\n\r\n").into_bytes(),
             false,
@@ -78,19 +83,26 @@ impl RawBackend {
         let addr = listener.local_addr().unwrap();
         let (tx, closed) = mpsc::unbounded_channel();
         let next = Arc::new(AtomicUsize::new(0));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let cut_conns = Arc::clone(&cut);
         tokio::spawn(async move {
             loop {
                 let (conn, _) = listener.accept().await.unwrap();
                 let id = next.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(serve(conn, id, tx.clone()));
+                tokio::spawn(serve(conn, id, tx.clone(), Arc::clone(&cut_conns)));
             }
         });
-        RawBackend { addr, closed }
+        RawBackend { addr, closed, cut }
     }
 }
 
 /// Serves requests (head, then a `content-length` body) until the client or the script closes.
-async fn serve(mut conn: TcpStream, id: usize, closed: mpsc::UnboundedSender<()>) {
+async fn serve(
+    mut conn: TcpStream,
+    id: usize,
+    closed: mpsc::UnboundedSender<()>,
+    cut: Arc<tokio::sync::Notify>,
+) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -107,6 +119,12 @@ async fn serve(mut conn: TcpStream, id: usize, closed: mpsc::UnboundedSender<()>
             let part = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial";
             let _ = conn.write_all(part).await;
             std::future::pending::<()>().await;
+        }
+        if head.starts_with("GET /cut-later ") {
+            let part = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial";
+            let _ = conn.write_all(part).await;
+            cut.notified().await;
+            return;
         }
         if head.starts_with("POST /early ") {
             // Refuses the body without reading it, and keeps the connection open.
@@ -420,6 +438,73 @@ async fn body_idle_ms_zero_lets_a_stream_stay_silent_under_a_request_timeout() {
     unset.timeouts = Some(timeouts(None));
     let prepared = dp.shared.prepare(unset).unwrap();
     assert_eq!(prepared.body_idle_timeout, Some(ms(300)));
+}
+
+#[tokio::test]
+async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
+    let backend = RawBackend::start().await;
+    let mut snapshot = snapshot_with(&[backend.addr]);
+    snapshot.circuit_breaker = Some(lb_proto::v1::CircuitBreakerPolicy {
+        failure_rate_percent: 30,
+        window_ms: 10_000,
+        min_requests: 2,
+        open_ms: 100,
+        half_open_trials: 1,
+    });
+    snapshot.outlier = Some(lb_proto::v1::OutlierPolicy {
+        consecutive_failures: 0,
+        ..lb_proto::defaults::outlier()
+    });
+    // The trial below is a stream that stays silent: no body timeout may cut it.
+    snapshot.timeouts = Some(lb_proto::v1::TimeoutPolicy {
+        body_idle_ms: Some(0),
+        ..lb_proto::defaults::timeouts()
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    let client = http_client();
+    for _ in 0..2 {
+        assert_eq!(get(&client, &dp.url("/fail")).await.status, 500);
+    }
+    let active = dp.shared.active().unwrap();
+    let endpoint = &active.slots[0].endpoint;
+    assert_eq!(endpoint.circuit_state(), CircuitState::Open);
+    // Once open_ms has passed, the next request is the trial: a 200 head, then a body that
+    // goes on (here, silent until the backend breaks it off, as an event stream between events).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        let req = http::Request::get(dp.url("/cut-later"))
+            .body(Full::default())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        if resp.status() == 200 {
+            break resp;
+        }
+        assert_eq!(resp.status(), 503);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no trial was let through"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // Judged by its head while it streams, the trial closes the circuit: traffic flows again
+    // without waiting for the stream to end.
+    eventually("the circuit to close while its trial streams", || {
+        endpoint.circuit_state() == CircuitState::Closed
+    })
+    .await;
+    let r = get(&client, &dp.url("/after")).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
+    // The stream breaks off after all: a failure of the backend's, counted when it happens
+    // (one of three in the fresh window reaches the 30% rate).
+    backend.cut.notify_one();
+    let body = http_body_util::BodyExt::collect(stream.into_body()).await;
+    assert!(body.is_err(), "the client sees the body end short");
+    eventually("the broken stream to count against the backend", || {
+        endpoint.circuit_state() == CircuitState::Open
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -143,6 +143,9 @@ pub struct UpstreamResponse {
     in_flight: InFlight,
     /// The outcome still to record for a response whose head was good.
     pending: Option<Pending>,
+    /// Set once the body has had to wait: when it fires with the body still streaming, the
+    /// head's success is recorded ([`VERDICT_AFTER`]).
+    verdict: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Set when the response fills the cache: the body is copied as it streams by.
     tee: Option<Box<Tee>>,
 }
@@ -202,6 +205,13 @@ impl Tee {
     }
 }
 
+/// How long after its head a response whose body still streams is judged by its head: its
+/// success goes to the breaker and the outlier detector then, rather than when the body ends,
+/// which for a download or an event stream can be minutes away. A half-open circuit whose
+/// trial is such a stream closes without waiting for it to end. Should the body break off
+/// later, that is recorded as the backend's failure then.
+pub const VERDICT_AFTER: Duration = Duration::from_secs(1);
+
 /// What recording a response's outcome at the end of its body takes: the configuration it was
 /// sent under (the outlier policy, and the backends for the ejection cap) and when its head
 /// arrived. Held through this worker's own handle on the configuration, so it costs no count
@@ -210,6 +220,29 @@ struct Pending {
     #[allow(clippy::redundant_allocation)]
     active: Arc<Arc<Active>>,
     at: Instant,
+    /// The head's success is recorded already: only a break of the body is left to record.
+    judged: bool,
+}
+
+impl UpstreamResponse {
+    /// Records the head's success once the body has streamed for [`VERDICT_AFTER`]; polled
+    /// only while the body waits on the backend, so a body that arrives whole costs no timer.
+    fn judge_streaming(&mut self, cx: &mut Context<'_>) {
+        let Some(pending) = self.pending.as_mut().filter(|p| !p.judged) else {
+            return;
+        };
+        let verdict = self
+            .verdict
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(pending.at + VERDICT_AFTER)));
+        if verdict.as_mut().poll(cx).is_ready() {
+            pending.judged = true;
+            self.verdict = None;
+            let (active, at) = (&pending.active, pending.at);
+            self.in_flight
+                .endpoint()
+                .record_outcome(false, at, &active.outlier, || may_eject(active, at));
+        }
+    }
 }
 
 impl Drop for UpstreamResponse {
@@ -225,13 +258,13 @@ impl Drop for UpstreamResponse {
         // unreadable framing) fails the request as surely as a 5xx head: the breaker and the
         // outlier detector count it. A body the client walked away from is no fault of the
         // backend's and counts as the success its head was.
-        if let Some(Pending { active, at }) = self.pending.take() {
+        if let Some(Pending { active, at, judged }) = self.pending.take() {
             let endpoint = self.in_flight.endpoint();
             if self.body.failed() {
                 let now = Instant::now();
                 endpoint.body_failed();
                 endpoint.record_outcome(true, now, &active.outlier, || may_eject(&active, now));
-            } else {
+            } else if !judged {
                 endpoint.record_outcome(false, at, &active.outlier, || may_eject(&active, at));
             }
         }
@@ -270,6 +303,9 @@ impl Body for ProxyBody {
                     if u.body.is_end_stream() {
                         t.finish();
                     }
+                }
+                if polled.is_pending() {
+                    u.judge_streaming(cx);
                 }
                 polled
             }
@@ -1361,6 +1397,7 @@ async fn send_with_retries(
                     Some(Pending {
                         active: Arc::clone(active),
                         at: done,
+                        judged: false,
                     })
                 };
                 if (status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE)
@@ -1396,6 +1433,7 @@ async fn send_with_retries(
                         body,
                         in_flight,
                         pending,
+                        verdict: None,
                         tee: None,
                     }),
                 );
