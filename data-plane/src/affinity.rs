@@ -1,10 +1,9 @@
 //! Binds each proxy worker thread to a CPU of its own (`--cpu-affinity auto`).
 //!
-//! A worker under load never sleeps: it always has a connection to serve. The kernel moves a
-//! thread to another CPU mostly when it wakes, so two workers that happen to share a CPU can
-//! stay together for a hundred milliseconds or more, taking turns of a scheduler tick (4 ms)
-//! while another CPU runs something else, and every request on them waits those turns out.
-//! Bound one per CPU, two workers never share one. The cost: a bound worker cannot leave a CPU
+//! The kernel moves a thread to another CPU mostly when it wakes, so two workers that happen to
+//! share a CPU can stay together for a hundred milliseconds or more, taking turns of a scheduler
+//! tick (4 ms) while another CPU runs something else, and every request on them waits those
+//! turns out. Bound one per CPU, two workers never share one. The cost: a bound worker cannot leave a CPU
 //! that another busy process shares with it. Off by default (README, Performance).
 //!
 //! Only when the workers match the CPUs this process may use one for one (the default worker
