@@ -3,8 +3,8 @@
 //! The kernel moves a thread to another CPU mostly when it wakes, so two workers that happen to
 //! share a CPU can stay together for a hundred milliseconds or more, taking turns of a scheduler
 //! tick (4 ms) while another CPU runs something else, and every request on them waits those
-//! turns out. Bound one per CPU, two workers never share one. The cost: a bound worker cannot leave a CPU
-//! that another busy process shares with it. Off by default (README, Performance).
+//! turns out. Bound one per CPU, two workers never share one. The cost: a bound worker cannot
+//! leave a CPU that another busy process shares with it. Off by default (README, Performance).
 //!
 //! Only when the workers match the CPUs this process may use one for one (the default worker
 //! count): with fewer workers than CPUs, binding would keep them off CPUs that are free, and

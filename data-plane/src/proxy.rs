@@ -32,7 +32,7 @@ use crate::outlier;
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
 use crate::report::Outcome;
 use crate::retry::{self, RetryBudget};
-use crate::state::{Active, HashSource, InFlight, Shared, View, millis};
+use crate::state::{Active, Endpoint, HashSource, InFlight, Shared, View, millis};
 use crate::upstream;
 use lb_proto::v1::RequestLogEntry;
 use opentelemetry::KeyValue;
@@ -224,6 +224,15 @@ struct Pending {
     judged: bool,
 }
 
+impl Pending {
+    /// Records the response's outcome against `endpoint`: a failure at `now`, or a success.
+    fn record(&self, endpoint: &Endpoint, failed: bool, now: Instant) {
+        endpoint.record_outcome(failed, now, &self.active.outlier, || {
+            may_eject(&self.active, now)
+        });
+    }
+}
+
 impl UpstreamResponse {
     /// Records the head's success once the body has streamed for [`VERDICT_AFTER`]; polled
     /// only while the body waits on the backend, so a body that arrives whole costs no timer.
@@ -237,10 +246,7 @@ impl UpstreamResponse {
         if verdict.as_mut().poll(cx).is_ready() {
             pending.judged = true;
             self.verdict = None;
-            let (active, at) = (&pending.active, pending.at);
-            self.in_flight
-                .endpoint()
-                .record_outcome(false, at, &active.outlier, || may_eject(active, at));
+            pending.record(self.in_flight.endpoint(), false, pending.at);
         }
     }
 }
@@ -258,14 +264,13 @@ impl Drop for UpstreamResponse {
         // unreadable framing) fails the request as surely as a 5xx head: the breaker and the
         // outlier detector count it. A body the client walked away from is no fault of the
         // backend's and counts as the success its head was.
-        if let Some(Pending { active, at, judged }) = self.pending.take() {
+        if let Some(pending) = self.pending.take() {
             let endpoint = self.in_flight.endpoint();
             if self.body.failed() {
-                let now = Instant::now();
                 endpoint.body_failed();
-                endpoint.record_outcome(true, now, &active.outlier, || may_eject(&active, now));
-            } else if !judged {
-                endpoint.record_outcome(false, at, &active.outlier, || may_eject(&active, at));
+                pending.record(endpoint, true, Instant::now());
+            } else if !pending.judged {
+                pending.record(endpoint, false, pending.at);
             }
         }
     }
