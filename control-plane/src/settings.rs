@@ -429,4 +429,22 @@ mod example_file {
         assert_eq!(s.initial.backends[0].weight, 2);
         assert_eq!(s.initial.rate_limit.unwrap().tiers.len(), 4);
     }
+
+    #[test]
+    fn the_benchmark_config_probes_the_path_the_benchmark_backends_serve() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../bench/peers-control-plane.toml");
+        let s = Settings::load(CommonArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let hc = s.initial.health_check.unwrap();
+        assert_eq!(hc.path, "/data");
+        let backend = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/backend-nginx.conf"),
+        )
+        .unwrap();
+        assert!(backend.contains(&format!("location = {} ", hc.path)));
+    }
 }
