@@ -126,6 +126,20 @@ async fn serve(
             cut.notified().await;
             return;
         }
+        if head.starts_with("GET /flood ") {
+            // A body without end, sent as fast as the connection takes it.
+            let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            let chunk = [b'x'; 16 * 1024];
+            loop {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(&chunk);
+                out.extend_from_slice(b"\r\n");
+                if conn.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+        }
         if head.starts_with("POST /early ") {
             // Refuses the body without reading it, and keeps the connection open.
             let refusal = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo much";
@@ -505,6 +519,70 @@ async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
         endpoint.circuit_state() == CircuitState::Open
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_half_open_circuit_closes_on_a_trial_its_client_reads_slowly() {
+    let backend = RawBackend::start().await;
+    let mut snapshot = snapshot_with(&[backend.addr]);
+    snapshot.circuit_breaker = Some(lb_proto::v1::CircuitBreakerPolicy {
+        failure_rate_percent: 30,
+        window_ms: 10_000,
+        min_requests: 2,
+        open_ms: 100,
+        half_open_trials: 1,
+    });
+    snapshot.outlier = Some(lb_proto::v1::OutlierPolicy {
+        consecutive_failures: 0,
+        ..lb_proto::defaults::outlier()
+    });
+    let cp = Cp::start(snapshot, None).await;
+    let dp = Dp::start(&cp.url(), "dp-1").await;
+    dp.wait_version(1).await;
+    let client = http_client();
+    for _ in 0..2 {
+        assert_eq!(get(&client, &dp.url("/fail")).await.status, 500);
+    }
+    let active = dp.shared.active().unwrap();
+    let endpoint = &active.slots[0].endpoint;
+    assert_eq!(endpoint.circuit_state(), CircuitState::Open);
+    // The trial is a download the backend could send far faster than its client takes it, so
+    // the data plane finds the next part of the body ready whenever the client makes room.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let download = loop {
+        let req = http::Request::get(dp.url("/flood"))
+            .body(Full::default())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        if resp.status() == 200 {
+            break resp;
+        }
+        assert_eq!(resp.status(), 503);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no trial was let through"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // The client reads a frame every few milliseconds; the trial is judged by its head while
+    // it streams and the circuit closes.
+    let mut body = download.into_body();
+    let mut read = 0usize;
+    while endpoint.circuit_state() != CircuitState::Closed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the circuit stayed {:?} while its trial streamed ({read} bytes read)",
+            endpoint.circuit_state()
+        );
+        let frame = http_body_util::BodyExt::frame(&mut body)
+            .await
+            .expect("the download goes on")
+            .expect("the download goes on");
+        read += frame.data_ref().map_or(0, |d| d.len());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let r = get(&client, &dp.url("/after")).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
 }
 
 #[tokio::test]

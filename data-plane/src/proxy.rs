@@ -237,13 +237,34 @@ impl UpstreamResponse {
     /// Records the head's success once the body has streamed for [`VERDICT_AFTER`]; polled
     /// only while the body waits on the backend, so a body that arrives whole costs no timer.
     fn judge_streaming(&mut self, cx: &mut Context<'_>) {
-        let Some(pending) = self.pending.as_mut().filter(|p| !p.judged) else {
+        let Some(pending) = self.pending.as_ref().filter(|p| !p.judged) else {
             return;
         };
+        let at = pending.at;
         let verdict = self
             .verdict
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(pending.at + VERDICT_AFTER)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at + VERDICT_AFTER)));
         if verdict.as_mut().poll(cx).is_ready() {
+            self.judge_by_head();
+        }
+    }
+
+    /// The same verdict, read off the clock when a frame came with more of the body to come.
+    /// A body whose backend sends faster than its client reads has a frame ready whenever it
+    /// is asked, so it never waits and its timer is never looked at. The last frame reads no
+    /// clock: a body that arrives whole costs nothing here.
+    fn judge_by_clock(&mut self) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| !p.judged && Instant::now() >= p.at + VERDICT_AFTER)
+        {
+            self.judge_by_head();
+        }
+    }
+
+    fn judge_by_head(&mut self) {
+        if let Some(pending) = self.pending.as_mut() {
             pending.judged = true;
             self.verdict = None;
             pending.record(self.in_flight.endpoint(), false, pending.at);
@@ -309,8 +330,10 @@ impl Body for ProxyBody {
                         t.finish();
                     }
                 }
-                if polled.is_pending() {
-                    u.judge_streaming(cx);
+                match &polled {
+                    Poll::Pending => u.judge_streaming(cx),
+                    Poll::Ready(Some(Ok(_))) if !u.body.is_end_stream() => u.judge_by_clock(),
+                    _ => {}
                 }
                 polled
             }
