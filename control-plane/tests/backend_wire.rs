@@ -454,8 +454,13 @@ async fn body_idle_ms_zero_lets_a_stream_stay_silent_under_a_request_timeout() {
     assert_eq!(prepared.body_idle_timeout, Some(ms(300)));
 }
 
-#[tokio::test]
-async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
+/// A data plane in front of one backend whose circuit two 500s have opened (a 30% failure rate
+/// over at least two requests, reopening after 100 ms, one trial; outlier ejection off), and
+/// the response to the first request for `path` let through as the half-open trial: a 200 head
+/// whose body is still to come. No body timeout applies, so a silent stream is not cut.
+async fn half_open_trial(
+    path: &str,
+) -> (RawBackend, Cp, Dp, http::Response<hyper::body::Incoming>) {
     let backend = RawBackend::start().await;
     let mut snapshot = snapshot_with(&[backend.addr]);
     snapshot.circuit_breaker = Some(lb_proto::v1::CircuitBreakerPolicy {
@@ -469,7 +474,6 @@ async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
         consecutive_failures: 0,
         ..lb_proto::defaults::outlier()
     });
-    // The trial below is a stream that stays silent: no body timeout may cut it.
     snapshot.timeouts = Some(lb_proto::v1::TimeoutPolicy {
         body_idle_ms: Some(0),
         ..lb_proto::defaults::timeouts()
@@ -482,13 +486,11 @@ async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
         assert_eq!(get(&client, &dp.url("/fail")).await.status, 500);
     }
     let active = dp.shared.active().unwrap();
-    let endpoint = &active.slots[0].endpoint;
-    assert_eq!(endpoint.circuit_state(), CircuitState::Open);
-    // Once open_ms has passed, the next request is the trial: a 200 head, then a body that
-    // goes on (here, silent until the backend breaks it off, as an event stream between events).
+    assert_eq!(active.slots[0].endpoint.circuit_state(), CircuitState::Open);
+    // Once open_ms has passed, the next request is the trial.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let stream = loop {
-        let req = http::Request::get(dp.url("/cut-later"))
+    let trial = loop {
+        let req = http::Request::get(dp.url(path))
             .body(Full::default())
             .unwrap();
         let resp = client.request(req).await.unwrap();
@@ -502,13 +504,23 @@ async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
+    (backend, cp, dp, trial)
+}
+
+#[tokio::test]
+async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
+    // The trial's body stays silent until the backend breaks it off, as an event stream
+    // between events.
+    let (backend, _cp, dp, stream) = half_open_trial("/cut-later").await;
+    let active = dp.shared.active().unwrap();
+    let endpoint = &active.slots[0].endpoint;
     // Judged by its head while it streams, the trial closes the circuit: traffic flows again
     // without waiting for the stream to end.
     eventually("the circuit to close while its trial streams", || {
         endpoint.circuit_state() == CircuitState::Closed
     })
     .await;
-    let r = get(&client, &dp.url("/after")).await;
+    let r = get(&http_client(), &dp.url("/after")).await;
     assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
     // The stream breaks off after all: a failure of the backend's, counted when it happens
     // (one of three in the fresh window reaches the 30% rate).
@@ -523,49 +535,14 @@ async fn a_half_open_circuit_closes_on_a_trial_that_still_streams() {
 
 #[tokio::test]
 async fn a_half_open_circuit_closes_on_a_trial_its_client_reads_slowly() {
-    let backend = RawBackend::start().await;
-    let mut snapshot = snapshot_with(&[backend.addr]);
-    snapshot.circuit_breaker = Some(lb_proto::v1::CircuitBreakerPolicy {
-        failure_rate_percent: 30,
-        window_ms: 10_000,
-        min_requests: 2,
-        open_ms: 100,
-        half_open_trials: 1,
-    });
-    snapshot.outlier = Some(lb_proto::v1::OutlierPolicy {
-        consecutive_failures: 0,
-        ..lb_proto::defaults::outlier()
-    });
-    let cp = Cp::start(snapshot, None).await;
-    let dp = Dp::start(&cp.url(), "dp-1").await;
-    dp.wait_version(1).await;
-    let client = http_client();
-    for _ in 0..2 {
-        assert_eq!(get(&client, &dp.url("/fail")).await.status, 500);
-    }
-    let active = dp.shared.active().unwrap();
-    let endpoint = &active.slots[0].endpoint;
-    assert_eq!(endpoint.circuit_state(), CircuitState::Open);
     // The trial is a download the backend could send far faster than its client takes it, so
     // the data plane finds the next part of the body ready whenever the client makes room.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let download = loop {
-        let req = http::Request::get(dp.url("/flood"))
-            .body(Full::default())
-            .unwrap();
-        let resp = client.request(req).await.unwrap();
-        if resp.status() == 200 {
-            break resp;
-        }
-        assert_eq!(resp.status(), 503);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no trial was let through"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let (_backend, _cp, dp, download) = half_open_trial("/flood").await;
+    let active = dp.shared.active().unwrap();
+    let endpoint = &active.slots[0].endpoint;
     // The client reads a frame every few milliseconds; the trial is judged by its head while
     // it streams and the circuit closes.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut body = download.into_body();
     let mut read = 0usize;
     while endpoint.circuit_state() != CircuitState::Closed {
@@ -581,7 +558,7 @@ async fn a_half_open_circuit_closes_on_a_trial_its_client_reads_slowly() {
         read += frame.data_ref().map_or(0, |d| d.len());
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let r = get(&client, &dp.url("/after")).await;
+    let r = get(&http_client(), &dp.url("/after")).await;
     assert_eq!((r.status, &r.body[..]), (200, &b"GET"[..]));
 }
 
