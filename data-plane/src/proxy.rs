@@ -263,6 +263,7 @@ impl UpstreamResponse {
         }
     }
 
+    /// Records the head's success now; the end of the body then records only a break.
     fn judge_by_head(&mut self) {
         if let Some(pending) = self.pending.as_mut() {
             pending.judged = true;
