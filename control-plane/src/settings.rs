@@ -416,15 +416,24 @@ mod tests {
 mod example_file {
     use super::*;
 
-    #[test]
-    fn the_shipped_example_config_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/config/control-plane.toml");
-        let s = Settings::load(CommonArgs {
-            config: Some(path),
+    /// A file of this repository, by its path from the root.
+    fn repo_file(relative: &str) -> PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(relative)
+    }
+
+    fn load(relative: &str) -> Settings {
+        Settings::load(CommonArgs {
+            config: Some(repo_file(relative)),
             ..Default::default()
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let s = load("deploy/config/control-plane.toml");
         assert_eq!(s.initial.backends.len(), 3);
         assert_eq!(s.initial.backends[0].weight, 2);
         assert_eq!(s.initial.rate_limit.unwrap().tiers.len(), 4);
@@ -432,19 +441,12 @@ mod example_file {
 
     #[test]
     fn the_benchmark_config_probes_the_path_the_benchmark_backends_serve() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../bench/peers-control-plane.toml");
-        let s = Settings::load(CommonArgs {
-            config: Some(path),
-            ..Default::default()
-        })
-        .unwrap();
-        let hc = s.initial.health_check.unwrap();
+        let hc = load("bench/peers-control-plane.toml")
+            .initial
+            .health_check
+            .unwrap();
         assert_eq!(hc.path, "/data");
-        let backend = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/backend-nginx.conf"),
-        )
-        .unwrap();
+        let backend = std::fs::read_to_string(repo_file("bench/backend-nginx.conf")).unwrap();
         assert!(backend.contains(&format!("location = {} ", hc.path)));
     }
 }
