@@ -443,7 +443,7 @@ async fn body_idle_ms_zero_lets_a_stream_stay_silent_under_a_request_timeout() {
     let active = dp.shared.active().unwrap();
     let ms = std::time::Duration::from_millis;
     assert_eq!(
-        (active.request_timeout, active.body_idle_timeout),
+        (active.timeouts.request, active.timeouts.body_idle),
         (Some(ms(300)), None)
     );
     // Unset, the body's wait is the request timeout's.
@@ -451,7 +451,7 @@ async fn body_idle_ms_zero_lets_a_stream_stay_silent_under_a_request_timeout() {
     unset.version = 2;
     unset.timeouts = Some(timeouts(None));
     let prepared = dp.shared.prepare(unset).unwrap();
-    assert_eq!(prepared.body_idle_timeout, Some(ms(300)));
+    assert_eq!(prepared.timeouts.body_idle, Some(ms(300)));
 }
 
 /// A data plane in front of one backend whose circuit two 500s have opened (a 30% failure rate

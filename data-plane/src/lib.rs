@@ -30,6 +30,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod redis_link;
 pub mod report;
+pub mod request_body;
 pub mod retry;
 pub mod settings;
 pub mod sniff;

@@ -13,10 +13,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
 use crate::health::{self, HealthState};
+use crate::request_body::RequestBody;
 use crate::state::{Endpoint, Shared};
 use crate::upstream::{self, IdleConns};
 
@@ -119,15 +120,18 @@ async fn probe(
         .header(http::header::USER_AGENT, "lb-health-check")
         .body(())
         .map_err(|e| format!("health check path {path:?}: {e}"))?;
-    let req = upstream::Outgoing::new(&req.into_parts().0, Either::Right(Full::default()));
+    let req = upstream::Outgoing::new(&req.into_parts().0, RequestBody::empty());
     let exchange = async {
         let resp = upstream::send(
             pool,
             0,
             &endpoint.address,
             endpoint.resolved,
-            timeout,
-            None,
+            upstream::Timeouts {
+                connect: timeout,
+                request: Some(timeout),
+                body_idle: None,
+            },
             req,
         )
         .await

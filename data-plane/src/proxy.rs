@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full, Limited};
+use http_body_util::Limited;
 use hyper::body::Incoming;
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use crate::otel::{self, Span as _};
 use crate::outlier;
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
 use crate::report::Outcome;
+use crate::request_body::{ClientBody, ClientBodyError, RequestBody};
 use crate::retry::{self, RetryBudget};
 use crate::state::{Active, Endpoint, HashSource, InFlight, Shared, View, millis};
 use crate::upstream;
@@ -122,10 +123,6 @@ impl ClientConn {
         if self.tls { "https" } else { "http" }
     }
 }
-
-/// Body of a request forwarded to a backend: the client's, streamed and bounded in size, or one
-/// made here (health checks).
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 /// Body of a response to a client: a backend's, streamed, or one made here (errors).
 // Nearly every response is a backend's: boxing that variant to shrink the rare local one would
@@ -1118,10 +1115,7 @@ async fn forward(
     let pending = upstream::Outgoing::with_fields(
         &parts,
         set,
-        Either::Left(Limited::new(
-            body,
-            usize::try_from(max_body).unwrap_or(usize::MAX),
-        )),
+        RequestBody::Client(ClientBody::new(body, max_body, active.client_body_timeout)),
     );
     drop(parts);
     // Its encoded head, to send again: a refcount, not a copy of its fields.
@@ -1134,7 +1128,6 @@ async fn forward(
         affinity,
         prio,
         &id,
-        max_body,
         max_attempts,
         has_host,
         pending,
@@ -1235,22 +1228,26 @@ async fn refresh(
         .path_and_query()
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     *req.headers_mut() = headers;
-    let req = upstream::Outgoing::new(&req.into_parts().0, Either::Right(Full::default()));
+    let req = upstream::Outgoing::new(&req.into_parts().0, RequestBody::empty());
     let Some(_in_flight) = endpoint.try_start(0, &shared.admission) else {
         return;
     };
     // Bounded even with no request timeout configured: nobody waits on a fill.
-    let timeout = active.request_timeout.unwrap_or(Duration::from_secs(30));
+    let timeout = active.timeouts.request.unwrap_or(Duration::from_secs(30));
+    let timeouts = upstream::Timeouts {
+        request: Some(timeout),
+        body_idle: Some(active.timeouts.body_idle.unwrap_or(timeout)),
+        ..active.timeouts
+    };
     let sent = upstream::send(
         &endpoint.idle,
         worker,
         &endpoint.address,
         endpoint.resolved,
-        active.connect_timeout,
-        Some(active.body_idle_timeout.unwrap_or(timeout)),
+        timeouts,
         req,
     );
-    let Ok(Ok(resp)) = tokio::time::timeout(timeout, sent).await else {
+    let Ok(resp) = sent.await else {
         fill.failed().await;
         return;
     };
@@ -1281,7 +1278,6 @@ async fn send_with_retries(
     affinity: u64,
     prio: u32,
     id: &HeaderValue,
-    max_body: u64,
     max_attempts: usize,
     has_host: bool,
     mut pending: Option<upstream::Outgoing>,
@@ -1388,19 +1384,15 @@ async fn send_with_retries(
         if !has_host && let Ok(v) = HeaderValue::from_str(endpoint.authority.as_str()) {
             upstream.set_host(v);
         }
-        let sending = upstream::send(
+        let result = upstream::send(
             &endpoint.idle,
             worker.id,
             &endpoint.address,
             endpoint.resolved,
-            active.connect_timeout,
-            active.body_idle_timeout,
+            active.timeouts,
             upstream,
-        );
-        let result = match active.request_timeout {
-            Some(t) => tokio::time::timeout(t, sending).await,
-            None => Ok(sending.await),
-        };
+        )
+        .await;
         let done = Instant::now();
         let elapsed = done.saturating_duration_since(now);
         let may_retry = |shared: &Shared| {
@@ -1414,7 +1406,7 @@ async fn send_with_retries(
         };
         let eject_ok = || may_eject(active, now);
         match result {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 let status = resp.status();
                 let failed = status.is_server_error();
                 endpoint.record(elapsed, failed, now);
@@ -1467,21 +1459,28 @@ async fn send_with_retries(
                     }),
                 );
             }
-            Ok(Err((e, returned))) => {
+            // The client's body failed: its fault, so no statistic of the backend is touched
+            // and nothing is retried.
+            Err((upstream::UpstreamError::RequestBody(e), _)) => {
+                drop(in_flight);
+                tracing::debug!(backend = %endpoint.address, request_id = ?id, cause = %e, "request body failed");
+                return client_body_refusal(shared, &e, &id);
+            }
+            Err((e, returned)) => {
                 endpoint.record(elapsed, true, now);
                 endpoint.record_outcome(true, done, &active.outlier, eject_ok);
                 drop(in_flight);
-                let cause = error_chain(&e);
-                if cause.contains("length limit exceeded") {
-                    let msg = format!("request body is larger than {max_body} bytes");
+                if let upstream::UpstreamError::Timeout(_) = e {
+                    let msg = format!("backend {} did not answer in time", endpoint.address);
                     return refuse(
                         shared,
-                        "body_too_large",
-                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "gateway_timeout",
+                        StatusCode::GATEWAY_TIMEOUT,
                         &msg,
                         &id,
                     );
                 }
+                let cause = error_chain(&e);
                 tracing::warn!(backend = %endpoint.address, request_id = ?id, cause = %cause, "backend request failed");
                 let failure = if e.not_sent() {
                     // Nothing reached a backend: the service is unavailable, not broken.
@@ -1514,19 +1513,6 @@ async fn send_with_retries(
                 }
                 return failure;
             }
-            Err(_) => {
-                endpoint.record(elapsed, true, now);
-                endpoint.record_outcome(true, done, &active.outlier, eject_ok);
-                drop(in_flight);
-                let msg = format!("backend {} did not answer in time", endpoint.address);
-                return refuse(
-                    shared,
-                    "gateway_timeout",
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &msg,
-                    &id,
-                );
-            }
         }
     }
     refuse(
@@ -1536,6 +1522,24 @@ async fn send_with_retries(
         "the request could not be sent again",
         &id,
     )
+}
+
+/// The answer to a request whose body the client failed to deliver: 413 past the size limit,
+/// 408 past the body timeout, 400 for framing that cannot be read or a client that went away
+/// (which will not read it anyway).
+fn client_body_refusal(
+    shared: &Shared,
+    e: &ClientBodyError,
+    id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let (reason, status) = match e {
+        ClientBodyError::TooLarge { .. } => ("body_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+        ClientBodyError::TimedOut(_) => ("body_timeout", StatusCode::REQUEST_TIMEOUT),
+        ClientBodyError::Invalid(_) => ("body_invalid", StatusCode::BAD_REQUEST),
+        ClientBodyError::Aborted => ("body_aborted", StatusCode::BAD_REQUEST),
+    };
+    // The server closes an HTTP/1 connection whose request body was not read to its end.
+    refuse(shared, reason, status, &e.to_string(), id)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -88,6 +88,11 @@ pub fn millis(t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
+/// How long a client has to send its whole request body when `timeouts.client_body_ms` is
+/// unset: as nginx's `client_body_timeout`, though here it bounds the whole body rather than
+/// each read, so a client trickling a byte at a time cannot hold a backend connection longer.
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Weight of the newest latency sample in the moving average.
 const LATENCY_ALPHA: f64 = 0.3;
 
@@ -378,10 +383,10 @@ pub struct Active {
     pub limits: Limits,
     pub slots: Vec<Slot>,
     pub balancer: Balancer,
-    pub connect_timeout: Duration,
-    pub request_timeout: Option<Duration>,
-    /// The longest wait for each next part of a response body (`timeouts.body_idle_ms`).
-    pub body_idle_timeout: Option<Duration>,
+    /// Connect, request and response-body timeouts towards backends.
+    pub timeouts: crate::upstream::Timeouts,
+    /// The longest a client may take to send its whole request body (`timeouts.client_body_ms`).
+    pub client_body_timeout: Option<Duration>,
 }
 
 /// A tier as the request path needs it.
@@ -732,6 +737,11 @@ impl Shared {
             Some(0) => None,
             Some(ms) => Some(Duration::from_millis(u64::from(ms))),
         };
+        let client_body_timeout = match timeouts.client_body_ms {
+            None => Some(DEFAULT_CLIENT_BODY_TIMEOUT),
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(u64::from(ms))),
+        };
         let rl = snapshot.rate_limit.clone().unwrap_or_default();
         let trusted = rl
             .trusted_proxies
@@ -772,9 +782,12 @@ impl Shared {
             snapshot,
             slots,
             balancer,
-            connect_timeout,
-            request_timeout,
-            body_idle_timeout,
+            timeouts: crate::upstream::Timeouts {
+                connect: connect_timeout,
+                request: request_timeout,
+                body_idle: body_idle_timeout,
+            },
+            client_body_timeout,
         })
     }
 

@@ -46,7 +46,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::proxy::UpstreamBody;
+use crate::request_body::{ClientBodyError, RequestBody};
 use crate::stall::Stall;
 
 /// Idle connections are closed after this long: below the usual 60-75 s keep-alive timeout of
@@ -254,10 +254,14 @@ pub enum UpstreamError {
     /// The request head could not be written: the backend has not seen the request.
     #[error("writing the request: {0}")]
     Write(std::io::Error),
-    /// The client's request body failed (too large, or the client went away) while it was
-    /// being sent.
+    /// The client's request body failed (too large, too slow, badly framed, or the client went
+    /// away) while it was being sent: the client's fault, not the backend's.
     #[error("reading the request body: {0}")]
-    RequestBody(Box<dyn std::error::Error + Send + Sync>),
+    RequestBody(ClientBodyError),
+    /// No response head within the request timeout, with nothing left to wait for from the
+    /// client.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
     /// The request was (maybe partly) sent, then the exchange failed.
     #[error("{0}")]
     Exchange(std::io::Error),
@@ -325,6 +329,24 @@ struct Home {
     worker: usize,
 }
 
+/// The timeouts of one exchange with a backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Opening a connection (and its TLS handshake).
+    pub connect: Duration,
+    /// The whole request, until the response head (none: no limit).
+    pub request: Option<Duration>,
+    /// The longest wait for each next part of the response body (none: no limit).
+    pub body_idle: Option<Duration>,
+}
+
+/// When the response head must be in, and the timeout it comes from.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    after: Duration,
+}
+
 /// Sends `req` to the backend at `addr` on a pooled connection of this worker, or a new one.
 /// On failure, a request that the backend cannot have seen is handed back, so the caller can
 /// send it elsewhere.
@@ -333,10 +355,13 @@ pub async fn send(
     worker: usize,
     addr: &str,
     resolved: Option<SocketAddr>,
-    connect_timeout: Duration,
-    idle_timeout: Option<Duration>,
+    timeouts: Timeouts,
     mut req: Outgoing,
 ) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
+    let deadline = timeouts.request.map(|after| Deadline {
+        at: Instant::now() + after,
+        after,
+    });
     // Sent once every other task the event loop has ready has run: the requests one turn of
     // the loop produces then reach each backend back to back, and the backend can take them
     // on one wake-up rather than one each. The request waits one turn of the loop at most
@@ -348,7 +373,7 @@ pub async fn send(
         let Some(conn) = pool.take(worker) else {
             break;
         };
-        match exchange(conn, req, pool, worker, idle_timeout).await {
+        match exchange(conn, req, pool, worker, deadline, timeouts.body_idle).await {
             // Not written: the connection was going away. Try the next one.
             Err((UpstreamError::Write(_), Some(r))) => req = r,
             done => return done,
@@ -356,8 +381,16 @@ pub async fn send(
     }
     // Boxed: a connect (with its TLS handshake) is a large future, and rare on pooled
     // connections; inline it would make every request's future, moved per request, that large.
-    match Box::pin(connect(addr, resolved, connect_timeout, &pool.transport)).await {
-        Ok(conn) => exchange(conn, req, pool, worker, idle_timeout).await,
+    let connecting = Box::pin(connect(addr, resolved, timeouts.connect, &pool.transport));
+    let connected = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.at, connecting).await {
+            Ok(c) => c,
+            Err(_) => return Err((UpstreamError::Timeout(d.after), Some(req))),
+        },
+        None => connecting.await,
+    };
+    match connected {
+        Ok(conn) => exchange(conn, req, pool, worker, deadline, timeouts.body_idle).await,
         Err(e) => Err((e, Some(req))),
     }
 }
@@ -384,13 +417,13 @@ pub struct Outgoing {
     /// A `Host` field to add (the backend's own name, for a client that sent none).
     host: Option<HeaderValue>,
     out: Out,
-    body: UpstreamBody,
+    body: RequestBody,
 }
 
 impl Outgoing {
     /// Encodes `parts` as an HTTP/1.1 head with an origin-form target and the framing `body`
     /// needs: none, the client's `Content-Length`, an exact size, or chunked.
-    pub fn new(parts: &http::request::Parts, body: UpstreamBody) -> Outgoing {
+    pub fn new(parts: &http::request::Parts, body: RequestBody) -> Outgoing {
         Outgoing::with_fields(parts, &[], body)
     }
 
@@ -399,7 +432,7 @@ impl Outgoing {
     pub fn with_fields(
         parts: &http::request::Parts,
         set: &[(&HeaderName, Option<&HeaderValue>)],
-        body: UpstreamBody,
+        body: RequestBody,
     ) -> Outgoing {
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -456,7 +489,7 @@ impl Outgoing {
             head: head.clone(),
             host: None,
             out: Out::None,
-            body: http_body_util::Either::Right(http_body_util::Full::default()),
+            body: RequestBody::empty(),
         }
     }
 
@@ -491,18 +524,34 @@ impl Outgoing {
 /// Writes the request and reads the response head on `conn`. A request body is sent while the
 /// response is awaited and, if the response starts first, while it streams (a backend may echo
 /// a body as it reads it).
+///
+/// When the deadline passes with the upload waiting for more of the client's body, the client
+/// is the one late: that is its failure ([`UpstreamError::RequestBody`]), not the backend's.
 async fn exchange(
     mut conn: Conn,
     req: Outgoing,
     pool: &Arc<IdleConns>,
     worker: usize,
+    deadline: Option<Deadline>,
     idle_timeout: Option<Duration>,
 ) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
     let written = async {
         conn.io.write_all(&req.wire()).await?;
         conn.io.flush().await
     };
-    if let Err(e) = written.await {
+    let written = match deadline {
+        Some(d) => tokio::time::timeout_at(d.at, written)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => written.await,
+    };
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::TimedOut
+            && let Some(d) = deadline
+        {
+            // The head may be partly written: the request cannot go elsewhere.
+            return Err((UpstreamError::Timeout(d.after), None));
+        }
         return Err((UpstreamError::Write(e), Some(req)));
     }
     let Outgoing {
@@ -517,6 +566,7 @@ async fn exchange(
         failed: None,
     });
 
+    let mut timer = pin!(deadline.map(|d| tokio::time::sleep_until(d.at)));
     let parsed = std::future::poll_fn(|cx| {
         if let Some(up) = upload.as_mut() {
             match up.poll(&mut conn.io, cx) {
@@ -527,14 +577,26 @@ async fn exchange(
                 Poll::Ready(Err(_)) | Poll::Pending => {}
             }
         }
-        poll_head(&mut conn, head_only, cx).map(|r| {
+        let head = poll_head(&mut conn, head_only, cx).map(|r| {
             r.map_err(|e| match upload.as_mut().and_then(|u| u.failed.take()) {
                 Some(w) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     UpstreamError::Exchange(w)
                 }
                 _ => UpstreamError::Exchange(e),
             })
-        })
+        });
+        if head.is_pending()
+            && let (Some(t), Some(d)) = (timer.as_mut().as_pin_mut(), deadline)
+            && t.poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(match &upload {
+                Some(up) if up.body.waiting_on_client() => {
+                    UpstreamError::RequestBody(ClientBodyError::TimedOut(d.after))
+                }
+                _ => UpstreamError::Timeout(d.after),
+            }));
+        }
+        head
     })
     .await;
     let (resp, framing, reusable) = parsed.map_err(|e| (e, None))?;
@@ -558,7 +620,7 @@ enum Sending {
 
 /// A request body on its way to the backend, driven by whoever waits on the response.
 struct Upload {
-    body: UpstreamBody,
+    body: RequestBody,
     out: Out,
     /// Framed bytes not yet written.
     pending: Bytes,
@@ -863,13 +925,16 @@ pub struct Body {
     idle_timeout: Option<Duration>,
     /// Times a wait on the backend.
     stall: Stall,
+    /// The client's request body failed while the response streamed: whatever becomes of the
+    /// response is not the backend's doing.
+    client_fault: bool,
 }
 
 impl Body {
     /// The backend broke off this body: its connection failed or closed before the end, it
     /// stalled past the idle timeout, or its framing could not be read.
     pub fn failed(&self) -> bool {
-        matches!(self.state, State::Failed)
+        matches!(self.state, State::Failed) && !self.client_fault
     }
 
     fn new(
@@ -883,6 +948,7 @@ impl Body {
             upload,
             idle_timeout,
             stall: Stall::default(),
+            client_fault: false,
             conn: Some(conn),
             state: match framing {
                 Framing::Empty => State::Done,
@@ -1089,10 +1155,12 @@ impl http_body::Body for Body {
         let this = self.get_mut();
         // An upload that fails stays in place, so the connection is not reused; whatever the
         // backend still sends is passed on.
-        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut())
-            && let Poll::Ready(Ok(())) = up.poll(&mut conn.io, cx)
-        {
-            this.upload = None;
+        if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            match up.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(UpstreamError::RequestBody(_))) => this.client_fault = true,
+                Poll::Ready(Err(_)) | Poll::Pending => {}
+            }
         }
         loop {
             match this.decode() {

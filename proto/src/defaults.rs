@@ -144,6 +144,7 @@ pub fn timeouts() -> TimeoutPolicy {
         connect_ms: 1_000,
         request_ms: 30_000,
         body_idle_ms: None,
+        client_body_ms: None,
     }
 }
 

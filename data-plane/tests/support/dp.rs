@@ -129,16 +129,21 @@ impl Dp {
 
     /// A series' value in the data plane's metrics.
     pub fn metric(&self, series: &str) -> f64 {
+        self.metric_or_none(series)
+            .unwrap_or_else(|| panic!("no {series} in\n{}", self.shared.render_metrics()))
+    }
+
+    /// A series' value, if the data plane has it yet.
+    pub fn metric_or_none(&self, series: &str) -> Option<f64> {
         let text = self.shared.render_metrics();
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
     }
 
     /// Waits for a series to reach a value: the proxy counts after the client sees the effect.
     pub async fn wait_metric(&self, series: &str, value: f64) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.metric(series) < value {
+        while self.metric_or_none(series).unwrap_or(0.0) < value {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{series} stayed below {value}"
