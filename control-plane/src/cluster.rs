@@ -105,7 +105,7 @@ pub struct ControlPlane {
     /// The data planes' reports, added up.
     pub traffic: crate::traffic::Traffic,
     /// Span export for Admin calls, set once at start when configured.
-    pub tracer: std::sync::OnceLock<Arc<data_plane::otel::Tracing>>,
+    pub tracer: std::sync::OnceLock<Arc<data_plane::telemetry::otel::Tracing>>,
     /// Where reports from this control plane's data planes are also sent, for other control
     /// planes to add up (set when the state is in Redis).
     pub report_sink: std::sync::OnceLock<tokio::sync::mpsc::Sender<lb_proto::v1::StatsReport>>,

@@ -54,10 +54,13 @@ pub fn random_token() -> String {
 }
 
 /// Exports a span for every Admin call from now on (call before [`serve`]).
-pub fn start_tracing(cp: &ControlPlane, settings: Option<&data_plane::otel::TraceSettings>) {
+pub fn start_tracing(
+    cp: &ControlPlane,
+    settings: Option<&data_plane::telemetry::otel::TraceSettings>,
+) {
     let Some(settings) = settings else { return };
-    let instance = data_plane::settings::default_node_id();
-    match data_plane::otel::Tracing::start(settings, "control-plane", &instance) {
+    let instance = data_plane::config::settings::default_node_id();
+    match data_plane::telemetry::otel::Tracing::start(settings, "control-plane", &instance) {
         Ok(t) => {
             let _ = cp.tracer.set(Arc::new(t));
         }

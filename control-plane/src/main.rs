@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::{dev, random_token};
-use data_plane::telemetry::{init_tracing, shutdown_signal};
+use data_plane::telemetry::logging::{init_tracing, shutdown_signal};
 
 #[derive(Parser)]
 #[command(

@@ -20,7 +20,7 @@
 //!
 //! A `rediss://` URL is reached over TLS (rustls), the certificate checked against the
 //! `redis_ca` file when set, else the system's roots. A `redis+cluster://` URL names a Redis
-//! Cluster ([`data_plane::redis_link`]): the state key and the save script live in one slot,
+//! Cluster ([`data_plane::redis`]): the state key and the save script live in one slot,
 //! a cluster carries published messages to every node, so the follower subscribes on any node
 //! (the next one listed after a failure), and listing bans scans every primary.
 //!
@@ -31,7 +31,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use data_plane::redis_link::{RedisConn, RedisTarget, Scan, Timeouts};
+use data_plane::redis::{RedisConn, RedisTarget, Scan, Timeouts};
 use lb_proto::v1::{BanInfo, StoredState};
 use prost::Message;
 use tokio::sync::watch;

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use data_plane::metrics::TlsMetrics;
+use data_plane::telemetry::metrics::TlsMetrics;
 use data_plane::tls::{Tls, TlsError, TlsFiles};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

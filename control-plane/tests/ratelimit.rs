@@ -41,7 +41,7 @@ fn ip_limit(requests: u64) -> impl FnOnce(&mut ConfigSnapshot) {
 }
 
 fn hash(key: &str) -> String {
-    data_plane::identity::hash_key(key.as_bytes())
+    data_plane::ratelimit::identity::hash_key(key.as_bytes())
 }
 
 /// `n` concurrent GETs spread over the data planes; their statuses and headers.

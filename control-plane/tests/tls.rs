@@ -286,12 +286,12 @@ async fn a_data_plane_with_the_wrong_ca_gets_nothing_and_keeps_trying() {
     assert_eq!(cp.cp.snapshot().version, 1);
 
     // What the data plane logs names the certificate problem, not just "transport error".
-    let e = data_plane::discovery::endpoint(&dp.shared.settings)
+    let e = data_plane::control::discovery::endpoint(&dp.shared.settings)
         .unwrap()
         .connect()
         .await
         .unwrap_err();
-    let cause = data_plane::discovery::error_chain(&e);
+    let cause = data_plane::control::discovery::error_chain(&e);
     assert!(
         cause.contains("invalid peer certificate") && cause.contains("UnknownIssuer"),
         "{cause}"

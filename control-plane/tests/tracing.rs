@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use control_plane::ControlPlane;
 use control_plane::store::MemoryStore;
-use data_plane::otel::TraceSettings;
+use data_plane::telemetry::otel::TraceSettings;
 use lb_proto::v1::GetConfigRequest;
 use mock_backends::MockBackends;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{

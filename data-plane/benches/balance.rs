@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use data_plane::balance::{Balancer, Candidates, hash_bytes};
+use data_plane::policy::balance::{Balancer, Candidates, hash_bytes};
 
 const BACKENDS: usize = 100;
 

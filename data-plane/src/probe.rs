@@ -3,7 +3,7 @@
 //! taken out of that data plane's rotation only. One task per backend; the first probe is spread
 //! over one interval and each later one jittered, so data planes and backends never fall into
 //! lockstep. A probe that errors, answers garbage, hangs past the timeout or answers a status
-//! outside 200-399 counts as a failure; the flip itself is [`crate::health::HealthState`]'s call.
+//! outside 200-399 counts as a failure; the flip itself is [`crate::policy::health::HealthState`]'s call.
 //!
 //! Probes open their connections as the proxy does ([`crate::upstream`]: plain, or TLS with the
 //! same roots and name checks), on a keep-alive connection of their own per backend, so a
@@ -16,9 +16,9 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use tokio::task::JoinHandle;
 
-use crate::health::{self, HealthState};
-use crate::request_body::RequestBody;
+use crate::policy::health::{self, HealthState};
 use crate::state::{Endpoint, Shared};
+use crate::upstream::request_body::RequestBody;
 use crate::upstream::{self, IdleConns};
 
 /// Largest probe answer read; a backend streaming an endless health body is cut off there.

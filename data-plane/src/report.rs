@@ -21,8 +21,8 @@ use lb_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::backoff::Backoff;
-use crate::breaker;
+use crate::policy::backoff::Backoff;
+use crate::policy::breaker;
 use crate::ratelimit::unix_ms;
 use crate::state::{Shared, millis};
 
@@ -242,7 +242,7 @@ pub async fn run(shared: Arc<Shared>, node: Node, mut stop: watch::Receiver<bool
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let session = async {
-            let channel = crate::discovery::endpoint(&shared.settings)?
+            let channel = crate::control::discovery::endpoint(&shared.settings)?
                 .connect()
                 .await?;
             let (tx, rx) = mpsc::channel::<StatsReport>(4);
@@ -275,7 +275,7 @@ pub async fn run(shared: Arc<Shared>, node: Node, mut stop: watch::Receiver<bool
             _ = stop.wait_for(|s| *s) => return,
         };
         if let Err(e) = result {
-            tracing::debug!(cause = %crate::discovery::error_chain(&*e), "report stream ended");
+            tracing::debug!(cause = %crate::control::discovery::error_chain(&*e), "report stream ended");
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}

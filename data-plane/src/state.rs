@@ -21,14 +21,14 @@ use prometheus::Histogram;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::admission::Admission;
-use crate::balance::{Balancer, Candidates};
-use crate::breaker::{Breaker, CircuitState};
-use crate::metrics::{BackendSample, Metrics};
-use crate::outlier::Outlier;
+use crate::config::settings::Settings;
+use crate::policy::admission::Admission;
+use crate::policy::balance::{Balancer, Candidates};
+use crate::policy::breaker::{Breaker, CircuitState};
+use crate::policy::outlier::Outlier;
 use crate::ratelimit::Limiter;
 use crate::ratelimit::gcra::{BanRule, Rate};
-use crate::settings::Settings;
+use crate::telemetry::metrics::{BackendSample, Metrics};
 use crate::upstream::{IdleConns, Transport};
 
 /// One backend's live counters, shared by every snapshot that lists it.
@@ -549,7 +549,7 @@ pub struct Shared {
     directives_seen: AtomicU64,
     applied: watch::Sender<u64>,
     /// Span export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
-    pub tracer: Option<crate::otel::Tracing>,
+    pub tracer: Option<crate::telemetry::otel::Tracing>,
     /// The proxy listener's TLS, when configured; an error here stops `run` before it serves.
     tls: Option<Result<Arc<crate::tls::Tls>, crate::tls::TlsError>>,
     /// TLS to backends, when configured; an error here stops `run` likewise.
@@ -577,7 +577,7 @@ impl Shared {
                 .inspect_err(|e| tracing::error!(cause = %e, "backend TLS not usable"))
         });
         let tracer = settings.tracing.as_ref().and_then(|t| {
-            crate::otel::Tracing::start(t, "data-plane", &settings.node_id)
+            crate::telemetry::otel::Tracing::start(t, "data-plane", &settings.node_id)
                 .inspect_err(|e| tracing::error!(cause = %e, "traces are not exported"))
                 .ok()
         });

@@ -221,7 +221,10 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
     // The error the proxy logs names the check that failed, and counts as a connect failure
     // (the request is handed back, unsent).
     let (parts, ()) = Request::get("/").body(()).unwrap().into_parts();
-    let req = upstream::Outgoing::new(&parts, data_plane::request_body::RequestBody::empty());
+    let req = upstream::Outgoing::new(
+        &parts,
+        data_plane::upstream::request_body::RequestBody::empty(),
+    );
     let Err((e, returned)) = upstream::send(
         &endpoint.idle,
         0,

@@ -15,7 +15,7 @@ use data_plane::cache::shared::{self, INDEX_PATHS};
 use data_plane::cache::{
     Cache, CacheRequest, Entry, Fill, Lookup, Policy, Purge, SharedError, Tier, policy,
 };
-use data_plane::redis_link::RedisConn;
+use data_plane::redis::RedisConn;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use tokio::task::JoinSet;

@@ -96,7 +96,7 @@ fn assert_backends_untouched(dp: &Dp) {
         );
         assert_eq!(
             e.circuit_state(),
-            data_plane::breaker::CircuitState::Closed,
+            data_plane::policy::breaker::CircuitState::Closed,
             "{} circuit",
             e.address
         );

@@ -7,7 +7,7 @@ mod redis_server;
 use data_plane::ratelimit::gcra::{BanRule, Decision, Rate, Verdict};
 use data_plane::ratelimit::memory::MemoryStore;
 use data_plane::ratelimit::redis as rl;
-use data_plane::redis_link::RedisConn;
+use data_plane::redis::RedisConn;
 use redis_server::RedisServer;
 
 const FREE: Rate = Rate {

@@ -29,7 +29,7 @@ use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::redis_link::RedisConn;
+use crate::redis::RedisConn;
 use bytes::Bytes;
 use http::HeaderMap;
 use redis::{RedisResult, Script};
@@ -306,7 +306,7 @@ pub async fn purge_key(conn: &mut RedisConn, primary: &Digest32) -> Result<u64, 
 /// On Redis Cluster every primary is scanned.
 pub async fn purge_all(conn: &mut RedisConn) -> Result<u64, SharedError> {
     let pattern = format!("{REDIS_PREFIX}*");
-    let mut scan = timed(crate::redis_link::Scan::start(conn, &pattern, 1000)).await?;
+    let mut scan = timed(crate::redis::Scan::start(conn, &pattern, 1000)).await?;
     let mut removed = 0;
     while let Some(keys) = timed(scan.next(conn)).await? {
         if !keys.is_empty() {

@@ -30,7 +30,7 @@ impl Default for MemoryStore {
 
 impl MemoryStore {
     fn shard(&self, identity: &str) -> std::sync::MutexGuard<'_, HashMap<String, ClientState>> {
-        let i = (crate::balance::hash_bytes(identity.as_bytes()) as usize) % SHARDS;
+        let i = (crate::policy::balance::hash_bytes(identity.as_bytes()) as usize) % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 

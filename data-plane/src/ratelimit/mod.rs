@@ -10,9 +10,10 @@
 //!
 //! A `rediss://` URL is reached over TLS (rustls, through the redis crate), with the Redis
 //! certificate checked against the `redis_ca` file when set, else the system's roots; a
-//! `redis+cluster://` URL names a Redis Cluster ([`crate::redis_link`]).
+//! `redis+cluster://` URL names a Redis Cluster ([`crate::redis`]).
 
 pub mod gcra;
+pub mod identity;
 pub mod memory;
 pub mod redis;
 
@@ -48,8 +49,8 @@ pub enum Source {
     Closed,
 }
 
-pub use crate::redis_link::RedisTarget;
-use crate::redis_link::{RedisConn, Timeouts};
+pub use crate::redis::RedisTarget;
+use crate::redis::{RedisConn, Timeouts};
 
 /// A data plane's limiter: the in-process store and the state of its link to Redis.
 pub struct Limiter {

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use crate::redis_link::RedisConn;
+use crate::redis::RedisConn;
 
 use super::gcra::{BanRule, Decision, Rate, Verdict};
 

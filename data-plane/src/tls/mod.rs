@@ -31,7 +31,7 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::metrics::TlsMetrics;
+use crate::telemetry::metrics::TlsMetrics;
 pub use x509::CertInfo;
 
 /// How often the files are checked for changes.

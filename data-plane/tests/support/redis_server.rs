@@ -139,8 +139,8 @@ impl RedisServer {
     }
 
     /// A reconnecting connection, as the data planes hold.
-    pub async fn manager(&self) -> data_plane::redis_link::RedisConn {
-        data_plane::redis_link::RedisConn::One(
+    pub async fn manager(&self) -> data_plane::redis::RedisConn {
+        data_plane::redis::RedisConn::One(
             redis::aio::ConnectionManager::new(self.client())
                 .await
                 .unwrap(),
@@ -371,13 +371,13 @@ impl RedisCluster {
     }
 
     /// A cluster connection, as the data planes hold.
-    pub async fn conn(&self) -> data_plane::redis_link::RedisConn {
-        let target = data_plane::redis_link::RedisTarget {
+    pub async fn conn(&self) -> data_plane::redis::RedisConn {
+        let target = data_plane::redis::RedisTarget {
             url: self.url(),
             root_ca: self.nodes[0].tls_ca.clone().map(std::sync::Arc::from),
         };
         target
-            .connect(data_plane::redis_link::Timeouts {
+            .connect(data_plane::redis::Timeouts {
                 connect: Duration::from_secs(2),
                 response: Duration::from_secs(2),
                 retries: 2,

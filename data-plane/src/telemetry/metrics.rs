@@ -40,7 +40,7 @@ pub struct Metrics {
     pub config_updates: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub connections: IntGauge,
-    /// Client connections open, by proxy worker thread (see [`crate::spread`]).
+    /// Client connections open, by proxy worker thread (see [`crate::server::spread`]).
     pub worker_connections: IntGaugeVec,
     /// Time requests spent in the priority queue waiting for a backend with room.
     pub queue_wait: Histogram,

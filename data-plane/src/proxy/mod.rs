@@ -23,18 +23,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::admission::Shed;
-use crate::balance::hash_bytes;
 use crate::cache::{Entry, Fill, Lookup, NotStored, X_CACHE};
-use crate::identity;
-use crate::otel::{self, Span as _};
-use crate::outlier;
+use crate::policy::admission::Shed;
+use crate::policy::balance::hash_bytes;
+use crate::policy::outlier;
+use crate::policy::retry::{self, RetryBudget};
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
+use crate::ratelimit::identity;
 use crate::report::Outcome;
-use crate::request_body::{ClientBody, ClientBodyError, RequestBody};
-use crate::retry::{self, RetryBudget};
 use crate::state::{Active, Endpoint, HashSource, InFlight, Shared, View, millis};
+use crate::telemetry::otel::{self, Span as _};
 use crate::upstream;
+use crate::upstream::request_body::{ClientBody, ClientBodyError, RequestBody};
 use lb_proto::v1::RequestLogEntry;
 use opentelemetry::KeyValue;
 
@@ -46,7 +46,7 @@ pub struct Worker {
     /// This thread's retry budget (a share of its own traffic).
     pub budget: std::sync::Mutex<RetryBudget>,
     /// This thread's connection to the shared rate-limit store, if one is configured.
-    pub redis: Option<crate::redis_link::RedisConn>,
+    pub redis: Option<crate::redis::RedisConn>,
     /// Rate-limit decisions through Redis, batched per thread.
     limits: Option<crate::ratelimit::Batcher>,
     /// This thread's handle on the configuration in force, and its version.
@@ -153,7 +153,7 @@ pub struct UpstreamResponse {
 /// waiting for it).
 pub struct Tee {
     fill: Option<Fill>,
-    redis: Option<crate::redis_link::RedisConn>,
+    redis: Option<crate::redis::RedisConn>,
     status: StatusCode,
     headers: HeaderMap,
     buf: bytes::BytesMut,
@@ -1199,7 +1199,7 @@ fn cached(resp: Response<Bytes>, id: &HeaderValue, quota: Option<&Quota>) -> Res
 /// its body read up to the entry bound, stored through `fill`.
 async fn refresh(
     shared: Arc<Shared>,
-    redis: Option<crate::redis_link::RedisConn>,
+    redis: Option<crate::redis::RedisConn>,
     worker: usize,
     fill: Fill,
     uri: Uri,

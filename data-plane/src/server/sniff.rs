@@ -16,7 +16,7 @@ use hyper::rt::ReadBufCursor;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::stall::Stall;
+use crate::clock::Stall;
 
 /// How an HTTP/2 client opens every connection.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

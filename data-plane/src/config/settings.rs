@@ -176,7 +176,7 @@ pub struct Settings {
     /// Presented on `Discovery` calls when the control plane requires it (`LB_CLUSTER_TOKEN`).
     pub cluster_token: Option<String>,
     /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
-    pub tracing: Option<crate::otel::TraceSettings>,
+    pub tracing: Option<crate::telemetry::otel::TraceSettings>,
     /// Certificate and key of the proxy listener; `None` is plain HTTP.
     pub tls: Option<TlsFiles>,
     /// TLS to backends (the CA file and name override); `None` is plain HTTP.
@@ -347,7 +347,7 @@ impl Settings {
             cluster_token: std::env::var("LB_CLUSTER_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
-            tracing: crate::otel::TraceSettings::from_env().map_err(|message| {
+            tracing: crate::telemetry::otel::TraceSettings::from_env().map_err(|message| {
                 SettingsError::Invalid {
                     key: "tracing",
                     message,
@@ -413,7 +413,7 @@ impl Settings {
             return invalid("send_timeout_ms", "must be at least 1");
         }
         if let Some(r) = &self.redis
-            && let Err(e) = crate::redis_link::endpoints(r)
+            && let Err(e) = crate::redis::endpoints(r)
         {
             return invalid("redis", &e.0);
         }
@@ -421,7 +421,7 @@ impl Settings {
             && !self
                 .redis
                 .as_ref()
-                .is_some_and(|r| crate::redis_link::RedisTarget::new(r.as_str()).is_tls())
+                .is_some_and(|r| crate::redis::RedisTarget::new(r.as_str()).is_tls())
         {
             return invalid(
                 "redis_ca",

@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::breaker::CircuitState;
+use crate::policy::breaker::CircuitState;
 use crate::state::{Shared, millis};
 
 pub fn router(shared: Arc<Shared>) -> Router {

@@ -26,6 +26,8 @@
 //! error); otherwise until the backend closes. A connection is reused only after an HTTP/1.1
 //! response without `Connection: close`, read exactly to its end.
 
+pub mod request_body;
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,8 +48,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::request_body::{ClientBodyError, RequestBody};
-use crate::stall::Stall;
+use crate::clock::Stall;
+use request_body::{ClientBodyError, RequestBody};
 
 /// Idle connections are closed after this long: below the usual 60-75 s keep-alive timeout of
 /// backend servers, so the pool rarely hands out a connection the backend is closing.

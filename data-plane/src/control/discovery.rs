@@ -24,8 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::backoff::Backoff;
-use crate::settings::Settings;
+use crate::config::settings::Settings;
+use crate::policy::backoff::Backoff;
 use crate::state::Shared;
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";

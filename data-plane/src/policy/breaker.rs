@@ -3,7 +3,7 @@
 //! `open_ms`, admitting `half_open_trials` trial requests → closed if every trial succeeds, open
 //! again on any failure.
 //!
-//! Where outlier detection ([`crate::outlier`]) reacts to runs of failures, the breaker reacts
+//! Where outlier detection ([`crate::policy::outlier`]) reacts to runs of failures, the breaker reacts
 //! to a rate, so it also catches a backend that fails one request in two. `min_requests` keeps
 //! it from opening on two failures out of three at low traffic.
 //!

@@ -4,7 +4,7 @@
 //!
 //! A backend starts healthy. Holding new backends back until a first probe passes would delay
 //! every scale-out and every data-plane restart by up to one interval, while a backend that is in
-//! fact down is caught within a few requests by passive outlier detection ([`crate::outlier`]).
+//! fact down is caught within a few requests by passive outlier detection ([`crate::policy::outlier`]).
 //! The price is a few failed requests when a dead backend is added, which retries absorb.
 //!
 //! The state flips only after a run of identical results (hysteresis), so one lost probe does

@@ -5,7 +5,7 @@
 //!
 //! Counting consecutive failures rather than a rate reacts within a handful of requests at any
 //! traffic level and needs no window; the trade-off is that a backend failing every other
-//! request is never ejected here. The circuit breaker ([`crate::breaker`]) covers that case.
+//! request is never ejected here. The circuit breaker ([`crate::policy::breaker`]) covers that case.
 //!
 //! Ejection is capped by a share of the backends ([`max_ejected`]): a fault that makes every
 //! backend fail (a bad deploy, a shared database down) must not empty the pool, since serving
