@@ -584,7 +584,7 @@ async fn a_backend_that_cuts_bodies_short_is_ejected() {
     eventually(
         "a backend to be ejected for the bodies it cut short",
         || {
-            let now = data_plane::state::millis(tokio::time::Instant::now());
+            let now = data_plane::clock::millis(tokio::time::Instant::now());
             active.slots.iter().any(|s| s.endpoint.is_ejected(now))
         },
     )

@@ -93,7 +93,7 @@ impl Load {
 fn backend_state(dp: &Dp, i: usize) -> (bool, bool) {
     let active = dp.shared.active().unwrap();
     let e = &active.slots[i].endpoint;
-    let now = data_plane::state::millis(tokio::time::Instant::now());
+    let now = data_plane::clock::millis(tokio::time::Instant::now());
     (e.is_healthy(), e.is_ejected(now))
 }
 

@@ -17,18 +17,17 @@
 //! - [`clock`]: process time for atomics, wall-clock time, stall timers.
 //! - [`common`]: what the control plane shares with the data plane.
 
+pub mod backend;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod control;
 pub mod policy;
-pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
-pub mod report;
 pub mod server;
-pub mod state;
+pub mod shared;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
@@ -41,7 +40,7 @@ use tokio::sync::watch;
 
 pub use config::settings::{Args, Settings};
 pub use server::listen;
-pub use state::Shared;
+pub use shared::Shared;
 
 /// Runs a data plane on bound listeners until `shutdown` resolves, then stops accepting and
 /// gives requests in flight up to the drain timeout to finish.
@@ -76,7 +75,7 @@ pub async fn run_shared(
         Arc::clone(&shared),
         stop_rx.clone(),
     ));
-    let reports = tokio::spawn(report::run(
+    let reports = tokio::spawn(control::report::run(
         Arc::clone(&shared),
         control::discovery::node(&shared),
         stop_rx.clone(),
@@ -86,10 +85,15 @@ pub async fn run_shared(
         let shared = Arc::clone(&shared);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let prober = probe::Prober::default();
+            let prober = backend::probe::Prober::default();
             let mut applied = shared.applied_version();
             loop {
-                prober.sync(&shared);
+                if let Some(active) = shared.active() {
+                    prober.sync(
+                        active.slots.iter().map(|s| &s.endpoint),
+                        active.snapshot.health_check.clone(),
+                    );
+                }
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() { break },
                     _ = stop.wait_for(|s| *s) => break,

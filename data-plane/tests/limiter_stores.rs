@@ -264,7 +264,7 @@ async fn time_zero_is_the_redis_servers_clock() {
         .await
         .unwrap();
     let tat: f64 = state.split(' ').next().unwrap().parse().unwrap();
-    let now = data_plane::ratelimit::unix_ms() as f64;
+    let now = data_plane::clock::unix_ms() as f64;
     assert!(
         tat > now && tat < now + 61_000.0,
         "tat {tat} against now {now}"

@@ -26,7 +26,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::config::settings::Settings;
 use crate::policy::backoff::Backoff;
-use crate::state::Shared;
+use crate::shared::Shared;
 
 const SNAPSHOT_FILE: &str = "snapshot.pb";
 /// Bound on the TCP connect and, separately, the TLS handshake to the control plane: a control

@@ -23,16 +23,19 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backend::{Endpoint, InFlight};
 use crate::cache::{Entry, Fill, Lookup, NotStored, X_CACHE};
+use crate::clock::millis;
+use crate::config::active::{Active, HashSource, View};
 use crate::policy::admission::Shed;
 use crate::policy::balance::hash_bytes;
 use crate::policy::outlier;
 use crate::policy::retry::{self, RetryBudget};
 use crate::ratelimit::gcra::{Decision, Rate, Verdict};
 use crate::ratelimit::identity;
-use crate::report::Outcome;
-use crate::state::{Active, Endpoint, HashSource, InFlight, Shared, View, millis};
+use crate::shared::Shared;
 use crate::telemetry::otel::{self, Span as _};
+use crate::telemetry::report::Outcome;
 use crate::upstream;
 use crate::upstream::request_body::{ClientBody, ClientBodyError, RequestBody};
 use lb_proto::v1::RequestLogEntry;
@@ -195,7 +198,7 @@ impl Tee {
                     status,
                     &headers,
                     body,
-                    crate::ratelimit::unix_ms(),
+                    crate::clock::unix_ms(),
                 )
                 .await;
         });
@@ -510,7 +513,7 @@ pub async fn handle(
     }
     if let Some((method, path)) = head {
         shared.reporter.log(RequestLogEntry {
-            timestamp_ms: crate::ratelimit::unix_ms(),
+            timestamp_ms: crate::clock::unix_ms(),
             request_id: resp
                 .headers()
                 .get(&X_REQUEST_ID)
@@ -688,7 +691,7 @@ fn choose(active: &Active, affinity: u64, now_ms: u64, tried: &[usize], worker: 
     if let Some(i) = active.balancer.pick(&view, affinity) {
         return Choice::Backend(i);
     }
-    let live: Vec<&crate::state::Slot> = active
+    let live: Vec<&crate::config::active::Slot> = active
         .slots
         .iter()
         .enumerate()
@@ -707,7 +710,7 @@ fn choose(active: &Active, affinity: u64, now_ms: u64, tried: &[usize], worker: 
             "no other backend is left to try".to_owned()
         });
     }
-    let closed: Vec<&&crate::state::Slot> = live
+    let closed: Vec<&&crate::config::active::Slot> = live
         .iter()
         .filter(|s| s.endpoint.circuit_open_until(now_ms).is_none())
         .collect();
@@ -1026,7 +1029,7 @@ async fn forward(
         match cache.request(&parts.method, &parts.uri, &parts.headers) {
             Err(_) => cache_label = Some("BYPASS"),
             Ok(creq) => {
-                let now_ms = crate::ratelimit::unix_ms();
+                let now_ms = crate::clock::unix_ms();
                 // Boxed: a lookup that may go to Redis is a large future, which inline would
                 // enlarge every request's, cacheable or not.
                 match Box::pin(cache.lookup(worker.redis.as_ref(), &creq, &parts.headers, now_ms))
@@ -1145,7 +1148,7 @@ async fn forward(
             tokio::spawn(f.failed());
         }
         let mut r = cached(
-            entry.response(&req_headers, head, crate::ratelimit::unix_ms()),
+            entry.response(&req_headers, head, crate::clock::unix_ms()),
             &id,
             None,
         );
@@ -1154,7 +1157,7 @@ async fn forward(
         return r;
     }
     if let Some(f) = fill {
-        let now_ms = crate::ratelimit::unix_ms();
+        let now_ms = crate::clock::unix_ms();
         let status = resp.status();
         let checked = f.check(status, resp.headers(), now_ms);
         let headers = resp.headers().clone();
@@ -1261,7 +1264,7 @@ async fn refresh(
                     parts.status,
                     &parts.headers,
                     b.to_bytes(),
-                    crate::ratelimit::unix_ms(),
+                    crate::clock::unix_ms(),
                 )
                 .await;
         }

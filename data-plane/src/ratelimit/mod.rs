@@ -18,7 +18,9 @@ pub mod memory;
 pub mod redis;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::unix_ms;
 
 use lb_proto::v1::StoreFailureMode;
 
@@ -31,12 +33,6 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a failed Redis call, requests are decided locally this long before Redis is tried
 /// again, so a dead Redis costs one timeout per interval, not one per request.
 pub const REDIS_RETRY: Duration = Duration::from_secs(1);
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Where a decision came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::clock::millis;
 use crate::policy::breaker::CircuitState;
-use crate::state::{Shared, millis};
+use crate::shared::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::proxy;
-use crate::state::Shared;
+use crate::shared::Shared;
 
 /// Connections the kernel queues for a listener before they are accepted. The kernel caps it at
 /// `net.core.somaxconn` (4096 by default since Linux 5.4).

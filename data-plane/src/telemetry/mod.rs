@@ -2,8 +2,10 @@
 //!
 //! - [`metrics`]: the Prometheus registry and its collectors.
 //! - [`otel`]: OpenTelemetry span export and `traceparent` propagation.
+//! - [`report`]: the request log sample and key activity for the control plane's reports.
 //! - [`logging`]: log set-up and the shutdown signal.
 
 pub mod logging;
 pub mod metrics;
 pub mod otel;
+pub mod report;

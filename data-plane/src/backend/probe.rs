@@ -14,33 +14,46 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use lb_proto::v1::HealthCheckPolicy;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::backend::Endpoint;
 use crate::policy::health::{self, HealthState};
-use crate::state::{Endpoint, Shared};
 use crate::upstream::request_body::RequestBody;
 use crate::upstream::{self, IdleConns};
 
 /// Largest probe answer read; a backend streaming an endless health body is cut off there.
 const MAX_PROBE_BODY: usize = 64 * 1024;
 
-/// The probe tasks, one per backend in the configuration.
-#[derive(Default)]
+/// The probe tasks, one per backend in the configuration, and the policy they follow.
 pub struct Prober {
     tasks: Mutex<HashMap<String, JoinHandle<()>>>,
+    policy: watch::Sender<Option<HealthCheckPolicy>>,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        Prober {
+            tasks: Mutex::default(),
+            policy: watch::channel(None).0,
+        }
+    }
 }
 
 impl Prober {
-    /// Starts probing backends that joined the configuration and stops those that left.
-    pub fn sync(&self, shared: &Arc<Shared>) {
-        let Some(active) = shared.active() else {
-            return;
-        };
+    /// Follows a configuration: its health-check policy for every probe, probes started for
+    /// backends that joined and stopped for those that left.
+    pub fn sync<'a>(
+        &self,
+        endpoints: impl IntoIterator<Item = &'a Arc<Endpoint>>,
+        policy: Option<HealthCheckPolicy>,
+    ) {
+        self.policy.send_replace(policy);
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        let wanted: HashMap<&str, &Arc<Endpoint>> = active
-            .slots
-            .iter()
-            .map(|s| (s.endpoint.address.as_str(), &s.endpoint))
+        let wanted: HashMap<&str, &Arc<Endpoint>> = endpoints
+            .into_iter()
+            .map(|e| (e.address.as_str(), e))
             .collect();
         tasks.retain(|addr, task| {
             let keep = wanted.contains_key(addr.as_str());
@@ -51,7 +64,7 @@ impl Prober {
         });
         for (addr, endpoint) in wanted {
             if !tasks.contains_key(addr) {
-                let task = tokio::spawn(probe_loop(Arc::clone(shared), Arc::clone(endpoint)));
+                let task = tokio::spawn(probe_loop(self.policy.subscribe(), Arc::clone(endpoint)));
                 tasks.insert(addr.to_owned(), task);
             }
         }
@@ -65,30 +78,24 @@ impl Prober {
     }
 }
 
-async fn probe_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
+async fn probe_loop(policy: watch::Receiver<Option<HealthCheckPolicy>>, endpoint: Arc<Endpoint>) {
     // The probes' own connection: the proxy's pools belong to the worker threads.
     let pool = Arc::new(IdleConns::new(1, endpoint.idle.transport().clone()));
     let mut state = HealthState::new();
     let mut first = true;
     loop {
-        let Some(policy) = shared
-            .active()
-            .and_then(|a| a.snapshot.health_check.clone())
-        else {
+        let Some(current) = policy.borrow().clone() else {
             return;
         };
         let delay = if first {
-            health::first_probe_delay(&policy, fastrand::f64())
+            health::first_probe_delay(&current, fastrand::f64())
         } else {
-            health::next_probe_delay(&policy, fastrand::f64())
+            health::next_probe_delay(&current, fastrand::f64())
         };
         first = false;
         tokio::time::sleep(delay).await;
         // The policy may have changed while sleeping.
-        let Some(policy) = shared
-            .active()
-            .and_then(|a| a.snapshot.health_check.clone())
-        else {
+        let Some(policy) = policy.borrow().clone() else {
             return;
         };
         let timeout = Duration::from_millis(u64::from(policy.timeout_ms));

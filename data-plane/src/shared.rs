@@ -1,0 +1,354 @@
+//! What the request path, the admin listener and the control link share: the settings, the
+//! configuration in force (swapped atomically), the endpoint of every configured backend, the
+//! metrics, the limiter, the cache, the reporter and the tracer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use lb_proto::v1::{ConfigSnapshot, directive};
+use lb_proto::validate::{self, Invalid};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::backend::Endpoint;
+use crate::clock::millis;
+use crate::config::active::{Active, Slot};
+use crate::config::settings::Settings;
+use crate::policy::admission::Admission;
+use crate::policy::breaker::CircuitState;
+use crate::ratelimit::Limiter;
+use crate::telemetry::metrics::{BackendSample, Metrics};
+use crate::upstream::Transport;
+
+/// State shared by the proxy, the admin listener and the discovery client.
+pub struct Shared {
+    pub settings: Settings,
+    active: ArcSwapOption<Active>,
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    pub metrics: Metrics,
+    pub control_plane_connected: AtomicBool,
+    /// The last snapshot refused: its version and why.
+    pub last_rejected: Mutex<Option<(u64, String)>>,
+    /// Requests waiting for a backend with free capacity.
+    pub admission: Arc<Admission>,
+    pub limiter: Limiter,
+    /// Bumped by every apply, for lock-free checks on the request path.
+    generation: AtomicU64,
+    pub reporter: crate::telemetry::report::Reporter,
+    /// The response cache (its policy follows the snapshot).
+    pub cache: crate::cache::Cache,
+    /// Highest directive sequence number run (ban lifts), so each runs once.
+    directives_seen: AtomicU64,
+    applied: watch::Sender<u64>,
+    /// Span export, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    pub tracer: Option<crate::telemetry::otel::Tracing>,
+    /// The proxy listener's TLS, when configured; an error here stops `run` before it serves.
+    tls: Option<Result<Arc<crate::tls::Tls>, crate::tls::TlsError>>,
+    /// TLS to backends, when configured; an error here stops `run` likewise.
+    backend_tls: Option<Result<crate::tls::client::BackendTls, crate::tls::TlsError>>,
+    /// The `redis_ca` file could not be used; stops `run` likewise.
+    redis_ca_error: Option<crate::tls::TlsError>,
+}
+
+impl Shared {
+    pub fn new(settings: Settings) -> Shared {
+        let mut redis_ca_error = None;
+        let redis = settings.redis.clone().map(|url| {
+            let root_ca = settings.redis_ca.as_ref().and_then(|path| {
+                crate::tls::client::read_roots("redis_ca", path)
+                    .map(|roots| Arc::from(roots.pem))
+                    .inspect_err(|e| tracing::error!(cause = %e, "Redis CA file not usable"))
+                    .map_err(|e| redis_ca_error = Some(e))
+                    .ok()
+            });
+            crate::ratelimit::RedisTarget { url, root_ca }
+        });
+        let limiter = Limiter::new(redis);
+        let backend_tls = settings.backend_tls.as_ref().map(|b| {
+            crate::tls::client::BackendTls::load(b)
+                .inspect_err(|e| tracing::error!(cause = %e, "backend TLS not usable"))
+        });
+        let tracer = settings.tracing.as_ref().and_then(|t| {
+            crate::telemetry::otel::Tracing::start(t, "data-plane", &settings.node_id)
+                .inspect_err(|e| tracing::error!(cause = %e, "traces are not exported"))
+                .ok()
+        });
+        let metrics = Metrics::new();
+        let tls = settings.tls.clone().map(|files| {
+            crate::tls::Tls::load(files, metrics.tls().clone())
+                .map(Arc::new)
+                .inspect_err(|e| tracing::error!(cause = %e, "TLS certificate not usable"))
+        });
+        Shared {
+            settings,
+            active: ArcSwapOption::empty(),
+            endpoints: Mutex::new(HashMap::new()),
+            metrics,
+            control_plane_connected: AtomicBool::new(false),
+            last_rejected: Mutex::new(None),
+            admission: Arc::new(Admission::new(0)),
+            limiter,
+            generation: AtomicU64::new(0),
+            reporter: crate::telemetry::report::Reporter::default(),
+            cache: crate::cache::Cache::new(crate::cache::Policy::from(
+                &lb_proto::defaults::cache(),
+            )),
+            directives_seen: AtomicU64::new(u64::MAX),
+            applied: watch::channel(0).0,
+            tracer,
+            tls,
+            backend_tls,
+            redis_ca_error,
+        }
+    }
+
+    /// The proxy listener's TLS, when configured and loaded.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::Tls>> {
+        self.tls.as_ref().and_then(|t| t.as_ref().ok())
+    }
+
+    /// The reason TLS (the listener's, to backends or to Redis) is configured but cannot be
+    /// used, if so.
+    pub fn tls_error(&self) -> Option<&crate::tls::TlsError> {
+        self.tls
+            .as_ref()
+            .and_then(|t| t.as_ref().err())
+            .or_else(|| self.backend_tls.as_ref().and_then(|t| t.as_ref().err()))
+            .or(self.redis_ca_error.as_ref())
+    }
+
+    /// How connections to the backend at `address` are opened.
+    fn transport(&self, address: &str) -> Result<Transport, Invalid> {
+        match &self.backend_tls {
+            None => Ok(Transport::Plain),
+            Some(Ok(tls)) => tls
+                .for_backend(address)
+                .map(|(connector, name)| Transport::Tls { connector, name })
+                .map_err(|e| Invalid::new("backend.address", e)),
+            Some(Err(e)) => Err(Invalid::new("backend_tls", e)),
+        }
+    }
+
+    /// The configuration in force, if any yet.
+    pub fn active(&self) -> Option<Arc<Active>> {
+        self.active.load_full()
+    }
+
+    /// Changes with every applied configuration (even one with the same version number),
+    /// read without a lock.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Version in force (0 = none), and a way to wait for a change.
+    pub fn applied_version(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Checks a snapshot against the contract and this data plane's own rules, and builds what
+    /// it would run on. Nothing is changed: a refused snapshot leaves no trace but the error.
+    pub fn prepare(&self, snapshot: ConfigSnapshot) -> Result<Active, Invalid> {
+        validate::snapshot(&snapshot)?;
+        if !self.settings.allowed_backends.is_empty() {
+            for b in &snapshot.backends {
+                let (host, _) = b.address.rsplit_once(':').unwrap_or((&b.address, ""));
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let allowed = host.parse::<IpAddr>().is_ok_and(|ip| {
+                    self.settings
+                        .allowed_backends
+                        .iter()
+                        .any(|n| n.contains(&ip))
+                });
+                if !allowed {
+                    let nets: Vec<String> = self
+                        .settings
+                        .allowed_backends
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    return Err(Invalid::new(
+                        "backends",
+                        format_args!(
+                            "backend {} is outside the networks this data plane may reach ({})",
+                            b.address,
+                            nets.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let slots = {
+            let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = Vec::with_capacity(snapshot.backends.len());
+            for b in &snapshot.backends {
+                let breaker = snapshot.circuit_breaker.unwrap_or_default();
+                let endpoint = match endpoints.get(&b.address) {
+                    Some(e) => {
+                        e.set_breaker_policy(&breaker);
+                        Arc::clone(e)
+                    }
+                    None => {
+                        let e = Arc::new(Endpoint::new(
+                            &b.address,
+                            &self.metrics,
+                            self.settings.workers,
+                            &breaker,
+                            self.transport(&b.address)?,
+                        )?);
+                        endpoints.insert(b.address.clone(), Arc::clone(&e));
+                        e
+                    }
+                };
+                let queue = snapshot.queue.unwrap_or_default();
+                slots.push(Slot {
+                    endpoint,
+                    weight: b.weight,
+                    draining: b.draining,
+                    max_in_flight: if b.max_in_flight > 0 {
+                        b.max_in_flight
+                    } else {
+                        queue.max_in_flight_per_backend
+                    },
+                });
+            }
+            slots
+        };
+        Active::build(snapshot, slots)
+    }
+
+    /// The Prometheus text of every metric, per-backend counters included.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render();
+        let now_ms = millis(Instant::now());
+        let backends: Vec<BackendSample> = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| BackendSample {
+                address: e.address.clone(),
+                requests: e.requests.load(Ordering::Relaxed),
+                errors: e.errors.load(Ordering::Relaxed),
+                in_flight: e.in_flight(),
+                healthy: e.is_healthy(),
+                ejected: e.is_ejected(now_ms),
+                circuit: match e.circuit_state() {
+                    CircuitState::Closed => 0,
+                    CircuitState::Open => 1,
+                    CircuitState::HalfOpen => 2,
+                },
+            })
+            .collect();
+        Metrics::render_backends(&mut out, &backends);
+        out.push_str(&format!(
+            "# HELP lb_queue_depth Requests waiting in the priority queue for a backend with room\n\
+             # TYPE lb_queue_depth gauge\n\
+             lb_queue_depth {}\n",
+            self.admission.depth()
+        ));
+        let c = self.cache.stats();
+        out.push_str(&format!(
+            "# HELP lb_cache_lookups_total Cache lookups by result and, for hits, the tier that answered\n\
+             # TYPE lb_cache_lookups_total counter\n\
+             lb_cache_lookups_total{{result=\"hit\",tier=\"memory\"}} {}\n\
+             lb_cache_lookups_total{{result=\"hit\",tier=\"shared\"}} {}\n\
+             lb_cache_lookups_total{{result=\"hit\",tier=\"coalesced\"}} {}\n\
+             lb_cache_lookups_total{{result=\"stale\",tier=\"any\"}} {}\n\
+             lb_cache_lookups_total{{result=\"miss\",tier=\"none\"}} {}\n\
+             lb_cache_lookups_total{{result=\"bypass\",tier=\"none\"}} {}\n\
+             # HELP lb_cache_memory_bytes Bytes held by the in-process cache tier\n\
+             # TYPE lb_cache_memory_bytes gauge\nlb_cache_memory_bytes {}\n\
+             # HELP lb_cache_evictions_total Entries evicted from the in-process tier to stay within its bound\n\
+             # TYPE lb_cache_evictions_total counter\nlb_cache_evictions_total {}\n\
+             # HELP lb_cache_store_degraded 1 while Redis is configured but unreachable and only the in-process tier serves\n\
+             # TYPE lb_cache_store_degraded gauge\nlb_cache_store_degraded {}\n",
+            c.hits_memory,
+            c.hits_shared,
+            c.hits_coalesced,
+            c.hits_stale,
+            c.leads + c.passes,
+            c.bypasses,
+            c.memory.bytes,
+            c.memory.evictions,
+            u8::from(c.degraded),
+        ));
+        out.push_str(&format!(
+            "# HELP lb_ratelimit_store_degraded 1 while Redis is configured but unreachable and limits are enforced per data plane\n\
+             # TYPE lb_ratelimit_store_degraded gauge\nlb_ratelimit_store_degraded {}\n",
+            u8::from(self.limiter.is_degraded())
+        ));
+        out
+    }
+
+    /// Runs the snapshot's directives not run yet. The first snapshot only sets the mark: its
+    /// directives predate this process, whose in-process state they cannot concern.
+    fn run_directives(&self, snapshot: &ConfigSnapshot) {
+        let newest = snapshot.directives.iter().map(|d| d.seq).max().unwrap_or(0);
+        let seen = self.directives_seen.swap(newest, Ordering::Relaxed);
+        if seen == u64::MAX {
+            return;
+        }
+        for d in snapshot.directives.iter().filter(|d| d.seq > seen) {
+            match &d.kind {
+                Some(directive::Kind::LiftBan(l)) => {
+                    self.limiter.lift_local_ban(&l.client);
+                    tracing::info!(client = %l.client, "ban lifted");
+                }
+                Some(directive::Kind::Purge(p)) => {
+                    if let Some(purge) = crate::cache::Purge::from_proto(p) {
+                        let cache = self.cache.clone();
+                        let redis = self.limiter.redis().cloned();
+                        tracing::info!(?purge, "cache purge");
+                        // Every data plane purges its memory tier, and Redis too (the same
+                        // keys many times over is harmless; one data plane missing is not).
+                        tokio::spawn(async move {
+                            let conn = match &redis {
+                                Some(target) => crate::ratelimit::connect(target).await,
+                                None => None,
+                            };
+                            if let Err(e) = cache.purge(conn.as_ref(), &purge).await {
+                                tracing::warn!(cause = %e, "cache purge in redis failed");
+                            }
+                        });
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Puts a prepared configuration in force, in one atomic swap.
+    pub fn apply(&self, active: Active) {
+        let version = active.version();
+        let keep: std::collections::HashSet<&str> = active
+            .slots
+            .iter()
+            .map(|s| s.endpoint.address.as_str())
+            .collect();
+        {
+            let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            endpoints.retain(|addr, e| {
+                let k = keep.contains(addr.as_str());
+                if !k {
+                    self.metrics.forget_backend(addr);
+                    e.idle.clear();
+                }
+                k
+            });
+        }
+        self.admission.set_capacity(active.queue.capacity as usize);
+        self.cache.set_policy(crate::cache::Policy::from(
+            &active.snapshot.cache.clone().unwrap_or_default(),
+        ));
+        self.run_directives(&active.snapshot);
+        self.metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.active.store(Some(Arc::new(active)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.applied.send_replace(version);
+    }
+}
