@@ -285,6 +285,20 @@ impl Endpoint {
         }
     }
 
+    /// Records a request that failed at `done` after `elapsed` (started at `started`): its
+    /// latency and failure share, and the breaker and the outlier detector.
+    pub fn record_failure(
+        &self,
+        elapsed: Duration,
+        started: Instant,
+        done: Instant,
+        outlier: &OutlierPolicy,
+        may_eject: impl FnOnce() -> bool,
+    ) {
+        self.record(elapsed, true, started);
+        self.record_outcome(true, done, outlier, may_eject);
+    }
+
     /// Records the outcome of one request: `elapsed` to the response head, failed or not.
     pub fn record(&self, elapsed: Duration, failed: bool, now: Instant) {
         self.count_outcome(failed);

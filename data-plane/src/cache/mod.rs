@@ -47,6 +47,7 @@ pub mod key;
 pub mod memory;
 pub mod policy;
 pub mod shared;
+pub mod tee;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,6 +67,7 @@ pub use memory::MemoryStats;
 use memory::MemoryTier;
 pub use policy::{Bypass, Freshness, NotStored, State, Storable};
 pub use shared::SharedError;
+pub use tee::Tee;
 
 /// The cache settings of a configuration snapshot, in native units.
 #[derive(Debug, Clone, PartialEq, Eq)]

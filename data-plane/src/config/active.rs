@@ -14,8 +14,12 @@ use lb_proto::v1::{
 };
 use lb_proto::validate::Invalid;
 
+use tokio::time::Instant;
+
 use crate::backend::Endpoint;
+use crate::clock::millis;
 use crate::policy::balance::{Balancer, Candidates};
+use crate::policy::outlier;
 use crate::ratelimit::gcra::{BanRule, Rate};
 
 /// How long a client has to send its whole request body when `timeouts.client_body_ms` is
@@ -196,6 +200,17 @@ impl Candidates for View<'_> {
 impl Active {
     pub fn version(&self) -> u64 {
         self.snapshot.version
+    }
+
+    /// Whether one more backend may be ejected now without passing the configured share.
+    pub fn may_eject(&self, now: Instant) -> bool {
+        let now_ms = millis(now);
+        let ejected = self
+            .slots
+            .iter()
+            .filter(|s| s.endpoint.is_ejected(now_ms))
+            .count();
+        ejected < outlier::max_ejected(self.slots.len(), self.outlier.max_ejection_percent)
     }
 
     /// Resolves a validated snapshot's policies for the request path, over `slots`, its

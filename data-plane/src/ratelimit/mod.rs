@@ -15,6 +15,7 @@
 pub mod gcra;
 pub mod identity;
 pub mod memory;
+pub mod quota;
 pub mod redis;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

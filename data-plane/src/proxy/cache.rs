@@ -1,0 +1,229 @@
+//! Step 5 of the request path and the cache's part of step 9: a fresh entry answers the request
+//! (after its limits: a cached answer still counts against them); otherwise the request goes on
+//! as a miss, and its response may fill the entry (as it streams to the client) or, when every
+//! backend fails, a stale entry within its `stale-if-error` window answers instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::Limited;
+use tokio::time::Instant;
+
+use super::body::ProxyBody;
+use super::request::{self, X_REQUEST_ID};
+use super::worker::Worker;
+use crate::cache::{Entry, Fill, Lookup, NotStored, Tee, X_CACHE};
+use crate::clock::{millis, unix_ms};
+use crate::config::active::View;
+use crate::ratelimit::quota::Quota;
+use crate::shared::Shared;
+use crate::upstream;
+use crate::upstream::request_body::RequestBody;
+
+/// What the cache made of a request it did not answer.
+#[derive(Default)]
+pub struct Miss {
+    /// `X-Cache` of the response: `MISS` or `BYPASS` (none with the cache off).
+    label: Option<&'static str>,
+    /// This request fills the entry; concurrent misses wait for it.
+    fill: Option<Fill>,
+    /// A stale entry to answer with if every backend fails: the entry, the request's fields,
+    /// and whether it was a HEAD.
+    stale: Option<(Arc<Entry>, HeaderMap, bool)>,
+}
+
+/// The cache's answer to a request, if it has one.
+pub enum Looked {
+    Hit(Response<ProxyBody>),
+    Miss(Miss),
+}
+
+/// Looks the request up: a hit is answered with the request id and quota fields added (and, in
+/// its stale-while-revalidate window, refreshed in the background).
+pub async fn lookup(
+    worker: &Worker,
+    parts: &http::request::Parts,
+    id: &HeaderValue,
+    quota: Option<&Quota>,
+) -> Looked {
+    let cache = &worker.shared.cache;
+    if !cache.enabled() {
+        return Looked::Miss(Miss::default());
+    }
+    let Ok(creq) = cache.request(&parts.method, &parts.uri, &parts.headers) else {
+        return Looked::Miss(Miss {
+            label: Some("BYPASS"),
+            ..Miss::default()
+        });
+    };
+    let now_ms = unix_ms();
+    // Boxed: a lookup that may go to Redis is a large future, which inline would enlarge every
+    // request's, cacheable or not.
+    let looked = Box::pin(cache.lookup(worker.redis.as_ref(), &creq, &parts.headers, now_ms)).await;
+    let (fill, stale) = match looked {
+        Lookup::Hit(mut hit) => {
+            if let Some(f) = hit.refresh.take() {
+                tokio::spawn(refresh(
+                    Arc::clone(&worker.shared),
+                    worker.redis.clone(),
+                    worker.id,
+                    f,
+                    parts.uri.clone(),
+                    parts.headers.clone(),
+                ));
+            }
+            return Looked::Hit(cached(hit.response(&parts.headers, now_ms), id, quota));
+        }
+        Lookup::Lead(f) => {
+            let stale = f
+                .stale()
+                .map(|e| (Arc::clone(e), parts.headers.clone(), creq.head));
+            (Some(f), stale)
+        }
+        Lookup::Pass(p) => (None, p.stale.map(|e| (e, parts.headers.clone(), creq.head))),
+    };
+    Looked::Miss(Miss {
+        label: Some("MISS"),
+        fill,
+        stale,
+    })
+}
+
+impl Miss {
+    /// The response to a miss: a stale entry in place of a server error when one may serve,
+    /// else `resp`, copied into the cache as it streams when it fills the entry.
+    pub fn finish(
+        self,
+        worker: &Worker,
+        mut resp: Response<ProxyBody>,
+        id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        // Every backend failed: a stale entry within its stale-if-error window beats an error.
+        if resp.status().is_server_error()
+            && let Some((entry, req_headers, head)) = self.stale
+        {
+            if let Some(f) = self.fill {
+                tokio::spawn(f.failed());
+            }
+            let mut r = cached(entry.response(&req_headers, head, unix_ms()), id, None);
+            r.headers_mut()
+                .insert(X_CACHE, HeaderValue::from_static("STALE"));
+            return r;
+        }
+        if let Some(f) = self.fill {
+            let status = resp.status();
+            let checked = f.check(status, resp.headers(), unix_ms());
+            let headers = resp.headers().clone();
+            match (resp.body_mut(), checked) {
+                (ProxyBody::Upstream(u), Ok(_)) => {
+                    let limit = worker.shared.cache.policy().max_entry_bytes;
+                    u.fill_cache(Tee::new(
+                        f,
+                        worker.redis.clone(),
+                        status,
+                        headers,
+                        usize::try_from(limit).unwrap_or(usize::MAX),
+                    ));
+                }
+                (_, Err(reason)) if !status.is_server_error() => {
+                    tokio::spawn(f.not_stored(reason));
+                }
+                _ => {
+                    tokio::spawn(f.failed());
+                }
+            }
+        }
+        if let Some(label) = self.label {
+            resp.headers_mut()
+                .insert(X_CACHE, HeaderValue::from_static(label));
+        }
+        resp
+    }
+}
+
+/// A cached response on its way to a client: the request id and quota headers added.
+fn cached(resp: Response<Bytes>, id: &HeaderValue, quota: Option<&Quota>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+    if let Some(q) = quota {
+        q.headers(&mut parts.headers);
+    }
+    Response::from_parts(parts, ProxyBody::Local(Some(body)))
+}
+
+/// Refreshes a cache entry in the background (stale-while-revalidate): one GET to a backend,
+/// its body read up to the entry bound, stored through `fill`.
+async fn refresh(
+    shared: Arc<Shared>,
+    redis: Option<crate::redis::RedisConn>,
+    worker: usize,
+    fill: Fill,
+    uri: Uri,
+    mut headers: HeaderMap,
+) {
+    let Some(active) = shared.active() else {
+        return;
+    };
+    let now = Instant::now();
+    let Some(i) = active.balancer.pick(
+        &View {
+            active: &active,
+            now_ms: millis(now),
+            tried: &[],
+            ignore_health: false,
+            worker,
+        },
+        0,
+    ) else {
+        return;
+    };
+    let endpoint = &active.slots[i].endpoint;
+    request::strip_hop_by_hop(&mut headers);
+    let mut req = Request::new(());
+    *req.uri_mut() = uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    *req.headers_mut() = headers;
+    let req = upstream::Outgoing::new(&req.into_parts().0, RequestBody::empty());
+    let Some(_in_flight) = endpoint.try_start(0, &shared.admission) else {
+        return;
+    };
+    // Bounded even with no request timeout configured: nobody waits on a fill.
+    let timeout = active.timeouts.request.unwrap_or(Duration::from_secs(30));
+    let timeouts = upstream::Timeouts {
+        request: Some(timeout),
+        body_idle: Some(active.timeouts.body_idle.unwrap_or(timeout)),
+        ..active.timeouts
+    };
+    let sent = upstream::send(
+        &endpoint.idle,
+        worker,
+        &endpoint.address,
+        endpoint.resolved,
+        timeouts,
+        req,
+    );
+    let Ok(resp) = sent.await else {
+        fill.failed().await;
+        return;
+    };
+    let (parts, body) = resp.into_parts();
+    let limit = usize::try_from(shared.cache.policy().max_entry_bytes).unwrap_or(usize::MAX);
+    match http_body_util::BodyExt::collect(Limited::new(body, limit)).await {
+        Ok(b) => {
+            let _ = fill
+                .store(
+                    redis.as_ref(),
+                    parts.status,
+                    &parts.headers,
+                    b.to_bytes(),
+                    crate::clock::unix_ms(),
+                )
+                .await;
+        }
+        Err(_) => fill.not_stored(NotStored::TooLarge).await,
+    }
+}

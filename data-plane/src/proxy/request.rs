@@ -1,0 +1,247 @@
+//! The request as the proxy passes it on: its id, the hop-by-hop fields taken out, the
+//! forwarding fields (`X-Forwarded-For`, `-Proto`, `-Host`, `X-Request-Id`) put in, an
+//! origin-form target, and what the balancer keys on (affinity) and the queue orders by
+//! (priority).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Uri, Version};
+
+use super::worker::ClientConn;
+use crate::config::active::{Active, HashSource};
+use crate::policy::balance::hash_bytes;
+use crate::upstream::Outgoing;
+use crate::upstream::request_body::RequestBody;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
+
+/// Longest client-supplied request id kept; a longer or odd one is replaced.
+const MAX_REQUEST_ID: usize = 200;
+
+/// Removes the hop-by-hop fields of a message on its way through (RFC 9110 section 7.6.1): the
+/// classic set, and those `Connection` names. One pass finds them; most messages carry none.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if crate::upstream::is_hop_by_hop(name) {
+            found.push(name.clone());
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    for token in connection_tokens(headers) {
+        // `close` and `keep-alive` name no field to remove (or one removed anyway).
+        if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
+        }
+        if let Ok(n) = HeaderName::from_bytes(token)
+            && !found.contains(&n)
+        {
+            found.push(n);
+        }
+    }
+    for n in found {
+        headers.remove(n);
+    }
+}
+
+/// The comma-separated tokens of every `Connection` field, trimmed.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::CONNECTION)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
+/// Whether the client's connection closes after this request: `Connection: close`, or HTTP/1.0
+/// without `Connection: keep-alive`. HTTP/2 streams share a connection that stays.
+pub fn closes_after<B>(req: &Request<B>) -> bool {
+    let says = |word: &[u8]| connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case(word));
+    match req.version() {
+        Version::HTTP_09 | Version::HTTP_10 => !says(b"keep-alive"),
+        Version::HTTP_11 => says(b"close"),
+        _ => false,
+    }
+}
+
+/// 128 random bits as 32 hex digits.
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut buf = [0u8; 32];
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+/// The request's id: the client's `X-Request-Id` when it is sane, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID
+                && v.as_bytes().iter().all(u8::is_ascii_graphic) =>
+        {
+            v.clone()
+        }
+        _ => new_request_id(),
+    }
+}
+
+/// The length the client declared for its body, if any.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// What ip_hash keys on: the configured header or cookie when present, else the client address.
+pub fn affinity(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u64 {
+    let value = match &active.hash_source {
+        HashSource::Ip => None,
+        HashSource::Header(name) => headers.get(name).map(HeaderValue::as_bytes),
+        HashSource::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes()),
+    };
+    value.map_or(conn.affinity, hash_bytes)
+}
+
+/// Queue priority: `X-Priority` from a trusted peer, else `base` (the client's tier's).
+pub fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u32) -> u32 {
+    if !active.trusted.is_empty()
+        && active.trusted.iter().any(|n| n.contains(&conn.peer.ip()))
+        && let Some(p) = headers
+            .get(&X_PRIORITY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        return p;
+    }
+    base
+}
+
+/// The request rewritten for a backend, with its body: origin-form target, HTTP/1.1, hop-by-hop
+/// fields out, forwarding fields in. Also whether the client named a host (if not, each
+/// attempt names its backend's).
+pub fn outgoing(
+    mut parts: http::request::Parts,
+    conn: &ClientConn,
+    id: &HeaderValue,
+    body: RequestBody,
+) -> (Outgoing, bool) {
+    // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host.
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    // Origin form on the backend connection: the path and query only.
+    parts.uri = match parts.uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    };
+    // Backends speak HTTP/1.1 on pooled connections whatever the client spoke.
+    parts.version = Version::HTTP_11;
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok()
+        }
+        _ => Some(conn.peer_ip.clone()),
+    };
+    let proto = HeaderValue::from_static(conn.scheme());
+    let keep_forwarded_host = h.contains_key(&X_FORWARDED_HOST);
+    // The fields the proxy sets, written straight into the backend's head in place of the
+    // client's (`None`: the client's left out), rather than edited into its map first. The
+    // client's X-Forwarded-For stays as it came if it cannot be extended, and a forwarded host
+    // set by a proxy in front is kept.
+    let fields = [
+        Some((&X_PRIORITY, None)),
+        Some((&X_FORWARDED_PROTO, Some(&proto))),
+        Some((&header::HOST, host.as_ref())),
+        Some((&X_REQUEST_ID, Some(id))),
+        xff.as_ref().map(|v| (&X_FORWARDED_FOR, Some(v))),
+        (!keep_forwarded_host).then_some((&X_FORWARDED_HOST, host.as_ref())),
+    ];
+    let mut set: [(&HeaderName, Option<&HeaderValue>); 6] = [(&X_PRIORITY, None); 6];
+    let mut n = 0;
+    for f in fields.into_iter().flatten() {
+        set[n] = f;
+        n += 1;
+    }
+    (
+        Outgoing::with_fields(&parts, &set[..n], body),
+        host.is_some(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn a_connection_closes_after_a_request_as_http_1_says() {
+        let req = |version, connection: Option<&'static str>| {
+            let mut b = Request::builder().version(version);
+            if let Some(c) = connection {
+                b = b.header(header::CONNECTION, c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(!closes_after(&req(Version::HTTP_11, None)));
+        assert!(closes_after(&req(Version::HTTP_11, Some("Close"))));
+        assert!(closes_after(&req(Version::HTTP_11, Some("x-a, close"))));
+        assert!(!closes_after(&req(Version::HTTP_11, Some("keep-alive"))));
+        assert!(closes_after(&req(Version::HTTP_10, None)));
+        assert!(!closes_after(&req(Version::HTTP_10, Some("Keep-Alive"))));
+        assert!(!closes_after(&req(Version::HTTP_2, Some("close"))));
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(
+            &X_REQUEST_ID,
+            HeaderValue::from_str(&"x".repeat(500)).unwrap(),
+        );
+        assert_eq!(request_id(&h).len(), 32);
+        assert_ne!(new_request_id(), new_request_id());
+    }
+}
