@@ -473,72 +473,12 @@ pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
     }
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn hms(s: &str) -> Option<(u32, u32, u32)> {
-    let mut it = s.split(':');
-    let h = it.next()?.parse::<u32>().ok()?;
-    let m = it.next()?.parse::<u32>().ok()?;
-    let sec = it.next()?.parse::<u32>().ok()?;
-    (it.next().is_none() && h < 24 && m < 60 && sec <= 60).then_some((h, m, sec.min(59)))
-}
-
-fn civil_ms(year: i64, month: &str, day: &str, time: &str) -> Option<u64> {
-    let m = MONTHS.iter().position(|&n| n == month)? as u32 + 1;
-    let d = day.parse::<u32>().ok().filter(|d| (1..=31).contains(d))?;
-    let (h, mi, s) = hms(time)?;
-    if !(1970..=9999).contains(&year) {
-        return None;
-    }
-    let days = days_from_civil(year, m, d);
-    let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + s);
-    u64::try_from(secs).ok().map(|s| s * 1000)
-}
-
 /// Parses an HTTP-date in any of the three formats recipients must accept (RFC 9110 section
-/// 5.6.7) into unix ms; `None` when it is none of them.
+/// 5.6.7) into unix ms; `None` when it is none of them (or names the wrong weekday).
 pub fn http_date(v: &HeaderValue) -> Option<u64> {
-    let s = v.to_str().ok()?.trim();
-    if let Some((_, rest)) = s.split_once(", ") {
-        let parts: Vec<&str> = rest.split(' ').collect();
-        match parts[..] {
-            // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
-            [day, mon, year, time, "GMT"] if year.len() == 4 => {
-                civil_ms(year.parse().ok()?, mon, day, time)
-            }
-            // RFC 850: Sunday, 06-Nov-94 08:49:37 GMT
-            [date, time, "GMT"] => {
-                let mut d = date.split('-');
-                let (day, mon, yy) = (d.next()?, d.next()?, d.next()?);
-                let yy: i64 = yy.parse().ok().filter(|_| yy.len() == 2)?;
-                let year = if yy < 70 { 2000 + yy } else { 1900 + yy };
-                civil_ms(year, mon, day, time)
-            }
-            _ => None,
-        }
-    } else {
-        // asctime: Sun Nov  6 08:49:37 1994
-        let parts: Vec<&str> = s.split_whitespace().collect();
-        match parts[..] {
-            [_, mon, day, time, year] if year.len() == 4 => {
-                civil_ms(year.parse().ok()?, mon, day, time)
-            }
-            _ => None,
-        }
-    }
+    let t = httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()?;
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_millis()).ok()
 }
 
 #[cfg(test)]

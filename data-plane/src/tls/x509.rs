@@ -131,8 +131,14 @@ fn time(tag: u8, text: &[u8]) -> Result<Time, &'static str> {
     {
         return Err(BAD);
     }
-    let days = days_from_civil(year, month, day);
-    let unix = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second);
+    // The fields are two or four digits each: they fit.
+    let calendar_month = time::Month::try_from(month as u8).map_err(|_| BAD)?;
+    let date =
+        time::Date::from_calendar_date(year as i32, calendar_month, day as u8).map_err(|_| BAD)?;
+    let at = time::Time::from_hms(hour as u8, minute as u8, second as u8).map_err(|_| BAD)?;
+    let unix = time::PrimitiveDateTime::new(date, at)
+        .assume_utc()
+        .unix_timestamp();
     Ok(Time {
         unix,
         text: format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z"),
@@ -146,27 +152,20 @@ fn two_digits(s: &[u8], at: usize) -> Option<u32> {
     }
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn civil_dates_map_to_unix_days() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(days_from_civil(1969, 12, 31), -1);
-        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
+    fn validity_times_map_to_unix_seconds() {
+        let unix = |text: &[u8]| time(GENERALIZED_TIME, text).map(|t| t.unix);
+        assert_eq!(unix(b"19700101000000Z"), Ok(0));
+        assert_eq!(unix(b"20000301000000Z"), Ok(11_017 * 86_400));
+        assert_eq!(unix(b"19691231000000Z"), Ok(-86_400));
+        assert_eq!(unix(b"20240229000000Z"), Ok(19_782 * 86_400));
+        // A day the month does not have.
+        assert!(unix(b"20230229000000Z").is_err());
+        assert!(unix(b"20240431000000Z").is_err());
     }
 
     #[test]
