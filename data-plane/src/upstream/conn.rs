@@ -10,17 +10,29 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::UpstreamError;
 use super::parse::{self, ParsedHead, eof};
-use super::pool::Transport;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// How new connections to a backend are opened.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// TLS after the TCP connect, verifying the certificate for `name`.
+    Tls {
+        connector: TlsConnector,
+        name: ServerName<'static>,
+    },
+}
 
 /// A backend connection's byte stream.
 pub(crate) enum Io {

@@ -12,11 +12,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
 
-use super::conn::Conn;
+use super::conn::{Conn, Transport};
 
 /// Idle connections are closed after this long: below the usual 60-75 s keep-alive timeout of
 /// backend servers, so the pool rarely hands out a connection the backend is closing.
@@ -28,17 +26,6 @@ const MAX_IDLE: usize = 1024;
 struct Idle {
     conn: Conn,
     since: Instant,
-}
-
-/// How new connections to a backend are opened.
-#[derive(Clone)]
-pub enum Transport {
-    Plain,
-    /// TLS after the TCP connect, verifying the certificate for `name`.
-    Tls {
-        connector: TlsConnector,
-        name: ServerName<'static>,
-    },
 }
 
 /// The connections of one backend: how new ones are opened, and the idle ones, one list per
