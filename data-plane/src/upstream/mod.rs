@@ -39,9 +39,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 pub use body::Body;
+pub use conn::Transport;
 pub use encode::{Head, Outgoing};
 pub use parse::{HOP_BY_HOP, is_hop_by_hop};
-pub use pool::{IdleConns, Transport};
+pub use pool::IdleConns;
 
 use conn::{Conn, connect, poll_head};
 use encode::{Out, Sending, Upload};
