@@ -14,7 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{ControlPlane, UpdateError};
-use crate::keys::{self, KeyTarget};
+use crate::keys::KeyTarget;
 use crate::ratelimit;
 
 pub struct AdminService {
@@ -291,7 +291,7 @@ impl Admin for AdminService {
         r: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
         let r = r.into_inner();
-        let created = keys::create(&self.cp, &r.tier, &r.label).await?;
+        let created = crate::ops::keys::create(&self.cp, &r.tier, &r.label).await?;
         Ok(Response::new(CreateApiKeyResponse {
             api_key: created.api_key,
             key_id: created.key_id,
@@ -305,19 +305,19 @@ impl Admin for AdminService {
     ) -> Result<Response<ConfigChange>, Status> {
         let r = r.into_inner();
         let target = KeyTarget::from_ref(r.key.as_ref()).map_err(UpdateError::from)?;
-        let (v, _) = keys::set_tier(&self.cp, &target, &r.tier).await?;
+        let (v, _) = crate::ops::keys::set_tier(&self.cp, &target, &r.tier).await?;
         Ok(change(v))
     }
 
     async fn block_key(&self, r: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
         let target = KeyTarget::from_ref(Some(r.get_ref())).map_err(UpdateError::from)?;
-        let (v, _) = keys::set_blocked(&self.cp, &target, true).await?;
+        let (v, _) = crate::ops::keys::set_blocked(&self.cp, &target, true).await?;
         Ok(change(v))
     }
 
     async fn unblock_key(&self, r: Request<KeyRef>) -> Result<Response<ConfigChange>, Status> {
         let target = KeyTarget::from_ref(Some(r.get_ref())).map_err(UpdateError::from)?;
-        let (v, _) = keys::set_blocked(&self.cp, &target, false).await?;
+        let (v, _) = crate::ops::keys::set_blocked(&self.cp, &target, false).await?;
         Ok(change(v))
     }
 
@@ -326,13 +326,15 @@ impl Admin for AdminService {
         _: Request<ListApiKeysRequest>,
     ) -> Result<Response<ListApiKeysResponse>, Status> {
         Ok(Response::new(ListApiKeysResponse {
-            keys: keys::list(&self.cp),
+            keys: crate::ops::keys::list(&self.cp),
         }))
     }
 
     async fn get_key_usage(&self, r: Request<KeyRef>) -> Result<Response<KeyUsage>, Status> {
         let target = KeyTarget::from_ref(Some(r.get_ref())).map_err(UpdateError::from)?;
-        Ok(Response::new(keys::usage(&self.cp, &target).await?))
+        Ok(Response::new(
+            crate::ops::keys::usage(&self.cp, &target).await?,
+        ))
     }
 
     async fn list_bans(
@@ -340,13 +342,13 @@ impl Admin for AdminService {
         _: Request<ListBansRequest>,
     ) -> Result<Response<ListBansResponse>, Status> {
         Ok(Response::new(ListBansResponse {
-            bans: ratelimit::list_bans(&self.cp).await?,
+            bans: crate::ops::bans::list_bans(&self.cp).await?,
         }))
     }
 
     async fn lift_ban(&self, r: Request<LiftBanRequest>) -> Result<Response<ConfigChange>, Status> {
         Ok(change(
-            ratelimit::lift_ban(&self.cp, &r.into_inner().client).await?,
+            crate::ops::bans::lift_ban(&self.cp, &r.into_inner().client).await?,
         ))
     }
 
@@ -365,7 +367,7 @@ impl Admin for AdminService {
         _: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
         let snapshot = self.cp.snapshot();
-        let now = crate::cluster::now_ms();
+        let now = crate::clock::now_ms();
         Ok(Response::new(GetStatsResponse {
             totals: Some(self.cp.traffic.totals()),
             backends: self.cp.traffic.backends(now),

@@ -10,12 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use lb_proto::v1::{ConfigSnapshot, DataPlaneInfo, Node, StoredState, WatchRequest};
 use lb_proto::validate::{self, Invalid};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::keys::{self, KeyRegistry};
 use crate::ratelimit::SharedLimits;
 use crate::store::{Store, StoreError};
@@ -37,6 +37,15 @@ pub enum UpdateError {
     Unavailable(StoreError),
 }
 
+impl From<keys::KeyError> for UpdateError {
+    fn from(e: keys::KeyError) -> Self {
+        match e {
+            keys::KeyError::Invalid(e) => UpdateError::Invalid(e),
+            keys::KeyError::NotFound(what) => UpdateError::NotFound(what),
+        }
+    }
+}
+
 impl UpdateError {
     /// True when another control plane's change won; the caller may retry on the new state.
     pub fn is_conflict(&self) -> bool {
@@ -56,12 +65,6 @@ impl From<UpdateError> for tonic::Status {
             }
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 struct PlaneRecord {
@@ -105,7 +108,7 @@ pub struct ControlPlane {
     /// The data planes' reports, added up.
     pub traffic: crate::traffic::Traffic,
     /// Span export for Admin calls, set once at start when configured.
-    pub tracer: std::sync::OnceLock<Arc<data_plane::telemetry::otel::Tracing>>,
+    pub tracer: std::sync::OnceLock<Arc<data_plane::common::Tracing>>,
     /// Where reports from this control plane's data planes are also sent, for other control
     /// planes to add up (set when the state is in Redis).
     pub report_sink: std::sync::OnceLock<tokio::sync::mpsc::Sender<lb_proto::v1::StatsReport>>,

@@ -28,7 +28,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::constant_time_eq;
-use crate::cluster::{ControlPlane, now_ms};
+use crate::clock::now_ms;
+use crate::cluster::ControlPlane;
 use crate::keys;
 use crate::traffic::{GONE_AFTER_MS, RATE_WINDOW_S, Second};
 
@@ -304,7 +305,7 @@ impl Cursor {
         v["default_tier"] = json!(keys::default_tier(&snapshot));
         v["admin"] = json!(self.admin);
         if self.admin {
-            let mut all = keys::list(cp);
+            let mut all = crate::ops::keys::list(cp);
             let total = all.len();
             all.sort_by(|a, b| {
                 (b.last_seen_ms, b.created_at_ms).cmp(&(a.last_seen_ms, a.created_at_ms))

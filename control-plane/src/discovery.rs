@@ -100,7 +100,7 @@ impl Discovery for DiscoveryService {
                             // Dropped when the sink is full: Redis is slow, the local view stays.
                             let _ = sink.try_send(report.clone());
                         }
-                        self.cp.traffic.record(report, crate::cluster::now_ms());
+                        self.cp.traffic.record(report, crate::clock::now_ms());
                     }
                     None => break,
                 },

@@ -140,7 +140,7 @@ async fn openapi() -> impl IntoResponse {
 }
 
 async fn stats(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {
-    Json(dashboard::overview(&cp, crate::cluster::now_ms()))
+    Json(dashboard::overview(&cp, crate::clock::now_ms()))
 }
 
 #[derive(Deserialize)]
@@ -175,7 +175,7 @@ async fn usage(
         .api_key
         .ok_or_else(|| error(StatusCode::BAD_REQUEST, "api_key: missing query parameter"))?;
     let target = KeyTarget::from_key(&api_key).map_err(UpdateError::from)?;
-    let u = keys::usage(&cp, &target).await?;
+    let u = crate::ops::keys::usage(&cp, &target).await?;
     Ok(Json(json!({
         "api_key_id": u.key_id,
         "tier": u.tier,
@@ -192,7 +192,10 @@ async fn users(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
-    let users: Vec<_> = keys::list(&cp).iter().map(dashboard::key_json).collect();
+    let users: Vec<_> = crate::ops::keys::list(&cp)
+        .iter()
+        .map(dashboard::key_json)
+        .collect();
     Ok(Json(json!({"users": users})))
 }
 
@@ -232,7 +235,7 @@ async fn upgrade_tier(
     authorize(&cp, &headers)?;
     let req: UpgradeTier = parse(&body)?;
     let target = key_target(req.api_key.as_deref(), req.api_key_id.as_deref())?;
-    let (version, id) = keys::set_tier(&cp, &target, &req.tier).await?;
+    let (version, id) = crate::ops::keys::set_tier(&cp, &target, &req.tier).await?;
     Ok(Json(json!({
         "status": "ok",
         "api_key_id": id,
@@ -262,7 +265,7 @@ async fn block_key(
     authorize(&cp, &headers)?;
     let req: BlockKey = parse(&body)?;
     let target = key_target(req.api_key.as_deref(), req.api_key_id.as_deref())?;
-    let (version, id) = keys::set_blocked(&cp, &target, req.blocked).await?;
+    let (version, id) = crate::ops::keys::set_blocked(&cp, &target, req.blocked).await?;
     Ok(Json(json!({
         "status": "ok",
         "api_key_id": id,

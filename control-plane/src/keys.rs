@@ -13,14 +13,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 
 use lb_proto::v1::{
-    ApiKeyInfo, ApiKeyRecord, ConfigSnapshot, KeyOverride, KeyRef, KeyUsage, Limit, Tier,
-    UnknownKeyPolicy, key_ref,
+    ApiKeyRecord, ConfigSnapshot, KeyOverride, KeyRef, Tier, UnknownKeyPolicy, key_ref,
 };
 use lb_proto::validate::Invalid;
 use sha2::{Digest, Sha256};
 
-use crate::cluster::{ControlPlane, UpdateError, now_ms};
-use crate::ratelimit;
+/// Why a key cannot be found or used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    NotFound(String),
+}
 
 /// Prefix of generated keys, so a leaked one is recognisable in logs and by secret scanners.
 pub const KEY_PREFIX: &str = "lbk_";
@@ -218,13 +223,13 @@ impl KeyRegistry {
         &mut self,
         target: &KeyTarget,
         now_ms: u64,
-    ) -> Result<&mut ApiKeyRecord, UpdateError> {
+    ) -> Result<&mut ApiKeyRecord, KeyError> {
         let hash = match target {
             KeyTarget::Key { hash } => hash.clone(),
             KeyTarget::Id(id) => self
                 .find_id(id)?
                 .map(|r| r.key_hash.clone())
-                .ok_or_else(|| UpdateError::NotFound(format!("no API key with id {id}")))?,
+                .ok_or_else(|| KeyError::NotFound(format!("no API key with id {id}")))?,
         };
         Ok(self
             .by_hash
@@ -321,7 +326,7 @@ pub fn default_tier(config: &ConfigSnapshot) -> &str {
         .map_or("", |rl| rl.default_tier.as_str())
 }
 
-fn find_tier<'a>(config: &'a ConfigSnapshot, name: &str) -> Option<&'a Tier> {
+pub(crate) fn find_tier<'a>(config: &'a ConfigSnapshot, name: &str) -> Option<&'a Tier> {
     config
         .rate_limit
         .as_ref()
@@ -329,7 +334,7 @@ fn find_tier<'a>(config: &'a ConfigSnapshot, name: &str) -> Option<&'a Tier> {
 }
 
 /// A tier name a key may be given: empty (the default tier) or a configured tier.
-fn check_tier(config: &ConfigSnapshot, name: &str) -> Result<(), Invalid> {
+pub(crate) fn check_tier(config: &ConfigSnapshot, name: &str) -> Result<(), Invalid> {
     if name.is_empty() || find_tier(config, name).is_some() {
         return Ok(());
     }
@@ -347,7 +352,7 @@ fn check_tier(config: &ConfigSnapshot, name: &str) -> Result<(), Invalid> {
     ))
 }
 
-fn check_label(label: &str) -> Result<(), Invalid> {
+pub(crate) fn check_label(label: &str) -> Result<(), Invalid> {
     if label.len() > MAX_LABEL_BYTES || label.chars().any(char::is_control) {
         return Err(Invalid::new(
             "label",
@@ -358,179 +363,12 @@ fn check_label(label: &str) -> Result<(), Invalid> {
 }
 
 /// The tier name a record runs under now.
-fn effective_tier<'a>(config: &'a ConfigSnapshot, tier: &'a str) -> &'a str {
+pub(crate) fn effective_tier<'a>(config: &'a ConfigSnapshot, tier: &'a str) -> &'a str {
     if tier.is_empty() {
         default_tier(config)
     } else {
         tier
     }
-}
-
-/// A key made by [`create`]; `api_key` is shown once and not kept.
-#[derive(Debug, Clone)]
-pub struct CreatedKey {
-    pub api_key: String,
-    pub key_id: String,
-    pub tier: String,
-    pub version: u64,
-}
-
-/// Registers a new random key with `tier` (empty = the default tier).
-pub async fn create(cp: &ControlPlane, tier: &str, label: &str) -> Result<CreatedKey, UpdateError> {
-    check_label(label)?;
-    let (version, (api_key, key_id, tier)) = cp
-        .change(|draft| {
-            check_tier(&draft.config, tier)?;
-            let resolved = effective_tier(&draft.config, tier).to_owned();
-            let now = now_ms();
-            let keys = draft.keys_mut();
-            // A collision of 160 random bits does not happen; the loop keeps it impossible.
-            loop {
-                let api_key = generate_key();
-                let key_hash = hash_key(&api_key);
-                let id = key_id(&key_hash);
-                let fresh = keys.insert(ApiKeyRecord {
-                    key_hash,
-                    key_id: id.clone(),
-                    tier: tier.to_owned(),
-                    blocked: false,
-                    label: label.to_owned(),
-                    created_at_ms: now,
-                });
-                if fresh {
-                    return Ok((api_key, id, resolved));
-                }
-            }
-        })
-        .await?;
-    tracing::info!(key_id = %key_id, tier = %tier, version, "API key created");
-    Ok(CreatedKey {
-        api_key,
-        key_id,
-        tier,
-        version,
-    })
-}
-
-/// Puts a key in `tier` (empty = the default tier); returns the version and the key's id.
-pub async fn set_tier(
-    cp: &ControlPlane,
-    target: &KeyTarget,
-    tier: &str,
-) -> Result<(u64, String), UpdateError> {
-    let (version, id) = cp
-        .change(|draft| {
-            check_tier(&draft.config, tier)?;
-            let record = draft.keys_mut().resolve_mut(target, now_ms())?;
-            record.tier = tier.to_owned();
-            Ok(record.key_id.clone())
-        })
-        .await?;
-    tracing::info!(key_id = %id, tier = %tier, version, "API key tier changed");
-    Ok((version, id))
-}
-
-/// Blocks or unblocks a key; returns the version and the key's id.
-pub async fn set_blocked(
-    cp: &ControlPlane,
-    target: &KeyTarget,
-    blocked: bool,
-) -> Result<(u64, String), UpdateError> {
-    let (version, id) = cp
-        .change(|draft| {
-            let record = draft.keys_mut().resolve_mut(target, now_ms())?;
-            record.blocked = blocked;
-            Ok(record.key_id.clone())
-        })
-        .await?;
-    tracing::info!(key_id = %id, blocked, version, "API key block changed");
-    Ok((version, id))
-}
-
-/// Every registered key, oldest first, with its tier resolved to a name and the traffic data
-/// planes reported for it since this control plane started (0 before any).
-pub fn list(cp: &ControlPlane) -> Vec<ApiKeyInfo> {
-    let snapshot = cp.snapshot();
-    let keys = cp.keys();
-    let seen = cp.traffic.keys();
-    let mut out: Vec<ApiKeyInfo> = keys
-        .records()
-        .map(|r| {
-            let s = seen.get(&r.key_id);
-            ApiKeyInfo {
-                key_id: r.key_id.clone(),
-                tier: effective_tier(&snapshot, &r.tier).to_owned(),
-                blocked: r.blocked,
-                label: r.label.clone(),
-                created_at_ms: r.created_at_ms,
-                last_seen_ms: s.map_or(0, |s| s.last_seen_ms),
-                requests: s.map_or(0, |s| s.requests),
-                rejected: s.map_or(0, |s| s.rejected),
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));
-    out
-}
-
-/// Limit, remaining requests and time to full reset for one key.
-///
-/// Remaining and reset come from the shared rate-limit state in Redis. Without Redis each data
-/// plane counts on its own and the control plane cannot see those counters, so the answer is the
-/// full limit with no reset pending.
-pub async fn usage(cp: &ControlPlane, target: &KeyTarget) -> Result<KeyUsage, UpdateError> {
-    let snapshot = cp.snapshot();
-    let (id, tier_name, blocked) = {
-        let keys = cp.keys();
-        match target {
-            KeyTarget::Id(id) => {
-                let r = keys
-                    .find_id(id)?
-                    .ok_or_else(|| UpdateError::NotFound(format!("no API key with id {id}")))?;
-                (r.key_id.clone(), r.tier.clone(), r.blocked)
-            }
-            KeyTarget::Key { hash } => match keys.get(hash) {
-                Some(r) => (r.key_id.clone(), r.tier.clone(), r.blocked),
-                None => {
-                    let refused = snapshot
-                        .rate_limit
-                        .as_ref()
-                        .is_some_and(|rl| rl.unknown_key == UnknownKeyPolicy::Reject as i32);
-                    if refused {
-                        return Err(UpdateError::NotFound(format!(
-                            "no API key with id {} (unregistered keys are refused)",
-                            key_id(hash)
-                        )));
-                    }
-                    (key_id(hash), String::new(), false)
-                }
-            },
-        }
-    };
-    let tier_name = effective_tier(&snapshot, &tier_name).to_owned();
-    let limit = find_tier(&snapshot, &tier_name)
-        .and_then(|t| t.limit)
-        .unwrap_or(Limit {
-            requests: 0,
-            period_ms: 0,
-        });
-    let state = match cp.shared_limits() {
-        Some(shared) => shared
-            .gcra(&ratelimit::key_identity(&id))
-            .await
-            .map_err(UpdateError::Unavailable)?,
-        None => None,
-    };
-    let u = ratelimit::usage(&limit, state, now_ms());
-    Ok(KeyUsage {
-        key_id: id,
-        tier: tier_name,
-        blocked,
-        limit: limit.requests,
-        period_ms: limit.period_ms,
-        remaining: u.remaining,
-        reset_ms: u.reset_ms,
-    })
 }
 
 #[cfg(test)]
@@ -603,7 +441,7 @@ mod tests {
         let e = reg
             .resolve_mut(&KeyTarget::Id("0000000000000000".into()), 1)
             .unwrap_err();
-        assert!(matches!(e, UpdateError::NotFound(_)), "{e}");
+        assert!(matches!(e, KeyError::NotFound(_)), "{e}");
         assert_eq!(reg.len(), 1);
     }
 

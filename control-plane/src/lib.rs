@@ -5,8 +5,10 @@
 //! - [`redis_store`]: the same state in Redis, shared by several control planes, with changes
 //!   fanned out between them; and the reader of the data planes' rate-limit state.
 //! - [`cluster`]: the state, versioned changes, and the data planes' ACK/NACK record.
-//! - [`keys`]: the API key registry and the key operations of gRPC and REST.
-//! - [`ratelimit`]: key usage and bans as data planes keep them in Redis.
+//! - [`keys`]: the API key registry (pure): key hashes and ids, tiers, validation.
+//! - [`ratelimit`]: key usage and bans as data planes keep them in Redis (pure arithmetic).
+//! - [`ops`]: the key and ban operations of gRPC and REST, on the cluster.
+//! - [`clock`]: the wall clock.
 //! - [`discovery`], [`admin`]: the `lb.v1.Discovery` and `lb.v1.Admin` gRPC services.
 //! - [`http`]: REST endpoints, `/stats`, `/metrics` and `/openapi.json`.
 //! - [`tls`]: TLS on both listeners, with the data plane's certificate checks and reloads.
@@ -15,12 +17,14 @@
 
 pub mod admin;
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod dashboard;
 pub mod dev;
 pub mod discovery;
 pub mod http;
 pub mod keys;
+pub mod ops;
 pub mod ratelimit;
 pub mod redis_store;
 pub mod settings;
@@ -54,13 +58,10 @@ pub fn random_token() -> String {
 }
 
 /// Exports a span for every Admin call from now on (call before [`serve`]).
-pub fn start_tracing(
-    cp: &ControlPlane,
-    settings: Option<&data_plane::telemetry::otel::TraceSettings>,
-) {
+pub fn start_tracing(cp: &ControlPlane, settings: Option<&data_plane::common::TraceSettings>) {
     let Some(settings) = settings else { return };
-    let instance = data_plane::config::settings::default_node_id();
-    match data_plane::telemetry::otel::Tracing::start(settings, "control-plane", &instance) {
+    let instance = data_plane::common::default_node_id();
+    match data_plane::common::Tracing::start(settings, "control-plane", &instance) {
         Ok(t) => {
             let _ = cp.tracer.set(Arc::new(t));
         }

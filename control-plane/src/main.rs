@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::{dev, random_token};
-use data_plane::telemetry::logging::{init_tracing, shutdown_signal};
+use data_plane::common::{init_tracing, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -91,9 +91,9 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     control_plane::start_tracing(&cp, settings.tracing.as_ref());
     // A fleet of data planes reconnects at once after a restart: the long accept queue keeps
     // their handshakes from being dropped.
-    let grpc = data_plane::listen(settings.grpc_listen)
+    let grpc = data_plane::common::listen(settings.grpc_listen)
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;
-    let http = data_plane::listen(settings.http_listen)
+    let http = data_plane::common::listen(settings.http_listen)
         .with_context(|| format!("cannot listen on {} (--http-listen)", settings.http_listen))?;
     control_plane::serve_with_tls(cp, grpc, http, tls, shutdown_signal()).await
 }

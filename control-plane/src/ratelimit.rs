@@ -1,58 +1,20 @@
 //! Rate-limit state as data planes keep it in Redis, seen from the control plane: key usage and
-//! bans to show, bans to lift.
-//!
-//! Data planes write the state; the control plane only reads it and deletes bans, so the layout
-//! below is a contract with them. A client's identity is `key:<key id>` or `ip:<address>`, and
-//! its keys carry the identity as a Redis Cluster hash tag so one client's keys share a slot and
-//! a data plane's script can touch them together:
-//!
-//! - `lb:rl:{<identity>}:gcra`: a string `"<tat> <t>"`, the theoretical arrival time (unix ms)
-//!   and the emission interval in ms it was computed with, both decimal numbers, with a TTL.
-//! - `lb:rl:{<identity>}:ban`: a string `"<until> <count>"`, the end of the ban (unix ms) and
-//!   the bans so far, with a TTL that outlasts the ban by the strike decay period.
-//! - `lb:rl:{<identity>}:strikes`: recent rejections, an integer with a TTL.
-//!
-//! Plain strings rather than hashes: the script reads every state of a batch with one `MGET`
-//! and writes each with one `SET ... PX`.
+//! bans to show, bans to lift. Data planes write the state; the control plane only reads it and
+//! deletes bans, through the layout of [`lb_proto::redis_keys`].
 //!
 //! The arithmetic is here, with the clock passed in; the Redis reads are behind [`SharedLimits`].
 
 use std::net::IpAddr;
 
-use lb_proto::v1::{BanInfo, BanLift, Directive, Limit, directive};
+use lb_proto::v1::{BanInfo, Directive, Limit, directive};
 use lb_proto::validate::Invalid;
 
-use crate::cluster::{ControlPlane, UpdateError, now_ms};
 use crate::keys;
 use crate::store::StoreError;
 
 /// Directives kept in a snapshot: enough that a data plane reconnecting after a short outage
 /// still finds every one it missed, few enough that snapshots stay small.
 pub const MAX_DIRECTIVES: usize = 256;
-
-/// Glob matching every ban key (braces are literal in Redis globs).
-pub const BAN_KEY_PATTERN: &str = "lb:rl:{*}:ban";
-
-pub fn key_identity(key_id: &str) -> String {
-    format!("key:{key_id}")
-}
-
-pub fn gcra_key(identity: &str) -> String {
-    format!("lb:rl:{{{identity}}}:gcra")
-}
-
-pub fn ban_key(identity: &str) -> String {
-    format!("lb:rl:{{{identity}}}:ban")
-}
-
-pub fn strikes_key(identity: &str) -> String {
-    format!("lb:rl:{{{identity}}}:strikes")
-}
-
-/// The identity in a ban key, if it is one.
-pub fn identity_of_ban_key(key: &str) -> Option<&str> {
-    key.strip_prefix("lb:rl:{")?.strip_suffix("}:ban")
-}
 
 /// Checks a client as an operator names it and returns its canonical form (the address as data
 /// planes print it, so `ip:2001:DB8::1` finds the ban of `ip:2001:db8::1`).
@@ -151,44 +113,6 @@ pub trait SharedLimits: Send + Sync + 'static {
     async fn lift(&self, identity: &str) -> Result<(), StoreError>;
 }
 
-/// Bans in force, by client. Without Redis each data plane keeps its own bans and the control
-/// plane has none to show, so the list is empty.
-pub async fn list_bans(cp: &ControlPlane) -> Result<Vec<BanInfo>, UpdateError> {
-    let Some(shared) = cp.shared_limits() else {
-        return Ok(Vec::new());
-    };
-    let mut bans = shared
-        .bans(now_ms())
-        .await
-        .map_err(UpdateError::Unavailable)?;
-    bans.sort_by(|a, b| a.client.cmp(&b.client));
-    Ok(bans)
-}
-
-/// Lifts a client's ban: deletes it from Redis when there is one, and tells every data plane
-/// with a directive (those enforcing locally hold their own copy). Returns the new version.
-pub async fn lift_ban(cp: &ControlPlane, client: &str) -> Result<u64, UpdateError> {
-    let client = canonical_client(client)?;
-    if let Some(shared) = cp.shared_limits() {
-        shared
-            .lift(&client)
-            .await
-            .map_err(UpdateError::Unavailable)?;
-    }
-    let lift = client.clone();
-    let version = cp
-        .update(move |s| {
-            push_directive(
-                &mut s.directives,
-                directive::Kind::LiftBan(BanLift { client: lift }),
-            );
-            Ok(())
-        })
-        .await?;
-    tracing::info!(client = %client, version, "ban lifted");
-    Ok(version)
-}
-
 /// Appends a directive with the next sequence number, keeping the last [`MAX_DIRECTIVES`].
 pub fn push_directive(directives: &mut Vec<Directive>, kind: directive::Kind) {
     let seq = directives.iter().map(|d| d.seq).max().unwrap_or(0) + 1;
@@ -205,6 +129,7 @@ pub fn push_directive(directives: &mut Vec<Directive>, kind: directive::Kind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_proto::v1::BanLift;
 
     const FREE: Limit = Limit {
         requests: 5,
@@ -309,15 +234,6 @@ mod tests {
         ] {
             assert_eq!(canonical_client(bad).unwrap_err().field, "client", "{bad}");
         }
-    }
-
-    #[test]
-    fn key_names_carry_the_identity_as_hash_tag() {
-        assert_eq!(gcra_key("key:ab"), "lb:rl:{key:ab}:gcra");
-        assert_eq!(ban_key("ip:::1"), "lb:rl:{ip:::1}:ban");
-        assert_eq!(strikes_key("ip:1.2.3.4"), "lb:rl:{ip:1.2.3.4}:strikes");
-        assert_eq!(identity_of_ban_key("lb:rl:{ip:::1}:ban"), Some("ip:::1"));
-        assert_eq!(identity_of_ban_key("lb:rl:{ip:::1}:gcra"), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!
 //! A `rediss://` URL is reached over TLS (rustls), the certificate checked against the
 //! `redis_ca` file when set, else the system's roots. A `redis+cluster://` URL names a Redis
-//! Cluster ([`data_plane::redis`]): the state key and the save script live in one slot,
+//! Cluster ([`data_plane::common::RedisTarget`]): the state key and the save script live in one slot,
 //! a cluster carries published messages to every node, so the follower subscribes on any node
 //! (the next one listed after a failure), and listing bans scans every primary.
 //!
@@ -31,7 +31,8 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use data_plane::redis::{RedisConn, RedisTarget, Scan, Timeouts};
+use data_plane::common::{RedisConn, RedisTarget, RedisTimeouts as Timeouts, Scan};
+use lb_proto::redis_keys;
 use lb_proto::v1::{BanInfo, StoredState};
 use prost::Message;
 use tokio::sync::watch;
@@ -39,7 +40,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
 use crate::cluster::{ControlPlane, UpdateError};
-use crate::ratelimit::{self, GcraState, SharedLimits};
+use crate::ratelimit::{GcraState, SharedLimits};
 use crate::store::{Store, StoreError};
 
 /// The control plane's state.
@@ -304,7 +305,7 @@ impl Store for RedisStore {
 #[tonic::async_trait]
 impl SharedLimits for RedisStore {
     async fn gcra(&self, identity: &str) -> Result<Option<GcraState>, StoreError> {
-        let key = ratelimit::gcra_key(identity);
+        let key = redis_keys::gcra_key(identity);
         let value: Option<Vec<u8>> = self
             .idempotent("GET", &key, |mut conn| {
                 let key = &key;
@@ -326,7 +327,7 @@ impl SharedLimits for RedisStore {
 
     async fn bans(&self, now_ms: u64) -> Result<Vec<BanInfo>, StoreError> {
         let mut out = Vec::new();
-        let pattern = ratelimit::BAN_KEY_PATTERN;
+        let pattern = redis_keys::BAN_KEY_PATTERN;
         let mut conn = self.conn.clone();
         let mut scan = self
             .idempotent("SCAN", pattern, |mut conn| async move {
@@ -349,7 +350,7 @@ impl SharedLimits for RedisStore {
             let keys: Vec<(String, String)> = keys
                 .into_iter()
                 .filter_map(|k| {
-                    let client = ratelimit::identity_of_ban_key(&k)?.to_owned();
+                    let client = redis_keys::identity_of_ban_key(&k)?.to_owned();
                     Some((k, client))
                 })
                 .collect();
@@ -400,8 +401,8 @@ impl SharedLimits for RedisStore {
 
     async fn lift(&self, identity: &str) -> Result<(), StoreError> {
         let (ban, strikes) = (
-            ratelimit::ban_key(identity),
-            ratelimit::strikes_key(identity),
+            redis_keys::ban_key(identity),
+            redis_keys::strikes_key(identity),
         );
         // Both keys carry the identity's hash tag, so one DEL is valid on Redis Cluster too.
         let _: i64 = self
@@ -596,7 +597,7 @@ async fn follow(
                             if msg.get_channel_name() == REPORTS_CHANNEL {
                                 let Some(origin) = &origin else { continue };
                                 match foreign_report(msg.get_payload_bytes(), origin) {
-                                    Ok(Some(report)) => strong.traffic.record(report, crate::cluster::now_ms()),
+                                    Ok(Some(report)) => strong.traffic.record(report, crate::clock::now_ms()),
                                     Ok(None) => {}
                                     Err(e) => tracing::debug!(error = %e, "ignored a message on {REPORTS_CHANNEL}"),
                                 }

@@ -9,8 +9,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use data_plane::config::settings::{SettingsError, read_toml, tls_files};
-use data_plane::tls::TlsFiles;
+use data_plane::common::TlsFiles;
+use data_plane::common::{SettingsError, read_toml, tls_files};
 use lb_proto::v1::{
     Backend, BanPolicy, CachePolicy, CircuitBreakerPolicy, ConfigSnapshot, HashPolicy,
     HealthCheckPolicy, Limit, OutlierPolicy, QueuePolicy, RetryPolicy, StoreFailureMode, Tier,
@@ -130,7 +130,7 @@ pub struct Settings {
     /// The configuration to start from when the store holds none (version 1).
     pub initial: ConfigSnapshot,
     /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
-    pub tracing: Option<data_plane::telemetry::otel::TraceSettings>,
+    pub tracing: Option<data_plane::common::TraceSettings>,
     /// Certificate and key of both listeners; `None` is plain HTTP and gRPC.
     pub tls: Option<TlsFiles>,
 }
@@ -305,19 +305,19 @@ impl Settings {
         let redis = args.redis.or(file.redis).filter(|r| !r.is_empty());
         let redis_ca = args.redis_ca.or(file.redis_ca);
         if let Some(r) = &redis {
-            data_plane::redis::endpoints(r).map_err(|e| invalid("redis", e.0))?;
+            data_plane::common::endpoints(r).map_err(|e| invalid("redis", e.0))?;
         }
         if let Some(ca) = &redis_ca {
             if !redis
                 .as_ref()
-                .is_some_and(|r| data_plane::redis::RedisTarget::new(r.as_str()).is_tls())
+                .is_some_and(|r| data_plane::common::RedisTarget::new(r.as_str()).is_tls())
             {
                 return Err(invalid(
                     "redis_ca",
                     "is set, but redis is not a rediss:// URL: the CA would not be used",
                 ));
             }
-            data_plane::tls::client::read_roots("redis_ca", ca)?;
+            data_plane::common::read_roots("redis_ca", ca)?;
         }
         Ok(Settings {
             grpc_listen: args
@@ -333,7 +333,7 @@ impl Settings {
             state_file: args.state_file.or(file.state_file),
             log_json: log_json(args.log_format.or(file.log_format))?,
             initial: s,
-            tracing: data_plane::telemetry::otel::TraceSettings::from_env()
+            tracing: data_plane::common::TraceSettings::from_env()
                 .map_err(|message| invalid("tracing", message))?,
             tls,
         })
@@ -345,9 +345,7 @@ impl Settings {
     /// read again here (it was checked at load), refused naming the file.
     pub fn redis_root_ca(&self) -> Result<Option<Vec<u8>>, SettingsError> {
         match &self.redis_ca {
-            Some(ca) => Ok(Some(
-                data_plane::tls::client::read_roots("redis_ca", ca)?.pem,
-            )),
+            Some(ca) => Ok(Some(data_plane::common::read_roots("redis_ca", ca)?.pem)),
             None => Ok(None),
         }
     }

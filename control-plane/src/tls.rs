@@ -1,5 +1,5 @@
 //! TLS on both of the control plane's listeners, gRPC and HTTP, with one certificate. Loading,
-//! the checks and reloading are the data plane's ([`data_plane::tls::Tls`]): a reload on SIGHUP
+//! the checks and reloading are the data plane's ([`data_plane::common::Tls`]): a reload on SIGHUP
 //! or a file change swaps the certificate for new handshakes on both listeners at once.
 //!
 //! Connections are accepted and their handshakes run here, each in its own task bounded by
@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use data_plane::telemetry::metrics::TlsMetrics;
-use data_plane::tls::{Tls, TlsError, TlsFiles};
+use data_plane::common::TlsMetrics;
+use data_plane::common::{Tls, TlsError, TlsFiles};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use data_plane::telemetry::otel::{Span as _, Status, Tracing};
+use data_plane::common::{Span as _, Status, Tracing};
 use opentelemetry::KeyValue;
 
 const ADMIN_PREFIX: &str = "/lb.v1.Admin/";

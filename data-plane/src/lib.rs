@@ -1,36 +1,41 @@
 //! A data plane: the proxy clients talk to. It holds no state of its own: configuration arrives
 //! from the control plane over gRPC, and shared counters live in Redis when one is configured.
 //!
-//! - [`server`]: the listeners, the proxy workers, HTTP/1 and HTTP/2 from clients, TLS handshakes, the admin listener.
-//! - [`proxy`]: the request path, one step per module.
-//! - [`upstream`]: connections to backends: pools, the HTTP/1.1 exchange, response framing.
-//! - [`backend`]: per-backend counters, latency average and slow start, health-check tasks.
-//! - [`policy`]: balancing, breaker, outlier detection, retries, backoff, admission, health (pure).
-//! - [`ratelimit`]: client identity, limiter arithmetic, the in-process and Redis stores.
-//! - [`cache`]: the response cache, its freshness rules and its two tiers.
-//! - [`redis`]: the way to Redis (one server or a cluster) shared by limiter and cache.
-//! - [`config`]: start-up settings, and the configuration in force built from a snapshot.
-//! - [`control`]: the link to the control plane: configuration stream and reports.
-//! - [`shared`]: what the request path, the admin listener and the control link share.
-//! - [`telemetry`]: metrics, traces, the report of this plane's activity, logging.
-//! - [`tls`]: certificates: the listener's, backends' trust, reloads.
-//! - [`clock`]: process time for atomics, wall-clock time, stall timers.
+//! - `server`: the listeners, the proxy workers, HTTP/1 and HTTP/2 from clients, TLS handshakes, the admin listener.
+//! - `proxy`: the request path, one step per module.
+//! - `upstream`: connections to backends: pools, the HTTP/1.1 exchange, response framing.
+//! - `backend`: per-backend counters, latency average and slow start, health-check tasks.
+//! - `policy`: balancing, breaker, outlier detection, retries, backoff, admission, health (pure).
+//! - `ratelimit`: client identity, limiter arithmetic, the in-process and Redis stores.
+//! - `cache`: the response cache, its freshness rules and its two tiers.
+//! - `redis`: the way to Redis (one server or a cluster) shared by limiter and cache.
+//! - `config`: start-up settings, and the configuration in force built from a snapshot.
+//! - `control`: the link to the control plane: configuration stream and reports.
+//! - `shared`: what the request path, the admin listener and the control link share.
+//! - `telemetry`: metrics, traces, the report of this plane's activity, logging.
+//! - `tls`: certificates: the listener's, backends' trust, reloads.
+//! - `clock`: process time for atomics, wall-clock time, stall timers.
 //! - [`common`]: what the control plane shares with the data plane.
 
-pub mod backend;
-pub mod cache;
-pub mod clock;
-pub mod config;
-pub mod control;
-pub mod policy;
-pub mod proxy;
-pub mod ratelimit;
-pub mod redis;
-pub mod server;
-pub mod shared;
-pub mod telemetry;
-pub mod tls;
-pub mod upstream;
+pub mod common;
+
+/// The crate's own modules: private to it, and public only for this workspace's tests (the
+/// `internals` feature, which they turn on), which observe a running data plane's state.
+macro_rules! internal {
+    ($($module:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "internals")]
+            pub mod $module;
+            #[cfg(not(feature = "internals"))]
+            pub(crate) mod $module;
+        )*
+    };
+}
+
+internal!(
+    backend, cache, clock, config, control, policy, proxy, ratelimit, redis, server, shared,
+    telemetry, tls, upstream,
+);
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use data_plane::telemetry::logging::{init_tracing, shutdown_signal};
+use data_plane::common::{init_tracing, shutdown_signal};
 use data_plane::{Args, Settings};
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request path, where

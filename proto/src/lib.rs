@@ -7,8 +7,10 @@
 //!   snapshot that breaks them is refused at both ends and never half-applied.
 //! - [`defaults`]: the default policies (the original system's numbers), used where a
 //!   configuration file says nothing.
+//! - [`redis_keys`]: the rate-limit state's layout in Redis, which both planes use.
 
 pub mod defaults;
+pub mod redis_keys;
 pub mod validate;
 
 #[allow(clippy::all, clippy::pedantic)]

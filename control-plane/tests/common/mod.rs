@@ -443,5 +443,5 @@ pub fn request(
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
-    control_plane::cluster::now_ms()
+    control_plane::clock::now_ms()
 }

@@ -100,6 +100,7 @@ impl Flights {
         self.lock().len()
     }
 
+    #[cfg(any(test, feature = "internals"))]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -69,7 +69,7 @@ pub use fill::Fill;
 pub use key::{CacheKey, Digest32};
 pub use memory::MemoryStats;
 use memory::MemoryTier;
-pub use policy::{Bypass, Freshness, NotStored, State, Storable};
+pub use policy::{Bypass, NotStored, State, Storable};
 pub use shared::SharedError;
 pub use tee::Tee;
 

@@ -113,6 +113,7 @@ impl<T> PriorityQueue<T> {
         self.entries.len()
     }
 
+    #[cfg(any(test, feature = "internals"))]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

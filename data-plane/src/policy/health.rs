@@ -35,6 +35,7 @@ impl HealthState {
         }
     }
 
+    #[cfg(test)]
     pub fn is_healthy(&self) -> bool {
         self.healthy
     }

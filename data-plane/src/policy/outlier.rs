@@ -87,6 +87,7 @@ impl Outlier {
     }
 
     /// End of the current or most recent ejection (check [`Outlier::is_ejected`] for "now").
+    #[cfg(test)]
     pub fn ejected_until(&self) -> Option<Instant> {
         self.ejected_until
     }

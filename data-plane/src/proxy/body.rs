@@ -60,7 +60,8 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// A good head that arrived `at`, under `active`.
+    /// A good head that arrived `at`, under `active` (this worker's own handle on it).
+    #[allow(clippy::redundant_allocation)]
     pub fn new(active: Arc<Arc<Active>>, at: Instant) -> Pending {
         Pending {
             active,

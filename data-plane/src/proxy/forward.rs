@@ -21,6 +21,7 @@ use crate::backend::InFlight;
 use crate::clock::millis;
 use crate::config::active::{Active, Slot, View};
 use crate::policy::admission::Shed;
+use crate::policy::outlier;
 use crate::policy::retry;
 use crate::upstream::{self, Head, Outgoing, UpstreamError};
 
@@ -381,10 +382,11 @@ fn choose(active: &Active, affinity: u64, now_ms: u64, tried: &[usize], worker: 
             .min();
         return Choice::CircuitsOpen(reopen.unwrap_or(now_ms));
     }
-    let healthy = closed
+    let usable = closed
         .iter()
-        .any(|s| s.endpoint.is_healthy() && !s.endpoint.is_ejected(now_ms));
-    if healthy {
+        .filter(|s| s.endpoint.is_healthy() && !s.endpoint.is_ejected(now_ms))
+        .count();
+    if !outlier::panic_mode(usable, closed.len()) {
         return Choice::Saturated;
     }
     // Panic mode (as Envoy's panic threshold): health checks and ejections left nothing, so

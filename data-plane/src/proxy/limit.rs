@@ -2,6 +2,8 @@
 //! blocked or banned, and whether its quota admits the request. An admitted request leaves with
 //! its queue priority and the quota it ran under (for the `RateLimit` fields of its response).
 
+use lb_proto::redis_keys;
+
 use super::refusal::Refusal;
 use super::worker::Worker;
 use crate::config::active::Active;
@@ -101,7 +103,7 @@ fn identify(
                 return Ok(None);
             };
             Ok(Some(Identity {
-                who: format!("key:{}", k.id()),
+                who: redis_keys::key_identity(k.id()),
                 key_id: Some(k.id().to_owned()),
                 rate: tier.rate,
                 policy: tier.name.clone(),
@@ -115,7 +117,7 @@ fn identify(
             };
             let ip = identity::client_ip(peer, &parts.headers, &active.trusted);
             Ok(Some(Identity {
-                who: identity::ip_identity(ip),
+                who: redis_keys::ip_identity(ip),
                 key_id: None,
                 rate,
                 policy: "ip".to_owned(),

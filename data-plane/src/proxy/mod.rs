@@ -38,7 +38,7 @@ use hyper::body::Incoming;
 use lb_proto::v1::RequestLogEntry;
 use tokio::time::Instant;
 
-pub use body::{ProxyBody, VERDICT_AFTER};
+pub use body::ProxyBody;
 pub use worker::{ClientConn, Worker};
 
 use crate::policy::retry;

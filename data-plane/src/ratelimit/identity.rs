@@ -131,51 +131,10 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         .unwrap_or(peer)
 }
 
-/// The limiter's name of a client address: `ip:` and the address as `Display` writes it, IPv4
-/// written digit by digit (this runs on every IP-limited request).
-pub fn ip_identity(ip: IpAddr) -> String {
-    let IpAddr::V4(v4) = ip else {
-        return format!("ip:{ip}");
-    };
-    let mut s = String::with_capacity(18);
-    s.push_str("ip:");
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            s.push('.');
-        }
-        if octet >= 100 {
-            s.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            s.push(char::from(b'0' + octet / 10 % 10));
-        }
-        s.push(char::from(b'0' + octet % 10));
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
-
-    #[test]
-    fn ip_identities_read_as_display_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.20.30.40",
-            "255.255.255.255",
-            "192.0.2.9",
-            "100.99.10.9",
-            "::1",
-            "2001:db8::7",
-            "::ffff:10.0.0.1",
-        ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_identity(ip), format!("ip:{ip}"));
-        }
-    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

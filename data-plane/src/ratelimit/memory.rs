@@ -74,6 +74,7 @@ impl MemoryStore {
             .collect()
     }
 
+    #[cfg(any(test, feature = "internals"))]
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -81,6 +82,7 @@ impl MemoryStore {
             .sum()
     }
 
+    #[cfg(any(test, feature = "internals"))]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -5,6 +5,7 @@
 
 use std::sync::LazyLock;
 
+use lb_proto::redis_keys;
 use redis::Script;
 
 use crate::redis::RedisConn;
@@ -16,9 +17,9 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 /// The Redis keys of one identity (`ip:<addr>` or `key:<key id>`).
 pub fn keys(identity: &str) -> [String; 3] {
     [
-        format!("lb:rl:{{{identity}}}:gcra"),
-        format!("lb:rl:{{{identity}}}:ban"),
-        format!("lb:rl:{{{identity}}}:strikes"),
+        redis_keys::gcra_key(identity),
+        redis_keys::ban_key(identity),
+        redis_keys::strikes_key(identity),
     ]
 }
 
@@ -40,6 +41,7 @@ pub struct Check {
     pub ban: BanRule,
 }
 
+#[cfg(any(test, feature = "internals"))]
 pub async fn check(
     conn: &mut RedisConn,
     identity: &str,

@@ -41,7 +41,7 @@ use tokio::time::Instant;
 pub use body::Body;
 pub use conn::Transport;
 pub use encode::{Head, Outgoing};
-pub use parse::{HOP_BY_HOP, is_hop_by_hop};
+pub use parse::is_hop_by_hop;
 pub use pool::IdleConns;
 
 use conn::{Conn, connect, poll_head};

@@ -1,0 +1,18 @@
+//! What the control plane shares with the data plane, and the only part of this crate it uses
+//! outside its all-in-one `dev` launcher: process set-up (logging, the shutdown signal, a
+//! listener with a deep accept queue), certificates (loading, checks, reloads), the way to Redis
+//! (one server or a cluster), OpenTelemetry span export, and reading a TOML settings file.
+//!
+//! Everything else in this crate is the data plane's own; the two planes otherwise meet only in
+//! the gRPC contract of `lb-proto` and the Redis key layout it defines.
+
+pub use crate::config::settings::{SettingsError, default_node_id, read_toml, tls_files};
+pub use crate::redis::{
+    Endpoints, RedisConn, RedisTarget, Scan, Timeouts as RedisTimeouts, UrlError, endpoints,
+};
+pub use crate::server::{LISTEN_BACKLOG, listen};
+pub use crate::telemetry::logging::{init_tracing, shutdown_signal};
+pub use crate::telemetry::metrics::TlsMetrics;
+pub use crate::telemetry::otel::{Span, Status, TraceSettings, Tracing};
+pub use crate::tls::client::{Roots, read_roots};
+pub use crate::tls::{Tls, TlsError, TlsFiles};
