@@ -20,14 +20,18 @@ use crate::config::settings::Settings;
 use crate::policy::admission::Admission;
 use crate::policy::breaker::CircuitState;
 use crate::ratelimit::Limiter;
-use crate::telemetry::metrics::{BackendSample, Metrics};
+use crate::redis::RedisTarget;
+use crate::redis::link::Link;
+use crate::redis::link::Health;
+use crate::telemetry::metrics::{BackendSample, CacheSample, LiveValues, Metrics};
 use crate::upstream::Transport;
 
 /// State shared by the proxy, the admin listener and the discovery client.
 pub struct Shared {
     pub settings: Settings,
     active: ArcSwapOption<Active>,
-    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    /// Every configured backend's endpoint, by address (shared with the metrics collector).
+    endpoints: Arc<Mutex<HashMap<String, Arc<Endpoint>>>>,
     pub metrics: Metrics,
     pub control_plane_connected: AtomicBool,
     /// The last snapshot refused: its version and why.
@@ -35,6 +39,8 @@ pub struct Shared {
     /// Requests waiting for a backend with free capacity.
     pub admission: Arc<Admission>,
     pub limiter: Limiter,
+    /// The link to Redis, when one is configured: the limiter's and the cache's.
+    pub redis: Option<Arc<Link>>,
     /// Bumped by every apply, for lock-free checks on the request path.
     generation: AtomicU64,
     pub reporter: crate::telemetry::report::Reporter,
@@ -64,9 +70,10 @@ impl Shared {
                     .map_err(|e| redis_ca_error = Some(e))
                     .ok()
             });
-            crate::ratelimit::RedisTarget { url, root_ca }
+            Arc::new(Link::new(RedisTarget { url, root_ca }))
         });
-        let limiter = Limiter::new(redis);
+        let limiter = Limiter::new(redis.clone());
+        let cache_health = redis.as_ref().map_or_else(Arc::default, |l| Arc::clone(l.health()));
         let backend_tls = settings.backend_tls.as_ref().map(|b| {
             crate::tls::client::BackendTls::load(b)
                 .inspect_err(|e| tracing::error!(cause = %e, "backend TLS not usable"))
@@ -77,6 +84,18 @@ impl Shared {
                 .ok()
         });
         let metrics = Metrics::new();
+        let endpoints = Arc::default();
+        let admission = Arc::new(Admission::new(0));
+        let cache = crate::cache::Cache::with_health(
+            crate::cache::Policy::from(&lb_proto::defaults::cache()),
+            cache_health,
+        );
+        metrics.register_live(live_values(
+            Arc::clone(&endpoints),
+            Arc::clone(&admission),
+            cache.clone(),
+            redis.as_ref().map(|l| Arc::clone(l.health())),
+        ));
         let tls = settings.tls.clone().map(|files| {
             crate::tls::Tls::load(files, metrics.tls().clone())
                 .map(Arc::new)
@@ -85,17 +104,16 @@ impl Shared {
         Shared {
             settings,
             active: ArcSwapOption::empty(),
-            endpoints: Mutex::new(HashMap::new()),
+            endpoints,
             metrics,
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
-            admission: Arc::new(Admission::new(0)),
+            admission,
             limiter,
             generation: AtomicU64::new(0),
             reporter: crate::telemetry::report::Reporter::default(),
-            cache: crate::cache::Cache::new(crate::cache::Policy::from(
-                &lb_proto::defaults::cache(),
-            )),
+            cache,
+            redis,
             directives_seen: AtomicU64::new(u64::MAX),
             applied: watch::channel(0).0,
             tracer,
@@ -221,66 +239,7 @@ impl Shared {
 
     /// The Prometheus text of every metric, per-backend counters included.
     pub fn render_metrics(&self) -> String {
-        let mut out = self.metrics.render();
-        let now_ms = millis(Instant::now());
-        let backends: Vec<BackendSample> = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|e| BackendSample {
-                address: e.address.clone(),
-                requests: e.requests.load(Ordering::Relaxed),
-                errors: e.errors.load(Ordering::Relaxed),
-                in_flight: e.in_flight(),
-                healthy: e.is_healthy(),
-                ejected: e.is_ejected(now_ms),
-                circuit: match e.circuit_state() {
-                    CircuitState::Closed => 0,
-                    CircuitState::Open => 1,
-                    CircuitState::HalfOpen => 2,
-                },
-            })
-            .collect();
-        Metrics::render_backends(&mut out, &backends);
-        out.push_str(&format!(
-            "# HELP lb_queue_depth Requests waiting in the priority queue for a backend with room\n\
-             # TYPE lb_queue_depth gauge\n\
-             lb_queue_depth {}\n",
-            self.admission.depth()
-        ));
-        let c = self.cache.stats();
-        out.push_str(&format!(
-            "# HELP lb_cache_lookups_total Cache lookups by result and, for hits, the tier that answered\n\
-             # TYPE lb_cache_lookups_total counter\n\
-             lb_cache_lookups_total{{result=\"hit\",tier=\"memory\"}} {}\n\
-             lb_cache_lookups_total{{result=\"hit\",tier=\"shared\"}} {}\n\
-             lb_cache_lookups_total{{result=\"hit\",tier=\"coalesced\"}} {}\n\
-             lb_cache_lookups_total{{result=\"stale\",tier=\"any\"}} {}\n\
-             lb_cache_lookups_total{{result=\"miss\",tier=\"none\"}} {}\n\
-             lb_cache_lookups_total{{result=\"bypass\",tier=\"none\"}} {}\n\
-             # HELP lb_cache_memory_bytes Bytes held by the in-process cache tier\n\
-             # TYPE lb_cache_memory_bytes gauge\nlb_cache_memory_bytes {}\n\
-             # HELP lb_cache_evictions_total Entries evicted from the in-process tier to stay within its bound\n\
-             # TYPE lb_cache_evictions_total counter\nlb_cache_evictions_total {}\n\
-             # HELP lb_cache_store_degraded 1 while Redis is configured but unreachable and only the in-process tier serves\n\
-             # TYPE lb_cache_store_degraded gauge\nlb_cache_store_degraded {}\n",
-            c.hits_memory,
-            c.hits_shared,
-            c.hits_coalesced,
-            c.hits_stale,
-            c.leads + c.passes,
-            c.bypasses,
-            c.memory.bytes,
-            c.memory.evictions,
-            u8::from(c.degraded),
-        ));
-        out.push_str(&format!(
-            "# HELP lb_ratelimit_store_degraded 1 while Redis is configured but unreachable and limits are enforced per data plane\n\
-             # TYPE lb_ratelimit_store_degraded gauge\nlb_ratelimit_store_degraded {}\n",
-            u8::from(self.limiter.is_degraded())
-        ));
-        out
+        self.metrics.render()
     }
 
     /// Runs the snapshot's directives not run yet. The first snapshot only sets the mark: its
@@ -300,13 +259,13 @@ impl Shared {
                 Some(directive::Kind::Purge(p)) => {
                     if let Some(purge) = crate::cache::Purge::from_proto(p) {
                         let cache = self.cache.clone();
-                        let redis = self.limiter.redis().cloned();
+                        let redis = self.redis.clone();
                         tracing::info!(?purge, "cache purge");
                         // Every data plane purges its memory tier, and Redis too (the same
                         // keys many times over is harmless; one data plane missing is not).
                         tokio::spawn(async move {
                             let conn = match &redis {
-                                Some(target) => crate::ratelimit::connect(target).await,
+                                Some(link) => link.connect().await,
                                 None => None,
                             };
                             if let Err(e) = cache.purge(conn.as_ref(), &purge).await {
@@ -350,5 +309,51 @@ impl Shared {
         self.active.store(Some(Arc::new(active)));
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.applied.send_replace(version);
+    }
+}
+
+/// What the metrics collector reads at each scrape.
+fn live_values(
+    endpoints: Arc<Mutex<HashMap<String, Arc<Endpoint>>>>,
+    admission: Arc<Admission>,
+    cache: crate::cache::Cache,
+    redis: Option<Arc<Health>>,
+) -> impl Fn() -> LiveValues + Send + Sync + 'static {
+    move || {
+        let now_ms = millis(Instant::now());
+        let backends = endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| BackendSample {
+                address: e.address.clone(),
+                requests: e.requests.load(Ordering::Relaxed),
+                errors: e.errors.load(Ordering::Relaxed),
+                in_flight: e.in_flight(),
+                healthy: e.is_healthy(),
+                ejected: e.is_ejected(now_ms),
+                circuit: match e.circuit_state() {
+                    CircuitState::Closed => 0,
+                    CircuitState::Open => 1,
+                    CircuitState::HalfOpen => 2,
+                },
+            })
+            .collect();
+        let c = cache.stats();
+        LiveValues {
+            backends,
+            queue_depth: admission.depth(),
+            cache: CacheSample {
+                hits_memory: c.hits_memory,
+                hits_shared: c.hits_shared,
+                hits_coalesced: c.hits_coalesced,
+                hits_stale: c.hits_stale,
+                misses: c.leads + c.passes,
+                bypasses: c.bypasses,
+                memory_bytes: c.memory.bytes,
+                evictions: c.memory.evictions,
+            },
+            redis_degraded: redis.as_ref().is_some_and(|h| h.is_degraded()),
+        }
     }
 }

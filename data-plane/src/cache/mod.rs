@@ -38,8 +38,8 @@
 //! straight to the backends instead of queueing behind each other's leaders.
 //!
 //! Redis failures never fail a request: the call is dropped after [`shared::TIMEOUT`], the
-//! cache is marked degraded, Redis is left alone for [`crate::ratelimit::REDIS_RETRY`], and
-//! the memory tier serves alone until a call succeeds again.
+//! data plane's Redis link is marked degraded ([`crate::redis::link`]), and the memory tier
+//! serves alone until a call succeeds again.
 
 pub mod coalesce;
 pub mod entry;
@@ -54,10 +54,11 @@ pub mod tee;
 mod tests;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::redis::RedisConn;
+use crate::redis::link::Health;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
@@ -260,9 +261,8 @@ struct Inner {
     flights: Arc<Flights>,
     /// Resources found uncacheable; entries leave after [`PASS_MEMO`].
     memo: moka::future::Cache<Digest32, ()>,
-    degraded: AtomicBool,
-    /// Redis is left alone until then (unix ms).
-    retry_at: AtomicU64,
+    /// Whether Redis answers: the data plane's link's, shared with the limiter.
+    health: Arc<Health>,
     counters: Counters,
 }
 
@@ -274,7 +274,13 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// A cache with a Redis state of its own (for a cache used alone).
     pub fn new(policy: Policy) -> Cache {
+        Cache::with_health(policy, Arc::default())
+    }
+
+    /// A cache whose Redis calls share `health` with the data plane's other users of Redis.
+    pub fn with_health(policy: Policy, health: Arc<Health>) -> Cache {
         let memory = MemoryTier::new(policy.memory_bytes);
         Cache {
             inner: Arc::new(Inner {
@@ -285,8 +291,7 @@ impl Cache {
                     .max_capacity(PASS_MEMO_ENTRIES)
                     .time_to_live(PASS_MEMO)
                     .build(),
-                degraded: AtomicBool::new(false),
-                retry_at: AtomicU64::new(0),
+                health,
                 counters: Counters::default(),
             }),
         }
@@ -319,7 +324,7 @@ impl Cache {
 
     /// True while Redis is configured but unreachable.
     pub fn is_degraded(&self) -> bool {
-        self.inner.degraded.load(Ordering::Relaxed)
+        self.inner.health.is_degraded()
     }
 
     /// Flights in progress, and followers waiting on the one of `id` (for tests and stats).
@@ -386,25 +391,16 @@ impl Cache {
     /// A clone of the worker's connection, unless Redis is being left alone after a failure.
     fn conn(&self, redis: Option<&RedisConn>, now_ms: u64) -> Option<RedisConn> {
         let c = redis?;
-        (now_ms >= self.inner.retry_at.load(Ordering::Relaxed)).then(|| c.clone())
+        self.inner.health.usable(now_ms).then(|| c.clone())
     }
 
     fn redis_ok(&self) {
-        if self.inner.degraded.swap(false, Ordering::Relaxed) {
-            tracing::info!("redis reachable again; the response cache is shared again");
-        }
+        self.inner.health.succeeded();
     }
 
     fn redis_failed(&self, now_ms: u64, cause: &SharedError) {
         inc(&self.inner.counters.shared_errors);
-        let retry = u64::try_from(crate::ratelimit::REDIS_RETRY.as_millis()).unwrap_or(1000);
-        self.inner.retry_at.store(now_ms + retry, Ordering::Relaxed);
-        if !self.inner.degraded.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                cause = %cause,
-                "redis unreachable; the response cache runs in process until it is back"
-            );
-        }
+        self.inner.health.failed(now_ms, cause);
     }
 
     /// Purges Redis, with a connection (whatever the degraded state: purges are rare and worth

@@ -38,7 +38,7 @@ use super::entry::{DecodeError, Entry, Record, VarySpec};
 use super::key::{self, CacheKey, Digest32, REDIS_PREFIX, lock_key, redis_key};
 
 /// Longest wait for one Redis round trip; the same bound as the rate limiter's.
-pub const TIMEOUT: Duration = crate::ratelimit::REDIS_TIMEOUT;
+pub const TIMEOUT: Duration = crate::redis::link::TIMEOUT;
 
 pub const INDEX_PATHS: &str = "lb:cache:{index}:paths";
 pub const INDEX_EXPIRY: &str = "lb:cache:{index}:expiry";

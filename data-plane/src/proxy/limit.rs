@@ -21,7 +21,7 @@ pub struct Admitted {
 
 /// Who is asking, for the limiter: the name it is counted under, its rate, the policy's name
 /// and its priority.
-struct Identity {
+pub struct Identity {
     who: String,
     key_id: Option<String>,
     rate: Rate,
@@ -29,21 +29,19 @@ struct Identity {
     priority: u32,
 }
 
-/// Identifies the client and applies its limit: the queue priority and quota of an admitted
-/// request, or the refusal (400 bad key, 401 unknown key, 403 blocked, 429 limited or banned,
-/// 503 when the limiter cannot decide in `closed` mode).
+/// Applies the client's limit: the queue priority and quota of an admitted request, or the
+/// refusal (429 banned or over the limit, 503 when the limiter cannot decide in `closed` mode).
+/// A client no limit applies to (`None`) is admitted at the default priority.
 pub async fn admit(
     worker: &Worker,
-    peer: std::net::IpAddr,
-    parts: &http::request::Parts,
+    id: Option<Identity>,
     active: &Active,
 ) -> Result<Admitted, Refusal> {
-    let unlimited = Admitted {
-        priority: active.default_priority,
-        quota: None,
-    };
-    let Some(id) = identify(peer, parts, active)? else {
-        return Ok(unlimited);
+    let Some(id) = id else {
+        return Ok(Admitted {
+            priority: active.default_priority,
+            quota: None,
+        });
     };
     let shared = &*worker.shared;
     let limits = &active.limits;
@@ -81,8 +79,9 @@ pub async fn admit(
 }
 
 /// The client as the limiter counts it: by API key (its tier's rate), else by address (the
-/// per-IP rate); `None` when no limit applies to it.
-fn identify(
+/// per-IP rate); `None` when no limit applies to it. A bad key is refused (400), as is a blocked
+/// one (403) and, when unknown keys are refused, an unknown one (401).
+pub fn identify(
     peer: std::net::IpAddr,
     parts: &http::request::Parts,
     active: &Active,

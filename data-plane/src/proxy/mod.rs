@@ -1,20 +1,21 @@
 //! The request path. [`handle`] wraps one request in its span, its log entry and its metrics;
-//! [`proxy`] takes it through the steps of the design, one line each:
+//! [`proxy`] takes it through the steps of the design (`DESIGN.md`, "The request path"), one
+//! line each:
 //!
-//! 1. refuse what breaks a limit of the request itself (body size; head size and read time are
-//!    the server's);
-//! 2. load the configuration once, so the whole request runs under one snapshot;
-//! 3. identify the client and apply its limits: blocked, banned, over its quota
-//!    ([`limit`]);
-//! 4. answer from the cache when a fresh entry holds the answer ([`cache`]);
-//! 5. rewrite the request for a backend: hop-by-hop fields out, forwarding fields in
-//!    ([`request`]);
-//! 6. queue while every backend is full, pick one, forward, retry elsewhere within the budget,
-//!    and record the outcome against the backend ([`forward`]);
-//! 7. fill the cache from the response, or fall back on a stale entry when every backend failed
-//!    ([`cache`]);
-//! 8. stream the response back, holding the backend's in-flight count until its body ends
-//!    ([`body`]).
+//! 1. accept within limits: the server bounds connections, head size and read time; the body's
+//!    declared size is checked here and its streamed size and time on the way ([`body`]);
+//! 2. identify the client: API key, address ([`limit::identify`]);
+//! 3. blocked key → 403 (there too); banned → 429 with `Retry-After` ([`limit::admit`]);
+//! 4. rate limits → 429 with `Retry-After` and `RateLimit-*` fields (there too);
+//! 5. cache: a fresh entry answers ([`cache::lookup`]);
+//! 6. admission: per-backend in-flight limits, the priority queue when all are full;
+//! 7. pick a backend with the strategy, skipping unusable ones;
+//! 8. forward (hop-by-hop fields out, forwarding fields in, [`request::outgoing`]) with
+//!    timeouts and retries of idempotent requests elsewhere within the budget;
+//! 9. record: passive health, breaker, latency, stats (steps 6 to 9 are [`forward::Attempt`]),
+//!    and the cache fill ([`cache::Miss::finish`]);
+//! 10. stream the response back, holding the backend's in-flight count until its body ends
+//!     ([`body`]).
 //!
 //! Every answer the data plane gives itself is a [`refusal::Refusal`]; [`span`] is the request's
 //! trace span, [`worker`] what a worker thread and a client connection share.
@@ -132,6 +133,7 @@ async fn proxy(
     let shared = &*worker.shared;
     let refuse = |r: Refusal| r.render(&shared.metrics, id);
     let (parts, body) = req.into_parts();
+    // 1. Within limits. The configuration is loaded once: the request runs under one snapshot.
     let limit = shared.settings.max_body_bytes;
     if request::declared_length(&parts.headers).is_some_and(|n| n > limit) {
         return refuse(Refusal::BodyTooLarge { limit });
@@ -139,15 +141,23 @@ async fn proxy(
     let Some(active) = worker.active() else {
         return refuse(Refusal::NotConfigured);
     };
-    let admitted = match limit::admit(worker, conn.peer.ip(), &parts, &active).await {
+    // 2. Who is asking (and 3., a blocked key).
+    let client = match limit::identify(conn.peer.ip(), &parts, &active) {
+        Ok(c) => c,
+        Err(r) => return refuse(r),
+    };
+    // 3., 4. Banned, or over the limit.
+    let admitted = match limit::admit(worker, client, &active).await {
         Ok(a) => a,
         Err(r) => return refuse(r),
     };
     let quota = admitted.quota;
+    // 5. The cache.
     let miss = match cache::lookup(worker, &parts, id, quota.as_ref()).await {
         Looked::Hit(resp) => return resp,
         Looked::Miss(m) => m,
     };
+    // 6.-9. Admission, pick, forward, record.
     let route = Route {
         affinity: request::affinity(&parts.headers, conn, &active),
         priority: request::priority(&parts.headers, conn, &active, admitted.priority),
@@ -164,6 +174,7 @@ async fn proxy(
         Ok(resp) => answered(resp, id, quota.as_ref(), detailed),
         Err(r) => refuse(r),
     };
+    // 9. The cache fill (or a stale entry in place of an error); 10. the response streams back.
     miss.finish(worker, resp, id)
 }
 

@@ -30,7 +30,10 @@ pub struct Worker {
 impl Worker {
     /// Must be called on the worker's own runtime (its Redis connection lives there).
     pub async fn new(shared: Arc<Shared>, id: usize) -> Worker {
-        let redis = shared.limiter.connect().await;
+        let redis = match &shared.redis {
+            Some(link) => link.connect().await,
+            None => None,
+        };
         let limits = redis.clone().map(crate::ratelimit::Batcher::spawn);
         Worker {
             shared,

@@ -3,10 +3,10 @@
 //! With Redis configured, every data plane checks the same state through one script call per
 //! request, so a limit holds exactly across the fleet. Without Redis, or while Redis is
 //! unreachable, the same arithmetic runs in process ([`memory`]). A Redis call that fails or
-//! takes longer than [`REDIS_TIMEOUT`] never fails the request: the data plane marks itself
-//! degraded, answers per the snapshot's failure mode (`local`: enforce per data plane; `open`:
-//! admit; `closed`: refuse), leaves Redis alone for [`REDIS_RETRY`], and goes back to shared
-//! enforcement by itself when a call succeeds again.
+//! takes too long never fails the request: the link is marked degraded
+//! ([`crate::redis::link`]) and the request is answered per the snapshot's failure mode
+//! (`local`: enforce per data plane; `open`: admit; `closed`: refuse) until a call succeeds
+//! again.
 //!
 //! A `rediss://` URL is reached over TLS (rustls, through the redis crate), with the Redis
 //! certificate checked against the `redis_ca` file when set, else the system's roots; a
@@ -18,8 +18,7 @@ pub mod memory;
 pub mod quota;
 pub mod redis;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
 
 use crate::clock::unix_ms;
 
@@ -27,13 +26,6 @@ use lb_proto::v1::StoreFailureMode;
 
 use gcra::{BanRule, Decision, Rate};
 use memory::MemoryStore;
-
-/// Longest wait for Redis on the request path; past it the request is decided locally. Well
-/// above a loaded Redis's answer time (a few ms), so only a stalled or dead one trips it.
-pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
-/// After a failed Redis call, requests are decided locally this long before Redis is tried
-/// again, so a dead Redis costs one timeout per interval, not one per request.
-pub const REDIS_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a decision came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,25 +38,20 @@ pub enum Source {
     Closed,
 }
 
-pub use crate::redis::RedisTarget;
-use crate::redis::{RedisConn, Timeouts};
+use crate::redis::RedisConn;
+use crate::redis::link::{Health, Link, TIMEOUT};
 
-/// A data plane's limiter: the in-process store and the state of its link to Redis.
+/// A data plane's limiter: the in-process store, and the link to Redis when one is configured.
 pub struct Limiter {
     memory: MemoryStore,
-    redis: Option<RedisTarget>,
-    degraded: AtomicBool,
-    /// Redis is left alone until then (unix ms).
-    retry_at: AtomicU64,
+    redis: Option<Arc<Link>>,
 }
 
 impl Limiter {
-    pub fn new(redis: Option<RedisTarget>) -> Limiter {
+    pub fn new(redis: Option<Arc<Link>>) -> Limiter {
         Limiter {
             memory: MemoryStore::default(),
             redis,
-            degraded: AtomicBool::new(false),
-            retry_at: AtomicU64::new(0),
         }
     }
 
@@ -72,22 +59,13 @@ impl Limiter {
         self.redis.is_some()
     }
 
-    /// The Redis configured, if any.
-    pub fn redis(&self) -> Option<&RedisTarget> {
-        self.redis.as_ref()
-    }
-
     /// True while Redis is configured but unreachable.
     pub fn is_degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.health().is_some_and(|h| h.is_degraded())
     }
 
-    /// A Redis connection for one worker thread, which reconnects by itself. It is opened
-    /// here, within the connect timeout, so the first requests are already shared; if Redis is
-    /// down at start, a lazy connection is returned (it connects on first use) and the data
-    /// plane starts degraded. Must be called on that worker's runtime.
-    pub async fn connect(&self) -> Option<RedisConn> {
-        connect(self.redis.as_ref()?).await
+    fn health(&self) -> Option<&Health> {
+        self.redis.as_ref().map(|l| &**l.health())
     }
 
     /// Decides one request of `identity` under `rate`. `None` means refuse without a decision
@@ -101,8 +79,8 @@ impl Limiter {
         mode: StoreFailureMode,
     ) -> (Option<Decision>, Source) {
         let now = unix_ms();
-        if let Some(conn) = conn
-            && now >= self.retry_at.load(Ordering::Relaxed)
+        if let (Some(conn), Some(health)) = (conn, self.health())
+            && health.usable(now)
         {
             // Decided on Redis's clock (time 0), so the data planes' decisions are made in
             // one time order however their clocks differ.
@@ -112,17 +90,13 @@ impl Limiter {
                 rate,
                 ban,
             });
-            match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+            match tokio::time::timeout(TIMEOUT, call).await {
                 Ok(Ok(d)) => {
-                    if self.degraded.swap(false, Ordering::Relaxed) {
-                        tracing::info!(
-                            "redis reachable again; limits are shared across data planes"
-                        );
-                    }
+                    health.succeeded();
                     return (Some(d), Source::Shared);
                 }
-                Ok(Err(e)) => self.fail(now, &e.to_string()),
-                Err(_) => self.fail(now, "timed out"),
+                Ok(Err(e)) => health.failed(now, &e),
+                Err(_) => health.failed(now, &"timed out"),
             }
         }
         if conn.is_some() {
@@ -136,19 +110,6 @@ impl Limiter {
             Some(self.memory.check(identity, now, rate, ban)),
             Source::Local,
         )
-    }
-
-    fn fail(&self, now: u64, cause: &str) {
-        self.retry_at.store(
-            now + u64::try_from(REDIS_RETRY.as_millis()).unwrap_or(1000),
-            Ordering::Relaxed,
-        );
-        if !self.degraded.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                cause,
-                "redis unreachable; rate limits enforced per data plane until it is back"
-            );
-        }
     }
 
     /// Forgets a ban here and, with a connection, in Redis.
@@ -170,31 +131,6 @@ impl Limiter {
     /// Bans enforced by this data plane's own store.
     pub fn local_bans(&self) -> Vec<(String, u64, u32)> {
         self.memory.bans(unix_ms())
-    }
-}
-
-/// A Redis connection that reconnects by itself, opened within the connect timeout when Redis
-/// answers, else lazily (it connects on first use). Must be called on the runtime that will use
-/// it.
-pub async fn connect(target: &RedisTarget) -> Option<RedisConn> {
-    let t = Timeouts {
-        connect: Duration::from_millis(500),
-        response: REDIS_TIMEOUT,
-        retries: 1,
-    };
-    match tokio::time::timeout(Duration::from_secs(1), target.connect(t)).await {
-        Ok(Ok(c)) => return Some(c),
-        Ok(Err(e)) => {
-            tracing::warn!(cause = %e, "redis unreachable; enforced per data plane until it answers")
-        }
-        Err(_) => tracing::warn!("redis did not answer; enforced per data plane until it does"),
-    }
-    match target.connect_lazy(t) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::error!(cause = %e, "cannot set up the redis connection");
-            None
-        }
     }
 }
 
@@ -253,7 +189,7 @@ async fn run_batches(mut conn: RedisConn, mut rx: tokio::sync::mpsc::UnboundedRe
             continue;
         }
         let (checks, replies): (Vec<redis::Check>, Vec<_>) = jobs.drain(..).unzip();
-        let result = tokio::time::timeout(REDIS_TIMEOUT, redis::check_many(&mut conn, &checks))
+        let result = tokio::time::timeout(TIMEOUT, redis::check_many(&mut conn, &checks))
             .await
             .map_err(|_| "timed out".to_owned())
             .and_then(|r| r.map_err(|e| e.to_string()));

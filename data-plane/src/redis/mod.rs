@@ -11,6 +11,8 @@
 //! on one slot. What does span slots is sent per slot ([`crate::ratelimit::redis::check_many`])
 //! or per node ([`scan`]).
 
+pub mod link;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,10 @@
 //! Prometheus metrics of one data plane. Labels are bounded: status classes, configured backend
 //! addresses and fixed outcome names, never a client address or a key.
 
+use std::collections::HashMap;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -10,6 +14,193 @@ use prometheus::{
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// What the live collector reads at scrape time.
+#[derive(Default)]
+pub struct LiveValues {
+    pub backends: Vec<BackendSample>,
+    /// Requests waiting in the priority queue.
+    pub queue_depth: usize,
+    pub cache: CacheSample,
+    /// Redis is configured but unreachable: limits per data plane, cache in process.
+    pub redis_degraded: bool,
+}
+
+/// The cache's counters at scrape time.
+#[derive(Debug, Default)]
+pub struct CacheSample {
+    pub hits_memory: u64,
+    pub hits_shared: u64,
+    pub hits_coalesced: u64,
+    pub hits_stale: u64,
+    pub misses: u64,
+    pub bypasses: u64,
+    pub memory_bytes: u64,
+    pub evictions: u64,
+}
+
+/// A metric the live collector exports.
+struct LiveMetric {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+const fn live(
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+) -> LiveMetric {
+    LiveMetric { name, help, labels }
+}
+
+/// Every metric of the live collector, in the order [`Live::collect`] gives them.
+const LIVE: [LiveMetric; 12] = [
+    live(
+        "lb_backend_requests_total",
+        "Requests forwarded to each backend",
+        &["backend"],
+    ),
+    live(
+        "lb_backend_errors_total",
+        "Requests to each backend that failed (5xx, connection error or timeout)",
+        &["backend"],
+    ),
+    live(
+        "lb_backend_in_flight",
+        "Requests in flight to each backend",
+        &["backend"],
+    ),
+    live(
+        "lb_backend_healthy",
+        "1 while the backend passes its active health checks",
+        &["backend"],
+    ),
+    live(
+        "lb_backend_ejected",
+        "1 while outlier detection keeps the backend out of rotation",
+        &["backend"],
+    ),
+    live(
+        "lb_backend_circuit_state",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+        &["backend"],
+    ),
+    live(
+        "lb_queue_depth",
+        "Requests waiting in the priority queue for a backend with room",
+        &[],
+    ),
+    live(
+        "lb_cache_lookups_total",
+        "Cache lookups by result and, for hits, the tier that answered",
+        &["result", "tier"],
+    ),
+    live(
+        "lb_cache_memory_bytes",
+        "Bytes held by the in-process cache tier",
+        &[],
+    ),
+    live(
+        "lb_cache_evictions_total",
+        "Entries evicted from the in-process tier to stay within its bound",
+        &[],
+    ),
+    live(
+        "lb_cache_store_degraded",
+        "1 while Redis is configured but unreachable and only the in-process tier serves",
+        &[],
+    ),
+    live(
+        "lb_ratelimit_store_degraded",
+        "1 while Redis is configured but unreachable and limits are enforced per data plane",
+        &[],
+    ),
+];
+
+/// The collector of values kept outside the registry.
+struct Live {
+    descs: Vec<Desc>,
+    read: Box<dyn Fn() -> LiveValues + Send + Sync>,
+}
+
+impl Collector for Live {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let v = (self.read)();
+        let per_backend = |value: fn(&BackendSample) -> u64| {
+            v.backends
+                .iter()
+                .map(move |b| (vec![b.address.as_str()], value(b)))
+        };
+        let one = |value: u64| std::iter::once((Vec::new(), value));
+        let c = &v.cache;
+        let lookups = [
+            (["hit", "memory"], c.hits_memory),
+            (["hit", "shared"], c.hits_shared),
+            (["hit", "coalesced"], c.hits_coalesced),
+            (["stale", "any"], c.hits_stale),
+            (["miss", "none"], c.misses),
+            (["bypass", "none"], c.bypasses),
+        ]
+        .map(|(labels, n)| (labels.to_vec(), n));
+        let degraded = u64::from(v.redis_degraded);
+        vec![
+            family(&LIVE[0], Kind::Counter, per_backend(|b| b.requests)),
+            family(&LIVE[1], Kind::Counter, per_backend(|b| b.errors)),
+            family(&LIVE[2], Kind::Gauge, per_backend(|b| u64::from(b.in_flight))),
+            family(&LIVE[3], Kind::Gauge, per_backend(|b| u64::from(b.healthy))),
+            family(&LIVE[4], Kind::Gauge, per_backend(|b| u64::from(b.ejected))),
+            family(&LIVE[5], Kind::Gauge, per_backend(|b| u64::from(b.circuit))),
+            family(&LIVE[6], Kind::Gauge, one(v.queue_depth as u64)),
+            family(&LIVE[7], Kind::Counter, lookups.into_iter()),
+            family(&LIVE[8], Kind::Gauge, one(c.memory_bytes)),
+            family(&LIVE[9], Kind::Counter, one(c.evictions)),
+            family(&LIVE[10], Kind::Gauge, one(degraded)),
+            family(&LIVE[11], Kind::Gauge, one(degraded)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A metric family of `m`'s name, help and labels, one series per sample (label values and
+/// value), made with the crate's own vectors.
+fn family<'a>(
+    m: &LiveMetric,
+    kind: Kind,
+    samples: impl Iterator<Item = (Vec<&'a str>, u64)>,
+) -> Option<MetricFamily> {
+    let opts = Opts::new(m.name, m.help);
+    let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut families = match kind {
+        Kind::Counter => {
+            let vec = IntCounterVec::new(opts, m.labels).expect("valid metric");
+            for (labels, n) in samples {
+                vec.with_label_values(&labels).inc_by(n);
+            }
+            vec.collect()
+        }
+        Kind::Gauge => {
+            let vec = IntGaugeVec::new(opts, m.labels).expect("valid metric");
+            for (labels, n) in samples {
+                vec.with_label_values(&labels).set(clamp(n));
+            }
+            vec.collect()
+        }
+    };
+    families.pop().filter(|f| !f.get_metric().is_empty())
+}
 
 /// One backend's counters at scrape time.
 pub struct BackendSample {
@@ -229,65 +420,24 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// Per-backend counters kept by the endpoints themselves (plain atomics on the request
-    /// path, read here at scrape time), appended to `out` in the text format.
-    pub fn render_backends(out: &mut String, backends: &[BackendSample]) {
-        use std::fmt::Write;
-        type Series = (
-            &'static str,
-            &'static str,
-            &'static str,
-            fn(&BackendSample) -> u64,
-        );
-        let series: [Series; 6] = [
-            (
-                "lb_backend_requests_total",
-                "counter",
-                "Requests forwarded to each backend",
-                |b| b.requests,
-            ),
-            (
-                "lb_backend_errors_total",
-                "counter",
-                "Requests to each backend that failed (5xx, connection error or timeout)",
-                |b| b.errors,
-            ),
-            (
-                "lb_backend_in_flight",
-                "gauge",
-                "Requests in flight to each backend",
-                |b| u64::from(b.in_flight),
-            ),
-            (
-                "lb_backend_healthy",
-                "gauge",
-                "1 while the backend passes its active health checks",
-                |b| u64::from(b.healthy),
-            ),
-            (
-                "lb_backend_ejected",
-                "gauge",
-                "1 while outlier detection keeps the backend out of rotation",
-                |b| u64::from(b.ejected),
-            ),
-            (
-                "lb_backend_circuit_state",
-                "gauge",
-                "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-                |b| u64::from(b.circuit),
-            ),
-        ];
-        for (name, kind, help, value) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for b in backends {
-                let label = b
-                    .address
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = writeln!(out, "{name}{{backend=\"{label}\"}} {}", value(b));
-            }
-        }
+    /// Exports values kept outside the registry, read by `read` at each scrape: the
+    /// per-backend counters (plain atomics on the request path), the queue depth, the cache's
+    /// counters and the Redis link's state.
+    pub fn register_live(&self, read: impl Fn() -> LiveValues + Send + Sync + 'static) {
+        let live = Live {
+            descs: LIVE
+                .iter()
+                .map(|m| {
+                    let labels = m.labels.iter().map(|l| (*l).to_owned()).collect();
+                    Desc::new(m.name.to_owned(), m.help.to_owned(), labels, HashMap::new())
+                        .expect("valid metric")
+                })
+                .collect(),
+            read: Box::new(read),
+        };
+        self.registry
+            .register(Box::new(live))
+            .expect("metric names are unique");
     }
 
     /// A backend's latency histogram: bucket upper bounds in µs and cumulative counts (one more

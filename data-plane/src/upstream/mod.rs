@@ -24,7 +24,11 @@ pub mod body;
 pub mod conn;
 pub mod encode;
 pub mod parse;
+#[cfg(test)]
+mod parse_props;
 pub mod pool;
+#[cfg(test)]
+mod pool_tests;
 pub mod request_body;
 
 use std::net::SocketAddr;
@@ -174,24 +178,10 @@ async fn exchange(
     deadline: Option<Deadline>,
     idle_timeout: Option<Duration>,
 ) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
-    let written = async {
-        conn.io.write_all(&req.wire()).await?;
-        conn.io.flush().await
-    };
-    let written = match deadline {
-        Some(d) => tokio::time::timeout_at(d.at, written)
-            .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
-        None => written.await,
-    };
-    if let Err(e) = written {
-        if e.kind() == std::io::ErrorKind::TimedOut
-            && let Some(d) = deadline
-        {
-            // The head may be partly written: the request cannot go elsewhere.
-            return Err((UpstreamError::Timeout(d.after), None));
-        }
-        return Err((UpstreamError::Write(e), Some(req)));
+    if let Err(e) = write_head(&mut conn, &req, deadline).await {
+        // A head partly written within the deadline cannot go elsewhere.
+        let returned = (!matches!(e, UpstreamError::Timeout(_))).then_some(req);
+        return Err((e, returned));
     }
     let Outgoing {
         head, out, body, ..
@@ -247,4 +237,23 @@ async fn exchange(
     Ok(parsed
         .response
         .map(|()| Body::new(conn, framing, home, upload, idle_timeout)))
+}
+
+/// Writes the request's head, within the deadline.
+async fn write_head(
+    conn: &mut Conn,
+    req: &Outgoing,
+    deadline: Option<Deadline>,
+) -> Result<(), UpstreamError> {
+    let written = async {
+        conn.io.write_all(&req.wire()).await?;
+        conn.io.flush().await
+    };
+    match deadline {
+        Some(d) => match tokio::time::timeout_at(d.at, written).await {
+            Ok(w) => w.map_err(UpstreamError::Write),
+            Err(_) => Err(UpstreamError::Timeout(d.after)),
+        },
+        None => written.await.map_err(UpstreamError::Write),
+    }
 }

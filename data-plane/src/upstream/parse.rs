@@ -70,6 +70,11 @@ pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option
         let mut parsed = httparse::Response::new(&mut []);
         let config = httparse::ParserConfig::default();
         let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => {
+                return Err(invalid(format!(
+                    "backend response head is larger than {MAX_HEAD_BYTES} bytes"
+                )));
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(invalid(format!(
@@ -101,52 +106,22 @@ pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option
         } else {
             Version::HTTP_11
         };
-        // Values are slices of the head, so no field is copied. Hop-by-hop fields (RFC 9110
-        // section 7.6.1: the classic set, Connection and the fields it names) are read here, for
-        // framing and reuse, and left out of the response passed on.
-        let base = buf.as_ptr() as usize;
-        let mut spans = Vec::with_capacity(parsed.headers.len());
-        let mut close = false;
-        let mut named: Vec<HeaderName> = Vec::new();
-        let mut transfer_encoding: Option<&[u8]> = None;
-        for f in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(f.name.as_bytes())
-                .map_err(|_| invalid(format!("backend header name {:?} is not valid", f.name)))?;
-            if name == header::CONNECTION {
-                for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive")
-                        && let Ok(n) = HeaderName::from_bytes(token)
-                    {
-                        named.push(n);
-                    }
-                }
-                continue;
-            }
-            if name == header::TRANSFER_ENCODING {
-                transfer_encoding = Some(f.value);
-            }
-            if is_hop_by_hop(&name) {
-                continue;
-            }
-            let start = f.value.as_ptr() as usize - base;
-            spans.push((name, start, start + f.value.len()));
+        let fields = Fields::read(parsed.headers, buf.as_ptr() as usize)?;
+        let framing = framing(status, fields.transfer_encoding, parsed.headers, head_only)?;
+        // RFC 9112 section 6.1: HTTP/1.0 has no transfer codings, so a body framed by one is
+        // faulty.
+        if version == Version::HTTP_10
+            && fields.transfer_encoding.is_some()
+            && framing != Framing::Empty
+        {
+            return Err(invalid(
+                "backend sent Transfer-Encoding in an HTTP/1.0 response",
+            ));
         }
-        let framing = framing(status, transfer_encoding, parsed.headers, head_only)?;
         let reusable =
-            version == Version::HTTP_11 && !matches!(framing, Framing::UntilClose) && !close;
-        let raw = buf.split_to(len).freeze();
-        // Room for the fields the proxy adds (request id, rate-limit and cache headers).
-        let mut headers = HeaderMap::with_capacity(spans.len() + 8);
-        for (name, start, end) in spans {
-            let value = HeaderValue::from_maybe_shared(raw.slice(start..end))
-                .map_err(|_| invalid(format!("backend header {name} has an invalid value")))?;
-            headers.append(name, value);
-        }
-        for n in named {
-            headers.remove(n);
-        }
+            version == Version::HTTP_11 && !matches!(framing, Framing::UntilClose) && !fields.close;
+        let Fields { spans, named, .. } = fields;
+        let headers = end_to_end(spans, named, buf.split_to(len).freeze())?;
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
@@ -157,6 +132,78 @@ pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option
             reusable,
         }));
     }
+}
+
+/// A response head's fields as read: where each end-to-end value lies in the head, and what
+/// the hop-by-hop fields (RFC 9110 section 7.6.1: the classic set, `Connection` and the fields it
+/// names) say, which is read here, for framing and reuse, and left out of the response passed on.
+struct Fields<'h> {
+    /// Name and value span (offsets into the head) of each end-to-end field. Values are kept as
+    /// slices of the head, so no field is copied.
+    spans: Vec<(HeaderName, usize, usize)>,
+    /// `Connection: close`.
+    close: bool,
+    /// Fields `Connection` names, to leave out.
+    named: Vec<HeaderName>,
+    transfer_encoding: Option<&'h [u8]>,
+}
+
+impl<'h> Fields<'h> {
+    /// Reads the parsed fields of a head starting at address `base`.
+    fn read(parsed: &[httparse::Header<'h>], base: usize) -> std::io::Result<Fields<'h>> {
+        let mut fields = Fields {
+            spans: Vec::with_capacity(parsed.len()),
+            close: false,
+            named: Vec::new(),
+            transfer_encoding: None,
+        };
+        for f in parsed {
+            let name = HeaderName::from_bytes(f.name.as_bytes())
+                .map_err(|_| invalid(format!("backend header name {:?} is not valid", f.name)))?;
+            if name == header::CONNECTION {
+                for token in f.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        fields.close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                        && let Ok(n) = HeaderName::from_bytes(token)
+                    {
+                        fields.named.push(n);
+                    }
+                }
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                fields.transfer_encoding = Some(f.value);
+            }
+            if is_hop_by_hop(&name) {
+                continue;
+            }
+            let start = f.value.as_ptr() as usize - base;
+            fields.spans.push((name, start, start + f.value.len()));
+        }
+        Ok(fields)
+    }
+
+}
+
+/// The end-to-end fields as a map whose values share `raw`, the head's bytes: those at `spans`,
+/// but for those `Connection` `named`.
+fn end_to_end(
+    spans: Vec<(HeaderName, usize, usize)>,
+    named: Vec<HeaderName>,
+    raw: Bytes,
+) -> std::io::Result<HeaderMap> {
+    // Room for the fields the proxy adds (request id, rate-limit and cache headers).
+    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
+    for (name, start, end) in spans {
+        let value = HeaderValue::from_maybe_shared(raw.slice(start..end))
+            .map_err(|_| invalid(format!("backend header {name} has an invalid value")))?;
+        headers.append(name, value);
+    }
+    for n in named {
+        headers.remove(n);
+    }
+    Ok(headers)
 }
 
 /// Fields that describe one connection rather than the message (RFC 9110 section 7.6.1), never
@@ -200,7 +247,8 @@ pub(crate) fn framing(
         .filter(|f| f.name.eq_ignore_ascii_case("content-length"))
     {
         for part in std::str::from_utf8(f.value).unwrap_or("x").split(',') {
-            let part = part.trim();
+            // Only the whitespace HTTP knows (space and tab), not Unicode's.
+            let part = part.trim_matches([' ', '\t']);
             let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| part.parse::<u64>().ok())
                 .flatten()
@@ -323,67 +371,85 @@ impl Decoder {
                     };
                     return Ok(Decoded::Data(data));
                 }
-                DecodeState::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
+                DecodeState::Chunked(chunk) => {
+                    if let Some(decoded) = self.decode_chunked(chunk, buf)? {
+                        return Ok(decoded);
                     }
-                    let (data, left) = take_up_to(buf, left);
-                    self.state = DecodeState::Chunked(if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    });
-                    return Ok(Decoded::Data(data));
-                }
-                DecodeState::Chunked(Chunk::DataEnd) => {
-                    if buf.len() < 2 {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(invalid("backend chunk data is not followed by CRLF"));
-                    }
-                    buf.advance(2);
-                    self.state = DecodeState::Chunked(Chunk::Size);
-                }
-                DecodeState::Chunked(Chunk::Size) => {
-                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err(invalid("backend chunk-size line is too long"));
-                        }
-                        return Ok(Decoded::NeedMore);
-                    };
-                    if end > MAX_CHUNK_LINE {
-                        return Err(invalid("backend chunk-size line is too long"));
-                    }
-                    let size = chunk_size(&buf[..end])?;
-                    buf.advance(end + 1);
-                    self.state = DecodeState::Chunked(if size == 0 {
-                        Chunk::Trailers(0)
-                    } else {
-                        Chunk::Data(size)
-                    });
-                }
-                DecodeState::Chunked(Chunk::Trailers(seen)) => {
-                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-                        if seen + buf.len() > MAX_TRAILERS {
-                            return Err(invalid("backend trailer section is too large"));
-                        }
-                        return Ok(Decoded::NeedMore);
-                    };
-                    if seen + end + 1 > MAX_TRAILERS {
-                        return Err(invalid("backend trailer section is too large"));
-                    }
-                    let empty = end == 0 || (end == 1 && buf[0] == b'\r');
-                    buf.advance(end + 1);
-                    if empty {
-                        self.state = DecodeState::Done;
-                        return Ok(Decoded::End);
-                    }
-                    // Trailer fields are not forwarded.
-                    self.state = DecodeState::Chunked(Chunk::Trailers(seen + end + 1));
                 }
             }
         }
+    }
+
+    /// One step of a chunked body from `chunk`'s state: what it gave, or `None` when it only
+    /// moved on to the next state.
+    fn decode_chunked(
+        &mut self,
+        chunk: Chunk,
+        buf: &mut BytesMut,
+    ) -> std::io::Result<Option<Decoded>> {
+        let next = match chunk {
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Some(Decoded::NeedMore));
+                }
+                let (data, left) = take_up_to(buf, left);
+                self.state = DecodeState::Chunked(if left == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left)
+                });
+                return Ok(Some(Decoded::Data(data)));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Some(Decoded::NeedMore));
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(invalid("backend chunk data is not followed by CRLF"));
+                }
+                buf.advance(2);
+                Chunk::Size
+            }
+            Chunk::Size => {
+                let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(invalid("backend chunk-size line is too long"));
+                    }
+                    return Ok(Some(Decoded::NeedMore));
+                };
+                if end > MAX_CHUNK_LINE {
+                    return Err(invalid("backend chunk-size line is too long"));
+                }
+                let size = chunk_size(&buf[..end])?;
+                buf.advance(end + 1);
+                if size == 0 {
+                    Chunk::Trailers(0)
+                } else {
+                    Chunk::Data(size)
+                }
+            }
+            Chunk::Trailers(seen) => {
+                let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                    if seen + buf.len() > MAX_TRAILERS {
+                        return Err(invalid("backend trailer section is too large"));
+                    }
+                    return Ok(Some(Decoded::NeedMore));
+                };
+                if seen + end + 1 > MAX_TRAILERS {
+                    return Err(invalid("backend trailer section is too large"));
+                }
+                let empty = end == 0 || (end == 1 && buf[0] == b'\r');
+                buf.advance(end + 1);
+                if empty {
+                    self.state = DecodeState::Done;
+                    return Ok(Some(Decoded::End));
+                }
+                // Trailer fields are not forwarded.
+                Chunk::Trailers(seen + end + 1)
+            }
+        };
+        self.state = DecodeState::Chunked(next);
+        Ok(None)
     }
 }
 

@@ -183,3 +183,93 @@ impl Dp {
         }
     }
 }
+
+/// Waits for `cond` to hold, looking every few milliseconds, for at most 10 s.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A GET of `path` with a Host field and no body.
+pub fn get_request(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// A response as a client saw it: the head, and the whole body or the error that cut it short.
+pub struct Seen {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Result<Bytes, hyper::Error>,
+}
+
+impl Seen {
+    /// The body as text; panics when it was cut short.
+    pub fn text(&self) -> String {
+        let body = self.body.as_ref().expect("a whole body");
+        String::from_utf8_lossy(body).into_owned()
+    }
+
+    /// The body as JSON (the data plane's own answers).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.text()).expect("a JSON body")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Dp {
+    /// Sends `req` on a new client connection (one that accepts up to 1024 header fields): the
+    /// response with its body still to read, or the error when no head came.
+    pub async fn open<B>(&self, req: Request<B>) -> Result<Response<Incoming>, hyper::Error>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let (mut s, conn) = hyper::client::conn::http1::Builder::new()
+            .max_headers(1024)
+            .handshake(TokioIo::new(tcp))
+            .await?;
+        tokio::spawn(conn);
+        s.send_request(req).await
+    }
+
+    /// As [`Dp::open`], with the body read to its end (or to its failure).
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Seen, hyper::Error>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let resp = self.open(req).await?;
+        let (parts, body) = resp.into_parts();
+        Ok(Seen {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.map(|b| b.to_bytes()),
+        })
+    }
+
+    /// Where the backend at `addr` is among the slots of the configuration in force
+    /// (`self.shared.active().unwrap().slots[i]`).
+    pub fn slot_of(&self, addr: SocketAddr) -> usize {
+        let active = self.shared.active().expect("a configuration in force");
+        active
+            .slots
+            .iter()
+            .position(|s| s.endpoint.address == addr.to_string())
+            .unwrap_or_else(|| panic!("no backend {addr}"))
+    }
+}
