@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::backend::Endpoint;
 use crate::clock::millis;
-use crate::config::active::{Active, Slot};
+use crate::config::active::{self, Active, Slot};
 use crate::config::settings::Settings;
 use crate::policy::admission::Admission;
 use crate::policy::breaker::CircuitState;
@@ -150,6 +150,12 @@ impl Shared {
         }
     }
 
+    /// The endpoint of a configured backend.
+    pub fn endpoint(&self, address: &str) -> Option<Arc<Endpoint>> {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        endpoints.get(address).cloned()
+    }
+
     /// The configuration in force, if any yet.
     pub fn active(&self) -> Option<Arc<Active>> {
         self.active.load_full()
@@ -198,42 +204,55 @@ impl Shared {
                 }
             }
         }
-        let slots = {
-            let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-            let mut slots = Vec::with_capacity(snapshot.backends.len());
-            for b in &snapshot.backends {
-                let breaker = snapshot.circuit_breaker.unwrap_or_default();
-                let endpoint = match endpoints.get(&b.address) {
-                    Some(e) => {
-                        e.set_breaker_policy(&breaker);
-                        Arc::clone(e)
-                    }
-                    None => {
-                        let e = Arc::new(Endpoint::new(
-                            &b.address,
-                            &self.metrics,
-                            self.settings.workers,
-                            &breaker,
-                            self.transport(&b.address)?,
-                        )?);
-                        endpoints.insert(b.address.clone(), Arc::clone(&e));
-                        e
-                    }
-                };
-                let queue = snapshot.queue.unwrap_or_default();
-                slots.push(Slot {
-                    endpoint,
-                    weight: b.weight,
-                    draining: b.draining,
-                    max_in_flight: if b.max_in_flight > 0 {
-                        b.max_in_flight
-                    } else {
-                        queue.max_in_flight_per_backend
-                    },
-                });
-            }
-            slots
+        // Everything that can fail is checked before anything is made: a refused snapshot
+        // leaves no trace but the error. New endpoints join the registry when it is applied.
+        let breaker = snapshot.circuit_breaker.unwrap_or_default();
+        let known: HashMap<String, Arc<Endpoint>> = {
+            let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            snapshot
+                .backends
+                .iter()
+                .filter_map(|b| Some((b.address.clone(), Arc::clone(endpoints.get(&b.address)?))))
+                .collect()
         };
+        let mut new = HashMap::new();
+        for b in snapshot.backends.iter().filter(|b| !known.contains_key(&b.address)) {
+            let made = (Endpoint::authority(&b.address)?, self.transport(&b.address)?);
+            new.insert(b.address.clone(), made);
+        }
+        active::check(&snapshot)?;
+        let queue = snapshot.queue.unwrap_or_default();
+        let mut made: HashMap<String, Arc<Endpoint>> = HashMap::new();
+        let mut slots = Vec::with_capacity(snapshot.backends.len());
+        for b in &snapshot.backends {
+            let endpoint = match (known.get(&b.address), new.remove(&b.address)) {
+                (Some(e), _) => Arc::clone(e),
+                (None, Some((authority, transport))) => {
+                    let e = Arc::new(Endpoint::new(
+                        &b.address,
+                        authority,
+                        &self.metrics,
+                        self.settings.workers,
+                        &breaker,
+                        transport,
+                    ));
+                    made.insert(b.address.clone(), Arc::clone(&e));
+                    e
+                }
+                // The same address twice (validation refuses it): one endpoint for both.
+                (None, None) => Arc::clone(&made[&b.address]),
+            };
+            slots.push(Slot {
+                endpoint,
+                weight: b.weight,
+                draining: b.draining,
+                max_in_flight: if b.max_in_flight > 0 {
+                    b.max_in_flight
+                } else {
+                    queue.max_in_flight_per_backend
+                },
+            });
+        }
         Active::build(snapshot, slots)
     }
 
@@ -289,6 +308,13 @@ impl Shared {
             .collect();
         {
             let mut endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            let breaker = active.snapshot.circuit_breaker.unwrap_or_default();
+            for slot in &active.slots {
+                slot.endpoint.set_breaker_policy(&breaker);
+                endpoints
+                    .entry(slot.endpoint.address.clone())
+                    .or_insert_with(|| Arc::clone(&slot.endpoint));
+            }
             endpoints.retain(|addr, e| {
                 let k = keep.contains(addr.as_str());
                 if !k {

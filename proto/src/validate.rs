@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::v1::{Backend, ConfigSnapshot, Limit, Tier};
+use crate::v1::{Backend, ConfigSnapshot, Limit, StoreFailureMode, Tier, UnknownKeyPolicy};
 
 /// Every balancing strategy, in the order they are documented.
 pub const STRATEGIES: &[&str] = &[
@@ -300,6 +300,22 @@ pub fn snapshot(s: &ConfigSnapshot) -> Result<(), Invalid> {
         "rate_limit.default_tier",
         format_args!("{:?} is not a configured tier", rl.default_tier),
     )?;
+    check(
+        StoreFailureMode::try_from(rl.on_store_failure).is_ok(),
+        "rate_limit.on_store_failure",
+        format_args!(
+            "{} is not a failure mode; valid: local, open, closed",
+            rl.on_store_failure
+        ),
+    )?;
+    check(
+        UnknownKeyPolicy::try_from(rl.unknown_key).is_ok(),
+        "rate_limit.unknown_key",
+        format_args!(
+            "{} is not an unknown-key policy; valid: default_tier, reject",
+            rl.unknown_key
+        ),
+    )?;
     for cidr in &rl.trusted_proxies {
         check(
             parse_cidr(cidr),
@@ -442,6 +458,19 @@ mod tests {
             let e = backend_address(bad).unwrap_err();
             assert_eq!(e.field, "backend.address", "{bad}");
         }
+    }
+
+    #[test]
+    fn unknown_failure_modes_and_key_policies_are_refused_by_name() {
+        let mut s = valid();
+        s.rate_limit.as_mut().unwrap().on_store_failure = 7;
+        let e = snapshot(&s).unwrap_err();
+        assert_eq!(e.field, "rate_limit.on_store_failure");
+        assert!(e.to_string().contains("valid: local, open, closed"), "{e}");
+        let mut s = valid();
+        s.rate_limit.as_mut().unwrap().unknown_key = -1;
+        let e = snapshot(&s).unwrap_err();
+        assert_eq!(e.field, "rate_limit.unknown_key");
     }
 
     #[test]

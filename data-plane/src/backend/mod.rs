@@ -80,17 +80,22 @@ fn circuit_code(s: CircuitState) -> u8 {
 }
 
 impl Endpoint {
+    /// The authority of a backend address, as the `Host` of requests that name none.
+    pub fn authority(address: &str) -> Result<Authority, Invalid> {
+        address
+            .parse::<Authority>()
+            .map_err(|e| Invalid::new("backend.address", format_args!("{address:?}: {e}")))
+    }
+
     pub(crate) fn new(
         address: &str,
+        authority: Authority,
         metrics: &Metrics,
         workers: usize,
         breaker: &CircuitBreakerPolicy,
         transport: Transport,
-    ) -> Result<Endpoint, Invalid> {
-        let authority = address
-            .parse::<Authority>()
-            .map_err(|e| Invalid::new("backend.address", format_args!("{address:?}: {e}")))?;
-        Ok(Endpoint {
+    ) -> Endpoint {
+        Endpoint {
             address: address.to_owned(),
             authority,
             resolved: address.parse().ok(),
@@ -112,7 +117,7 @@ impl Endpoint {
                 outlier: Outlier::new(),
                 breaker: Breaker::new(breaker),
             }),
-        })
+        }
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -239,6 +244,11 @@ impl Endpoint {
                 "backend ejected after consecutive failures"
             );
         }
+    }
+
+    /// The circuit breaker's policy in force.
+    pub fn breaker_policy(&self) -> CircuitBreakerPolicy {
+        *self.passive().breaker.policy()
     }
 
     pub(crate) fn set_breaker_policy(&self, policy: &CircuitBreakerPolicy) {

@@ -197,6 +197,29 @@ impl Candidates for View<'_> {
     }
 }
 
+/// What a data plane checks of a snapshot beyond the contract's rules, before it builds
+/// anything from it.
+pub fn check(snapshot: &ConfigSnapshot) -> Result<(), Invalid> {
+    hash_source(snapshot).map(|_| ())
+}
+
+/// What ip_hash hashes, as the snapshot names it.
+fn hash_source(snapshot: &ConfigSnapshot) -> Result<HashSource, Invalid> {
+    let hash = snapshot.hash.clone().unwrap_or_default();
+    Ok(match hash.source.as_str() {
+        "header" => http::header::HeaderName::from_bytes(hash.name.as_bytes())
+            .map(HashSource::Header)
+            .map_err(|_| {
+                Invalid::new(
+                    "hash.name",
+                    format_args!("{:?} is not a header name", hash.name),
+                )
+            })?,
+        "cookie" => HashSource::Cookie(hash.name.clone()),
+        _ => HashSource::Ip,
+    })
+}
+
 impl Active {
     pub fn version(&self) -> u64 {
         self.snapshot.version
@@ -252,19 +275,7 @@ impl Active {
             .iter()
             .find(|t| t.name == rl.default_tier)
             .map_or(0, |t| t.priority);
-        let hash = snapshot.hash.clone().unwrap_or_default();
-        let hash_source = match hash.source.as_str() {
-            "header" => http::header::HeaderName::from_bytes(hash.name.as_bytes())
-                .map(HashSource::Header)
-                .map_err(|_| {
-                    Invalid::new(
-                        "hash.name",
-                        format_args!("{:?} is not a header name", hash.name),
-                    )
-                })?,
-            "cookie" => HashSource::Cookie(hash.name.clone()),
-            _ => HashSource::Ip,
-        };
+        let hash_source = hash_source(&snapshot)?;
         let limits = Limits::from_policy(&rl, &snapshot.keys);
         Ok(Active {
             limits,

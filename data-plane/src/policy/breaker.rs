@@ -114,6 +114,11 @@ impl Breaker {
         }
     }
 
+    /// The policy in force.
+    pub fn policy(&self) -> &CircuitBreakerPolicy {
+        &self.policy
+    }
+
     fn off(&self) -> bool {
         self.policy.failure_rate_percent == 0
     }

@@ -178,9 +178,22 @@ async fn refresh(
         },
         0,
     ) else {
+        fill.failed().await;
         return;
     };
-    let endpoint = &active.slots[i].endpoint;
+    let slot = &active.slots[i];
+    let endpoint = &slot.endpoint;
+    // Admitted as a request is: within the circuit breaker and the backend's in-flight limit.
+    // A background refresh does not queue: a backend at its limit is left alone, and a later
+    // request refreshes the entry.
+    if !endpoint.try_acquire(now) {
+        fill.failed().await;
+        return;
+    }
+    let Some(_in_flight) = endpoint.try_start(slot.max_in_flight, &shared.admission) else {
+        fill.failed().await;
+        return;
+    };
     request::strip_hop_by_hop(&mut headers);
     let mut req = Request::new(());
     *req.uri_mut() = uri
@@ -188,9 +201,6 @@ async fn refresh(
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     *req.headers_mut() = headers;
     let req = upstream::Outgoing::new(&req.into_parts().0, RequestBody::empty());
-    let Some(_in_flight) = endpoint.try_start(0, &shared.admission) else {
-        return;
-    };
     // Bounded even with no request timeout configured: nobody waits on a fill.
     let timeout = active.timeouts.request.unwrap_or(Duration::from_secs(30));
     let timeouts = upstream::Timeouts {
@@ -205,10 +215,24 @@ async fn refresh(
         endpoint.resolved,
         timeouts,
         req,
-    );
-    let Ok(resp) = sent.await else {
-        fill.failed().await;
-        return;
+    )
+    .await;
+    // Its outcome counts for the backend as a request's does.
+    let done = Instant::now();
+    let elapsed = done.saturating_duration_since(now);
+    let may_eject = || active.may_eject(now);
+    let resp = match sent {
+        Ok(resp) => {
+            let failed = resp.status().is_server_error();
+            endpoint.record(elapsed, failed, now);
+            endpoint.record_outcome(failed, done, &active.outlier, may_eject);
+            resp
+        }
+        Err(_) => {
+            endpoint.record_failure(elapsed, now, done, &active.outlier, may_eject);
+            fill.failed().await;
+            return;
+        }
     };
     let (parts, body) = resp.into_parts();
     let limit = usize::try_from(shared.cache.policy().max_entry_bytes).unwrap_or(usize::MAX);

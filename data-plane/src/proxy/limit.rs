@@ -7,6 +7,7 @@ use lb_proto::redis_keys;
 use super::refusal::Refusal;
 use super::worker::Worker;
 use crate::config::active::Active;
+use crate::ratelimit::Source;
 use crate::ratelimit::gcra::{Rate, Verdict};
 use crate::ratelimit::identity;
 use crate::ratelimit::quota::Quota;
@@ -45,7 +46,7 @@ pub async fn admit(
     };
     let shared = &*worker.shared;
     let limits = &active.limits;
-    let (decision, _source) = shared
+    let (decision, source) = shared
         .limiter
         .check(
             worker.limits.as_ref(),
@@ -55,7 +56,17 @@ pub async fn admit(
             limits.on_store_failure,
         )
         .await;
-    let decision = decision.ok_or(Refusal::LimiterUnavailable)?;
+    let decision = match (decision, source) {
+        (Some(d), _) => d,
+        // Redis unreachable in `open` mode: admitted unchecked, with no quota to tell of.
+        (None, Source::Open) => {
+            return Ok(Admitted {
+                priority: id.priority,
+                quota: None,
+            });
+        }
+        (None, _) => return Err(Refusal::LimiterUnavailable),
+    };
     if let Some(k) = &id.key_id {
         shared
             .reporter
