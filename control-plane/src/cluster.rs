@@ -123,7 +123,7 @@ fn prepare(state: StoredState) -> Result<(ConfigSnapshot, KeyRegistry), Invalid>
         .config
         .ok_or_else(|| Invalid::new("config", "missing from the stored state"))?;
     let registry = KeyRegistry::from_records(state.keys)?;
-    config.keys = registry.overrides(keys::default_tier(&config), keys::rejects_unknown(&config));
+    config.keys = registry.overrides(keys::default_tier(&config));
     validate::snapshot(&config)?;
     registry.check_tiers(&config)?;
     Ok((config, registry))
@@ -248,7 +248,7 @@ impl ControlPlane {
         let Draft { mut config, keys } = draft;
         config.version += 1;
         config.created_at_ms = now_ms();
-        config.keys = keys.overrides(keys::default_tier(&config), keys::rejects_unknown(&config));
+        config.keys = keys.overrides(keys::default_tier(&config));
         validate::snapshot(&config)?;
         keys.check_tiers(&config)?;
         let state = StoredState {

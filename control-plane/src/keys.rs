@@ -3,11 +3,11 @@
 //!
 //! Only a key's SHA-256 is stored; the key itself exists once, in the answer to `CreateApiKey`.
 //! The registry is the source of truth and `ConfigSnapshot.keys` is derived from it on every
-//! change: only keys with a non-default tier or a block travel to data planes, so any number of
-//! default-tier keys costs the snapshots nothing. A data plane treats a key it does not find there
-//! as a default-tier key, which is also how a key string the registry has never seen behaves (the
-//! original system let clients use any string as a key and upgraded it later); naming such a key
-//! in `SetKeyTier`, `BlockKey` or `UnblockKey` registers it.
+//! change: every registered key travels to data planes (its hash, its tier when not the default,
+//! its block; about 85 bytes a key), so they can tell a created key from an invented one. A data
+//! plane limits a key it does not find there by the default tier and by its client address as
+//! well (or refuses it, when unknown keys are refused), so inventing keys never multiplies a
+//! client's quota; naming such a key in `SetKeyTier`, `BlockKey` or `UnblockKey` registers it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -255,9 +255,10 @@ impl KeyRegistry {
         }
     }
 
-    /// What data planes need: keys whose tier is not the default one, or that are blocked;
-    /// every key when `all` (unknown keys are refused, so data planes must know the known ones).
-    pub fn overrides(&self, default_tier: &str, all: bool) -> Vec<KeyOverride> {
+    /// What data planes need: every registered key, so they can tell a created key (its own
+    /// limit) from an invented one (which also counts against its address, or is refused), with
+    /// its tier when not the default one and its block.
+    pub fn overrides(&self, default_tier: &str) -> Vec<KeyOverride> {
         self.by_hash
             .values()
             .filter_map(|r| {
@@ -266,7 +267,7 @@ impl KeyRegistry {
                 } else {
                     r.tier.as_str()
                 };
-                (all || !tier.is_empty() || r.blocked).then(|| KeyOverride {
+                Some(KeyOverride {
                     key_hash: r.key_hash.clone(),
                     tier: tier.to_owned(),
                     blocked: r.blocked,
@@ -411,7 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn only_keys_that_differ_from_the_default_are_overrides() {
+    fn every_key_travels_with_its_tier_only_when_not_the_default() {
         let mut reg = KeyRegistry::default();
         for (key, tier, blocked) in [
             ("free-implicit", "", false),
@@ -424,12 +425,31 @@ mod tests {
             r.tier = tier.into();
             r.blocked = blocked;
         }
-        let mut o = reg.overrides("free", false);
-        o.sort_by(|a, b| a.tier.cmp(&b.tier));
-        assert_eq!(o.len(), 2, "{o:?}");
-        assert_eq!((o[0].tier.as_str(), o[0].blocked), ("", true));
-        assert_eq!(o[0].key_hash, hash_key("blocked"));
-        assert_eq!((o[1].tier.as_str(), o[1].blocked), ("premium", false));
+        let o = reg.overrides("free");
+        assert_eq!(o.len(), 4, "{o:?}");
+        let of = |key: &str| o.iter().find(|k| k.key_hash == hash_key(key)).unwrap();
+        assert_eq!(
+            (
+                of("free-implicit").tier.as_str(),
+                of("free-implicit").blocked
+            ),
+            ("", false)
+        );
+        assert_eq!(
+            (
+                of("free-explicit").tier.as_str(),
+                of("free-explicit").blocked
+            ),
+            ("", false)
+        );
+        assert_eq!(
+            (of("premium").tier.as_str(), of("premium").blocked),
+            ("premium", false)
+        );
+        assert_eq!(
+            (of("blocked").tier.as_str(), of("blocked").blocked),
+            ("", true)
+        );
     }
 
     #[test]

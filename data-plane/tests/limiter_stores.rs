@@ -270,3 +270,45 @@ async fn time_zero_is_the_redis_servers_clock() {
         "tat {tat} against now {now}"
     );
 }
+
+#[tokio::test]
+async fn ban_only_checks_agree_and_count_nothing() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.manager().await;
+    // Ban checks in between count nothing: the burst of five still gets its five, and the ban
+    // its refusals earn is reported to them.
+    let mut steps: Vec<(u64, Rate)> = Vec::new();
+    for i in 0..8 {
+        steps.push((i, Rate::BAN_ONLY));
+        steps.push((i, FREE));
+    }
+    steps.push((100, Rate::BAN_ONLY));
+    let (m, r) = both(&mut conn, "ip:192.0.2.7", &steps).await;
+    assert_eq!(m, r);
+    let counted: Vec<Verdict> = m.iter().skip(1).step_by(2).map(|d| d.verdict).collect();
+    assert_eq!(
+        counted,
+        [
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Allowed,
+            Verdict::Limited,
+            Verdict::Limited,
+            Verdict::Banned
+        ]
+    );
+    assert_eq!(
+        m.last().unwrap().verdict,
+        Verdict::Banned,
+        "the ban is seen"
+    );
+    assert!(
+        m.iter()
+            .step_by(2)
+            .take(8)
+            .all(|d| d.verdict == Verdict::Allowed),
+        "no ban before it was earned"
+    );
+}

@@ -35,6 +35,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest saved snapshot read back at boot; a bound against a corrupt or foreign file.
 const MAX_SAVED_BYTES: u64 = 64 << 20;
 
+/// Largest snapshot accepted from the control plane.
+pub const MAX_SNAPSHOT_BYTES: usize = 128 << 20;
+
 pub fn node(shared: &Shared) -> Node {
     Node {
         id: shared.settings.node_id.clone(),
@@ -136,7 +139,9 @@ async fn session(shared: &Shared) -> Result<bool, BoxError> {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect().await?;
-    let mut client = DiscoveryClient::new(channel);
+    // Every registered API key travels in the snapshot (about 85 bytes each): room for a
+    // million of them, beyond the 4 MiB tonic allows by default.
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
     let (tx, rx) = mpsc::channel(8);
     let me = node(shared);
     let current = shared.active().map_or(0, |a| a.version());

@@ -29,6 +29,13 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// No limit to count against: a check under it only tells whether the client is banned,
+    /// and changes nothing (a created API key's address, say, whose own limit is its key's).
+    pub const BAN_ONLY: Rate = Rate {
+        requests: 0,
+        period_ms: 0,
+    };
+
     /// The emission interval T in ms (fractional).
     pub fn interval(&self) -> f64 {
         self.period_ms as f64 / self.requests.max(1) as f64
@@ -95,7 +102,7 @@ pub struct Decision {
     pub retry_after_ms: u64,
 }
 
-/// Checks one request at `now` and updates `s`.
+/// Checks one request at `now` and updates `s` ([`Rate::BAN_ONLY`]: checks the ban only).
 pub fn check(s: &mut ClientState, now: u64, rate: Rate, ban: BanRule) -> Decision {
     let nowf = now as f64;
     let t = rate.interval();
@@ -107,6 +114,15 @@ pub fn check(s: &mut ClientState, now: u64, rate: Rate, ban: BanRule) -> Decisio
             remaining: 0,
             reset_ms: s.ban_until - now,
             retry_after_ms: s.ban_until - now,
+        };
+    }
+    if rate.requests == 0 {
+        return Decision {
+            verdict: Verdict::Allowed,
+            limit: 0,
+            remaining: 0,
+            reset_ms: 0,
+            retry_after_ms: 0,
         };
     }
     let mut tat = s.tat.max(nowf);
@@ -186,6 +202,22 @@ mod tests {
         max_ban_ms: 0,
         strike_decay_ms: 0,
     };
+
+    #[test]
+    fn a_ban_only_check_reports_a_ban_and_counts_nothing() {
+        let mut s = ClientState::default();
+        let now = 1_000_000;
+        for _ in 0..100 {
+            assert_eq!(
+                check(&mut s, now, Rate::BAN_ONLY, NO_BAN).verdict,
+                Verdict::Allowed
+            );
+        }
+        assert_eq!(s, ClientState::default(), "nothing counted");
+        s.ban_until = now + 5_000;
+        let d = check(&mut s, now, Rate::BAN_ONLY, NO_BAN);
+        assert_eq!((d.verdict, d.retry_after_ms), (Verdict::Banned, 5_000));
+    }
 
     #[test]
     fn burst_of_n_then_one_per_interval() {

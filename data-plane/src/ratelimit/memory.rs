@@ -36,6 +36,11 @@ impl MemoryStore {
 
     pub fn check(&self, identity: &str, now: u64, rate: Rate, ban: BanRule) -> Decision {
         let mut shard = self.shard(identity);
+        if rate.requests == 0 {
+            // A ban check: a client with no state here has no ban, and gets none kept.
+            let mut state = shard.get(identity).cloned().unwrap_or_default();
+            return gcra::check(&mut state, now, rate, ban);
+        }
         if !shard.contains_key(identity) && shard.len() >= MAX_CLIENTS / SHARDS {
             shard.retain(|_, s| !gcra::is_idle(s, now));
             if shard.len() >= MAX_CLIENTS / SHARDS {

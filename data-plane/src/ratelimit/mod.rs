@@ -68,29 +68,37 @@ impl Limiter {
         self.redis.as_ref().map(|l| &**l.health())
     }
 
-    /// Decides one request of `identity` under `rate`. `None` means refuse without a decision
-    /// (Redis unreachable in `closed` mode).
+    /// Decides one request against each of `limits` (an identity and its rate, in order): the
+    /// decisions, or `None` to refuse without any (Redis unreachable in `closed` mode; in
+    /// `open` mode, admit unchecked). Through Redis every decision of a request goes in one
+    /// call of this thread's batch.
     pub async fn check(
         &self,
         conn: Option<&Batcher>,
-        identity: &str,
-        rate: Rate,
+        limits: &[(&str, Rate)],
         ban: BanRule,
         mode: StoreFailureMode,
-    ) -> (Option<Decision>, Source) {
+    ) -> (Option<Vec<Decision>>, Source) {
         let now = unix_ms();
         if let (Some(conn), Some(health)) = (conn, self.health())
             && health.usable(now)
         {
             // Decided on Redis's clock (time 0), so the data planes' decisions are made in
-            // one time order however their clocks differ.
-            let call = conn.check(redis::Check {
-                identity: identity.to_owned(),
-                now: 0,
-                rate,
-                ban,
-            });
-            match tokio::time::timeout(TIMEOUT, call).await {
+            // one time order however their clocks differ. Every check is queued before any is
+            // awaited, so they share one script call.
+            let calls: Vec<_> = limits
+                .iter()
+                .map(|(identity, rate)| {
+                    conn.check(redis::Check {
+                        identity: (*identity).to_owned(),
+                        now: 0,
+                        rate: *rate,
+                        ban,
+                    })
+                })
+                .collect();
+            let all = futures_util::future::try_join_all(calls);
+            match tokio::time::timeout(TIMEOUT, all).await {
                 Ok(Ok(d)) => {
                     health.succeeded();
                     return (Some(d), Source::Shared);
@@ -106,10 +114,11 @@ impl Limiter {
                 _ => {}
             }
         }
-        (
-            Some(self.memory.check(identity, now, rate, ban)),
-            Source::Local,
-        )
+        let decided = limits
+            .iter()
+            .map(|(identity, rate)| self.memory.check(identity, now, *rate, ban))
+            .collect();
+        (Some(decided), Source::Local)
     }
 
     /// Forgets a ban here and, with a connection, in Redis.
@@ -160,13 +169,18 @@ impl Batcher {
         Batcher { jobs }
     }
 
-    pub async fn check(&self, check: redis::Check) -> Result<Decision, String> {
+    /// Queues one decision at once; the answer comes with the batch it went in.
+    pub fn check(
+        &self,
+        check: redis::Check,
+    ) -> impl std::future::Future<Output = Result<Decision, String>> + use<> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send((check, tx))
-            .map_err(|_| "the redis sender stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the redis sender stopped".to_owned())?
+        let queued = self.jobs.send((check, tx));
+        async move {
+            queued.map_err(|_| "the redis sender stopped".to_owned())?;
+            rx.await
+                .map_err(|_| "the redis sender stopped".to_owned())?
+        }
     }
 }
 

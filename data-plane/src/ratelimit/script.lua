@@ -64,6 +64,10 @@ local function decide(K1, K2, K3, now, L)
   if ban[1] > now then
     return 2, n, 0, ban[1] - now, ban[1] - now
   end
+  -- No limit to count against (requests 0): the ban alone was asked about.
+  if n == 0 then
+    return 0, 0, 0, 0, 0
+  end
 
   local st = state[K1]
   local stored, st_t = st[1], st[2]
