@@ -35,6 +35,9 @@ pub enum UpdateError {
     /// Reading state the answer depends on failed (the store, or the shared rate-limit state).
     #[error("{0}")]
     Unavailable(StoreError),
+    /// The operating system gave no random bytes for a secret.
+    #[error("no random bytes from the operating system: {0}")]
+    Entropy(getrandom::Error),
 }
 
 impl From<keys::KeyError> for UpdateError {
@@ -60,7 +63,7 @@ impl From<UpdateError> for tonic::Status {
             UpdateError::Invalid(_) => tonic::Status::invalid_argument(message),
             UpdateError::NotFound(_) => tonic::Status::not_found(message),
             UpdateError::Store(StoreError::Conflict { .. }) => tonic::Status::aborted(message),
-            UpdateError::Store(_) | UpdateError::Unavailable(_) => {
+            UpdateError::Store(_) | UpdateError::Unavailable(_) | UpdateError::Entropy(_) => {
                 tonic::Status::unavailable(message)
             }
         }

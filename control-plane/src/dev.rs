@@ -95,17 +95,27 @@ pub async fn run(
              plain HTTP and gRPC; TLS is for `control-plane serve`"
         );
     }
-    let token = std::env::var("LB_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(random_token);
+    let token = match data_plane::common::secret("LB_ADMIN_TOKEN")? {
+        Some(t) => {
+            if t.chars().count() < crate::settings::MIN_ADMIN_TOKEN {
+                tracing::warn!(
+                    "LB_ADMIN_TOKEN is shorter than {} characters; `serve` would refuse it",
+                    crate::settings::MIN_ADMIN_TOKEN
+                );
+            }
+            t
+        }
+        None => random_token().context("cannot draw an admin token")?,
+    };
+    // The stack's data planes present a credential of its own, as `serve` requires one.
+    let cluster_token = random_token().context("cannot draw a cluster token")?;
     let cp = crate::open(
         settings.redis.as_deref(),
         settings.redis_root_ca()?.as_deref(),
         settings.state_file.clone(),
         settings.initial.clone(),
         token.clone(),
-        None,
+        Some(cluster_token.clone()),
     )
     .await
     .context("cannot load the control plane's state")?;
@@ -136,6 +146,7 @@ pub async fn run(
             admin_listen,
             control_plane: local_url(grpc_addr),
             node_id: format!("dev-{}", i + 1),
+            cluster_token: Some(cluster_token.clone()),
             redis: settings.redis.clone(),
             redis_ca: settings.redis_ca.clone(),
             log_json: settings.log_json,

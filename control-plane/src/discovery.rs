@@ -92,10 +92,29 @@ impl Discovery for DiscoveryService {
         // A report stream never ends on its own; at shutdown it must, or the server would wait
         // for it forever.
         let mut stop = self.cp.stopping();
+        // The data plane this stream reports for: named by its first report, and by every
+        // later one, or the stream is refused.
+        let mut reporter: Option<String> = None;
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg? {
                     Some(report) => {
+                        let named = report.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+                        match &reporter {
+                            None if named.is_empty() || named.len() > 128 => {
+                                return Err(Status::invalid_argument(
+                                    "node.id: a report must name its data plane (1-128 characters)",
+                                ));
+                            }
+                            None => reporter = Some(named.to_owned()),
+                            Some(id) if id != named => {
+                                tracing::warn!(data_plane = %id, named, "report naming another data plane refused");
+                                return Err(Status::permission_denied(format!(
+                                    "this stream reports for data plane {id:?}; a report naming {named:?} is refused"
+                                )));
+                            }
+                            Some(_) => {}
+                        }
                         if let Some(sink) = self.cp.report_sink.get() {
                             // Dropped when the sink is full: Redis is slow, the local view stays.
                             let _ = sink.try_send(report.clone());

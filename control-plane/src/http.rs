@@ -92,7 +92,9 @@ impl From<UpdateError> for ApiError {
             UpdateError::Invalid(_) => StatusCode::BAD_REQUEST,
             UpdateError::NotFound(_) => StatusCode::NOT_FOUND,
             e if e.is_conflict() => StatusCode::CONFLICT,
-            UpdateError::Store(_) | UpdateError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            UpdateError::Store(_) | UpdateError::Unavailable(_) | UpdateError::Entropy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         error(status, e.to_string())
     }

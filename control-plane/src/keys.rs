@@ -10,7 +10,6 @@
 //! client's quota; naming such a key in `SetKeyTier`, `BlockKey` or `UnblockKey` registers it.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Read;
 
 use lb_proto::v1::{
     ApiKeyRecord, ConfigSnapshot, KeyOverride, KeyRef, Tier, UnknownKeyPolicy, key_ref,
@@ -100,24 +99,12 @@ pub fn validate_key_id(id: &str) -> Result<(), Invalid> {
     }
 }
 
-/// A new key: [`KEY_PREFIX`] and 40 lower-case hex digits.
-///
-/// The 160 random bits come from the operating system's CSPRNG (`/dev/urandom`). Where that
-/// cannot be read they come from two `fastrand` 128-bit draws instead; fastrand is not a CSPRNG
-/// (its state is 64 bits, seeded per thread), so a warning says so.
-pub fn generate_key() -> String {
+/// A new key: [`KEY_PREFIX`] and 40 lower-case hex digits, 160 bits from the operating
+/// system's CSPRNG. There is no weaker fallback: without it, no key is made.
+pub fn generate_key() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; KEY_RANDOM_BYTES];
-    let from_os = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_ok();
-    if !from_os {
-        tracing::warn!("/dev/urandom is unreadable; API key drawn from a non-cryptographic RNG");
-        let mut wide = [0u8; 32];
-        wide[..16].copy_from_slice(&fastrand::u128(..).to_le_bytes());
-        wide[16..].copy_from_slice(&fastrand::u128(..).to_le_bytes());
-        bytes.copy_from_slice(&wide[..KEY_RANDOM_BYTES]);
-    }
-    format!("{KEY_PREFIX}{}", hex(&bytes))
+    getrandom::fill(&mut bytes)?;
+    Ok(format!("{KEY_PREFIX}{}", hex(&bytes)))
 }
 
 /// Which key a call is about, validated.
@@ -391,11 +378,11 @@ mod tests {
 
     #[test]
     fn generated_keys_have_the_documented_shape() {
-        let k = generate_key();
+        let k = generate_key().unwrap();
         assert_eq!(k.len(), 44);
         assert!(k.starts_with("lbk_"));
         assert!(is_lower_hex(&k[4..]));
-        assert_ne!(k, generate_key());
+        assert_ne!(k, generate_key().unwrap());
     }
 
     #[test]

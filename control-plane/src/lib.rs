@@ -52,9 +52,11 @@ use lb_proto::v1::ConfigSnapshot;
 /// open (one that never sent a request, say), which would otherwise hold up the stop forever.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A random token of 32 hex digits.
-pub fn random_token() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// A random token of 32 hex digits: 128 bits from the operating system's CSPRNG.
+pub fn random_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Exports a span for every Admin call from now on (call before [`serve`]).

@@ -1,8 +1,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use control_plane::settings::MIN_ADMIN_TOKEN;
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::{dev, random_token};
-use data_plane::common::{init_tracing, shutdown_signal};
+use data_plane::common::{init_tracing, secret, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +19,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the production control plane
+    #[command(after_help = control_plane::settings::ENVIRONMENT_HELP)]
     Serve(CommonArgs),
     /// Run the whole stack in one process: mock backends, control plane, data planes
+    #[command(after_help = control_plane::settings::ENVIRONMENT_HELP)]
     Dev(dev::DevArgs),
 }
 
@@ -64,20 +67,32 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
         .map(control_plane::tls::ServerTls::load)
         .transpose()?
         .map(std::sync::Arc::new);
-    let token = match std::env::var("LB_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
+    let token = match secret("LB_ADMIN_TOKEN")? {
+        Some(t) if t.chars().count() < MIN_ADMIN_TOKEN => anyhow::bail!(
+            "LB_ADMIN_TOKEN has {} characters; use at least {MIN_ADMIN_TOKEN} (for example \
+             `openssl rand -hex 16`)",
+            t.chars().count()
+        ),
         Some(t) => t,
         None => {
-            let t = random_token();
+            let t = random_token().context("cannot draw an admin token")?;
             eprintln!("LB_ADMIN_TOKEN is not set; admin token for this run: {t}");
             t
         }
     };
-    let cluster_token = std::env::var("LB_CLUSTER_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+    let cluster_token = secret("LB_CLUSTER_TOKEN")?;
+    if cluster_token.is_none() && !settings.insecure_discovery {
+        anyhow::bail!(
+            "no cluster credential: set LB_CLUSTER_TOKEN (or LB_CLUSTER_TOKEN_FILE) here and on \
+             every data plane, or pass --insecure-discovery to let anyone who reaches the gRPC \
+             port read the configuration and send reports"
+        );
+    }
+    if settings.insecure_discovery {
+        tracing::warn!(
+            "--insecure-discovery: Discovery is open to anyone who reaches the gRPC port"
+        );
+    }
     let cp = control_plane::open(
         settings.redis.as_deref(),
         settings.redis_root_ca()?.as_deref(),

@@ -439,7 +439,8 @@ pub async fn control_plane(
     .await?
     .with_shared_limits(Arc::clone(&store) as Arc<dyn SharedLimits>);
     let cp = Arc::new(cp);
-    let origin = crate::random_token();
+    // Tells this replica's own messages apart on the shared channel; not a secret.
+    let origin = format!("{:032x}", fastrand::u128(..));
     let (tx, rx) = tokio::sync::mpsc::channel(REPORTS_QUEUED);
     let _ = cp.report_sink.set(tx);
     tokio::spawn(publish_reports(Arc::clone(&store), origin.clone(), rx));

@@ -62,7 +62,32 @@ pub struct CommonArgs {
     /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
     #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Serve `Discovery` to anyone who reaches the gRPC port, with no cluster credential
+    /// (`serve` refuses to start without LB_CLUSTER_TOKEN otherwise) [default: false]
+    #[arg(
+        long,
+        env = "LB_INSECURE_DISCOVERY",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub insecure_discovery: Option<bool>,
 }
+
+/// What `--help` says of the settings that only the environment carries.
+pub const ENVIRONMENT_HELP: &str = "Environment:
+  LB_ADMIN_TOKEN (or LB_ADMIN_TOKEN_FILE)      bearer token of the Admin service and the REST
+                                               admin endpoints; `serve` needs 16 characters or
+                                               more, `dev` generates one when unset
+  LB_CLUSTER_TOKEN (or LB_CLUSTER_TOKEN_FILE)  the credential data planes present on Discovery;
+                                               `serve` refuses to start without one unless
+                                               --insecure-discovery; `dev` generates its own
+  OTEL_EXPORTER_OTLP_ENDPOINT                  export traces over OTLP (standard OTel variables)";
+
+/// Shortest admin token `serve` accepts.
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -133,6 +158,8 @@ pub struct Settings {
     pub tracing: Option<data_plane::common::TraceSettings>,
     /// Certificate and key of both listeners; `None` is plain HTTP and gRPC.
     pub tls: Option<TlsFiles>,
+    /// Discovery may run without a cluster credential.
+    pub insecure_discovery: bool,
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
@@ -332,6 +359,7 @@ impl Settings {
             redis_ca,
             state_file: args.state_file.or(file.state_file),
             log_json: log_json(args.log_format.or(file.log_format))?,
+            insecure_discovery: args.insecure_discovery.unwrap_or(false),
             initial: s,
             tracing: data_plane::common::TraceSettings::from_env()
                 .map_err(|message| invalid("tracing", message))?,

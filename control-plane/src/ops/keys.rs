@@ -31,7 +31,7 @@ pub async fn create(cp: &ControlPlane, tier: &str, label: &str) -> Result<Create
             let keys = draft.keys_mut();
             // A collision of 160 random bits does not happen; the loop keeps it impossible.
             loop {
-                let api_key = generate_key();
+                let api_key = generate_key().map_err(UpdateError::Entropy)?;
                 let key_hash = hash_key(&api_key);
                 let id = key_id(&key_hash);
                 let fresh = keys.insert(ApiKeyRecord {

@@ -18,7 +18,12 @@ use crate::tls::client::BackendTlsSettings;
 #[command(
     name = "data-plane",
     version,
-    about = "One data plane: the proxy that clients talk to"
+    about = "One data plane: the proxy that clients talk to",
+    after_help = "Environment:
+  LB_CLUSTER_TOKEN (or LB_CLUSTER_TOKEN_FILE)  the credential presented on the control plane's
+                                               Discovery service (required by `control-plane
+                                               serve` unless it runs --insecure-discovery)
+  OTEL_EXPORTER_OTLP_ENDPOINT                  export traces over OTLP (standard OTel variables)"
 )]
 pub struct Args {
     /// TOML file with any of the settings below (keys as the flags, with '_' for '-').
@@ -230,6 +235,36 @@ pub enum SettingsError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// A secret from the environment: the variable `name`, or the file named by `name_FILE` (as
+/// Kubernetes mounts secrets), trimmed; `None` when neither is set or the value is empty. Both
+/// set is an error, as is a file that cannot be read.
+pub fn secret(name: &'static str) -> Result<Option<String>, SettingsError> {
+    let file_var = format!("{name}_FILE");
+    let direct = std::env::var(name).ok().filter(|v| !v.is_empty());
+    let file = std::env::var_os(&file_var).filter(|v| !v.is_empty());
+    let value = match (direct, file) {
+        (Some(_), Some(_)) => {
+            return Err(SettingsError::Invalid {
+                key: name,
+                message: format!("set {name} or {file_var}, not both"),
+            });
+        }
+        (Some(v), None) => v,
+        (None, Some(path)) => {
+            let path = PathBuf::from(path);
+            std::fs::read_to_string(&path)
+                .map_err(|source| SettingsError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned()
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(value).filter(|v| !v.is_empty()))
+}
+
 /// `hostname-pid`, unique per process on a host.
 pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -344,9 +379,7 @@ impl Settings {
                     });
                 }
             },
-            cluster_token: std::env::var("LB_CLUSTER_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty()),
+            cluster_token: secret("LB_CLUSTER_TOKEN")?,
             tracing: crate::telemetry::otel::TraceSettings::from_env().map_err(|message| {
                 SettingsError::Invalid {
                     key: "tracing",
