@@ -248,17 +248,17 @@ impl KeyRegistry {
     pub fn overrides(&self, default_tier: &str) -> Vec<KeyOverride> {
         self.by_hash
             .values()
-            .filter_map(|r| {
+            .map(|r| {
                 let tier = if r.tier == default_tier {
                     ""
                 } else {
                     r.tier.as_str()
                 };
-                Some(KeyOverride {
+                KeyOverride {
                     key_hash: r.key_hash.clone(),
                     tier: tier.to_owned(),
                     blocked: r.blocked,
-                })
+                }
             })
             .collect()
     }
