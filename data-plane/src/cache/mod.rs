@@ -352,8 +352,8 @@ impl Cache {
         }
     }
 
-    /// Whether a request may use the cache, and its key. The host is the `Host` header's, else
-    /// the URI's authority.
+    /// Whether a request may use the cache, and its key. The host is the target's authority,
+    /// else the `Host` header's.
     pub fn request(
         &self,
         method: &Method,
@@ -367,10 +367,12 @@ impl Cache {
             Err(Bypass::Disabled)
         };
         let made = decided.and_then(|()| {
-            let host = headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| uri.authority().map(|a| a.as_str()))
+            // The target's authority wins over `Host` (RFC 9112 section 3.2.2; `:authority`
+            // on HTTP/2).
+            let host = uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
                 .unwrap_or("");
             CacheKey::new(method, host, uri, &policy.ignored_query_params)
         });

@@ -65,6 +65,11 @@ pub struct Args {
     /// Most client connections open at once [default: 10000]
     #[arg(long, env = "LB_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Most client connections open at once from one client address, for an edge data plane
+    /// that clients reach directly (0 = no limit; behind a load balancer every client shares
+    /// its address) [default: 0]
+    #[arg(long, env = "LB_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
     /// Largest request body in bytes [default: 104857600]
     #[arg(long, env = "LB_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
@@ -138,6 +143,7 @@ struct FileSettings {
     state_dir: Option<PathBuf>,
     allowed_backends: Option<Vec<String>>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     header_timeout_ms: Option<u64>,
@@ -168,6 +174,8 @@ pub struct Settings {
     pub state_dir: Option<PathBuf>,
     pub allowed_backends: Vec<IpNet>,
     pub max_connections: usize,
+    /// Most connections from one client address (0: no limit).
+    pub max_connections_per_ip: usize,
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
@@ -202,6 +210,7 @@ impl Default for Settings {
             state_dir: None,
             allowed_backends: Vec::new(),
             max_connections: 10_000,
+            max_connections_per_ip: 0,
             max_body_bytes: 100 << 20,
             max_header_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
@@ -337,6 +346,10 @@ impl Settings {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(d.max_connections),
+            max_connections_per_ip: args
+                .max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(d.max_connections_per_ip),
             max_body_bytes: args
                 .max_body_bytes
                 .or(file.max_body_bytes)

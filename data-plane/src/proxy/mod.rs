@@ -133,7 +133,11 @@ async fn proxy(
     let shared = &*worker.shared;
     let refuse = |r: Refusal| r.render(&shared.metrics, id);
     let (parts, body) = req.into_parts();
-    // 1. Within limits. The configuration is loaded once: the request runs under one snapshot.
+    // 1. Within limits, and framed without ambiguity. The configuration is loaded once: the
+    // request runs under one snapshot.
+    if let Err(r) = request::check_head(&parts) {
+        return refuse(r);
+    }
     let limit = shared.settings.max_body_bytes;
     if request::declared_length(&parts.headers).is_some_and(|n| n > limit) {
         return refuse(Refusal::BodyTooLarge { limit });
@@ -166,7 +170,7 @@ async fn proxy(
     // any request can be moved elsewhere when it never left (connect failure).
     let replayable = body.is_end_stream() && retry::is_idempotent(&parts.method);
     let body = RequestBody::Client(ClientBody::new(body, limit, active.client_body_timeout));
-    let (outgoing, has_host) = request::outgoing(parts, conn, id, body);
+    let (outgoing, has_host) = request::outgoing(parts, conn, &active, id, body);
     let sent = Attempt::new(worker, &active, id, route, outgoing, has_host, replayable)
         .send()
         .await;

@@ -20,6 +20,12 @@ use crate::upstream::request_body::ClientBodyError;
 pub enum Refusal {
     /// The declared `Content-Length` is over the largest body accepted.
     BodyTooLarge { limit: u64 },
+    /// A request head that cannot be taken as it is (a missing, repeated or invalid `Host`).
+    BadRequest(&'static str),
+    /// A method the proxy does not carry (`CONNECT`).
+    MethodNotAllowed,
+    /// A transfer coding other than a single, final `chunked`.
+    UnsupportedTransferCoding,
     /// The client's request body failed on its way to the backend.
     ClientBody(ClientBodyError),
     /// No configuration has arrived from the control plane yet.
@@ -57,6 +63,9 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             Refusal::ClientBody(e) => match e {
                 ClientBodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 ClientBodyError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
@@ -82,6 +91,9 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::BodyTooLarge { .. } => "body_too_large",
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Refusal::ClientBody(e) => match e {
                 ClientBodyError::TooLarge { .. } => "body_too_large",
                 ClientBodyError::TimedOut(_) => "body_timeout",
@@ -108,6 +120,11 @@ impl Refusal {
     fn message(&self) -> String {
         match self {
             Refusal::BodyTooLarge { limit } => format!("request body is larger than {limit} bytes"),
+            Refusal::BadRequest(why) => (*why).to_owned(),
+            Refusal::MethodNotAllowed => "CONNECT is not carried by this proxy".to_owned(),
+            Refusal::UnsupportedTransferCoding => {
+                "only the chunked transfer coding is supported".to_owned()
+            }
             Refusal::ClientBody(e) => e.to_string(),
             Refusal::NotConfigured => {
                 "no configuration received from the control plane yet".to_owned()
@@ -185,6 +202,9 @@ impl Refusal {
         }
         if let Some(secs) = self.retry_after() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if matches!(self, Refusal::MethodNotAllowed) {
+            h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"));
         }
         resp.extensions_mut().insert(Outcome {
             backend: None,

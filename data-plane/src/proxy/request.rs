@@ -6,6 +6,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
+use super::refusal::Refusal;
 use super::worker::ClientConn;
 use crate::config::active::{Active, HashSource};
 use crate::policy::balance::hash_bytes;
@@ -17,6 +18,7 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Longest client-supplied request id kept; a longer or odd one is replaced.
 const MAX_REQUEST_ID: usize = 200;
@@ -95,6 +97,45 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     }
 }
 
+/// Refuses a request head the proxy will not guess about (RFC 9112): `CONNECT` (no tunnels
+/// here), a transfer coding other than one final `chunked` (hyper decodes `chunked` whatever
+/// precedes it, and the rest would be dropped silently), and on HTTP/1.1 a missing `Host`, more
+/// than one, or one that is not a host and port.
+pub fn check_head(parts: &http::request::Parts) -> Result<(), Refusal> {
+    if parts.method == http::Method::CONNECT {
+        return Err(Refusal::MethodNotAllowed);
+    }
+    let mut codings = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    if let Some(first) = codings.next()
+        && (!first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some())
+    {
+        return Err(Refusal::UnsupportedTransferCoding);
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::BadRequest("more than one Host field"));
+    }
+    if let Some(h) = host
+        && h.to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .is_none_or(|a| a.as_str().contains('@'))
+    {
+        return Err(Refusal::BadRequest("the Host field is not a host and port"));
+    }
+    if host.is_none() && parts.version == Version::HTTP_11 && parts.uri.authority().is_none() {
+        return Err(Refusal::BadRequest("an HTTP/1.1 request needs a Host field"));
+    }
+    Ok(())
+}
+
 /// The length the client declared for its body, if any.
 pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
@@ -120,10 +161,14 @@ pub fn affinity(headers: &HeaderMap, conn: &ClientConn, active: &Active) -> u64 
     value.map_or(conn.affinity, hash_bytes)
 }
 
+/// Whether the client connection's peer is a proxy in `trusted_proxies`.
+fn trusted_peer(conn: &ClientConn, active: &Active) -> bool {
+    !active.trusted.is_empty() && active.trusted.iter().any(|n| n.contains(&conn.peer.ip()))
+}
+
 /// Queue priority: `X-Priority` from a trusted peer, else `base` (the client's tier's).
 pub fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u32) -> u32 {
-    if !active.trusted.is_empty()
-        && active.trusted.iter().any(|n| n.contains(&conn.peer.ip()))
+    if trusted_peer(conn, active)
         && let Some(p) = headers
             .get(&X_PRIORITY)
             .and_then(|v| v.to_str().ok())
@@ -140,16 +185,18 @@ pub fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u
 pub fn outgoing(
     mut parts: http::request::Parts,
     conn: &ClientConn,
+    active: &Active,
     id: &HeaderValue,
     body: RequestBody,
 ) -> (Outgoing, bool) {
-    // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host.
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host: the
+    // target's authority, which wins over `Host` (RFC 9112 section 3.2.2; `:authority` on
+    // HTTP/2), else `Host`.
+    let host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(header::HOST).cloned());
     // Origin form on the backend connection: the path and query only.
     parts.uri = match parts.uri.path_and_query() {
         Some(pq) => Uri::from(pq.clone()),
@@ -166,7 +213,14 @@ pub fn outgoing(
         _ => Some(conn.peer_ip.clone()),
     };
     let proto = HeaderValue::from_static(conn.scheme());
-    let keep_forwarded_host = h.contains_key(&X_FORWARDED_HOST);
+    // What a proxy in front says of the request is believed only from a trusted peer; from
+    // anyone else it is replaced (the forwarded host, protocol) or left out (the rest).
+    let trusted = trusted_peer(conn, active);
+    let keep_forwarded_host = trusted && h.contains_key(&X_FORWARDED_HOST);
+    if !trusted {
+        h.remove(header::FORWARDED);
+        h.remove(&X_REAL_IP);
+    }
     // The fields the proxy sets, written straight into the backend's head in place of the
     // client's (`None`: the client's left out), rather than edited into its map first. The
     // client's X-Forwarded-For stays as it came if it cannot be extended, and a forwarded host

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod affinity;
+pub mod per_ip;
 pub mod sniff;
 pub mod spread;
 
@@ -59,6 +60,7 @@ pub(crate) async fn serve_proxy(
     let listener = listener.into_std()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(shared.settings.max_connections));
+    let per_ip = per_ip::PerIp::new(shared.settings.max_connections_per_ip);
     let workers = shared.settings.workers.max(1);
     let m = &shared.metrics;
     let spread = Spread::new(
@@ -77,6 +79,7 @@ pub(crate) async fn serve_proxy(
             Arc::clone(&connections),
             stop_rx.clone(),
         );
+        let per_ip = per_ip.clone();
         let spread = Arc::clone(&spread);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -98,6 +101,11 @@ pub(crate) async fn serve_proxy(
                                     id: i,
                                     listener: l,
                                     connections,
+                                    per_ip,
+                                    refused: shared
+                                        .metrics
+                                        .connections_refused
+                                        .with_label_values(&["per_ip_limit"]),
                                     _serving: spread.serve(i),
                                     spread,
                                 };
@@ -154,6 +162,10 @@ struct Accept {
     id: usize,
     listener: TcpListener,
     connections: Arc<Semaphore>,
+    /// Connections by client address, when capped.
+    per_ip: Option<Arc<per_ip::PerIp>>,
+    /// Connections closed at once for their address's cap.
+    refused: prometheus::IntCounter,
     spread: Arc<Spread>,
     /// Counts this worker in the spread while it accepts.
     _serving: spread::Serving,
@@ -163,8 +175,9 @@ struct Accept {
 struct Accepted {
     stream: TcpStream,
     peer: std::net::SocketAddr,
-    permit: OwnedSemaphorePermit,
-    _load: spread::Load,
+    /// Held for the connection's life: its place within `--max-connections`, its worker's
+    /// count in the spread, and its address's count when capped.
+    permit: (OwnedSemaphorePermit, spread::Load, Option<per_ip::PerIpGuard>),
 }
 
 impl Accept {
@@ -179,11 +192,22 @@ impl Accept {
                 .expect("semaphore is never closed");
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
+                    let per_ip = match &self.per_ip {
+                        None => None,
+                        Some(caps) => match caps.admit(peer.ip()) {
+                            Some(guard) => Some(guard),
+                            None => {
+                                // Closed at once: the address holds its share already.
+                                self.refused.inc();
+                                tracing::debug!(client = %peer, "connection over the per-address cap closed");
+                                continue;
+                            }
+                        },
+                    };
                     return Accepted {
                         stream,
                         peer,
-                        permit,
-                        _load: self.spread.take(self.id),
+                        permit: (permit, self.spread.take(self.id), per_ip),
                     };
                 }
                 Err(e) => {
@@ -220,12 +244,7 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
     };
     tokio::pin!(stopped);
     loop {
-        let Accepted {
-            stream,
-            peer,
-            permit,
-            _load: load,
-        } = tokio::select! {
+        let Accepted { stream, peer, permit } = tokio::select! {
             a = accept.next() => a,
             () = &mut stopped => break,
         };
@@ -238,14 +257,14 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
         let (servers, watcher) = (Arc::clone(&servers), graceful.watcher());
         let Some(acceptor) = &acceptor else {
             tokio::spawn(async move {
-                let _held = (permit, load);
+                let _held = permit;
                 servers.serve(stream, worker_ctx, client, watcher).await;
             });
             continue;
         };
         let handshake = handshake(acceptor, stream, peer, Arc::clone(&shared));
         tokio::spawn(async move {
-            let _held = (permit, load);
+            let _held = permit;
             let Some(stream) = handshake.await else {
                 return;
             };

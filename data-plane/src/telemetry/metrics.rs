@@ -231,6 +231,8 @@ pub struct Metrics {
     pub config_updates: IntCounterVec,
     pub control_plane_connected: IntGauge,
     pub connections: IntGauge,
+    /// Client connections closed at accept, by reason.
+    pub connections_refused: IntCounterVec,
     /// Client connections open, by proxy worker thread (see [`crate::server::spread`]).
     pub worker_connections: IntGaugeVec,
     /// Time requests spent in the priority queue waiting for a backend with room.
@@ -306,6 +308,15 @@ impl Metrics {
             "1 while the configuration stream to the control plane is open",
         )
         .expect("valid metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "lb_connections_refused_total",
+                "Client connections closed as soon as they were accepted, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        connections_refused.with_label_values(&["per_ip_limit"]);
         let connections = IntGauge::new("lb_client_connections", "Client connections open")
             .expect("valid metric");
         let worker_connections = IntGaugeVec::new(
@@ -334,6 +345,7 @@ impl Metrics {
             Box::new(config_updates.clone()),
             Box::new(control_plane_connected.clone()),
             Box::new(connections.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(worker_connections.clone()),
             Box::new(queue_wait.clone()),
         ] {
@@ -350,6 +362,7 @@ impl Metrics {
             config_updates,
             control_plane_connected,
             connections,
+            connections_refused,
             worker_connections,
             queue_wait,
             tls: std::sync::OnceLock::new(),
