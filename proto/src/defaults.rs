@@ -145,6 +145,7 @@ pub fn timeouts() -> TimeoutPolicy {
         request_ms: 30_000,
         body_idle_ms: None,
         client_body_ms: None,
+        try_ms: None,
     }
 }
 

@@ -309,6 +309,19 @@ impl Endpoint {
         self.record_outcome(true, done, outlier, may_eject);
     }
 
+    /// Records a try that timed out at `done`: a failure for the failure share, the breaker and
+    /// the outlier detector, but no latency sample (the time waited is the timeout's, not the
+    /// backend's: fed to the average, it would stretch the next derived per-try timeout).
+    pub fn record_timeout(
+        &self,
+        done: Instant,
+        outlier: &OutlierPolicy,
+        may_eject: impl FnOnce() -> bool,
+    ) {
+        self.count_outcome(true);
+        self.record_outcome(true, done, outlier, may_eject);
+    }
+
     /// Records the outcome of one request: `elapsed` to the response head, failed or not.
     pub fn record(&self, elapsed: Duration, failed: bool, now: Instant) {
         self.count_outcome(failed);

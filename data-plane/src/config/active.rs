@@ -62,6 +62,37 @@ pub struct Active {
     pub timeouts: crate::upstream::Timeouts,
     /// The longest a client may take to send its whole request body (`timeouts.client_body_ms`).
     pub client_body_timeout: Option<Duration>,
+    /// How long one try of a request that may be sent again waits for its head.
+    pub try_timeout: TryTimeout,
+}
+
+/// The per-try timeout of requests that may be sent again (`timeouts.try_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryTimeout {
+    /// Only the request timeout applies.
+    Off,
+    Fixed(Duration),
+    /// [`TRY_LATENCY_FACTOR`] times the backend's average latency, at least [`MIN_TRY_TIMEOUT`].
+    Derived,
+}
+
+/// A try waits this many times its backend's average latency before it gives up on it.
+pub const TRY_LATENCY_FACTOR: u32 = 10;
+
+/// The least a derived per-try timeout waits: a backend's latency is measured in microseconds
+/// on a fast network, where one slow garbage collection must not count as a failure.
+pub const MIN_TRY_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl TryTimeout {
+    /// The timeout of a try to a backend averaging `latency`, no longer than `request`.
+    pub fn of(self, latency: Duration, request: Option<Duration>) -> Option<Duration> {
+        let t = match self {
+            TryTimeout::Off => return request,
+            TryTimeout::Fixed(t) => t,
+            TryTimeout::Derived => (latency * TRY_LATENCY_FACTOR).max(MIN_TRY_TIMEOUT),
+        };
+        Some(request.map_or(t, |r| r.min(t)))
+    }
 }
 
 /// A tier as the request path needs it.
@@ -255,6 +286,11 @@ impl Active {
             Some(0) => None,
             Some(ms) => Some(Duration::from_millis(u64::from(ms))),
         };
+        let try_timeout = match timeouts.try_ms {
+            None => TryTimeout::Derived,
+            Some(0) => TryTimeout::Off,
+            Some(ms) => TryTimeout::Fixed(Duration::from_millis(u64::from(ms))),
+        };
         let client_body_timeout = match timeouts.client_body_ms {
             None => Some(DEFAULT_CLIENT_BODY_TIMEOUT),
             Some(0) => None,
@@ -294,6 +330,25 @@ impl Active {
                 body_idle: body_idle_timeout,
             },
             client_body_timeout,
+            try_timeout,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_try_waits_ten_times_its_backends_latency_at_least_a_second_at_most_the_request() {
+        let ms = Duration::from_millis;
+        let request = Some(ms(30_000));
+        assert_eq!(TryTimeout::Derived.of(ms(2), request), Some(ms(1_000)));
+        assert_eq!(TryTimeout::Derived.of(ms(250), request), Some(ms(2_500)));
+        assert_eq!(TryTimeout::Derived.of(ms(9_000), request), Some(ms(30_000)));
+        assert_eq!(TryTimeout::Derived.of(ms(250), None), Some(ms(2_500)));
+        assert_eq!(TryTimeout::Fixed(ms(300)).of(ms(1), request), Some(ms(300)));
+        assert_eq!(TryTimeout::Off.of(ms(1), request), request);
+        assert_eq!(TryTimeout::Off.of(ms(1), None), None);
     }
 }

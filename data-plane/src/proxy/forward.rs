@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::body::{Pending, ProxyBody, UpstreamResponse};
 use super::refusal::Refusal;
 use super::worker::Worker;
-use crate::backend::InFlight;
+use crate::backend::{Endpoint, InFlight};
 use crate::clock::millis;
 use crate::config::active::{Active, Slot, View};
 use crate::policy::admission::Shed;
@@ -137,16 +137,18 @@ impl<'a> Attempt<'a> {
             {
                 request.set_host(v);
             }
+            let timeouts = self.timeouts(endpoint);
+            let per_try = timeouts.request != self.active.timeouts.request;
             let result = upstream::send(
                 &endpoint.idle,
                 self.worker.id,
                 &endpoint.address,
                 endpoint.resolved,
-                self.active.timeouts,
+                timeouts,
                 request,
             )
             .await;
-            match self.judge(i, in_flight, now, result) {
+            match self.judge(i, in_flight, now, result, per_try) {
                 Tried::Answered(resp) => return Ok(resp),
                 Tried::Refused(r) => return Err(r),
                 Tried::Again(failure) => {
@@ -219,14 +221,30 @@ impl<'a> Attempt<'a> {
         Ok(Some((i, in_flight)))
     }
 
+    /// The timeouts of a try on `endpoint`: a request that may be sent again waits for its
+    /// head only as long as the per-try timeout, then goes elsewhere.
+    fn timeouts(&self, endpoint: &Endpoint) -> upstream::Timeouts {
+        let all = self.active.timeouts;
+        if self.replay.is_none() {
+            return all;
+        }
+        let latency = Duration::from_micros(endpoint.latency_us());
+        upstream::Timeouts {
+            request: self.active.try_timeout.of(latency, all.request),
+            ..all
+        }
+    }
+
     /// Records what backend `i` did with the request sent at `started`, and decides: answer,
-    /// refuse, or try again elsewhere.
+    /// refuse, or try again elsewhere (`per_try`: the timeout was the per-try one, shorter
+    /// than the request's).
     fn judge(
         &mut self,
         i: usize,
         in_flight: InFlight,
         started: Instant,
         result: Result<Response<upstream::Body>, (UpstreamError, Option<Outgoing>)>,
+        per_try: bool,
     ) -> Tried {
         let done = Instant::now();
         let elapsed = done.saturating_duration_since(started);
@@ -243,11 +261,21 @@ impl<'a> Attempt<'a> {
             }
             Err(failed) => failed,
         };
-        endpoint.record_failure(elapsed, started, done, &active.outlier, eject_ok);
+        if let UpstreamError::Timeout(_) = e {
+            endpoint.record_timeout(done, &active.outlier, eject_ok);
+        } else {
+            endpoint.record_failure(elapsed, started, done, &active.outlier, eject_ok);
+        }
         drop(in_flight);
         let backend = endpoint.address.clone();
         if let UpstreamError::Timeout(_) = e {
-            return Tried::Refused(Refusal::GatewayTimeout { backend });
+            tracing::warn!(backend = %endpoint.address, request_id = ?self.id, per_try, "backend did not answer in time");
+            let timed_out = Refusal::GatewayTimeout { backend };
+            // A try cut by its own timeout goes to another backend, as a failed connect does.
+            if per_try && self.may_retry() {
+                return Tried::Again(Some(timed_out));
+            }
+            return Tried::Refused(timed_out);
         }
         tracing::warn!(backend = %endpoint.address, request_id = ?self.id, cause = %error_chain(&e), "backend request failed");
         let failure = if e.not_sent() {
