@@ -117,6 +117,8 @@ pub struct ControlPlane {
     pub report_sink: std::sync::OnceLock<tokio::sync::mpsc::Sender<lb_proto::v1::StatsReport>>,
     /// The listeners' TLS, when served with it (set by the first such serve), for `/metrics`.
     pub tls: std::sync::OnceLock<Arc<crate::tls::ServerTls>>,
+    /// Origins whose pages may open the dashboards' WebSocket (none: IP and localhost pages).
+    pub public_origins: std::sync::OnceLock<Vec<String>>,
 }
 
 /// Checks a state as loaded or about to be published, with `config.keys` derived from the
@@ -189,6 +191,7 @@ impl ControlPlane {
             tracer: std::sync::OnceLock::new(),
             report_sink: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
+            public_origins: std::sync::OnceLock::new(),
         })
     }
 

@@ -327,18 +327,35 @@ struct ClientMessage {
     token: String,
 }
 
-/// Whether a request's `Origin` (when a browser sent one) is this host.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// Whether a browser page may open the feed: one from a configured public origin, or, with
+/// none configured, one from this host when it is named by an IP address or `localhost`. A page
+/// whose host name resolved to this address by a DNS name nobody configured (DNS rebinding) has
+/// an origin equal to its `Host` too, so matching `Host` is not enough. A request with no
+/// `Origin` is not a browser page.
+fn allowed_origin(headers: &HeaderMap, public: &[String]) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
+    let Some(origin) = origin.to_str().ok().map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    let origin = origin.trim_end_matches('/');
+    if !public.is_empty() {
+        return public.iter().any(|p| p == origin);
+    }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.split_once("://"))
-        .map(|(_, rest)| rest);
-    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    let (Some(o), Some(h)) = (origin_host, host) else {
+        return false;
+    };
+    o.eq_ignore_ascii_case(h)
+        && o.parse::<http::uri::Authority>().is_ok_and(|a| {
+            a.host() == "localhost"
+                || a.host()
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok()
+        })
 }
 
 /// `GET /ws`: the live feed.
@@ -347,7 +364,8 @@ pub async fn ws(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if !same_origin(&headers) {
+    let public = cp.public_origins.get().map_or(&[][..], Vec::as_slice);
+    if !allowed_origin(&headers, public) {
         return (
             StatusCode::FORBIDDEN,
             axum::Json(json!({"error": "WebSocket from another origin refused"})),
@@ -427,16 +445,43 @@ mod tests {
     fn origin_must_be_this_host_when_given() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:5000"));
-        assert!(same_origin(&h));
+        assert!(allowed_origin(&h, &[]));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://127.0.0.1:5000"),
         );
-        assert!(same_origin(&h));
+        assert!(allowed_origin(&h, &[]));
         for bad in ["http://evil.example", "null", "http://127.0.0.1:5001"] {
             h.insert(header::ORIGIN, HeaderValue::from_static(bad));
-            assert!(!same_origin(&h), "{bad}");
+            assert!(!allowed_origin(&h, &[]), "{bad}");
         }
+        for (host, origin) in [
+            ("localhost:5000", "http://localhost:5000"),
+            ("[::1]:5000", "http://[::1]:5000"),
+        ] {
+            h.insert(header::HOST, HeaderValue::from_static(host));
+            h.insert(header::ORIGIN, HeaderValue::from_static(origin));
+            assert!(allowed_origin(&h, &[]), "{origin}");
+        }
+    }
+
+    #[test]
+    fn a_dns_name_needs_to_be_a_configured_origin() {
+        // DNS rebinding: evil.example resolves to this host; its page's origin matches Host.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("evil.example:5000"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example:5000"),
+        );
+        assert!(!allowed_origin(&h, &[]));
+        let public = vec!["https://lb.example.com".to_owned()];
+        assert!(!allowed_origin(&h, &public));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://LB.example.com"),
+        );
+        assert!(allowed_origin(&h, &public));
     }
 
     #[test]

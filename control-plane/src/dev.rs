@@ -120,6 +120,7 @@ pub async fn run(
     .await
     .context("cannot load the control plane's state")?;
     crate::start_tracing(&cp, settings.tracing.as_ref());
+    let _ = cp.public_origins.set(settings.public_origins.clone());
     let grpc = bind(settings.grpc_listen, "--grpc-listen")?;
     let http = bind(settings.http_listen, "--http-listen")?;
     let grpc_addr = grpc.local_addr()?;

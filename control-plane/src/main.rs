@@ -104,6 +104,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     .await
     .context("cannot load the control plane's state")?;
     control_plane::start_tracing(&cp, settings.tracing.as_ref());
+    let _ = cp.public_origins.set(settings.public_origins.clone());
     // A fleet of data planes reconnects at once after a restart: the long accept queue keeps
     // their handshakes from being dropped.
     let grpc = data_plane::common::listen(settings.grpc_listen)

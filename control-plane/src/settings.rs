@@ -74,6 +74,16 @@ pub struct CommonArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub insecure_discovery: Option<bool>,
+    /// Origins the dashboards are served from, as a browser names them
+    /// (`https://lb.example.com`, comma-separated): only their pages may open `/ws`
+    /// [default: none: pages served from an IP address or localhost only]
+    #[arg(
+        long,
+        env = "LB_PUBLIC_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub public_origins: Option<Vec<String>>,
 }
 
 /// What `--help` says of the settings that only the environment carries.
@@ -140,6 +150,7 @@ struct FileSettings {
     ban: Option<BanPolicy>,
     on_store_failure: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    public_origins: Option<Vec<String>>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -160,6 +171,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Discovery may run without a cluster credential.
     pub insecure_discovery: bool,
+    /// Origins whose pages may open the dashboards' WebSocket (lower case, no trailing slash).
+    pub public_origins: Vec<String>,
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
@@ -360,12 +373,42 @@ impl Settings {
             state_file: args.state_file.or(file.state_file),
             log_json: log_json(args.log_format.or(file.log_format))?,
             insecure_discovery: args.insecure_discovery.unwrap_or(false),
+            public_origins: public_origins(
+                args.public_origins
+                    .or(file.public_origins)
+                    .unwrap_or_default(),
+            )?,
             initial: s,
             tracing: data_plane::common::TraceSettings::from_env()
                 .map_err(|message| invalid("tracing", message))?,
             tls,
         })
     }
+}
+
+/// Origins as a browser sends them: `http` or `https`, a host, an optional port, nothing else.
+fn public_origins(list: Vec<String>) -> Result<Vec<String>, SettingsError> {
+    list.into_iter()
+        .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            let rest = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"));
+            let valid = rest.is_some_and(|r| {
+                r.parse::<http::uri::Authority>()
+                    .is_ok_and(|a| a.as_str() == r && !r.contains('@'))
+            });
+            if valid {
+                Ok(o)
+            } else {
+                Err(invalid(
+                    "public_origins",
+                    format!("{o:?} is not an origin such as https://lb.example.com"),
+                ))
+            }
+        })
+        .collect()
 }
 
 impl Settings {

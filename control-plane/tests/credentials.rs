@@ -123,8 +123,14 @@ fn help_names_the_tokens() {
     }
 }
 
-/// A control plane requiring the cluster token, in this process.
+/// A control plane requiring the cluster token, in this process: its gRPC address.
 async fn control_plane() -> (SocketAddr, oneshot::Sender<()>) {
+    let (grpc, _http, stop) = control_plane_with_http().await;
+    (grpc, stop)
+}
+
+/// The same, with its HTTP address.
+async fn control_plane_with_http() -> (SocketAddr, SocketAddr, oneshot::Sender<()>) {
     let store = Arc::new(MemoryStore::new(None));
     let mut initial = lb_proto::defaults::snapshot();
     initial.version = 1;
@@ -138,12 +144,12 @@ async fn control_plane() -> (SocketAddr, oneshot::Sender<()>) {
     .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = grpc.local_addr().unwrap();
+    let (addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
     let (tx, rx) = oneshot::channel();
     tokio::spawn(control_plane::serve(Arc::new(cp), grpc, http, async {
         let _ = rx.await;
     }));
-    (addr, tx)
+    (addr, http_addr, tx)
 }
 
 async fn client(addr: SocketAddr) -> DiscoveryClient<tonic::transport::Channel> {
@@ -267,4 +273,31 @@ async fn a_data_plane_with_the_token_gets_its_configuration() {
         .await
         .expect("the configuration arrives with the token")
         .unwrap();
+}
+
+/// The status a WebSocket upgrade of `/ws` gets, sent with these `Host` and `Origin`.
+async fn ws_upgrade(http: SocketAddr, host: &str, origin: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nhost: {host}\r\norigin: {origin}\r\nupgrade: websocket\r\n\
+         connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         sec-websocket-version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_page_from_a_rebound_dns_name_cannot_open_the_live_feed() {
+    let (_grpc, http, _stop) = control_plane_with_http().await;
+    let port = http.port();
+    let here = format!("127.0.0.1:{port}");
+    assert_eq!(ws_upgrade(http, &here, &format!("http://{here}")).await, 101);
+    // evil.example resolves to this address: its page's origin equals the Host it sends.
+    let evil = format!("evil.example:{port}");
+    assert_eq!(ws_upgrade(http, &evil, &format!("http://{evil}")).await, 403);
 }
