@@ -79,9 +79,13 @@ pub struct Args {
     /// Time a client has to send its request head, in ms [default: 10000]
     #[arg(long, env = "LB_HEADER_TIMEOUT_MS", value_name = "MS")]
     pub header_timeout_ms: Option<u64>,
-    /// Time a client may take nothing of a response being written to it, in ms [default: 60000]
+    /// Time a client may take nothing of a response being written to it, in ms; an HTTP/2
+    /// stream that gets no flow-control window for this long is reset [default: 60000]
     #[arg(long, env = "LB_SEND_TIMEOUT_MS", value_name = "MS")]
     pub send_timeout_ms: Option<u64>,
+    /// Most requests one HTTP/2 client connection may have open at once [default: 100]
+    #[arg(long, env = "LB_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub max_concurrent_streams: Option<u32>,
     /// On shutdown, time given to requests in flight, in ms [default: 10000]
     #[arg(long, env = "LB_DRAIN_TIMEOUT_MS", value_name = "MS")]
     pub drain_timeout_ms: Option<u64>,
@@ -148,6 +152,7 @@ struct FileSettings {
     max_header_bytes: Option<usize>,
     header_timeout_ms: Option<u64>,
     send_timeout_ms: Option<u64>,
+    max_concurrent_streams: Option<u32>,
     drain_timeout_ms: Option<u64>,
     log_format: Option<String>,
     workers: Option<usize>,
@@ -181,6 +186,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// A write to a client that makes no progress for this long ends its connection.
     pub send_timeout: Duration,
+    /// Most concurrent streams on one HTTP/2 client connection.
+    pub max_concurrent_streams: u32,
     pub drain_timeout: Duration,
     pub log_json: bool,
     pub workers: usize,
@@ -215,6 +222,7 @@ impl Default for Settings {
             max_header_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 100,
             drain_timeout: Duration::from_secs(10),
             log_json: false,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
@@ -366,6 +374,10 @@ impl Settings {
                 .send_timeout_ms
                 .or(file.send_timeout_ms)
                 .map_or(d.send_timeout, Duration::from_millis),
+            max_concurrent_streams: args
+                .max_concurrent_streams
+                .or(file.max_concurrent_streams)
+                .unwrap_or(d.max_concurrent_streams),
             drain_timeout: args
                 .drain_timeout_ms
                 .or(file.drain_timeout_ms)
@@ -454,6 +466,9 @@ impl Settings {
         }
         if self.header_timeout.is_zero() {
             return invalid("header_timeout_ms", "must be at least 1");
+        }
+        if self.max_concurrent_streams == 0 {
+            return invalid("max_concurrent_streams", "must be at least 1");
         }
         if self.send_timeout.is_zero() {
             return invalid("send_timeout_ms", "must be at least 1");

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use super::worker::ClientConn;
 use crate::backend::{Endpoint, InFlight};
 use crate::cache::Tee;
 use crate::config::active::Active;
@@ -24,6 +25,64 @@ use crate::upstream;
 pub enum ProxyBody {
     Upstream(UpstreamResponse),
     Local(Option<Bytes>),
+    /// A backend's body read by a task of its own, for a client on HTTP/2 (see
+    /// [`ProxyBody::relayed`]).
+    Relayed(Relay),
+}
+
+/// The client's end of a relayed body.
+pub struct Relay {
+    frames: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+    /// Set by the relay when it gave up on a client that took nothing for the send timeout:
+    /// the body then fails rather than ending as if whole.
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    hint: SizeHint,
+    done: bool,
+}
+
+impl ProxyBody {
+    /// For a client on HTTP/2: the backend's body read by a task of its own, one frame ahead of
+    /// the client. An HTTP/2 stream whose client gives it no flow-control window is never
+    /// asked for its next frame, so nothing on the request's own path could see it stall; the
+    /// relay does, and when the client has taken nothing for `send_timeout` it lets go of the
+    /// backend (its connection closes, its in-flight count drops) and has the client's
+    /// connection closed (`stalled`), which resets its streams: the server cannot reset one
+    /// stream whose window the client keeps shut. An HTTP/1 client's stall is the
+    /// connection's and is cut there ([`crate::server::sniff`]).
+    pub fn relayed(self, send_timeout: Duration, conn: Arc<ClientConn>) -> ProxyBody {
+        let ProxyBody::Upstream(u) = self else {
+            return self;
+        };
+        if u.body.is_end_stream() {
+            return ProxyBody::Upstream(u);
+        }
+        let hint = u.body.size_hint();
+        let (tx, frames) = tokio::sync::mpsc::channel(1);
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stalled);
+        tokio::spawn(async move {
+            let mut body = ProxyBody::Upstream(u);
+            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                match tokio::time::timeout(send_timeout, tx.send(frame)).await {
+                    Ok(Ok(())) => {}
+                    // The client reset the stream: nothing more to send.
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(client = %conn.peer, "HTTP/2 stream took nothing for the send timeout; connection closed");
+                        conn.stalled.notify_one();
+                        return;
+                    }
+                }
+            }
+        });
+        ProxyBody::Relayed(Relay {
+            frames,
+            stalled,
+            hint,
+            done: false,
+        })
+    }
 }
 
 /// A backend's response body on its way to the client. It holds the backend's in-flight count
@@ -195,6 +254,20 @@ impl Body for ProxyBody {
                 polled
             }
             ProxyBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Relayed(r) => match r.frames.poll_recv(cx) {
+                Poll::Ready(None) if r.stalled.load(std::sync::atomic::Ordering::Relaxed) => {
+                    r.done = true;
+                    Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client took nothing of the response for the send timeout",
+                    ))))
+                }
+                Poll::Ready(None) => {
+                    r.done = true;
+                    Poll::Ready(None)
+                }
+                polled => polled,
+            },
         }
     }
 
@@ -202,6 +275,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream(u) => u.body.is_end_stream(),
             ProxyBody::Local(b) => b.is_none(),
+            ProxyBody::Relayed(r) => r.done,
         }
     }
 
@@ -209,6 +283,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream(u) => u.body.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Relayed(r) => r.hint.clone(),
         }
     }
 }

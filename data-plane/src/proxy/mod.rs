@@ -77,8 +77,12 @@ pub async fn handle(
     });
     let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
     let last = request::closes_after(&req);
+    let http2 = req.version() == http::Version::HTTP_2;
     let id = request::request_id(req.headers());
     let mut resp = proxy(&worker, &conn, req, &id, detailed).await;
+    if http2 {
+        resp = resp.map(|b| b.relayed(shared.settings.send_timeout, Arc::clone(&conn)));
+    }
     // A response waits RESPONSE_PASSES passes of the event loop over its ready tasks before
     // hyper writes it to the client. The requests read in the same turn go to their backends
     // first ([`crate::upstream::send`] waits one pass), and the responses gathered over a pass

@@ -76,6 +76,9 @@ pub struct ClientConn {
     pub(crate) peer_ip: HeaderValue,
     /// Hash of the peer's address, for ip_hash.
     pub(crate) affinity: u64,
+    /// Told when one of the connection's HTTP/2 streams took nothing for the send timeout: the
+    /// connection is then closed, as a stalled HTTP/1 connection is.
+    pub stalled: tokio::sync::Notify,
 }
 
 impl ClientConn {
@@ -90,6 +93,7 @@ impl ClientConn {
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             affinity,
+            stalled: tokio::sync::Notify::new(),
         }
     }
 

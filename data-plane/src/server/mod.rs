@@ -233,7 +233,7 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(shared.settings.max_concurrent_streams);
     let servers = Arc::new(Servers { http1, http2 });
     let acceptor = shared.tls().map(|t| t.acceptor());
     let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id).await);
@@ -317,11 +317,19 @@ impl Servers {
             }
         };
         let io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
+        let conn = Arc::clone(&client);
         let svc =
             service_fn(move |req| proxy::handle(Arc::clone(&worker), Arc::clone(&client), req));
         let served = match protocol {
             sniff::Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, svc)).await,
-            sniff::Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, svc)).await,
+            sniff::Protocol::Http2 => {
+                let serving = watcher.watch(self.http2.serve_connection(io, svc));
+                tokio::select! {
+                    served = serving => served,
+                    // A stream stalled past the send timeout: dropping the connection closes it.
+                    () = conn.stalled.notified() => Ok(()),
+                }
+            }
         };
         if let Err(e) = served {
             tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
