@@ -283,7 +283,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream(u) => u.body.size_hint(),
             ProxyBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Relayed(r) => r.hint.clone(),
+            ProxyBody::Relayed(r) => r.hint,
         }
     }
 }
