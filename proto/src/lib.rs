@@ -10,6 +10,8 @@
 //! - [`redis_keys`]: the rate-limit state's layout in Redis, which both planes use.
 
 pub mod defaults;
+#[cfg(test)]
+mod fuzz;
 pub mod redis_keys;
 pub mod validate;
 
