@@ -9,7 +9,7 @@
 # process group, of the backends and of wrk, and divides it by the requests served.
 #
 # Run from the project root with the release binaries and the same PROXY_CMD as peers.sh:
-#   LB_ADMIN_TOKEN=bench PROXY_CMD='...' bench/forwarding-cost.sh
+#   LB_ADMIN_TOKEN=bench-admin-token LB_CLUSTER_TOKEN=bench-cluster-token PROXY_CMD='...' bench/forwarding-cost.sh
 # Settings (environment): ROUNDS [5] DURATION [8] (s) WARMUP [2] (s) CONNS [64] WRK_CPUS [1]
 #   NBTHREAD [nproc] TARGETS ["haproxy haproxy-fwd ours"]
 # Output: one line per run, then medians per target, with the median of each round's ratio of

@@ -54,6 +54,8 @@ for port in 15001 15002 15003; do
   nginx -p "$WORK" -c "$WORK/backend-$port.conf" -g 'daemon off;' >"$WORK/backend-$port.log" 2>&1 &
   PIDS+=($!)
 done
+# The planes' credential (control-plane serve requires one).
+export LB_CLUSTER_TOKEN=${LB_CLUSTER_TOKEN:-pgo-build-cluster-token}
 "$TARGET/release/control-plane" serve --config "$HERE/peers-control-plane.toml" \
   --grpc-listen 127.0.0.1:15051 --http-listen 127.0.0.1:15050 \
   --backends 127.0.0.1:15001,127.0.0.1:15002,127.0.0.1:15003 --ip-limit 0 >"$WORK/control-plane.log" 2>&1 &
