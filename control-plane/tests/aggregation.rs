@@ -2,30 +2,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-
-/// Polls `/stats` until `done` holds (bounded), returning the last answer.
-async fn stats_until(
-    client: &HttpClient,
-    url: &str,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let stats = get(client, url).await.json();
-        if done(&stats) {
-            return stats;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not happen; /stats: {stats:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn liveness<'a>(stats: &'a serde_json::Value, id: &str) -> Option<&'a str> {
     stats["data_planes"]
@@ -58,13 +35,11 @@ async fn traffic_adds_up_and_a_stopped_data_plane_is_no_longer_live() {
     .await;
     assert_eq!(liveness(&stats, "dp-1"), Some("live"));
     assert_eq!(liveness(&stats, "dp-2"), Some("live"));
-    let per_backend: u64 = stats["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["requests"].as_u64().unwrap())
-        .sum();
-    assert_eq!(per_backend, 10, "per-backend requests add up to the total");
+    assert_eq!(
+        backend_requests(&stats),
+        10,
+        "per-backend requests add up to the total"
+    );
 
     stack.dps.pop().unwrap().stop().await;
     let stats = stats_until(&client, &url, "dp-2 marked as not live", |s| {

@@ -3,11 +3,14 @@
 //! with a cluster token, Watch and Report need it, and a report stream speaks for one data plane
 //! only.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::serve_command;
 use control_plane::cluster::ControlPlane;
 use control_plane::store::MemoryStore;
 use lb_proto::v1::discovery_client::DiscoveryClient;
@@ -21,23 +24,9 @@ const CLUSTER_TOKEN: &str = "cluster-token-for-the-tests";
 /// `control-plane serve` on free ports with this environment: its exit code and standard error,
 /// or `None` (and what it printed) when it was still running after it logged that it serves.
 fn serve(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_control-plane"))
-        .args([
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
+    let mut child = serve_command()
         .args(args)
-        .env_remove("LB_CLUSTER_TOKEN")
-        .env_remove("LB_CLUSTER_TOKEN_FILE")
-        .env_remove("LB_ADMIN_TOKEN")
-        .env_remove("LB_ADMIN_TOKEN_FILE")
-        .env_remove("LB_INSECURE_DISCOVERY")
-        .env_remove("LB_CONFIG")
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -288,7 +277,10 @@ async fn ws_upgrade(http: SocketAddr, host: &str, origin: &str) -> u16 {
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).await.unwrap();
     let head = String::from_utf8_lossy(&buf[..n]).into_owned();
-    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -296,8 +288,14 @@ async fn a_page_from_a_rebound_dns_name_cannot_open_the_live_feed() {
     let (_grpc, http, _stop) = control_plane_with_http().await;
     let port = http.port();
     let here = format!("127.0.0.1:{port}");
-    assert_eq!(ws_upgrade(http, &here, &format!("http://{here}")).await, 101);
+    assert_eq!(
+        ws_upgrade(http, &here, &format!("http://{here}")).await,
+        101
+    );
     // evil.example resolves to this address: its page's origin equals the Host it sends.
     let evil = format!("evil.example:{port}");
-    assert_eq!(ws_upgrade(http, &evil, &format!("http://{evil}")).await, 403);
+    assert_eq!(
+        ws_upgrade(http, &evil, &format!("http://{evil}")).await,
+        403
+    );
 }

@@ -74,8 +74,7 @@ async fn list_api_keys(
     admin
         .list_api_keys(ListApiKeysRequest {})
         .await
-        .unwrap()
-        .into_inner()
+        .answer()
         .keys
 }
 
@@ -130,26 +129,15 @@ async fn dashboards_work_in_a_real_browser() {
     })
     .await;
     let mut admin = stack.cp.admin(Some(TOKEN)).await;
-    let strategy = admin
-        .get_strategy(GetStrategyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let strategy = admin.get_strategy(GetStrategyRequest {}).await.answer();
     assert_eq!(strategy.strategy, "least_connections");
-    let config = admin
-        .get_config(GetConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let config = admin.get_config(GetConfigRequest {}).await.answer();
     assert_eq!(config.strategy, "least_connections");
     let v = config.version;
     assert_eq!(v, 2);
     stack.cp.wait_acked(&["dp-1", "dp-2"], v).await;
     for dp in &stack.dps {
-        assert_eq!(
-            dp.shared.active().unwrap().snapshot.strategy,
-            "least_connections"
-        );
+        assert_eq!(dp.strategy(), "least_connections");
     }
     browser
         .wait_text("#strategy-current", "least_connections", |t| {
@@ -188,24 +176,16 @@ async fn dashboards_work_in_a_real_browser() {
 
     // --- rate limiting ---
     let key = admin
-        .create_api_key(CreateApiKeyRequest {
-            tier: String::new(),
-            label: "dashboard test".into(),
-        })
+        .create_api_key(new_key("", "dashboard test"))
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     let statuses = send_requests(&client, &stack.dps[0].url("/data"), 1, Some(&key.api_key)).await;
     assert_eq!(statuses, [200]);
     // A second key, on the free tier (5 a minute), goes over its limit.
     let noisy = admin
-        .create_api_key(CreateApiKeyRequest {
-            tier: "free".into(),
-            label: "noisy".into(),
-        })
+        .create_api_key(new_key("free", "noisy"))
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     let statuses =
         send_requests(&client, &stack.dps[1].url("/data"), 8, Some(&noisy.api_key)).await;
     assert_eq!(
@@ -398,14 +378,19 @@ impl Ws {
         Some(serde_json::from_str(&text).unwrap())
     }
 
-    /// The next message whose `type` is `kind`.
+    /// The next message whose `type` is `kind`, within [`WAIT`].
     async fn next_of(&mut self, kind: &str) -> Value {
-        loop {
-            let m = self.next().await.expect("socket open");
-            if m["type"] == kind {
-                return m;
+        let wanted = async {
+            loop {
+                let m = self.next().await.expect("socket open");
+                if m["type"] == kind {
+                    return m;
+                }
             }
-        }
+        };
+        tokio::time::timeout(WAIT, wanted)
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} message within {WAIT:?}"))
     }
 
     async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
@@ -465,13 +450,9 @@ async fn feed_sends_state_then_admin_data_after_the_token() {
 
     let mut admin = stack.cp.admin(Some(TOKEN)).await;
     let key = admin
-        .create_api_key(CreateApiKeyRequest {
-            tier: "basic".into(),
-            label: "feed".into(),
-        })
+        .create_api_key(new_key("basic", "feed"))
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     ws.send_text(&json!({"token": TOKEN}).to_string()).await;
     let m = ws.next_of("state").await;
     assert_eq!(m["admin"], true);
@@ -550,8 +531,7 @@ async fn rest_names_keys_by_id_and_unblocks() {
     let key = admin
         .create_api_key(CreateApiKeyRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     let info = |keys: Vec<ApiKeyInfo>| keys.into_iter().find(|k| k.key_id == key.key_id).unwrap();
 
     let body = json!({"api_key_id": key.key_id, "tier": "enterprise"}).to_string();
@@ -639,7 +619,7 @@ async fn rest_names_keys_by_id_and_unblocks() {
         let message = r.json()["error"].as_str().unwrap().to_owned();
         assert!(message.contains(needle), "{path} {body}: {message}");
     }
-    assert_eq!(cp.cp.version(), version, "refused calls change nothing");
+    cp.assert_unchanged(version);
     let r = send(
         &client,
         request(
@@ -714,13 +694,13 @@ async fn openapi_documents_every_route_and_the_shapes_served() {
 
     // The documented shapes are the served ones.
     send_requests(&client, &stack.dps[0].url("/data"), 3, None).await;
-    let stats = loop {
-        let s = get(&client, &cp.http_url("/stats")).await.json();
-        if s["totals"]["requests"] == 3 && s["data_planes_reporting"] == 1 {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let stats = stats_until(
+        &client,
+        &cp.http_url("/stats"),
+        "the 3 requests reported",
+        |s| s["totals"]["requests"] == 3 && s["data_planes_reporting"] == 1,
+    )
+    .await;
     assert_eq!(fields(&stats), schema_fields(&doc, "Stats"));
     assert_eq!(fields(&stats["totals"]), schema_fields(&doc, "Totals"));
     assert_eq!(fields(&stats["per_second"]), schema_fields(&doc, "Second"));

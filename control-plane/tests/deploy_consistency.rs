@@ -472,18 +472,6 @@ fn config_file(c: &Container, path: &str, tmp: &Path) -> String {
     local.to_string_lossy().into_owned()
 }
 
-/// A fresh directory: tests run in parallel, each with its own copies of mounted files.
-fn temp_dir(name: &str) -> PathBuf {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "deploy-consistency-{}-{name}-{n}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 // ---------------------------------------------------------------------------------------------
 // deploy/compose.yaml and the files it mounts
 
@@ -565,7 +553,8 @@ impl Compose {
 
 fn load_compose(needs: &mut Needs) -> Compose {
     let doc = yaml("deploy/compose.yaml");
-    let tmp = temp_dir("compose");
+    // Each test its own copies of mounted files.
+    let tmp = TempDir::new("deploy-compose");
     let services: BTreeMap<String, Value> = entries(&doc["services"])
         .into_iter()
         .map(|(k, v)| (k, v.clone()))
@@ -631,7 +620,7 @@ fn load_compose(needs: &mut Needs) -> Compose {
             ports: compose_ports(&svc["ports"]),
             files: BTreeMap::new(),
         };
-        let r = resolve(&c, &tmp);
+        let r = resolve(&c, tmp.path());
         for p in &c.ports {
             r.reachable(*p, &origin, "a published port");
         }
@@ -966,7 +955,8 @@ impl Cluster {
 }
 
 fn load_kubernetes(needs: &mut Needs) -> Cluster {
-    let tmp = temp_dir("kubernetes");
+    // Each test its own copies of mounted files.
+    let tmp = TempDir::new("deploy-kubernetes");
     let mut objects: Vec<(String, Value)> = Vec::new();
     for f in kubernetes_files() {
         if f.starts_with("kustomization.") {
@@ -1087,7 +1077,7 @@ fn load_kubernetes(needs: &mut Needs) -> Cluster {
                 ports: declared,
                 files,
             };
-            let r = resolve(&c, &tmp);
+            let r = resolve(&c, tmp.path());
             for p in &c.ports {
                 r.reachable(*p, &origin, "a container port");
             }
@@ -1553,18 +1543,7 @@ async fn probe_and_scrape_paths_are_served_and_dashboard_metrics_are_exported() 
             .connect()
             .await
             .unwrap();
-        let status = tonic_health::pb::health_client::HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        assert_serving(channel, "").await;
     }
 
     let mut exposition = get(&client, &format!("http://{}/metrics", dp.admin))

@@ -25,19 +25,22 @@ async fn metrics_parse_and_count_the_requests_sent() {
     let metrics_url = format!("http://{}/metrics", dp.admin);
 
     // Per-backend counters are updated as responses finish: wait for the last one.
-    let mut exposition = None;
-    for _ in 0..200 {
-        let reply = get(&client, &metrics_url).await;
-        assert_eq!(reply.status, 200);
-        let text = String::from_utf8(reply.body.to_vec()).unwrap();
-        let parsed = prom::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        if parsed.sum("lb_backend_requests_total", &[]) as usize >= SENT {
-            exposition = Some(parsed);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    let m = exposition.expect("the backend request counters reach the number sent");
+    let m = poll_until(
+        "the backend request counters to reach the number sent",
+        || async {
+            let reply = get(&client, &metrics_url).await;
+            assert_eq!(reply.status, 200);
+            let text = String::from_utf8(reply.body.to_vec()).unwrap();
+            let parsed = prom::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            let counted = parsed.sum("lb_backend_requests_total", &[]);
+            if counted as usize >= SENT {
+                Ok(parsed)
+            } else {
+                Err(counted)
+            }
+        },
+    )
+    .await;
 
     let n = SENT as f64;
     assert_eq!(m.sum("lb_http_responses_total", &[]), n);

@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::redis_server::RedisServer;
 use common::*;
@@ -15,18 +16,6 @@ use control_plane::store::Store;
 use lb_proto::v1::*;
 use redis::AsyncCommands;
 use tonic::Code;
-
-fn by_id(id: &str) -> KeyRef {
-    KeyRef {
-        key: Some(key_ref::Key::KeyId(id.into())),
-    }
-}
-
-fn by_key(k: &str) -> KeyRef {
-    KeyRef {
-        key: Some(key_ref::Key::ApiKey(k.into())),
-    }
-}
 
 /// Writes a GCRA record as a data plane would.
 async fn write_gcra(conn: &mut redis::aio::MultiplexedConnection, id: &str, tat: u64, t: u64) {
@@ -45,15 +34,10 @@ async fn usage_follows_the_gcra_state_data_planes_write() {
     let k = admin
         .create_api_key(CreateApiKeyRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
 
     // No state: the whole limit.
-    let u = admin
-        .get_key_usage(by_id(&k.key_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let u = admin.get_key_usage(by_id(&k.key_id)).await.answer();
     assert_eq!((u.tier.as_str(), u.limit, u.period_ms), ("free", 5, 60_000));
     assert_eq!((u.remaining, u.reset_ms), (5, 0));
 
@@ -61,21 +45,13 @@ async fn usage_follows_the_gcra_state_data_planes_write() {
     // for as long as less than 12 s pass between writing and reading.
     let now = now_ms();
     write_gcra(&mut conn, &k.key_id, now + 36_000, 12_000).await;
-    let u = admin
-        .get_key_usage(by_id(&k.key_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let u = admin.get_key_usage(by_id(&k.key_id)).await.answer();
     assert_eq!(u.remaining, 2);
     assert!(u.reset_ms <= 36_000 && u.reset_ms > 24_000, "{u:?}");
 
     // Three requests made at basic (T = 3 s) are 9 s; counted at free they are 36 s.
     write_gcra(&mut conn, &k.key_id, now + 9_000, 3_000).await;
-    let u = admin
-        .get_key_usage(by_key(&k.api_key))
-        .await
-        .unwrap()
-        .into_inner();
+    let u = admin.get_key_usage(by_key(&k.api_key)).await.answer();
     assert_eq!(u.remaining, 2);
     assert!(u.reset_ms <= 36_000 && u.reset_ms > 24_000, "{u:?}");
 
@@ -87,22 +63,14 @@ async fn usage_follows_the_gcra_state_data_planes_write() {
         })
         .await
         .unwrap();
-    let u = admin
-        .get_key_usage(by_id(&k.key_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let u = admin.get_key_usage(by_id(&k.key_id)).await.answer();
     assert_eq!((u.tier.as_str(), u.limit), ("premium", 100));
     assert!((97..=100).contains(&u.remaining), "{u:?}");
     assert!(u.reset_ms <= 1_800, "{u:?}");
 
     // A tat in the past is the whole limit again.
     write_gcra(&mut conn, &k.key_id, now - 1_000, 600).await;
-    let u = admin
-        .get_key_usage(by_id(&k.key_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let u = admin.get_key_usage(by_id(&k.key_id)).await.answer();
     assert_eq!((u.remaining, u.reset_ms), (100, 0));
 
     // REST reads the same state, for any key string.
@@ -155,12 +123,7 @@ async fn bans_in_redis_are_listed_and_lifted() {
     // Not a ban key, though close.
     let _: () = conn.set("lb:rl:{ip:10.1.2.3}:gcra", 1).await.unwrap();
 
-    let bans = admin
-        .list_bans(ListBansRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .bans;
+    let bans = admin.list_bans(ListBansRequest {}).await.answer().bans;
     assert_eq!(
         bans,
         vec![
@@ -183,9 +146,7 @@ async fn bans_in_redis_are_listed_and_lifted() {
             client: "ip:10.1.2.3".into(),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .version;
+        .new_version();
     let exists: u32 = conn
         .exists(&["lb:rl:{ip:10.1.2.3}:ban", "lb:rl:{ip:10.1.2.3}:strikes"])
         .await
@@ -199,12 +160,7 @@ async fn bans_in_redis_are_listed_and_lifted() {
         &snapshot.directives.last().unwrap().kind,
         Some(directive::Kind::LiftBan(BanLift { client })) if client == "ip:10.1.2.3"
     ));
-    let bans = admin
-        .list_bans(ListBansRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .bans;
+    let bans = admin.list_bans(ListBansRequest {}).await.answer().bans;
     assert_eq!(bans.len(), 1);
     assert_eq!(bans[0].client, "key:0123456789abcdef");
 
@@ -223,62 +179,8 @@ async fn bans_in_redis_are_listed_and_lifted() {
 #[tokio::test]
 async fn a_change_on_one_control_plane_reaches_the_data_planes_of_another() {
     let redis = RedisServer::start().await;
-    let mock = mock_backends::MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
-        .await
-        .unwrap();
-    let a = Cp::start_redis(snapshot_with(&mock.addrs()), &redis.url()).await;
-    // B's own initial configuration is not used: Redis already holds A's.
-    let b = Cp::start_redis(snapshot_with(&[]), &redis.url()).await;
-    assert_eq!(b.cp.snapshot().backends.len(), 2);
-    assert_eq!(b.cp.version(), a.cp.version());
-    let dp = Dp::start(&b.url(), "dp-b").await;
-    dp.wait_version(1).await;
-
-    let mut admin_a = a.admin(Some(TOKEN)).await;
-    let v = admin_a
-        .set_strategy(SetStrategyRequest {
-            strategy: "least_connections".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .version;
-    b.wait_acked(&["dp-b"], v).await;
-    assert_eq!(
-        dp.shared.active().unwrap().snapshot.strategy,
-        "least_connections"
-    );
-
-    // Keys too, and B goes on from there without conflict.
-    let k = admin_a
-        .create_api_key(CreateApiKeyRequest {
-            tier: "basic".into(),
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    b.wait_version(v + 1).await;
-    let mut admin_b = b.admin(Some(TOKEN)).await;
-    let keys = admin_b
-        .list_api_keys(ListApiKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
-    assert_eq!(keys.len(), 1);
-    assert_eq!(keys[0].key_id, k.key_id);
-    let v = admin_b
-        .block_key(by_id(&k.key_id))
-        .await
-        .unwrap()
-        .into_inner()
-        .version;
-    assert_eq!(v, 4);
-    dp.wait_version(v).await;
-    assert!(dp.shared.active().unwrap().snapshot.keys[0].blocked);
-    a.wait_version(v).await;
-    assert!(a.cp.snapshot().keys[0].blocked);
+    let (_mock, a, b, dp) = two_control_planes(&redis.url(), &redis.url()).await;
+    changes_flow_between(&a, &b, &dp).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,8 +191,8 @@ async fn every_control_plane_on_redis_adds_up_the_whole_fleet() {
         .unwrap();
     let a = Cp::start_redis(snapshot_with(&mock.addrs()), &redis.url()).await;
     let b = Cp::start_redis(snapshot_with(&[]), &redis.url()).await;
-    let dp_a = Dp::start(&a.url(), "dp-a").await;
-    let dp_b = Dp::start(&b.url(), "dp-b").await;
+    let dp_a = Dp::join(&a.url(), "dp-a").await;
+    let dp_b = Dp::join(&b.url(), "dp-b").await;
     dp_a.wait_version(1).await;
     dp_b.wait_version(1).await;
 
@@ -303,18 +205,15 @@ async fn every_control_plane_on_redis_adds_up_the_whole_fleet() {
     }
     // Each control plane hears its own data plane directly and the other's through Redis.
     for cp in [&a, &b] {
-        let mut seen = 0;
-        for _ in 0..400 {
-            seen = get(&client, &cp.http_url("/stats")).await.json()["totals"]["requests"]
-                .as_u64()
-                .unwrap();
-            if seen >= 12 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+        let stats = stats_until(
+            &client,
+            &cp.http_url("/stats"),
+            "12 requests added up",
+            |s| s["totals"]["requests"].as_u64() >= Some(12),
+        )
+        .await;
         assert_eq!(
-            seen, 12,
+            stats["totals"]["requests"], 12,
             "requests through both data planes, on {}",
             cp.http
         );
@@ -385,20 +284,11 @@ async fn a_control_plane_restarted_on_redis_keeps_its_keys_and_config() {
         .unwrap();
     let cp = Cp::start_redis(snapshot_with(&mock.addrs()), &redis.url()).await;
     let mut admin = cp.admin(Some(TOKEN)).await;
-    admin
-        .set_strategy(SetStrategyRequest {
-            strategy: "ip_hash".into(),
-        })
-        .await
-        .unwrap();
+    admin.set_strategy(strategy("ip_hash")).await.unwrap();
     let k = admin
-        .create_api_key(CreateApiKeyRequest {
-            tier: "enterprise".into(),
-            label: "kept".into(),
-        })
+        .create_api_key(new_key("enterprise", "kept"))
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     admin
         .set_key_tier(SetKeyTierRequest {
             key: Some(by_key("legacy")),
@@ -420,8 +310,7 @@ async fn a_control_plane_restarted_on_redis_keeps_its_keys_and_config() {
     let keys = admin
         .list_api_keys(ListApiKeysRequest {})
         .await
-        .unwrap()
-        .into_inner()
+        .answer()
         .keys;
     assert_eq!(keys.len(), 2);
     let kept = keys.iter().find(|i| i.key_id == k.key_id).unwrap();
@@ -429,11 +318,7 @@ async fn a_control_plane_restarted_on_redis_keeps_its_keys_and_config() {
         (kept.tier.as_str(), kept.label.as_str()),
         ("enterprise", "kept")
     );
-    let u = admin
-        .get_key_usage(by_key(&k.api_key))
-        .await
-        .unwrap()
-        .into_inner();
+    let u = admin.get_key_usage(by_key(&k.api_key)).await.answer();
     assert_eq!(u.limit, 1000);
 }
 
@@ -444,26 +329,20 @@ async fn with_redis_gone_admin_calls_fail_naming_it_and_traffic_goes_on() {
         .await
         .unwrap();
     let cp = Cp::start_redis(snapshot_with(&mock.addrs()), &redis.url()).await;
-    let dp = Dp::start(&cp.url(), "steady").await;
+    let dp = Dp::join(&cp.url(), "steady").await;
     dp.wait_version(1).await;
     let mut admin = cp.admin(Some(TOKEN)).await;
     let k = admin
         .create_api_key(CreateApiKeyRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     redis.kill();
 
     let client = http_client();
     for _ in 0..4 {
         assert_eq!(get(&client, &dp.url("/data")).await.status, 200);
     }
-    let e = admin
-        .set_strategy(SetStrategyRequest {
-            strategy: "ip_hash".into(),
-        })
-        .await
-        .unwrap_err();
+    let e = admin.set_strategy(strategy("ip_hash")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("Redis"), "{}", e.message());
     let e = admin
@@ -483,20 +362,15 @@ async fn with_redis_gone_admin_calls_fail_naming_it_and_traffic_goes_on() {
     );
 
     // What needs no Redis still answers.
-    let config = admin
-        .get_config(GetConfigRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let config = admin.get_config(GetConfigRequest {}).await.answer();
     assert_eq!(config.version, 2);
     let keys = admin
         .list_api_keys(ListApiKeysRequest {})
         .await
-        .unwrap()
-        .into_inner()
+        .answer()
         .keys;
     assert_eq!(keys.len(), 1);
-    let r = send(
+    send(
         &client,
         request(
             http::Method::POST,
@@ -505,13 +379,8 @@ async fn with_redis_gone_admin_calls_fail_naming_it_and_traffic_goes_on() {
             r#"{"api_key":"x"}"#,
         ),
     )
-    .await;
-    assert_eq!(r.status, 503);
-    assert!(
-        r.json()["error"].as_str().unwrap().contains("Redis"),
-        "{}",
-        r.json()
-    );
+    .await
+    .assert_error(503, "Redis");
     assert_eq!(get(&client, &dp.url("/data")).await.status, 200);
 }
 
@@ -577,44 +446,30 @@ async fn a_redis_restarted_empty_gets_the_state_back_and_changes_flow_again() {
         .await
         .unwrap();
     let cp = Cp::start_redis(snapshot_with(&mock.addrs()), &redis.url()).await;
-    let dp = Dp::start(&cp.url(), "patient").await;
+    let dp = Dp::join(&cp.url(), "patient").await;
     dp.wait_version(1).await;
     let mut admin = cp.admin(Some(TOKEN)).await;
-    let k = admin
-        .create_api_key(CreateApiKeyRequest {
-            tier: "premium".into(),
-            label: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let k = admin.create_api_key(new_key("premium", "")).await.answer();
     redis.kill();
     // No persistence: the new server starts empty, and the control plane saves its state again
     // once it has resubscribed.
     let redis = RedisServer::start_on(port).await;
     let store = redis_store(&redis.url()).await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        if let Ok(Some(s)) = store.load().await {
-            assert_eq!(s.config.unwrap().version, 2);
-            assert_eq!(s.keys.len(), 1);
-            assert_eq!(s.keys[0].key_id, k.key_id);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the state was not saved again"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let v = admin
-        .set_strategy(SetStrategyRequest {
-            strategy: "ip_hash".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .version;
+    let saved = poll_within(
+        Duration::from_secs(15),
+        "the state to be saved again",
+        || async {
+            match store.load().await {
+                Ok(Some(s)) => Ok(s),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    assert_eq!(saved.config.unwrap().version, 2);
+    assert_eq!(saved.keys.len(), 1);
+    assert_eq!(saved.keys[0].key_id, k.key_id);
+    let v = admin.set_strategy(strategy("ip_hash")).await.new_version();
     assert_eq!(v, 3);
     cp.wait_acked(&["patient"], v).await;
 }

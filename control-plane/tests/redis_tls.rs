@@ -13,7 +13,7 @@ use common::*;
 use control_plane::redis_store::{RedisStore, STATE_KEY};
 use control_plane::settings::{CommonArgs, Settings};
 use lb_proto::v1::*;
-use pki::{Ca, Dir};
+use pki::{Ca, TempDir, install_provider};
 
 async fn store(redis: &RedisServer, ca: Option<&[u8]>) -> Arc<RedisStore> {
     Arc::new(
@@ -25,10 +25,10 @@ async fn store(redis: &RedisServer, ca: Option<&[u8]>) -> Arc<RedisStore> {
 
 #[tokio::test]
 async fn control_planes_share_their_state_through_rediss() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_provider();
     let ca = Ca::new("redis CA");
     let leaf = ca.leaf(&["127.0.0.1"]);
-    let dir = Dir::new("cp-redis-tls");
+    let dir = TempDir::new("cp-redis-tls");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let files = dir.install(&leaf);
     let redis = RedisServer::start_tls(&files.cert, &files.key, &ca_file).await;
@@ -61,13 +61,9 @@ async fn control_planes_share_their_state_through_rediss() {
     let v = a
         .admin(Some(TOKEN))
         .await
-        .set_strategy(SetStrategyRequest {
-            strategy: "least_connections".into(),
-        })
+        .set_strategy(strategy("least_connections"))
         .await
-        .unwrap()
-        .into_inner()
-        .version;
+        .new_version();
     b.wait_version(v).await;
     assert_eq!(b.cp.snapshot().strategy, "least_connections");
 
@@ -82,11 +78,9 @@ async fn control_planes_share_their_state_through_rediss() {
             }),
         })
         .await
-        .unwrap()
-        .into_inner()
-        .version;
+        .new_version();
     let (url, ca_path) = (redis.url(), ca_file.clone());
-    let dp = Dp::start_with(&b.url(), "dp-tls-redis", move |s| {
+    let dp = Dp::join_with(&b.url(), "dp-tls-redis", move |s| {
         s.redis = Some(url);
         s.redis_ca = Some(ca_path);
     })
@@ -130,7 +124,7 @@ async fn control_planes_share_their_state_through_rediss() {
 
 #[test]
 fn redis_ca_settings_are_checked_at_load() {
-    let dir = Dir::new("cp-redis-ca-settings");
+    let dir = TempDir::new("cp-redis-ca-settings");
     let empty = dir.write("empty.pem", "");
     let args = |redis: &str, ca: &std::path::Path| CommonArgs {
         redis: Some(redis.to_owned()),
@@ -144,7 +138,7 @@ fn redis_ca_settings_are_checked_at_load() {
         e.contains("redis_ca") && e.contains("empty.pem") && e.contains("no certificate"),
         "{e}"
     );
-    let e = Settings::load(args("rediss://127.0.0.1:6380", &dir.0.join("absent.pem")))
+    let e = Settings::load(args("rediss://127.0.0.1:6380", &dir.join("absent.pem")))
         .unwrap_err()
         .to_string();
     assert!(e.contains("absent.pem") && e.contains("cannot read"), "{e}");

@@ -87,7 +87,7 @@ impl Fleet {
         for (i, proxy) in listeners.into_iter().enumerate() {
             let url = redis.url();
             let id = format!("dp-{}", i + 1);
-            let dp = Dp::start_on(&cp.url(), &id, proxy, listener().await, move |s| {
+            let dp = Dp::join_on(&cp.url(), &id, proxy, listener().await, move |s| {
                 s.redis = Some(url);
             })
             .await;
@@ -112,15 +112,6 @@ impl Fleet {
 
     fn url(&self, path: &str) -> String {
         format!("http://{NAME}:{}{path}", self.port)
-    }
-
-    /// How many times the backends served `path`.
-    fn served(&self, path: &str) -> u64 {
-        self.mock
-            .backends()
-            .iter()
-            .map(|b| b.stats().by_path.get(path).copied().unwrap_or(0))
-            .sum()
     }
 
     /// 2xx responses each data plane has sent.
@@ -206,14 +197,6 @@ impl Answer {
     }
 }
 
-fn get_with(url: &str, headers: &[(&str, &str)]) -> http::Request<Full<Bytes>> {
-    let mut b = http::Request::get(url);
-    for (name, value) in headers {
-        b = b.header(*name, *value);
-    }
-    b.body(Full::default()).unwrap()
-}
-
 /// Sends `req`; the error says what failed (connect, reset, body) without panicking, so the
 /// caller can retry.
 async fn fetch(client: &DnsClient, req: http::Request<Full<Bytes>>) -> Result<Answer, String> {
@@ -246,13 +229,9 @@ async fn a_free_key_gets_exactly_five_through_one_name_over_three_planes() {
         .cp
         .admin(Some(TOKEN))
         .await
-        .create_api_key(CreateApiKeyRequest {
-            tier: String::new(),
-            label: "scale-out".into(),
-        })
+        .create_api_key(new_key("", "scale-out"))
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     assert_eq!(key.tier, "free", "a key created without a tier is free");
 
     let client = dns_client(Dns::new(&fleet.addrs(), 0), None);
@@ -310,27 +289,6 @@ async fn a_free_key_gets_exactly_five_through_one_name_over_three_planes() {
     }
 }
 
-/// Waits until Redis holds a cache entry (the fill lands just after the body is sent).
-async fn wait_for_cache_entry(redis: &RedisServer) {
-    let mut conn = redis.conn().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("lb:cache:{*")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if keys.iter().any(|k| !k.contains(":lock:")) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no cache entry reached Redis within 10 s: {keys:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_cached_through_one_plane_is_a_hit_through_the_other_two() {
     let fleet = Fleet::start(|s| {
@@ -349,7 +307,7 @@ async fn a_response_cached_through_one_plane_is_a_hit_through_the_other_two() {
         "the first request, through {}, should miss and fill",
         fill.plane
     );
-    wait_for_cache_entry(&fleet.redis).await;
+    fleet.redis.wait_for_cache_entries(1).await;
     let mut planes = BTreeSet::from([fill.plane]);
     for _ in 0..2 {
         let hit = fetch(&client, get_with(&url, &[])).await.unwrap();
@@ -373,7 +331,7 @@ async fn a_response_cached_through_one_plane_is_a_hit_through_the_other_two() {
         "the three requests did not reach the three planes: {planes:?}"
     );
     assert_eq!(
-        fleet.served("/cacheable"),
+        served(&fleet.mock, "/cacheable"),
         1,
         "the backends saw more than the one request that filled the cache"
     );
@@ -528,7 +486,7 @@ async fn a_plane_stopped_mid_run_costs_nothing_a_retry_on_the_next_address_does_
         let ok = ok.clone();
         let target = ok.load(Ordering::Relaxed) + more;
         async move {
-            eventually("the loops to progress", || {
+            wait_until("the loops to progress", || {
                 ok.load(Ordering::Relaxed) >= target
             })
             .await

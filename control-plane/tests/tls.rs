@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Cp, Dp, Reply, TOKEN, admin_client_on, eventually, get, http_client, snapshot_with};
+use common::{
+    Answered, Cp, Dp, Reply, TOKEN, admin_client_on, get, http_client, serve_command,
+    snapshot_with, wait_until,
+};
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::tls::ServerTls;
 use data_plane::tls::TlsFiles;
@@ -26,15 +29,11 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use lb_proto::v1::GetConfigRequest;
 use mock_backends::MockBackends;
-use pki::{Ca, Dir, tls_connect};
+use pki::{Ca, TempDir, install_provider, tls_connect};
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-
-fn install_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
 
 // ---------------------------------------------------------------------------------------------
 // Certificates (made by the shared `pki` helper)
@@ -104,7 +103,7 @@ fn metric(tls: &ServerTls, series: &str) -> f64 {
 const HANDSHAKE_ERRORS: &str = "lb_cp_tls_handshake_failures_total{reason=\"error\"}";
 
 /// A control plane serving TLS with a certificate from `ca`, over three mock backends.
-async fn tls_stack(ca: &Ca, dir: &Dir) -> (MockBackends, Cp, Arc<ServerTls>) {
+async fn tls_stack(ca: &Ca, dir: &TempDir) -> (MockBackends, Cp, Arc<ServerTls>) {
     let files = dir.install(&ca.leaf(NAMES));
     let tls = Arc::new(ServerTls::load(files).unwrap());
     let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 3])
@@ -121,13 +120,13 @@ async fn tls_stack(ca: &Ca, dir: &Dir) -> (MockBackends, Cp, Arc<ServerTls>) {
 async fn a_data_plane_and_admin_clients_work_over_tls() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("cp-tls-serve");
+    let dir = TempDir::new("cp-tls-serve");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let (mock, cp, tls) = tls_stack(&ca, &dir).await;
 
     // A data plane verifying the control plane against the CA gets the configuration over
     // the Watch stream, and proxies with it.
-    let dp = Dp::start_with(&cp.tls_url(), "dp-tls", |s| {
+    let dp = Dp::join_with(&cp.tls_url(), "dp-tls", |s| {
         s.control_plane_ca = Some(ca_file.clone());
     })
     .await;
@@ -156,7 +155,7 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
     cp.wait_acked(&["dp-tls"], 2).await;
 
     // The Report stream runs over TLS too: the control plane adds up what the data plane saw.
-    eventually("the data plane's report", || {
+    wait_until("the data plane's report", || {
         cp.cp.traffic.totals().requests >= 3
     })
     .await;
@@ -205,8 +204,7 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
     let config = admin_client_on(channel.clone(), Some(TOKEN))
         .get_config(GetConfigRequest::default())
         .await
-        .unwrap()
-        .into_inner();
+        .answer();
     assert_eq!(config.version, 2);
     let refused = admin_client_on(channel, None)
         .get_config(GetConfigRequest::default())
@@ -237,7 +235,7 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
         plain_call.is_some(),
         "plain gRPC got an answer from the TLS port"
     );
-    eventually("the plain clients' handshakes counted", || {
+    wait_until("the plain clients' handshakes counted", || {
         metric(&tls, HANDSHAKE_ERRORS) >= failures + 2.0
     })
     .await;
@@ -262,17 +260,17 @@ async fn a_data_plane_with_the_wrong_ca_gets_nothing_and_keeps_trying() {
     install_provider();
     let ca = Ca::new("lb test CA");
     let other = Ca::new("some other CA");
-    let dir = Dir::new("cp-tls-wrong-ca");
+    let dir = TempDir::new("cp-tls-wrong-ca");
     let wrong_ca = dir.write("other-ca.pem", &other.pem);
     let (mock, cp, tls) = tls_stack(&ca, &dir).await;
     let before = metric(&tls, HANDSHAKE_ERRORS);
 
-    let dp = Dp::start_with(&cp.tls_url(), "dp-wrong-ca", |s| {
+    let dp = Dp::join_with(&cp.tls_url(), "dp-wrong-ca", |s| {
         s.control_plane_ca = Some(wrong_ca.clone());
     })
     .await;
     // Watch and Report each try, then try again after their backoff.
-    eventually("repeated refused handshakes", || {
+    wait_until("repeated refused handshakes", || {
         metric(&tls, HANDSHAKE_ERRORS) >= before + 4.0
     })
     .await;
@@ -306,10 +304,10 @@ async fn a_data_plane_with_the_wrong_ca_gets_nothing_and_keeps_trying() {
 async fn a_data_plane_keeps_its_configuration_when_the_certificate_stops_being_trusted() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("cp-tls-keep");
+    let dir = TempDir::new("cp-tls-keep");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let (mock, cp, _) = tls_stack(&ca, &dir).await;
-    let dp = Dp::start_with(&cp.tls_url(), "dp-keep", |s| {
+    let dp = Dp::join_with(&cp.tls_url(), "dp-keep", |s| {
         s.control_plane_ca = Some(ca_file.clone());
     })
     .await;
@@ -319,7 +317,7 @@ async fn a_data_plane_keeps_its_configuration_when_the_certificate_stops_being_t
     let (grpc, initial) = (cp.grpc, cp.cp.snapshot());
     cp.stop().await;
     let other = Ca::new("some other CA");
-    let other_dir = Dir::new("cp-tls-keep-other");
+    let other_dir = TempDir::new("cp-tls-keep-other");
     let tls = Arc::new(ServerTls::load(other_dir.install(&other.leaf(NAMES))).unwrap());
     let listener = tokio::net::TcpListener::bind(grpc).await.unwrap();
     let cp = Cp::start_on_with_tls(
@@ -330,7 +328,7 @@ async fn a_data_plane_keeps_its_configuration_when_the_certificate_stops_being_t
         Some(Arc::clone(&tls)),
     )
     .await;
-    eventually("the data plane's handshakes refused", || {
+    wait_until("the data plane's handshakes refused", || {
         metric(&tls, HANDSHAKE_ERRORS) >= 2.0
     })
     .await;
@@ -350,7 +348,7 @@ async fn a_data_plane_keeps_its_configuration_when_the_certificate_stops_being_t
 async fn a_reload_reaches_both_listeners() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("cp-tls-reload");
+    let dir = TempDir::new("cp-tls-reload");
     let (mock, cp, tls) = tls_stack(&ca, &dir).await;
     let first = Https::open(cp.http, ca.roots()).await.peer;
 
@@ -388,21 +386,11 @@ async fn a_reload_reaches_both_listeners() {
 
 /// Runs `control-plane serve` with these files; its exit code and standard error.
 fn run_binary(files: &TlsFiles) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"))
-        .args([
-            "serve",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
+    let out = serve_command()
         .arg("--tls-cert")
         .arg(&files.cert)
         .arg("--tls-key")
         .arg(&files.key)
-        .env_remove("LB_CONFIG")
-        .env_remove("LB_REDIS_URL")
-        .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
     (
@@ -424,14 +412,14 @@ fn load(files: &TlsFiles) -> Result<Settings, String> {
 fn bad_files_are_refused_at_start_naming_the_file() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("cp-tls-refuse");
+    let dir = TempDir::new("cp-tls-refuse");
     let files = dir.install(&ca.leaf(NAMES));
     let other = ca.leaf(NAMES);
     let cases: Vec<(&str, TlsFiles, &str, &str)> = vec![
         (
             "missing file",
             TlsFiles {
-                cert: dir.0.join("absent.pem"),
+                cert: dir.join("absent.pem"),
                 ..files.clone()
             },
             "absent.pem",
@@ -505,7 +493,7 @@ fn bad_files_are_refused_at_start_naming_the_file() {
         "cp.toml",
         &format!(
             "tls_cert = {:?}\ntls_key = {:?}\n",
-            dir.0.join("absent.pem"),
+            dir.join("absent.pem"),
             files.key
         ),
     );
@@ -527,7 +515,7 @@ fn bad_files_are_refused_at_start_naming_the_file() {
 async fn dev_refuses_tls_rather_than_ignoring_it() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("cp-tls-dev");
+    let dir = TempDir::new("cp-tls-dev");
     let files = dir.install(&ca.leaf(NAMES));
     let args = control_plane::dev::DevArgs {
         common: CommonArgs {

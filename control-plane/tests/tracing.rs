@@ -152,7 +152,7 @@ async fn proxied_requests_and_admin_calls_are_exported_as_spans() {
     );
     control_plane::start_tracing(&cp, Some(&trace));
     let cp = Cp::serve(cp).await;
-    let dp = Dp::start_with(&cp.url(), "dp-traced", |s| s.tracing = Some(trace.clone())).await;
+    let dp = Dp::join_with(&cp.url(), "dp-traced", |s| s.tracing = Some(trace.clone())).await;
     dp.wait_version(1).await;
 
     // A client that is itself traced: its context must be continued, not replaced.
@@ -243,7 +243,7 @@ async fn with_ratio_zero_only_traces_callers_bring_are_continued() {
         .await
         .unwrap();
     let cp = Cp::start(snapshot_with(&mock.addrs()), None).await;
-    let dp = Dp::start_with(&cp.url(), "dp-ratio-0", |s| s.tracing = Some(trace.clone())).await;
+    let dp = Dp::join_with(&cp.url(), "dp-ratio-0", |s| s.tracing = Some(trace.clone())).await;
     dp.wait_version(1).await;
     let client = http_client();
 

@@ -20,22 +20,18 @@ use bytes::Bytes;
 use data_plane::Settings;
 use data_plane::tls::client::{BackendTlsSettings, parse_server_name};
 use data_plane::upstream;
-use dp::{Dp, snapshot};
+use dp::{Dp, snapshot, wait_until};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lb_proto::v1::{ConfigSnapshot, HealthCheckPolicy};
-use pki::{Ca, Dir, Leaf};
+use pki::{Ca, Leaf, TempDir, install_provider};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-
-fn install_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
 
 /// One request as a backend saw it.
 #[derive(Debug, Clone)]
@@ -157,19 +153,11 @@ fn backend_tls(ca: std::path::PathBuf, name: Option<&str>) -> impl FnOnce(&mut S
     }
 }
 
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn requests_and_probes_go_over_tls_on_a_reused_connection() {
     install_provider();
     let ca = Ca::new("backend CA");
-    let dir = Dir::new("backend-tls-ok");
+    let dir = TempDir::new("backend-tls-ok");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let backend = TlsBackend::start(&ca.leaf(&["localhost", "127.0.0.1"])).await;
     let dp = Dp::start(backend_tls(ca_file, None), probed(&[backend.addr])).await;
@@ -190,7 +178,7 @@ async fn requests_and_probes_go_over_tls_on_a_reused_connection() {
     assert_eq!(seen[0].alpn.as_deref(), Some(&b"http/1.1"[..]));
 
     // Probes succeed over TLS: the backend answers them and stays in rotation.
-    wait_for("two probes over TLS", || backend.probes() >= 2).await;
+    wait_until("two probes over TLS", || backend.probes() >= 2).await;
     let endpoint = Arc::clone(&dp.shared.active().unwrap().slots[0].endpoint);
     assert!(endpoint.is_healthy());
     assert_eq!(backend.failed_handshakes(), 0);
@@ -202,7 +190,7 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
     install_provider();
     let ca = Ca::new("backend CA");
     let stranger = Ca::new("some other CA");
-    let dir = Dir::new("backend-tls-other-ca");
+    let dir = TempDir::new("backend-tls-other-ca");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let backend = TlsBackend::start(&stranger.leaf(&["localhost", "127.0.0.1"])).await;
     let dp = Dp::start(backend_tls(ca_file, None), probed(&[backend.addr])).await;
@@ -215,7 +203,7 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
     assert!(backend.failed_handshakes() >= 1);
     // The probes fail the same way and take it out of rotation.
     let endpoint = Arc::clone(&dp.shared.active().unwrap().slots[0].endpoint);
-    wait_for("the backend is marked unhealthy", || !endpoint.is_healthy()).await;
+    wait_until("the backend is marked unhealthy", || !endpoint.is_healthy()).await;
     assert!(backend.proxied().is_empty());
 
     // The error the proxy logs names the check that failed, and counts as a connect failure
@@ -255,7 +243,7 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
 async fn the_name_checked_is_the_host_or_the_configured_name() {
     install_provider();
     let ca = Ca::new("backend CA");
-    let dir = Dir::new("backend-tls-names");
+    let dir = TempDir::new("backend-tls-names");
     let ca_file = dir.write("ca.pem", &ca.pem);
     // A certificate for a DNS name only, the backend addressed by IP.
     let backend = TlsBackend::start(&ca.leaf(&["backend.internal"])).await;
@@ -294,7 +282,7 @@ async fn a_failed_handshake_moves_the_request_to_another_backend() {
     install_provider();
     let ca = Ca::new("backend CA");
     let stranger = Ca::new("some other CA");
-    let dir = Dir::new("backend-tls-retry");
+    let dir = TempDir::new("backend-tls-retry");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let bad = TlsBackend::start(&stranger.leaf(&["127.0.0.1"])).await;
     let good = TlsBackend::start(&ca.leaf(&["127.0.0.1"])).await;
@@ -316,12 +304,12 @@ async fn a_failed_handshake_moves_the_request_to_another_backend() {
 #[test]
 fn bad_settings_are_refused_naming_the_file() {
     install_provider();
-    let dir = Dir::new("backend-tls-settings");
+    let dir = TempDir::new("backend-tls-settings");
     let ca = Ca::new("backend CA");
     let good = dir.write("ca.pem", &ca.pem);
     let empty = dir.write("empty.pem", "");
     let key_only = dir.write("key-only.pem", &ca.leaf(&["localhost"]).key_pem);
-    let missing = dir.0.join("missing.pem");
+    let missing = dir.join("missing.pem");
     let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
 
     let cases: Vec<(Vec<String>, &str, &str)> = vec![

@@ -324,30 +324,29 @@ async fn purges_clear_both_tiers_on_a_redis_cluster_too() {
     purges_clear_both_tiers(cluster.conn().await).await;
 }
 
+/// Fills `/api/items`, which varies on `Accept-Encoding`, for gzip and for br.
+async fn fill_items(cache: &Cache, conn: &RedisConn) {
+    for (encoding, body) in [("gzip", "items-gz"), ("br", "items-br")] {
+        let headers = h(&[("accept-encoding", encoding)]);
+        fill(
+            cache,
+            conn,
+            "/api/items",
+            &headers,
+            Some("accept-encoding"),
+            body,
+        )
+        .await;
+    }
+}
+
 async fn purges_clear_both_tiers(conn: RedisConn) {
     let (a, b) = (Cache::new(policy()), Cache::new(policy()));
     let none = HeaderMap::new();
     let gzip = h(&[("accept-encoding", "gzip")]);
     let br = h(&[("accept-encoding", "br")]);
     fill(&a, &conn, "/api/users?page=1", &none, None, "users").await;
-    fill(
-        &a,
-        &conn,
-        "/api/items",
-        &gzip,
-        Some("accept-encoding"),
-        "items-gz",
-    )
-    .await;
-    fill(
-        &a,
-        &conn,
-        "/api/items",
-        &br,
-        Some("accept-encoding"),
-        "items-br",
-    )
-    .await;
+    fill_items(&a, &conn).await;
     fill(&a, &conn, "/static/app.js", &none, None, "js").await;
     fill(&a, &conn, "/apix", &none, None, "apix").await;
     // The other plane sees them through Redis.
@@ -380,24 +379,7 @@ async fn purges_clear_both_tiers(conn: RedisConn) {
 
     // By key: the resource with every variant, whatever the request's headers.
     let mut c = conn.clone();
-    fill(
-        &a,
-        &conn,
-        "/api/items",
-        &gzip,
-        Some("accept-encoding"),
-        "items-gz",
-    )
-    .await;
-    fill(
-        &a,
-        &conn,
-        "/api/items",
-        &br,
-        Some("accept-encoding"),
-        "items-br",
-    )
-    .await;
+    fill_items(&a, &conn).await;
     let id = req(&a, "/api/items", &none).key.id();
     let purge = Purge::Key(key::parse_id(&id).unwrap());
     assert_eq!(a.purge(Some(&conn), &purge).await.unwrap(), 3);

@@ -3,6 +3,8 @@
 //! grows too large gets its 400, 408 or 413 (or a close, for a client that is gone) and leaves
 //! every backend's statistics alone: no breaker opens, nothing is ejected, no error is counted.
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/dp.rs"]
 mod dp;
 
@@ -11,51 +13,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use backends::Backends;
 use dp::Dp;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use lb_proto::v1::{ConfigSnapshot, TimeoutPolicy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
-/// A backend that reads each request body to its end before answering with its length.
-async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let body = req.into_body().collect().await?.to_bytes();
-                    let mut resp = Response::new(Full::new(Bytes::from(body.len().to_string())));
-                    resp.headers_mut()
-                        .insert("cache-control", "no-store".parse().unwrap());
-                    Ok::<_, hyper::Error>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// Three echo backends behind a one-worker data plane, with the default breaker and outlier
-/// policies (any client fault charged to a backend opens its circuit within 20 requests).
-async fn stack(adjust: impl FnOnce(&mut ConfigSnapshot), max_body: u64) -> Dp {
-    let backends = [
-        echo_backend().await,
-        echo_backend().await,
-        echo_backend().await,
-    ];
-    let mut snapshot = dp::snapshot(&backends);
+/// Three backends (each reads a request body to its end before answering) behind a one-worker
+/// data plane, with the default breaker and outlier policies (any client fault charged to a
+/// backend opens its circuit within 20 requests).
+async fn stack(adjust: impl FnOnce(&mut ConfigSnapshot), max_body: u64) -> (Backends, Dp) {
+    let backends = Backends::start(3).await;
+    let mut snapshot = dp::snapshot(&backends.addrs());
     adjust(&mut snapshot);
-    Dp::start(|s| s.max_body_bytes = max_body, snapshot).await
+    let dp = Dp::start(|s| s.max_body_bytes = max_body, snapshot).await;
+    (backends, dp)
 }
 
 /// Sends raw bytes on a new connection and reads the status code of the answer (None when the
@@ -66,17 +38,10 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> Option<u16> {
     status_of(&mut s).await
 }
 
+/// The status of the response on `s`, if one comes.
 async fn status_of(s: &mut TcpStream) -> Option<u16> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(2).any(|w| w == b"\r\n") {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&buf);
-    line.split(' ').nth(1)?.parse().ok()
+    let head = dp::read_head(s).await?;
+    head[0].split(' ').nth(1)?.parse().ok()
 }
 
 const BAD_CHUNK: &[u8] =
@@ -115,7 +80,7 @@ async fn all_ok(dp: &Dp, n: usize) {
 
 #[tokio::test]
 async fn broken_chunked_framing_gets_400_and_opens_no_circuit() {
-    let dp = stack(|_| {}, 1 << 20).await;
+    let (_backends, dp) = stack(|_| {}, 1 << 20).await;
     for i in 0..60 {
         assert_eq!(raw(dp.addr, BAD_CHUNK).await, Some(400), "request {i}");
     }
@@ -126,7 +91,7 @@ async fn broken_chunked_framing_gets_400_and_opens_no_circuit() {
 
 #[tokio::test]
 async fn aborted_uploads_are_not_the_backends_failure() {
-    let dp = stack(|_| {}, 1 << 20).await;
+    let (_backends, dp) = stack(|_| {}, 1 << 20).await;
     for _ in 0..50 {
         let mut s = TcpStream::connect(dp.addr).await.unwrap();
         s.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 1000\r\n\r\nonly ten b")
@@ -143,7 +108,7 @@ async fn aborted_uploads_are_not_the_backends_failure() {
 
 #[tokio::test]
 async fn a_body_larger_than_the_limit_streamed_without_a_length_gets_413() {
-    let dp = stack(|_| {}, 1000).await;
+    let (_backends, dp) = stack(|_| {}, 1000).await;
     let mut req =
         b"POST /upload HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..3 {
@@ -179,32 +144,31 @@ fn timeouts(request_ms: u32, client_body_ms: Option<u32>) -> impl FnOnce(&mut Co
     }
 }
 
-#[tokio::test]
-async fn a_body_that_does_not_arrive_within_client_body_ms_gets_408() {
-    let dp = stack(timeouts(60_000, Some(200)), 1 << 20).await;
+/// Under `timeouts`, uploads that stall each get their 408, and no backend is charged.
+async fn stalled_uploads_get_408(timeouts: impl FnOnce(&mut ConfigSnapshot)) {
+    let (_backends, dp) = stack(timeouts, 1 << 20).await;
     for _ in 0..25 {
         assert_eq!(stalled_upload(dp.addr).await, Some(408));
     }
     assert_backends_untouched(&dp);
     all_ok(&dp, 10).await;
     dp.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_within_client_body_ms_gets_408() {
+    stalled_uploads_get_408(timeouts(60_000, Some(200))).await;
 }
 
 #[tokio::test]
 async fn a_request_timeout_spent_waiting_on_the_clients_body_is_the_clients_408() {
     // The request timeout fires first, while the upload waits for the client.
-    let dp = stack(timeouts(200, Some(0)), 1 << 20).await;
-    for _ in 0..25 {
-        assert_eq!(stalled_upload(dp.addr).await, Some(408));
-    }
-    assert_backends_untouched(&dp);
-    all_ok(&dp, 10).await;
-    dp.stop().await;
+    stalled_uploads_get_408(timeouts(200, Some(0))).await;
 }
 
 #[tokio::test]
 async fn client_body_ms_reaches_the_active_configuration() {
-    let dp = stack(|_| {}, 1 << 20).await;
+    let (_backends, dp) = stack(|_| {}, 1 << 20).await;
     let ms = Duration::from_millis;
     assert_eq!(
         dp.shared.active().unwrap().client_body_timeout,
@@ -218,28 +182,10 @@ async fn client_body_ms_reaches_the_active_configuration() {
     dp.stop().await;
 }
 
-/// A client on 127.0.0.2: another address than the attackers'.
-async fn get_from_elsewhere(addr: SocketAddr) -> u16 {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let tcp = socket.connect(addr).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/well-behaved")
-        .header("host", "a")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let resp = s.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
-}
-
 #[tokio::test]
 async fn a_well_behaved_client_is_served_while_others_break_their_bodies() {
-    let dp = Arc::new(stack(timeouts(30_000, Some(100)), 1 << 20).await);
+    let (_backends, dp) = stack(timeouts(30_000, Some(100)), 1 << 20).await;
+    let dp = Arc::new(dp);
     let stop = Arc::new(AtomicBool::new(false));
     let mut attackers = tokio::task::JoinSet::new();
     for kind in 0..3 {
@@ -269,8 +215,9 @@ async fn a_well_behaved_client_is_served_while_others_break_their_bodies() {
         });
     }
     for i in 0..300 {
-        let status = get_from_elsewhere(dp.addr).await;
-        assert!((200..300).contains(&status), "request {i}: {status}");
+        // From 127.0.0.2: another address than the attackers'.
+        let (status, _) = dp::get_as([127, 0, 0, 2].into(), dp.addr, "/well-behaved").await;
+        assert!(status.is_success(), "request {i}: {status}");
     }
     stop.store(true, Ordering::Relaxed);
     let mut attacks = 0;

@@ -14,39 +14,22 @@ use dp::{Dp, snapshot};
 use http::{Request, Response};
 use http_body_util::StreamBody;
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// A backend answering `/flood` with a body without end, and anything else with "ok".
 async fn flooding_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
-                    let body: Box<dyn Iterator<Item = Bytes> + Send> =
-                        if req.uri().path() == "/flood" {
-                            Box::new(std::iter::repeat(chunk))
-                        } else {
-                            Box::new(std::iter::once(Bytes::from_static(b"ok")))
-                        };
-                    let frames =
-                        tokio_stream::iter(body.map(|b| Ok::<_, hyper::Error>(Frame::data(b))));
-                    let mut resp = Response::new(StreamBody::new(frames));
-                    resp.headers_mut()
-                        .insert("cache-control", "no-store".parse().unwrap());
-                    Ok::<_, hyper::Error>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    dp::http_backend(|req: Request<Incoming>| async move {
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        let body: Box<dyn Iterator<Item = Bytes> + Send> = if req.uri().path() == "/flood" {
+            Box::new(std::iter::repeat(chunk))
+        } else {
+            Box::new(std::iter::once(Bytes::from_static(b"ok")))
+        };
+        let frames = tokio_stream::iter(body.map(|b| Ok::<_, hyper::Error>(Frame::data(b))));
+        Response::new(StreamBody::new(frames))
+    })
+    .await
 }
 
 /// An HTTP/2 connection to the data plane whose streams' bodies are never read: the client
@@ -82,14 +65,7 @@ async fn a_stream_without_window_is_reset_and_lets_go_of_its_backend() {
     assert_eq!(endpoint.in_flight(), 1);
     // The client reads nothing: once its window is spent the stream stalls, and after the send
     // timeout the data plane lets go of the backend.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while endpoint.in_flight() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the backend is still held"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    dp::wait_until("the backend to be let go", || endpoint.in_flight() == 0).await;
     // The stream ends in a reset, not as a whole body.
     let mut body = response.into_body();
     let mut got_reset = false;

@@ -4,28 +4,29 @@
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use data_plane::ratelimit::gcra::{BanRule, Decision, Rate, Verdict};
+use data_plane::ratelimit::gcra::{Decision, Rate, Verdict};
 use data_plane::ratelimit::memory::MemoryStore;
 use data_plane::ratelimit::redis as rl;
 use data_plane::redis::RedisConn;
-use redis_server::RedisServer;
+use redis_server::{BAN, FREE, RedisServer};
 
-const FREE: Rate = Rate {
-    requests: 5,
-    period_ms: 60_000,
-};
 const PREMIUM: Rate = Rate {
     requests: 100,
     period_ms: 60_000,
 };
-const BAN: BanRule = BanRule {
-    strikes: 3,
-    strike_window_ms: 60_000,
-    base_ban_ms: 300_000,
-    multiplier: 2,
-    max_ban_ms: 86_400_000,
-    strike_decay_ms: 3_600_000,
-};
+
+/// What the default tier and ban policy decide for eight requests in a row: five admitted, two
+/// refused, and the third refusal a ban.
+const FIVE_THEN_BANNED: [Verdict; 8] = [
+    Verdict::Allowed,
+    Verdict::Allowed,
+    Verdict::Allowed,
+    Verdict::Allowed,
+    Verdict::Allowed,
+    Verdict::Limited,
+    Verdict::Limited,
+    Verdict::Banned,
+];
 
 /// Runs `steps` (time offset, rate) against both stores; returns both decision lists.
 async fn both(
@@ -62,19 +63,7 @@ async fn memory_and_redis_agree_on_bursts_refusals_tier_changes_and_bans() {
         assert_eq!(a, b, "step {i} at {:?}", steps[i]);
     }
     let verdicts: Vec<Verdict> = m.iter().map(|d| d.verdict).collect();
-    assert_eq!(
-        &verdicts[..8],
-        &[
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Limited,
-            Verdict::Limited,
-            Verdict::Banned
-        ]
-    );
+    assert_eq!(&verdicts[..8], &FIVE_THEN_BANNED);
     assert_eq!(m[7].retry_after_ms, 300_000, "first ban: 300 s");
     let second_ban = m[9..18]
         .iter()
@@ -126,6 +115,27 @@ fn one_by_one(memory: &MemoryStore, checks: &[rl::Check]) -> Vec<Decision> {
         .collect()
 }
 
+/// How many of `decisions` admit their request.
+fn allowed(decisions: &[Decision]) -> usize {
+    decisions
+        .iter()
+        .filter(|d| d.verdict == Verdict::Allowed)
+        .count()
+}
+
+/// Checks each of `identities` once more, at `now` and on, through Redis and in memory: the
+/// two stores must still agree.
+async fn agree_after(conn: &mut RedisConn, memory: &MemoryStore, identities: &[&str], now: u64) {
+    for (i, identity) in identities.iter().enumerate() {
+        let now = now + i as u64;
+        assert_eq!(
+            rl::check(conn, identity, now, FREE, BAN).await.unwrap(),
+            memory.check(identity, now, FREE, BAN),
+            "{identity}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
     let redis = RedisServer::start().await;
@@ -146,28 +156,14 @@ async fn a_batch_decides_exactly_as_the_same_checks_one_by_one() {
     let batched = rl::check_many(&mut conn, &checks).await.unwrap();
     assert_eq!(batched, one_by_one(&memory, &checks));
     assert_eq!(
-        batched
-            .iter()
-            .filter(|d| d.verdict == Verdict::Allowed)
-            .count(),
+        allowed(&batched),
         9,
         "5 for the first identity, all 4 of the second"
     );
     assert!(batched.iter().any(|d| d.verdict == Verdict::Banned));
     // The batch's states and bans reached Redis: later calls still agree with memory.
-    for (i, identity) in ["ip:10.0.0.1", "ip:10.0.0.2", "ip:10.0.0.2"]
-        .iter()
-        .enumerate()
-    {
-        let now = t0 + 100 + i as u64;
-        assert_eq!(
-            rl::check(&mut conn, identity, now, FREE, BAN)
-                .await
-                .unwrap(),
-            memory.check(identity, now, FREE, BAN),
-            "{identity} after the batch"
-        );
-    }
+    let identities = ["ip:10.0.0.1", "ip:10.0.0.2", "ip:10.0.0.2"];
+    agree_after(&mut conn, &memory, &identities, t0 + 100).await;
 }
 
 #[tokio::test]
@@ -212,13 +208,7 @@ async fn on_a_cluster_a_batch_of_many_clients_decides_as_one_by_one() {
         .collect();
     let batched = rl::check_many(&mut conn, &checks).await.unwrap();
     assert_eq!(batched, one_by_one(&memory, &checks));
-    assert_eq!(
-        batched
-            .iter()
-            .filter(|d| d.verdict == Verdict::Allowed)
-            .count(),
-        40 * 5
-    );
+    assert_eq!(allowed(&batched), 40 * 5);
     let sizes = cluster.sizes().await;
     assert!(
         sizes.iter().all(|&n| n > 0),
@@ -227,14 +217,13 @@ async fn on_a_cluster_a_batch_of_many_clients_decides_as_one_by_one() {
     // Later single decisions, and a lifted ban, agree too.
     rl::lift_ban(&mut conn, "ip:10.1.0.7").await.unwrap();
     memory.lift_ban("ip:10.1.0.7");
-    for who in ["ip:10.1.0.7", "ip:10.1.0.8"] {
-        let now = t0 + 20_000;
-        assert_eq!(
-            rl::check(&mut conn, who, now, FREE, BAN).await.unwrap(),
-            memory.check(who, now, FREE, BAN),
-            "{who}"
-        );
-    }
+    agree_after(
+        &mut conn,
+        &memory,
+        &["ip:10.1.0.7", "ip:10.1.0.8"],
+        t0 + 20_000,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -286,19 +275,7 @@ async fn ban_only_checks_agree_and_count_nothing() {
     let (m, r) = both(&mut conn, "ip:192.0.2.7", &steps).await;
     assert_eq!(m, r);
     let counted: Vec<Verdict> = m.iter().skip(1).step_by(2).map(|d| d.verdict).collect();
-    assert_eq!(
-        counted,
-        [
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Allowed,
-            Verdict::Limited,
-            Verdict::Limited,
-            Verdict::Banned
-        ]
-    );
+    assert_eq!(counted, FIVE_THEN_BANNED);
     assert_eq!(
         m.last().unwrap().verdict,
         Verdict::Banned,

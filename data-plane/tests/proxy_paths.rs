@@ -4,43 +4,24 @@
 //! backend is marked unhealthy, slow start of a backend back in rotation, and the adaptive
 //! strategy steering away from a failing backend.
 
+#[path = "support/backends.rs"]
+mod backends;
 #[path = "support/dp.rs"]
 mod dp;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use backends::{Backend, ok};
 use bytes::Bytes;
 use dp::{Dp, get_request};
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use lb_proto::v1::{
-    CircuitBreakerPolicy, ConfigSnapshot, HashPolicy, OutlierPolicy, QueuePolicy, TimeoutPolicy,
-};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use lb_proto::v1::{CircuitBreakerPolicy, ConfigSnapshot, HashPolicy, QueuePolicy, TimeoutPolicy};
 use tokio::time::Instant;
-
-/// A backend answering every request with its name as the body, with the status `status`
-/// gives for the path (health checks always get 200), after its service time. A GET of `/hold`
-/// is answered only once the test releases it; its arrival is reported first.
-struct Backend {
-    addr: SocketAddr,
-    name: &'static str,
-    arrived: mpsc::UnboundedReceiver<()>,
-    release: watch::Sender<bool>,
-}
-
-fn ok(_path: &str) -> u16 {
-    200
-}
 
 /// The service time of the backends the latency-scoring strategy is tested on. Their latency
 /// is what the strategy weighs failures and warmth against: with a bare loopback answer of a
@@ -48,72 +29,12 @@ fn ok(_path: &str) -> u16 {
 /// look like a tenfold slowdown; against a few milliseconds of work it stays noise.
 const SERVICE_TIME: Duration = Duration::from_millis(2);
 
-impl Backend {
-    async fn start(name: &'static str, status: fn(&str) -> u16) -> Backend {
-        Backend::serving(name, status, Duration::ZERO).await
-    }
-
-    /// As [`Backend::start`], each answer taking `service` (simulated work, not a wait on
-    /// anything).
-    async fn serving(name: &'static str, status: fn(&str) -> u16, service: Duration) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (arrive, arrived) = mpsc::unbounded_channel();
-        let (release, released) = watch::channel(false);
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let (arrive, released) = (arrive.clone(), released.clone());
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let (arrive, mut released) = (arrive.clone(), released.clone());
-                    async move {
-                        let path = req.uri().path().to_owned();
-                        if path == "/hold" {
-                            let _ = arrive.send(());
-                            let _ = released.wait_for(|r| *r).await;
-                        }
-                        let code = if path == "/health" {
-                            200
-                        } else {
-                            status(&path)
-                        };
-                        if !service.is_zero() {
-                            tokio::time::sleep(service).await;
-                        }
-                        let mut resp = Response::new(Full::new(Bytes::from(name)));
-                        *resp.status_mut() = StatusCode::from_u16(code).unwrap();
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        Backend {
-            addr,
-            name,
-            arrived,
-            release,
-        }
-    }
-
-    /// Lets every held request (and every later one) be answered.
-    fn release(&self) {
-        self.release.send_replace(true);
-    }
-}
-
 /// The default configuration over `backends`, with outlier ejection and the circuit breaker
 /// off (the tests below look at other policies, which those would cut across).
 fn snapshot(backends: &[&Backend]) -> ConfigSnapshot {
-    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr()).collect();
     let mut s = dp::snapshot(&addrs);
-    s.outlier = Some(OutlierPolicy {
-        consecutive_failures: 0,
-        ..lb_proto::defaults::outlier()
-    });
+    s.outlier = Some(dp::no_ejection());
     s.circuit_breaker = Some(CircuitBreakerPolicy {
         failure_rate_percent: 0,
         ..lb_proto::defaults::circuit_breaker()
@@ -147,7 +68,7 @@ async fn spread(dp: &Dp, n: usize) -> BTreeMap<String, usize> {
 
 #[tokio::test]
 async fn a_head_later_than_the_request_timeout_is_a_504() {
-    let mut backend = Backend::start("a", ok).await;
+    let mut backend = Backend::start("a").await;
     let mut s = snapshot(&[&backend]);
     s.timeouts = Some(TimeoutPolicy {
         request_ms: 200,
@@ -164,9 +85,9 @@ async fn a_head_later_than_the_request_timeout_is_a_504() {
         "answered after {waited:?}"
     );
     // The backend had the request all along, and is charged with the timeout.
-    assert!(backend.arrived.try_recv().is_ok());
-    assert_eq!(counts(&dp, backend.addr).1, 1);
-    backend.release();
+    assert_eq!(backend.next_held().await.target, "/hold");
+    assert_eq!(counts(&dp, backend.addr()).1, 1);
+    backend.release_all();
     assert_eq!(dp.get("/after").await, (StatusCode::OK, "a".into()));
     dp.stop().await;
 }
@@ -174,7 +95,7 @@ async fn a_head_later_than_the_request_timeout_is_a_504() {
 /// One request held at the only backend, whose limit is one request in flight; a second one
 /// is answered, as it comes out of a queue of `capacity`.
 async fn shed_while_full(capacity: u32) -> dp::Seen {
-    let mut backend = Backend::start("a", ok).await;
+    let mut backend = Backend::start("a").await;
     let mut s = snapshot(&[&backend]);
     s.queue = Some(QueuePolicy {
         max_in_flight_per_backend: 1,
@@ -182,23 +103,19 @@ async fn shed_while_full(capacity: u32) -> dp::Seen {
         timeout_ms: 100,
     });
     let dp = Arc::new(Dp::start(|_| {}, s).await);
-    let held = tokio::spawn({
+    let first = tokio::spawn({
         let dp = Arc::clone(&dp);
         async move { dp.send(get_request("/hold")).await.map(|s| s.status) }
     });
-    backend
-        .arrived
-        .recv()
-        .await
-        .expect("the held request arrives");
+    let held = backend.next_held().await;
     let seen = dp.send(get_request("/second")).await.expect("a response");
     assert_eq!(
         dp.metric(r#"lb_requests_refused_total{reason="shed"}"#),
         1.0
     );
     // The held request was not disturbed.
-    backend.release();
-    assert_eq!(held.await.unwrap().unwrap(), StatusCode::OK);
+    held.release();
+    assert_eq!(first.await.unwrap().unwrap(), StatusCode::OK);
     Arc::into_inner(dp).unwrap().stop().await;
     seen
 }
@@ -247,11 +164,11 @@ fn post(path: &str) -> Request<Full<Bytes>> {
 
 #[tokio::test]
 async fn a_get_answered_502_or_503_is_retried_on_another_backend_and_a_post_is_not() {
-    let a = Backend::start("a", failing).await;
-    let b = Backend::start("b", ok).await;
+    let a = Backend::with("a", failing, Duration::ZERO).await;
+    let b = Backend::start("b").await;
     // Round robin from the failing backend, so requests alternate between the two.
     let dp = Dp::start(|_| {}, snapshot(&[&a, &b])).await;
-    let a_requests = || counts(&dp, a.addr).0 as f64;
+    let a_requests = || counts(&dp, a.addr()).0 as f64;
     for path in ["/bad-gateway", "/unavailable"] {
         for i in 0..4 {
             assert_eq!(
@@ -302,9 +219,9 @@ async fn get_with_cookie(dp: &Dp, cookie: &str) -> String {
 #[tokio::test]
 async fn ip_hash_on_a_cookie_keeps_each_session_on_one_backend_and_spreads_sessions() {
     let backends = [
-        Backend::start("a", ok).await,
-        Backend::start("b", ok).await,
-        Backend::start("c", ok).await,
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
     ];
     let mut s = snapshot(&backends.iter().collect::<Vec<_>>());
     s.strategy = "ip_hash".into();
@@ -342,9 +259,9 @@ async fn ip_hash_on_a_cookie_keeps_each_session_on_one_backend_and_spreads_sessi
 #[tokio::test]
 async fn with_every_backend_unhealthy_requests_are_still_spread_over_all_of_them() {
     let backends = [
-        Backend::start("a", ok).await,
-        Backend::start("b", ok).await,
-        Backend::start("c", ok).await,
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
     ];
     let dp = Dp::start(|_| {}, snapshot(&backends.iter().collect::<Vec<_>>())).await;
     let active = dp.shared.active().unwrap();
@@ -355,9 +272,9 @@ async fn with_every_backend_unhealthy_requests_are_still_spread_over_all_of_them
     let name_of = |addr: &str| {
         backends
             .iter()
-            .find(|b| b.addr.to_string() == addr)
+            .find(|b| b.addr().to_string() == addr)
             .unwrap()
-            .name
+            .name()
     };
     assert!(
         !counts.contains_key(name_of(&unhealthy)),
@@ -372,9 +289,9 @@ async fn with_every_backend_unhealthy_requests_are_still_spread_over_all_of_them
     assert_eq!(counts.values().sum::<usize>(), 30);
     for b in &backends {
         assert!(
-            counts.get(b.name).is_some_and(|&n| n >= 5),
+            counts.get(b.name()).is_some_and(|&n| n >= 5),
             "{} in panic mode: {counts:?}",
-            b.name
+            b.name()
         );
     }
     assert!(active.slots.iter().all(|s| !s.endpoint.is_healthy()));
@@ -384,9 +301,9 @@ async fn with_every_backend_unhealthy_requests_are_still_spread_over_all_of_them
 #[tokio::test]
 async fn a_backend_back_in_rotation_gets_a_small_share_at_first() {
     let backends = [
-        Backend::serving("a", ok, SERVICE_TIME).await,
-        Backend::serving("b", ok, SERVICE_TIME).await,
-        Backend::serving("c", ok, SERVICE_TIME).await,
+        Backend::with("a", ok, SERVICE_TIME).await,
+        Backend::with("b", ok, SERVICE_TIME).await,
+        Backend::with("c", ok, SERVICE_TIME).await,
     ];
     // Only the adaptive strategy scores warmth (policy::balance).
     let mut s = snapshot(&backends.iter().collect::<Vec<_>>());
@@ -397,7 +314,7 @@ async fn a_backend_back_in_rotation_gets_a_small_share_at_first() {
     assert_eq!(warm_up.len(), 3, "{warm_up:?}");
     // `c` goes out of rotation and comes back: slow start from a tenth of its share.
     let active = dp.shared.active().unwrap();
-    let c = &active.slots[dp.slot_of(backends[2].addr)].endpoint;
+    let c = &active.slots[dp.slot_of(backends[2].addr())].endpoint;
     c.set_healthy(false);
     c.set_healthy(true);
     let started = Instant::now();
@@ -414,9 +331,9 @@ async fn a_backend_back_in_rotation_gets_a_small_share_at_first() {
 
 #[tokio::test]
 async fn the_adaptive_strategy_sends_less_to_a_backend_that_fails() {
-    let a = Backend::serving("a", ok, SERVICE_TIME).await;
-    let b = Backend::serving("b", ok, SERVICE_TIME).await;
-    let f = Backend::serving("f", |_| 500, SERVICE_TIME).await;
+    let a = Backend::with("a", ok, SERVICE_TIME).await;
+    let b = Backend::with("b", ok, SERVICE_TIME).await;
+    let f = Backend::with("f", |_| 500, SERVICE_TIME).await;
     let mut s = snapshot(&[&a, &b, &f]);
     s.strategy = "adaptive".into();
     let dp = Dp::start(|_| {}, s).await;
@@ -433,7 +350,7 @@ async fn the_adaptive_strategy_sends_less_to_a_backend_that_fails() {
     );
     // Its failures are what it is scored on (a few are enough to weigh several times over).
     let active = dp.shared.active().unwrap();
-    let rate = active.slots[dp.slot_of(f.addr)].endpoint.failure_rate();
+    let rate = active.slots[dp.slot_of(f.addr())].endpoint.failure_rate();
     assert!(rate > 0.1, "failure rate {rate}");
     dp.stop().await;
 }

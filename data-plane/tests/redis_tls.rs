@@ -12,15 +12,15 @@ mod redis_server;
 use dp::{Dp, backend, snapshot};
 use http::StatusCode;
 use lb_proto::v1::Limit;
-use pki::{Ca, Dir};
+use pki::{Ca, TempDir, install_provider};
 use redis_server::RedisServer;
 
 #[tokio::test]
 async fn two_data_planes_share_one_limit_through_rediss() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_provider();
     let ca = Ca::new("redis CA");
     let leaf = ca.leaf(&["127.0.0.1", "localhost"]);
-    let dir = Dir::new("redis-tls");
+    let dir = TempDir::new("redis-tls");
     let ca_file = dir.write("ca.pem", &ca.pem);
     let files = dir.install(&leaf);
     let redis = RedisServer::start_tls(&files.cert, &files.key, &ca_file).await;

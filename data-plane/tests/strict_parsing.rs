@@ -14,44 +14,28 @@ use dp::{Dp, snapshot};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use lb_proto::v1::ConfigSnapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// A backend that answers with the forwarding fields it received, one `name: value` per line.
 async fn echo_fields() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let mut out = String::new();
-                    for name in [
-                        "host",
-                        "x-forwarded-host",
-                        "x-forwarded-proto",
-                        "forwarded",
-                        "x-real-ip",
-                    ] {
-                        for v in req.headers().get_all(name) {
-                            out.push_str(&format!("{name}: {}\n", v.to_str().unwrap_or("?")));
-                        }
-                    }
-                    let mut resp = Response::new(Full::new(Bytes::from(out)));
-                    resp.headers_mut()
-                        .insert("cache-control", "no-store".parse().unwrap());
-                    Ok::<_, hyper::Error>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    dp::http_backend(|req: Request<Incoming>| async move {
+        let mut out = String::new();
+        for name in [
+            "host",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "forwarded",
+            "x-real-ip",
+        ] {
+            for v in req.headers().get_all(name) {
+                out.push_str(&format!("{name}: {}\n", v.to_str().unwrap_or("?")));
+            }
         }
-    });
-    addr
+        Response::new(Full::new(Bytes::from(out)))
+    })
+    .await
 }
 
 async fn start(adjust: impl FnOnce(&mut ConfigSnapshot)) -> Dp {

@@ -26,16 +26,12 @@ use dp::{Dp, snapshot};
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pki::{Ca, Date, Dir, Leaf, tls_connect};
+use pki::{Ca, Date, Leaf, TempDir, install_provider, tls_connect};
 use rustls::RootCertStore;
 use rustls::SupportedProtocolVersion;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn install_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
 
 /// A server certificate for localhost from `ca`, numbered `serial`.
 fn leaf(ca: &Ca, serial: u8, validity: Option<(Date, Date)>) -> Leaf {
@@ -157,7 +153,7 @@ async fn https_over_http1_and_h2_tells_the_backend_https() {
     install_provider();
     let ca = Ca::new("lb test CA");
     let leaf = leaf(&ca, 1, None);
-    let dir = Dir::new("dp-tls-serve");
+    let dir = TempDir::new("dp-tls-serve");
     let dp = start(Some(dir.install(&leaf)), Duration::from_secs(5)).await;
 
     let mut h1 = Client::open(dp.addr, ca.roots(), b"http/1.1", TLS13).await;
@@ -247,7 +243,7 @@ fn run_binary(files: &TlsFiles) -> (Option<i32>, String) {
 fn bad_files_are_refused_at_start_naming_the_file() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("dp-tls-refuse");
+    let dir = TempDir::new("dp-tls-refuse");
     let good = leaf(&ca, 1, None);
     let other = leaf(&ca, 2, None);
     let files = dir.install(&good);
@@ -255,7 +251,7 @@ fn bad_files_are_refused_at_start_naming_the_file() {
         (
             "missing file",
             TlsFiles {
-                cert: dir.0.join("absent.pem"),
+                cert: dir.join("absent.pem"),
                 ..files.clone()
             },
             Path::new("absent.pem"),
@@ -350,7 +346,7 @@ fn bad_files_are_refused_at_start_naming_the_file() {
 async fn reload_swaps_the_certificate_for_new_connections_only() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("dp-tls-reload");
+    let dir = TempDir::new("dp-tls-reload");
     let first = leaf(&ca, 0xa1, None);
     let dp = start(Some(dir.install(&first)), Duration::from_secs(5)).await;
     let tls = Arc::clone(dp.shared.tls().expect("TLS is loaded"));
@@ -417,7 +413,7 @@ async fn reload_swaps_the_certificate_for_new_connections_only() {
 async fn a_client_that_never_finishes_the_handshake_is_cut_off() {
     install_provider();
     let ca = Ca::new("lb test CA");
-    let dir = Dir::new("dp-tls-timeout");
+    let dir = TempDir::new("dp-tls-timeout");
     let dp = start(
         Some(dir.install(&leaf(&ca, 1, None))),
         Duration::from_millis(300),

@@ -42,6 +42,13 @@ async fn start(n: usize) -> MockBackends {
     MockBackends::start(&vec![any_port(); n]).await.unwrap()
 }
 
+/// One backend, its address, and a client.
+async fn one_backend() -> (MockBackends, SocketAddr, TestClient) {
+    let mb = start(1).await;
+    let addr = mb.addrs()[0];
+    (mb, addr, client())
+}
+
 fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
@@ -101,24 +108,45 @@ async fn send(
     })
 }
 
-async fn get(client: &TestClient, addr: SocketAddr, path: &str) -> Reply {
-    send(client, Method::GET, addr, path, &[], empty())
+/// As [`send`], which must succeed.
+async fn request(
+    client: &TestClient,
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: TestBody,
+) -> Reply {
+    send(client, method, addr, path, headers, body)
         .await
         .unwrap()
 }
 
+async fn get(client: &TestClient, addr: SocketAddr, path: &str) -> Reply {
+    get_with(client, addr, path, &[]).await
+}
+
+async fn get_with(
+    client: &TestClient,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    request(client, Method::GET, addr, path, headers, empty()).await
+}
+
 async fn put_fault(client: &TestClient, addr: SocketAddr, query: &str, patch: Value) -> Reply {
     let path = format!("/_admin/fault{query}");
-    send(
+    let json = [("content-type", "application/json")];
+    request(
         client,
         Method::PUT,
         addr,
         &path,
-        &[("content-type", "application/json")],
+        &json,
         full(patch.to_string()),
     )
     .await
-    .unwrap()
 }
 
 fn pattern(offset: usize, len: usize) -> Vec<u8> {
@@ -179,16 +207,7 @@ async fn data_endpoint_identifies_backend_and_echoes_request_id() {
         let name = format!("backend-{}", addr.port());
         assert_eq!(mb.backend(i).name(), name);
         assert_eq!(mb.backend(i).addr(), addr);
-        let r = send(
-            &c,
-            Method::GET,
-            addr,
-            "/data?x=1&y=2",
-            &[("x-request-id", "req-42")],
-            empty(),
-        )
-        .await
-        .unwrap();
+        let r = get_with(&c, addr, "/data?x=1&y=2", &[("x-request-id", "req-42")]).await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.header("x-backend"), Some(name.as_str()));
         assert_eq!(r.header("x-request-id"), Some("req-42"));
@@ -210,16 +229,12 @@ async fn data_endpoint_identifies_backend_and_echoes_request_id() {
 
 #[tokio::test]
 async fn unknown_paths_answer_like_data() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = get(&c, addr, "/api/v1/items?page=3").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["path"], "/api/v1/items");
     assert_eq!(r.json()["query"], "page=3");
-    let r = send(&c, Method::POST, addr, "/submit", &[], full("payload"))
-        .await
-        .unwrap();
+    let r = request(&c, Method::POST, addr, "/submit", &[], full("payload")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["method"], "POST");
     mb.shutdown().await;
@@ -230,16 +245,7 @@ async fn http2_cleartext_is_served() {
     let mb = start(1).await;
     let addr = mb.addrs()[0];
     let c = h2_client();
-    let r = send(
-        &c,
-        Method::GET,
-        addr,
-        "/data",
-        &[("x-request-id", "h2")],
-        empty(),
-    )
-    .await
-    .unwrap();
+    let r = get_with(&c, addr, "/data", &[("x-request-id", "h2")]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-request-id"), Some("h2"));
     assert_eq!(r.json()["backend"], format!("backend-{}", addr.port()));
@@ -248,9 +254,7 @@ async fn http2_cleartext_is_served() {
 
 #[tokio::test]
 async fn health_and_fail_health() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = get(&c, addr, "/health").await;
     assert_eq!(r.status, StatusCode::OK);
     let name = format!("backend-{}", addr.port());
@@ -265,9 +269,7 @@ async fn health_and_fail_health() {
     assert_eq!(r.json()["backend"], name);
     assert_eq!(get(&c, addr, "/data").await.status, StatusCode::OK);
 
-    let r = send(&c, Method::DELETE, addr, "/_admin/fault", &[], empty())
-        .await
-        .unwrap();
+    let r = request(&c, Method::DELETE, addr, "/_admin/fault", &[], empty()).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(mb.backend(0).faults(), Faults::default());
     assert_eq!(get(&c, addr, "/health").await.status, StatusCode::OK);
@@ -276,9 +278,7 @@ async fn health_and_fail_health() {
 
 #[tokio::test]
 async fn status_endpoint() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = get(&c, addr, "/status/404").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["status"], 404);
@@ -289,16 +289,7 @@ async fn status_endpoint() {
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     assert!(r.body.is_empty());
     for bad in ["/status/99", "/status/600", "/status/abc", "/status/"] {
-        let r = send(
-            &c,
-            Method::GET,
-            addr,
-            bad,
-            &[("x-request-id", "bad")],
-            empty(),
-        )
-        .await
-        .unwrap();
+        let r = get_with(&c, addr, bad, &[("x-request-id", "bad")]).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
         assert_eq!(r.json()["field"], "code", "{bad}");
         assert_eq!(r.header("x-request-id"), Some("bad"));
@@ -308,9 +299,7 @@ async fn status_endpoint() {
 
 #[tokio::test]
 async fn slow_endpoint_and_bad_parameter() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = get(&c, addr, "/slow?ms=5").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["path"], "/slow");
@@ -328,10 +317,8 @@ async fn slow_endpoint_and_bad_parameter() {
 
 #[tokio::test]
 async fn echo_describes_the_request() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
-    let r = send(
+    let (mb, addr, c) = one_backend().await;
+    let r = request(
         &c,
         Method::POST,
         addr,
@@ -339,8 +326,7 @@ async fn echo_describes_the_request() {
         &[("x-custom", "one"), ("content-type", "text/plain")],
         full("héllo"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     let j = r.json();
     assert_eq!(j["method"], "POST");
@@ -351,7 +337,7 @@ async fn echo_describes_the_request() {
     assert_eq!(j["body"], "héllo");
     assert_eq!(j["body_bytes"], "héllo".len());
 
-    let r = send(
+    let r = request(
         &c,
         Method::PUT,
         addr,
@@ -359,12 +345,11 @@ async fn echo_describes_the_request() {
         &[],
         full(vec![b'x'; (1 << 20) + 1]),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(r.json()["error"].is_string());
 
-    let r = send(
+    let r = request(
         &c,
         Method::PUT,
         addr,
@@ -372,8 +357,7 @@ async fn echo_describes_the_request() {
         &[],
         full(vec![b'x'; 1 << 20]),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["body_bytes"], 1 << 20);
     mb.shutdown().await;
@@ -440,9 +424,7 @@ async fn echo_stream_answers_before_the_request_body_ends() {
 
 #[tokio::test]
 async fn bytes_endpoint_streams_the_pattern() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let n = 200_000;
     let r = get(&c, addr, &format!("/bytes?n={n}")).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -469,9 +451,7 @@ async fn bytes_endpoint_streams_the_pattern() {
 
 #[tokio::test]
 async fn cacheable_counts_and_sets_cache_headers() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = get(&c, addr, "/cacheable").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("cache-control"), Some("public, max-age=30"));
@@ -481,16 +461,13 @@ async fn cacheable_counts_and_sets_cache_headers() {
     assert_eq!(r.header("cache-control"), Some("public, max-age=5"));
     assert_eq!(r.json()["served"], 2);
 
-    let r = send(
+    let r = get_with(
         &c,
-        Method::GET,
         addr,
         "/cacheable?vary=accept-language",
         &[("accept-language", "fr")],
-        empty(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.header("vary"), Some("accept-language"));
     assert_eq!(r.json()["vary"], "accept-language");
     assert_eq!(r.json()["vary_value"], "fr");
@@ -524,9 +501,7 @@ async fn abort_closes_without_a_response() {
 
 #[tokio::test]
 async fn abort_body_cuts_the_body_short() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let req = Request::builder()
         .uri(format!("http://{addr}/abort-body"))
         .body(empty())
@@ -554,23 +529,12 @@ async fn abort_body_cuts_the_body_short() {
 
 #[tokio::test]
 async fn error_status_applies_to_every_non_admin_path() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = put_fault(&c, addr, "", json!({"error_status": 418})).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["error_status"], 418);
     for path in ["/data", "/health", "/echo", "/anything"] {
-        let r = send(
-            &c,
-            Method::GET,
-            addr,
-            path,
-            &[("x-request-id", "e")],
-            empty(),
-        )
-        .await
-        .unwrap();
+        let r = get_with(&c, addr, path, &[("x-request-id", "e")]).await;
         assert_eq!(r.status, StatusCode::IM_A_TEAPOT, "{path}");
         assert_eq!(r.header("x-request-id"), Some("e"));
         assert_eq!(r.header("x-backend"), Some(mb.backend(0).name().as_str()));
@@ -584,9 +548,7 @@ async fn error_status_applies_to_every_non_admin_path() {
 
 #[tokio::test]
 async fn error_rate_one_always_fails_and_zero_never() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     put_fault(&c, addr, "", json!({"error_rate": 1.0})).await;
     for _ in 0..5 {
         let r = get(&c, addr, "/data").await;
@@ -602,9 +564,7 @@ async fn error_rate_one_always_fails_and_zero_never() {
 
 #[tokio::test]
 async fn partial_fault_updates_keep_other_fields() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     put_fault(&c, addr, "", json!({"fail_health": true})).await;
     let r = put_fault(&c, addr, "", json!({"latency_ms": 1, "error_rate": 0.25})).await;
     let faults: Faults = serde_json::from_slice(&r.body).unwrap();
@@ -623,9 +583,7 @@ async fn partial_fault_updates_keep_other_fields() {
 
 #[tokio::test]
 async fn bad_admin_input_is_rejected_naming_the_field() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let cases = [
         (json!({"error_rate": 1.5}), "error_rate"),
         (json!({"error_rate": -0.1}), "error_rate"),
@@ -649,9 +607,7 @@ async fn bad_admin_input_is_rejected_naming_the_field() {
     assert_eq!(mb.backend(0).faults(), Faults::default());
 
     for body in ["not json", "[1, 2]", ""] {
-        let r = send(&c, Method::PUT, addr, "/_admin/fault", &[], full(body))
-            .await
-            .unwrap();
+        let r = request(&c, Method::PUT, addr, "/_admin/fault", &[], full(body)).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body:?}");
         assert!(r.json()["error"].is_string());
     }
@@ -664,9 +620,7 @@ async fn bad_admin_input_is_rejected_naming_the_field() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["field"], "backend");
 
-    let r = send(&c, Method::POST, addr, "/_admin/fault", &[], empty())
-        .await
-        .unwrap();
+    let r = request(&c, Method::POST, addr, "/_admin/fault", &[], empty()).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     let r = get(&c, addr, "/_admin/nothing").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
@@ -687,9 +641,7 @@ async fn get_status_paused(c: &TestClient, addr: SocketAddr, path: &str) -> Stat
 
 #[tokio::test(start_paused = true)]
 async fn latency_delays_non_admin_requests_only() {
-    let mb = start(1).await;
-    let addr = mb.addrs()[0];
-    let c = client();
+    let (mb, addr, c) = one_backend().await;
     let r = put_fault(&c, addr, "", json!({"latency_ms": 30_000})).await;
     assert_eq!(r.status, StatusCode::OK);
     // Paused clock: the runtime jumps over the injected sleep, so this is exact and instant.
@@ -837,9 +789,7 @@ async fn refusing_cuts_in_flight_requests_and_works_over_http2() {
     );
 
     backend.set_faults(Faults::default());
-    let r = send(&h2_client(), Method::GET, addr, "/data", &[], empty())
-        .await
-        .unwrap();
+    let r = request(&h2_client(), Method::GET, addr, "/data", &[], empty()).await;
     assert_eq!(r.status, StatusCode::OK);
     mb.shutdown().await;
 }
@@ -896,7 +846,7 @@ async fn admin_controls_other_backends_with_backend_param() {
     assert_eq!(mb.backend(1).faults().error_status, 503);
     assert_eq!(mb.backend(0).faults(), Faults::default());
 
-    let r = send(
+    let r = request(
         &c,
         Method::DELETE,
         a,
@@ -904,8 +854,7 @@ async fn admin_controls_other_backends_with_backend_param() {
         &[],
         empty(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(get(&c, b, "/data").await.status, StatusCode::OK);
     mb.shutdown().await;
@@ -950,9 +899,7 @@ async fn stats_count_requests_health_checks_paths_and_connections() {
     get(&c, a, "/data").await;
     assert_eq!(mb.backend(0).stats().requests_total, 4);
 
-    let r = send(&c, Method::DELETE, a, "/_admin/stats", &[], empty())
-        .await
-        .unwrap();
+    let r = request(&c, Method::DELETE, a, "/_admin/stats", &[], empty()).await;
     assert_eq!(r.status, StatusCode::OK);
     let stats = mb.backend(0).stats();
     assert_eq!(stats.requests_total, 0);

@@ -1,5 +1,7 @@
-//! A stack for end-to-end tests: mock backends, a control plane and data planes in this process,
-//! every listener on 127.0.0.1:0, each part stoppable on its own.
+//! The control plane's test harness: a stack of mock backends, a control plane and data planes
+//! in this process, every listener on 127.0.0.1:0, each part stoppable on its own; Admin API
+//! helpers; and, from the data plane's harness (`data-plane/tests/support`), the data plane
+//! itself ([`Dp`]), Redis servers, waits with deadlines, scratch directories and the HTTP client.
 
 #![allow(dead_code)]
 
@@ -18,10 +20,7 @@ use control_plane::ControlPlane;
 use control_plane::store::MemoryStore;
 use control_plane::tls::ServerTls;
 use data_plane::Shared;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use lb_proto::v1::ConfigSnapshot;
 use lb_proto::v1::admin_client::AdminClient;
 use mock_backends::MockBackends;
@@ -31,11 +30,14 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-pub const TOKEN: &str = "test-admin-token";
+// The helpers every test needs, shared with the data plane's tests.
+#[allow(unused_imports)]
+pub use data_plane_support::common::{
+    HttpClient, Reply, TempDir, WAIT, admitted, burst, free_port, get, get_with, http_client,
+    listener, poll_until, poll_within, send, wait_until,
+};
 
-pub async fn listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.unwrap()
-}
+pub const TOKEN: &str = "test-admin-token";
 
 /// Default policies over `backends`, with the per-IP limit off (tests send many requests from
 /// one address; the rate-limit tests turn it on).
@@ -90,6 +92,16 @@ impl Cp {
                 .await
                 .unwrap(),
         );
+        Cp::run(cp, grpc, http, tls)
+    }
+
+    /// Serves `cp` on these listeners until it is stopped.
+    fn run(
+        cp: Arc<ControlPlane>,
+        grpc: TcpListener,
+        http: TcpListener,
+        tls: Option<Arc<ServerTls>>,
+    ) -> Cp {
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(control_plane::serve_with_tls(
@@ -112,6 +124,11 @@ impl Cp {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// Checks that the configuration is still at `version`: refused calls made no new one.
+    pub fn assert_unchanged(&self, version: u64) {
+        assert_eq!(self.cp.version(), version, "a refused call made a version");
     }
 
     /// The gRPC listener's URL when it speaks TLS.
@@ -203,78 +220,68 @@ pub fn admin_client_on(
     })
 }
 
-pub struct Dp {
-    pub shared: Arc<Shared>,
-    pub addr: SocketAddr,
-    pub admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
+pub use data_plane_support::Dp;
 
+/// Data planes that follow a control plane (the same [`Dp`] as the data plane's own tests run).
 impl Dp {
-    pub async fn start(control_plane: &str, id: &str) -> Dp {
-        Dp::start_with(control_plane, id, |_| {}).await
+    /// A data plane named `id` following the control plane at `control_plane`.
+    pub async fn join(control_plane: &str, id: &str) -> Dp {
+        Dp::join_with(control_plane, id, |_| {}).await
     }
 
-    pub async fn start_with(
+    pub async fn join_with(
         control_plane: &str,
         id: &str,
         tweak: impl FnOnce(&mut data_plane::Settings),
     ) -> Dp {
-        Dp::start_on(control_plane, id, listener().await, listener().await, tweak).await
+        Dp::join_on(control_plane, id, listener().await, listener().await, tweak).await
     }
 
-    /// As [`Dp::start_with`], on listeners the caller already bound (several data planes on one
+    /// As [`Dp::join_with`], on listeners the caller already bound (several data planes on one
     /// port at different loopback addresses, say).
-    pub async fn start_on(
+    pub async fn join_on(
         control_plane: &str,
         id: &str,
         proxy: TcpListener,
         admin: TcpListener,
         tweak: impl FnOnce(&mut data_plane::Settings),
     ) -> Dp {
-        let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
         let mut settings = data_plane::Settings {
-            listen: addr,
-            admin_listen: admin_addr,
+            listen: proxy.local_addr().unwrap(),
+            admin_listen: admin.local_addr().unwrap(),
             control_plane: control_plane.to_owned(),
             node_id: id.to_owned(),
             drain_timeout: Duration::from_secs(5),
             ..data_plane::Settings::default()
         };
         tweak(&mut settings);
-        let shared = Arc::new(Shared::new(settings));
-        let (stop, task) = data_plane_support::spawn(&shared, proxy, admin);
-        Dp {
-            shared,
-            addr,
-            admin: admin_addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Dp::run(Arc::new(Shared::new(settings)), proxy, admin)
     }
 
-    /// Waits until a configuration of at least `version` is in force.
-    pub async fn wait_version(&self, version: u64) {
-        let mut rx = self.shared.applied_version();
-        tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|v| *v >= version))
-            .await
-            .unwrap_or_else(|_| panic!("no configuration of version {version} applied"))
-            .unwrap();
+    /// The strategy of the configuration in force.
+    pub fn strategy(&self) -> String {
+        self.shared.active().unwrap().snapshot.strategy.clone()
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    /// Its admin listener's `/stats`.
+    pub async fn stats(&self) -> serde_json::Value {
+        self.admin_json("/stats").await
     }
 
-    /// Starts the shutdown and returns the task to await.
-    pub fn begin_stop(&mut self) -> JoinHandle<std::io::Result<()>> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap()
-    }
-
-    pub async fn stop(mut self) {
-        self.begin_stop().await.unwrap().unwrap();
+    /// Sends requests (each one is what tries Redis again) until the rate limits are shared
+    /// through Redis again.
+    pub async fn wait_limits_shared(&self) {
+        let client = http_client();
+        poll_until("back to shared enforcement", || async {
+            assert_eq!(get(&client, &self.url("/data")).await.status, 200);
+            let store = self.stats().await["rate_limit_store"].clone();
+            if store == "shared" {
+                Ok(())
+            } else {
+                Err(store)
+            }
+        })
+        .await;
     }
 }
 
@@ -292,75 +299,86 @@ impl Stack {
 
     /// As [`Stack::start`], with the initial snapshot changed by `tweak`.
     pub async fn start_with(n: usize, tweak: impl FnOnce(&mut ConfigSnapshot)) -> Stack {
+        Stack::build(n, None, tweak).await
+    }
+
+    /// As [`Stack::start_with`], the data planes on the Redis at `url` (limits and cache
+    /// shared through it); the control plane too, with `OnRedis::State`.
+    pub async fn on_redis(
+        n: usize,
+        url: &str,
+        what: OnRedis,
+        tweak: impl FnOnce(&mut ConfigSnapshot),
+    ) -> Stack {
+        Stack::build(n, Some((url, what)), tweak).await
+    }
+
+    async fn build(
+        n: usize,
+        redis: Option<(&str, OnRedis)>,
+        tweak: impl FnOnce(&mut ConfigSnapshot),
+    ) -> Stack {
         let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 3])
             .await
             .unwrap();
         let mut snapshot = snapshot_with(&mock.addrs());
         tweak(&mut snapshot);
-        let cp = Cp::start(snapshot, None).await;
+        let cp = match redis {
+            Some((url, OnRedis::State)) => Cp::start_redis(snapshot, url).await,
+            _ => Cp::start(snapshot, None).await,
+        };
         let mut dps = Vec::new();
         for i in 0..n {
-            let dp = Dp::start(&cp.url(), &format!("dp-{}", i + 1)).await;
+            let redis = redis.map(|(url, _)| url.to_owned());
+            let id = format!("dp-{}", i + 1);
+            let dp = Dp::join_with(&cp.url(), &id, move |s| s.redis = redis).await;
             dp.wait_version(1).await;
             dps.push(dp);
         }
         Stack { mock, cp, dps }
     }
-}
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-pub fn http_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
-}
-
-pub struct Reply {
-    pub status: u16,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-impl Reply {
-    /// Reads a response whole.
-    pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Reply {
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    /// The ids of the data planes.
+    pub fn ids(&self) -> Vec<String> {
+        (1..=self.dps.len()).map(|i| format!("dp-{i}")).collect()
     }
 }
 
-pub async fn send(client: &HttpClient, req: http::Request<Full<Bytes>>) -> Reply {
-    Reply::read(client.request(req).await.unwrap()).await
+/// What a stack keeps in Redis.
+#[derive(Clone, Copy, PartialEq)]
+pub enum OnRedis {
+    /// The data planes' limits and cache.
+    Traffic,
+    /// That, and the control plane's state.
+    State,
 }
 
-pub async fn get(client: &HttpClient, url: &str) -> Reply {
-    send(
-        client,
-        http::Request::get(url).body(Full::default()).unwrap(),
-    )
+/// The URL of `path` on each data plane.
+pub fn urls(dps: &[Dp], path: &str) -> Vec<String> {
+    dps.iter().map(|d| d.url(path)).collect()
+}
+
+/// How many times the mock backends served `path`.
+pub fn served(mock: &MockBackends, path: &str) -> u64 {
+    mock.backends()
+        .iter()
+        .map(|b| b.stats().by_path.get(path).copied().unwrap_or(0))
+        .sum()
+}
+
+/// Polls the JSON at `url` (a `/stats`, which reports feed once a second) until `done` holds,
+/// for at most 15 s: the last answer.
+pub async fn stats_until(
+    client: &HttpClient,
+    url: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    poll_within(Duration::from_secs(15), what, || async {
+        let stats = get(client, url).await.json();
+        if done(&stats) { Ok(stats) } else { Err(stats) }
+    })
     .await
-}
-
-/// Polls `cond` until it holds (for state that has no change notification), at most 10 s.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Deadline of each Redis call in tests: short, so calls with Redis gone fail fast.
@@ -378,19 +396,7 @@ pub async fn redis_store(url: &str) -> Arc<control_plane::redis_store::RedisStor
 impl Cp {
     /// Serves an already built control plane on fresh loopback listeners.
     pub async fn serve(cp: Arc<ControlPlane>) -> Cp {
-        let (grpc, http) = (listener().await, listener().await);
-        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(control_plane::serve(Arc::clone(&cp), grpc, http, async {
-            let _ = rx.await;
-        }));
-        Cp {
-            cp,
-            grpc: grpc_addr,
-            http: http_addr,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        Cp::run(cp, listener().await, listener().await, None)
     }
 
     /// A control plane whose state is in the Redis at `url` (`initial` when it holds none).
@@ -439,6 +445,176 @@ pub fn request(
         b = b.header("authorization", format!("Bearer {t}"));
     }
     b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+}
+
+/// `control-plane serve` on free ports, with the environment that would configure it cleared:
+/// add arguments and environment, then run it.
+pub fn serve_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"));
+    c.args([
+        "serve",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    for var in [
+        "LB_CONFIG",
+        "LB_REDIS_URL",
+        "LB_CLUSTER_TOKEN",
+        "LB_CLUSTER_TOKEN_FILE",
+        "LB_ADMIN_TOKEN",
+        "LB_ADMIN_TOKEN_FILE",
+        "LB_INSECURE_DISCOVERY",
+    ] {
+        c.env_remove(var);
+    }
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+/// Requests served by all the backends, per a `/stats` answer.
+pub fn backend_requests(stats: &serde_json::Value) -> u64 {
+    stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["requests"].as_u64().unwrap())
+        .sum()
+}
+
+/// Checks that gRPC health says `service` ("" for the server as a whole) is serving.
+pub async fn assert_serving(channel: Channel, service: &str) {
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .answer()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "{service:?}"
+    );
+}
+
+/// Two control planes on one Redis (reached as `url_a` and as `url_b`: the same store): A
+/// starts with two mock backends, B with none and finds A's state; a data plane follows B.
+pub async fn two_control_planes(url_a: &str, url_b: &str) -> (MockBackends, Cp, Cp, Dp) {
+    let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
+        .await
+        .unwrap();
+    let a = Cp::start_redis(snapshot_with(&mock.addrs()), url_a).await;
+    // B's own initial configuration is not used: Redis already holds A's.
+    let b = Cp::start_redis(snapshot_with(&[]), url_b).await;
+    assert_eq!(b.cp.snapshot().backends.len(), 2, "B loaded A's state");
+    assert_eq!(b.cp.version(), a.cp.version());
+    let dp = Dp::join(&b.url(), "dp-b").await;
+    dp.wait_version(1).await;
+    (mock, a, b, dp)
+}
+
+/// Changes made on either of two control planes on one store reach the other and its data
+/// plane `dp`: a strategy set on A; a key created on A, then blocked through B. The version
+/// of the block.
+pub async fn changes_flow_between(a: &Cp, b: &Cp, dp: &Dp) -> u64 {
+    let mut admin_a = a.admin(Some(TOKEN)).await;
+    let v = admin_a
+        .set_strategy(strategy("least_connections"))
+        .await
+        .new_version();
+    b.wait_acked(&[dp.shared.settings.node_id.as_str()], v)
+        .await;
+    assert_eq!(dp.strategy(), "least_connections");
+
+    // Keys too, and B goes on from there without conflict.
+    let k = admin_a
+        .create_api_key(new_key("premium", "shared"))
+        .await
+        .unwrap()
+        .into_inner();
+    b.wait_version(v + 1).await;
+    let mut admin_b = b.admin(Some(TOKEN)).await;
+    let keys = admin_b
+        .list_api_keys(lb_proto::v1::ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].key_id, k.key_id);
+    let v = admin_b.block_key(by_id(&k.key_id)).await.new_version();
+    assert_eq!(
+        v, 4,
+        "one version each for the strategy, the key and the block"
+    );
+    dp.wait_version(v).await;
+    assert!(dp.shared.active().unwrap().snapshot.keys[0].blocked);
+    a.wait_version(v).await;
+    assert!(a.cp.snapshot().keys[0].blocked);
+    v
+}
+
+/// Checks that an Admin call was refused as invalid, with a message that mentions `needle`.
+pub fn assert_invalid(e: &tonic::Status, needle: &str) {
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains(needle),
+        "{needle:?} not in: {}",
+        e.message()
+    );
+}
+
+/// What an Admin call answered, which must be a success.
+pub trait Answered<T> {
+    fn answer(self) -> T;
+}
+
+impl<T> Answered<T> for Result<tonic::Response<T>, tonic::Status> {
+    fn answer(self) -> T {
+        self.unwrap_or_else(|e| panic!("the Admin call failed: {e}"))
+            .into_inner()
+    }
+}
+
+/// The version an Admin call that changes the configuration made.
+pub trait Changed {
+    fn new_version(self) -> u64;
+}
+
+impl Changed for Result<tonic::Response<lb_proto::v1::ConfigChange>, tonic::Status> {
+    fn new_version(self) -> u64 {
+        self.answer().version
+    }
+}
+
+/// A key to create on `tier` ("" for the default one), labelled `label`.
+pub fn new_key(tier: &str, label: &str) -> lb_proto::v1::CreateApiKeyRequest {
+    lb_proto::v1::CreateApiKeyRequest {
+        tier: tier.into(),
+        label: label.into(),
+    }
+}
+
+pub fn strategy(name: &str) -> lb_proto::v1::SetStrategyRequest {
+    lb_proto::v1::SetStrategyRequest {
+        strategy: name.into(),
+    }
+}
+
+/// An API key named by its id.
+pub fn by_id(id: &str) -> lb_proto::v1::KeyRef {
+    lb_proto::v1::KeyRef {
+        key: Some(lb_proto::v1::key_ref::Key::KeyId(id.into())),
+    }
+}
+
+/// An API key named by itself.
+pub fn by_key(key: &str) -> lb_proto::v1::KeyRef {
+    lb_proto::v1::KeyRef {
+        key: Some(lb_proto::v1::key_ref::Key::ApiKey(key.into())),
+    }
 }
 
 /// Unix time in milliseconds.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{HttpClient, http_client, request};
+use crate::common::{HttpClient, TempDir, free_port, http_client, poll_within, request};
 
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -45,14 +45,9 @@ pub struct Browser {
     port: u16,
     driver: Child,
     /// Holds the chromedriver log and the profile.
-    dir: PathBuf,
+    dir: TempDir,
     profile: PathBuf,
     session: Option<String>,
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// Fails the test, saying how to get the browser, when it is not installed.
@@ -73,12 +68,7 @@ impl Browser {
     pub async fn start() -> Browser {
         require_installed();
         let port = free_port();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("lb-dashboard-test-{}-{nanos}", std::process::id()));
+        let dir = TempDir::new("dashboard");
         let profile = dir.join("profile");
         std::fs::create_dir_all(&profile).unwrap();
         let driver = Command::new(CHROMEDRIVER)
@@ -235,19 +225,13 @@ impl Browser {
 
     /// The first element matching `css`, waiting for it to appear.
     pub async fn find(&self, css: &str) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        poll_within(WAIT, &format!("an element matching {css}"), || async {
             match self.try_find(css).await {
-                Ok(id) => return id,
-                Err(e) if e.error == "no such element" => {}
-                Err(e) => panic!("finding {css}: {e}"),
+                Err(e) if e.error != "no such element" => panic!("finding {css}: {e}"),
+                found => found,
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no element matches {css}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     pub async fn click(&self, element: &str) {
@@ -303,37 +287,27 @@ impl Browser {
     /// Runs `script` until it returns something other than null, false or "" (at most
     /// [`WAIT`]), and returns that.
     pub async fn wait_for(&self, what: &str, script: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        poll_within(WAIT, what, || async {
             let v = self.execute(script, vec![]).await;
-            if !(v.is_null() || v == false || v == "") {
-                return v;
+            if v.is_null() || v == false || v == "" {
+                Err(v)
+            } else {
+                Ok(v)
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what} (last: {v})"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until the text of the first element matching `css` satisfies `pred`.
     pub async fn wait_text(&self, css: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        poll_within(WAIT, &format!("{css} to be {what}"), || async {
             let text = match self.try_find(css).await {
                 Ok(e) => self.text(&e).await,
                 Err(_) => String::new(),
             };
-            if pred(&text) {
-                return text;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {css} to be {what} (last text: {text:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            if pred(&text) { Ok(text) } else { Err(text) }
+        })
+        .await
     }
 
     /// A PNG of the viewport.
@@ -411,12 +385,11 @@ impl Drop for Browser {
         self.kill_leftovers();
         if std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.profile);
+            self.dir.keep();
             eprintln!(
                 "chromedriver log kept: {}",
                 self.dir.join("chromedriver.log").display()
             );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -300,12 +300,22 @@ mod tests {
     }
 
     #[test]
-    fn ip_hash_is_sticky() {
+    fn ip_hash_is_sticky_per_client_and_spreads_clients() {
         let b = Balancer::build("ip_hash", &["a:1", "b:1", "c:1"], &[1, 1, 1]);
         let v = View::new(3);
-        let key = hash_bytes(b"10.0.0.7");
-        let first = b.pick(&v, key).unwrap();
-        assert!((0..10).all(|_| b.pick(&v, key) == Some(first)));
+        let mut used = [0usize; 3];
+        for i in 0..100u8 {
+            let key = hash_bytes(&[10, 0, 0, i]);
+            let first = b.pick(&v, key).unwrap();
+            assert!(
+                (0..10).all(|_| b.pick(&v, key) == Some(first)),
+                "client 10.0.0.{i} moved"
+            );
+            used[first] += 1;
+        }
+        // A hundred clients over three backends: each backend gets a share (hashing is not an
+        // even split; here 43, 38 and 19).
+        assert!(used.iter().all(|&n| n >= 15), "{used:?}");
     }
 
     #[test]

@@ -1,12 +1,18 @@
-//! Certificates for TLS tests, made with rcgen: a CA, server certificates it signs, a scratch
-//! directory to write them to as PEM files, and a TLS client connection trusting the CA. Shared
-//! by the data plane's and the control plane's tests.
+//! Certificates for TLS tests, made with rcgen: a CA, server certificates it signs, written as
+//! PEM files to a scratch directory, and a TLS client connection trusting the CA. Shared by the
+//! data plane's and the control plane's tests.
 
 #![allow(dead_code)]
 
+// Each support file can be used on its own, so each that needs these loads them.
+#[allow(clippy::duplicate_mod)]
+#[path = "common.rs"]
+mod common;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
+
+pub use common::TempDir;
 
 use data_plane::tls::TlsFiles;
 use rcgen::{
@@ -119,39 +125,19 @@ impl Ca {
     }
 }
 
-/// A scratch directory, removed at the end.
-pub struct Dir(pub PathBuf);
+/// Makes ring the process's rustls provider (once; later calls change nothing), for the
+/// libraries that take the process default.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
-impl Dir {
-    pub fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("lb-pki-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    /// Writes a file whole or not at all (written aside, then renamed), as a deployment
-    /// replaces certificates.
-    pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-        path
-    }
-
+impl TempDir {
     /// Writes a certificate and its key as `cert.pem` and `key.pem`.
     pub fn install(&self, leaf: &Leaf) -> TlsFiles {
         TlsFiles {
             key: self.write("key.pem", &leaf.key_pem),
             cert: self.write("cert.pem", &leaf.cert_pem),
         }
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

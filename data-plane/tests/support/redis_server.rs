@@ -5,24 +5,38 @@
 
 #![allow(dead_code)]
 
+// Each support file can be used on its own, so each that needs these loads them.
+#[allow(clippy::duplicate_mod)]
+#[path = "common.rs"]
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use common::{TempDir, free_port, poll_until, poll_within};
+
+/// The default tier's limit (5 a minute), as the tests on Redis check it.
+pub const FREE: data_plane::ratelimit::gcra::Rate = data_plane::ratelimit::gcra::Rate {
+    requests: 5,
+    period_ms: 60_000,
+};
+
+/// The default ban policy: three strikes in a minute, five minutes doubling up to a day.
+pub const BAN: data_plane::ratelimit::gcra::BanRule = data_plane::ratelimit::gcra::BanRule {
+    strikes: 3,
+    strike_window_ms: 60_000,
+    base_ban_ms: 300_000,
+    multiplier: 2,
+    max_ban_ms: 86_400_000,
+    strike_decay_ms: 3_600_000,
+};
 
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     /// PEM CA certificate of a TLS server: its clients trust it, its URL is `rediss://`.
     tls_ca: Option<Vec<u8>>,
-}
-
-/// A loopback port nothing listens on (at the time of asking).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Arguments for TLS only on `port` with this certificate chain, key and CA; clients are not
@@ -49,41 +63,89 @@ fn tls_args<'a>(
     ]
 }
 
+/// How many free ports a server is tried on: another process may take a port between our
+/// finding it free and redis-server binding it.
+const PORT_ATTEMPTS: usize = 5;
+
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        let port = free_port();
-        RedisServer::start_on(port).await
+        on_a_free_port(RedisServer::try_start_on).await
     }
 
+    /// A server on `port` (a restart on the port of one killed).
     pub async fn start_on(port: u16) -> RedisServer {
+        RedisServer::try_start_on(port)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn try_start_on(port: u16) -> Result<RedisServer, String> {
         RedisServer::spawn(&["--port".as_ref(), port.to_string().as_ref()], port, None).await
     }
 
     /// A server on a free port speaking TLS only, with the certificate chain and key given;
     /// clients are not asked for certificates. `ca` is the PEM file clients verify it with.
     pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisServer {
-        let port = free_port();
-        let port_arg = port.to_string();
-        let args = tls_args(&port_arg, cert, key, ca);
-        RedisServer::spawn(&args, port, Some(std::fs::read(ca).unwrap())).await
+        let pem = std::fs::read(ca).unwrap();
+        on_a_free_port(|port| {
+            let pem = pem.clone();
+            async move {
+                let port_arg = port.to_string();
+                let args = tls_args(&port_arg, cert, key, ca);
+                RedisServer::spawn(&args, port, Some(pem)).await
+            }
+        })
+        .await
     }
 
     /// Starts `redis-server` with `args` plus loopback only and no persistence, and waits until
-    /// it answers on `port`.
-    async fn spawn(args: &[&std::ffi::OsStr], port: u16, tls_ca: Option<Vec<u8>>) -> RedisServer {
+    /// it answers on `port`; or says why it exited first (its port was taken, say).
+    async fn spawn(
+        args: &[&std::ffi::OsStr],
+        port: u16,
+        tls_ca: Option<Vec<u8>>,
+    ) -> Result<RedisServer, String> {
         let child = Command::new("redis-server")
             .args(args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (apt-get install redis-server)");
-        let server = RedisServer {
+        let mut server = RedisServer {
             child: Some(child),
             port,
             tls_ca,
         };
-        server.wait_ready().await;
-        server
+        let client = server.client();
+        let pid = server.child.as_ref().unwrap().id();
+        let answered = poll_until(&format!("redis-server to answer on {port}"), || {
+            let exited = server.child.as_mut().unwrap().try_wait().unwrap();
+            let client = client.clone();
+            async move {
+                if let Some(status) = exited {
+                    return Ok(Err(format!("redis-server on {port} exited: {status}")));
+                }
+                let mut c = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // The server on the port is this one, not another that had the port first.
+                let ours = format!("process_id:{pid}\r\n");
+                if info.contains(&ours) {
+                    Ok(Ok(()))
+                } else {
+                    Err(format!("not {ours:?}"))
+                }
+            }
+        })
+        .await;
+        answered.map(|()| server)
     }
 
     /// A client of this server (trusting its CA when it speaks TLS).
@@ -98,27 +160,6 @@ impl RedisServer {
             )
             .unwrap(),
             None => redis::Client::open(self.url()).unwrap(),
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let client = self.client();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start on {}",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -155,6 +196,30 @@ impl RedisServer {
         }
     }
 
+    /// Waits until this server holds at least `n` response cache entries (a fill lands in Redis
+    /// just after the body it stores); their keys.
+    pub async fn wait_for_cache_entries(&self, n: usize) -> Vec<String> {
+        let conn = self.conn().await;
+        poll_until(&format!("{n} cache entries in Redis"), || {
+            let mut conn = conn.clone();
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("lb:cache:{*")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let entries: Vec<String> =
+                    keys.into_iter().filter(|k| !k.contains(":lock:")).collect();
+                if entries.len() >= n {
+                    Ok(entries)
+                } else {
+                    Err(entries)
+                }
+            }
+        })
+        .await
+    }
+
     /// Calls of one command since start, from `INFO commandstats`.
     pub async fn calls(&self, command: &str) -> u64 {
         let info: String = redis::cmd("INFO")
@@ -171,6 +236,20 @@ impl RedisServer {
     }
 }
 
+/// Runs `start` on free ports until one serves.
+async fn on_a_free_port<F: std::future::Future<Output = Result<RedisServer, String>>>(
+    mut start: impl FnMut(u16) -> F,
+) -> RedisServer {
+    let mut failures = Vec::new();
+    for _ in 0..PORT_ATTEMPTS {
+        match start(free_port()).await {
+            Ok(server) => return server,
+            Err(e) => failures.push(e),
+        }
+    }
+    panic!("redis-server did not start: {failures:?}")
+}
+
 /// A Redis Cluster of the test's own: `n` primaries on free ports, no replicas, the slots split
 /// evenly, each node's cluster file in a directory removed on drop.
 pub struct RedisCluster {
@@ -178,7 +257,7 @@ pub struct RedisCluster {
     /// Each node's cluster bus port, chosen free too: the default, its port + 10000, is past
     /// 65535 for ports above 55535, and redis-server then refuses to start.
     bus: Vec<u16>,
-    dir: std::path::PathBuf,
+    dir: TempDir,
     /// Certificate, key and CA files when the nodes speak TLS only (to clients and each other).
     tls: Option<[std::path::PathBuf; 3]>,
 }
@@ -195,17 +274,19 @@ impl RedisCluster {
     }
 
     async fn start_with(n: usize, tls: Option<[std::path::PathBuf; 3]>) -> RedisCluster {
-        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lb-redis-cluster-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("redis-cluster");
         let (mut nodes, mut bus) = (Vec::new(), Vec::new());
         for _ in 0..n {
-            let (port, bus_port) = (free_port(), free_port());
-            nodes.push(RedisCluster::node(&dir, port, bus_port, tls.as_ref()).await);
+            let mut failures = Vec::new();
+            let (node, bus_port) = loop {
+                let (port, bus_port) = (free_port(), free_port());
+                match RedisCluster::node(dir.path(), port, bus_port, tls.as_ref()).await {
+                    Ok(node) => break (node, bus_port),
+                    Err(e) if failures.len() + 1 < PORT_ATTEMPTS => failures.push(e),
+                    Err(e) => panic!("a cluster node did not start: {failures:?} {e}"),
+                }
+            };
+            nodes.push(node);
             bus.push(bus_port);
         }
         let cluster = RedisCluster {
@@ -224,7 +305,7 @@ impl RedisCluster {
         port: u16,
         bus: u16,
         tls: Option<&[std::path::PathBuf; 3]>,
-    ) -> RedisServer {
+    ) -> Result<RedisServer, String> {
         let conf = dir.join(format!("nodes-{port}.conf"));
         let (port_arg, bus_arg) = (port.to_string(), bus.to_string());
         let mut args: Vec<&std::ffi::OsStr> = vec![
@@ -256,7 +337,8 @@ impl RedisCluster {
     /// Starts node `i` again on its port and waits until the cluster is whole again.
     pub async fn restart(&mut self, i: usize) {
         let port = self.nodes[i].port;
-        self.nodes[i] = RedisCluster::node(&self.dir, port, self.bus[i], self.tls.as_ref()).await;
+        let node = RedisCluster::node(self.dir.path(), port, self.bus[i], self.tls.as_ref()).await;
+        self.nodes[i] = node.unwrap_or_else(|e| panic!("{e}"));
         self.wait_ok().await;
     }
 
@@ -310,25 +392,22 @@ impl RedisCluster {
 
     /// Waits until every node knows every other and says the cluster is ok.
     async fn wait_ok(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
         for node in &self.nodes {
-            let mut c = node.conn().await;
-            loop {
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                let known = format!("cluster_known_nodes:{}", self.nodes.len());
-                if info.contains("cluster_state:ok") && info.contains(&known) {
-                    break;
+            let c = node.conn().await;
+            poll_within(Duration::from_secs(20), "the cluster to form", || {
+                let (mut c, known) = (c.clone(), &known);
+                async move {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    let ok = info.contains("cluster_state:ok") && info.contains(known.as_str());
+                    if ok { Ok(()) } else { Err(info) }
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the cluster did not form: {info}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            })
+            .await;
         }
     }
 
@@ -389,10 +468,10 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
+        // The nodes go before their directory.
         for n in &mut self.nodes {
             n.kill();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
