@@ -11,6 +11,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use rustls::pki_types::{CertificateDer, ServerName};
+
 use crate::auth;
 use crate::cluster::ControlPlane;
 
@@ -28,9 +30,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        if let Some(token) = &self.cp.cluster_token {
-            auth::check(request.metadata(), token, "cluster token")?;
-        }
+        let certificate = self.authenticate(&request)?;
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -49,6 +49,9 @@ impl Discovery for DiscoveryService {
                 )
             })?;
         let id = node.id.clone();
+        if let Some(cert) = &certificate {
+            names(cert, &id)?;
+        }
         let stream = self.cp.connect(node, peer.clone(), first.applied_version);
         tracing::info!(data_plane = %id, peer = %peer, applied_version = first.applied_version, "data plane connected");
 
@@ -85,9 +88,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<StatsReport>>,
     ) -> Result<Response<ReportAck>, Status> {
-        if let Some(token) = &self.cp.cluster_token {
-            auth::check(request.metadata(), token, "cluster token")?;
-        }
+        let certificate = self.authenticate(&request)?;
         let mut inbound = request.into_inner();
         // A report stream never ends on its own; at shutdown it must, or the server would wait
         // for it forever.
@@ -106,7 +107,12 @@ impl Discovery for DiscoveryService {
                                     "node.id: a report must name its data plane (1-128 characters)",
                                 ));
                             }
-                            None => reporter = Some(named.to_owned()),
+                            None => {
+                                if let Some(cert) = &certificate {
+                                    names(cert, named)?;
+                                }
+                                reporter = Some(named.to_owned());
+                            }
                             Some(id) if id != named => {
                                 tracing::warn!(data_plane = %id, named, "report naming another data plane refused");
                                 return Err(Status::permission_denied(format!(
@@ -128,4 +134,45 @@ impl Discovery for DiscoveryService {
         }
         Ok(Response::new(ReportAck {}))
     }
+}
+
+impl DiscoveryService {
+    /// A stream's credential: a client certificate (mutual TLS; rustls has checked it against
+    /// the client CA), returned to check the data plane's name against, or the cluster token.
+    /// With neither configured (`--insecure-discovery`), anyone.
+    fn authenticate<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Option<CertificateDer<'static>>, Status> {
+        if let Some(leaf) = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+        {
+            return Ok(Some(leaf));
+        }
+        if let Some(token) = &self.cp.cluster_token {
+            auth::check(request.metadata(), token, "cluster token")?;
+            return Ok(None);
+        }
+        if self.cp.tls.get().is_some_and(|t| t.verifies_clients()) {
+            return Err(Status::unauthenticated(
+                "a client certificate chained to the control plane's client CA is needed",
+            ));
+        }
+        Ok(None)
+    }
+}
+
+/// A data plane presenting a client certificate is the data plane it names: its node id must
+/// be a name the certificate is valid for (a DNS name in its subject alternative names).
+fn names(cert: &CertificateDer<'static>, id: &str) -> Result<(), Status> {
+    let refuse = || {
+        Status::permission_denied(format!(
+            "the client certificate does not name data plane {id:?}"
+        ))
+    };
+    let name = ServerName::try_from(id.to_owned()).map_err(|_| refuse())?;
+    let leaf = webpki::EndEntityCert::try_from(cert).map_err(|_| refuse())?;
+    leaf.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| refuse())
 }

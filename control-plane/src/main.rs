@@ -61,12 +61,17 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     let settings = Settings::load(args)?;
-    let tls = settings
-        .tls
-        .clone()
-        .map(control_plane::tls::ServerTls::load)
-        .transpose()?
-        .map(std::sync::Arc::new);
+    let tls = match settings.tls.clone() {
+        Some(files) => {
+            let tls = control_plane::tls::ServerTls::load(files)?;
+            let tls = match &settings.client_ca {
+                Some(ca) => tls.with_client_ca(ca)?,
+                None => tls,
+            };
+            Some(std::sync::Arc::new(tls))
+        }
+        None => None,
+    };
     let token = match secret("LB_ADMIN_TOKEN")? {
         Some(t) if t.chars().count() < MIN_ADMIN_TOKEN => anyhow::bail!(
             "LB_ADMIN_TOKEN has {} characters; use at least {MIN_ADMIN_TOKEN} (for example \
@@ -81,11 +86,12 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
         }
     };
     let cluster_token = secret("LB_CLUSTER_TOKEN")?;
-    if cluster_token.is_none() && !settings.insecure_discovery {
+    if cluster_token.is_none() && settings.client_ca.is_none() && !settings.insecure_discovery {
         anyhow::bail!(
             "no cluster credential: set LB_CLUSTER_TOKEN (or LB_CLUSTER_TOKEN_FILE) here and on \
-             every data plane, or pass --insecure-discovery to let anyone who reaches the gRPC \
-             port read the configuration and send reports"
+             every data plane, or --client-ca for data planes' client certificates (mutual TLS), \
+             or pass --insecure-discovery to let anyone who reaches the gRPC port read the \
+             configuration and send reports"
         );
     }
     if settings.insecure_discovery {

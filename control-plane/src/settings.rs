@@ -62,6 +62,11 @@ pub struct CommonArgs {
     /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
     #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that data planes' client certificates must chain to: Discovery then
+    /// takes a client certificate naming the data plane as its credential (mutual TLS). Needs
+    /// --tls-cert [default: none]
+    #[arg(long, env = "LB_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
     /// Serve `Discovery` to anyone who reaches the gRPC port, with no cluster credential
     /// (`serve` refuses to start without LB_CLUSTER_TOKEN otherwise) [default: false]
     #[arg(
@@ -151,6 +156,7 @@ struct FileSettings {
     on_store_failure: Option<String>,
     trusted_proxies: Option<Vec<String>>,
     public_origins: Option<Vec<String>>,
+    client_ca: Option<PathBuf>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -171,6 +177,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Discovery may run without a cluster credential.
     pub insecure_discovery: bool,
+    /// CA file of data planes' client certificates (mutual TLS on the gRPC listener).
+    pub client_ca: Option<PathBuf>,
     /// Origins whose pages may open the dashboards' WebSocket (lower case, no trailing slash).
     pub public_origins: Vec<String>,
 }
@@ -254,6 +262,16 @@ impl Settings {
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),
         )?;
+        let client_ca = args.client_ca.or(file.client_ca);
+        if let Some(ca) = &client_ca {
+            if tls.is_none() {
+                return Err(invalid(
+                    "client_ca",
+                    "is set, but the listeners do not speak TLS (tls_cert, tls_key)",
+                ));
+            }
+            data_plane::common::read_roots("client_ca", ca)?;
+        }
         let mut s = defaults::snapshot();
         if let Some(strategy) = args.strategy.or(file.strategy) {
             validate::strategy(&strategy).map_err(|e| invalid("strategy", e.message))?;
@@ -373,6 +391,7 @@ impl Settings {
             state_file: args.state_file.or(file.state_file),
             log_json: log_json(args.log_format.or(file.log_format))?,
             insecure_discovery: args.insecure_discovery.unwrap_or(false),
+            client_ca,
             public_origins: public_origins(
                 args.public_origins
                     .or(file.public_origins)

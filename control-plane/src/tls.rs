@@ -39,6 +39,8 @@ pub const HTTP_ALPN: &[&[u8]] = &[b"http/1.1"];
 pub struct ServerTls {
     tls: Arc<Tls>,
     registry: prometheus::Registry,
+    /// CA certificates data planes' client certificates chain to (mutual TLS on gRPC).
+    client_roots: Option<rustls::RootCertStore>,
 }
 
 impl ServerTls {
@@ -59,7 +61,20 @@ impl ServerTls {
         Ok(ServerTls {
             tls: Arc::new(tls),
             registry,
+            client_roots: None,
         })
+    }
+
+    /// Asks gRPC clients for a certificate chained to the CA certificates of `ca` (mutual
+    /// TLS): a data plane may then present one naming it instead of the cluster token.
+    pub fn with_client_ca(mut self, ca: &std::path::Path) -> Result<ServerTls, TlsError> {
+        self.client_roots = Some(data_plane::common::read_roots("client_ca", ca)?.store);
+        Ok(self)
+    }
+
+    /// Whether gRPC clients are asked for certificates.
+    pub fn verifies_clients(&self) -> bool {
+        self.client_roots.is_some()
     }
 
     /// The certificate in use, its reloads and its metrics.
@@ -88,13 +103,15 @@ impl ServerTls {
     ) -> std::io::Result<(TlsListener, JoinHandle<()>)> {
         let local_addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(accept(
-            listener,
-            self.tls.acceptor_with_alpn(alpn),
-            Arc::clone(&self.tls),
-            name,
-            tx,
-        ));
+        // Client certificates are asked for on gRPC only: browsers reach the HTTP listener.
+        let acceptor = match (&self.client_roots, name) {
+            (Some(roots), "grpc") => self
+                .tls
+                .acceptor_verifying_clients(alpn, roots.clone())
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+            _ => self.tls.acceptor_with_alpn(alpn),
+        };
+        let task = tokio::spawn(accept(listener, acceptor, Arc::clone(&self.tls), name, tx));
         Ok((TlsListener { rx, local_addr }, task))
     }
 }

@@ -4,6 +4,8 @@
 //! only.
 
 mod common;
+#[path = "../../data-plane/tests/support/pki.rs"]
+mod pki;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -62,6 +64,30 @@ fn serve_refuses_to_start_without_a_cluster_credential() {
     // With a token, it serves.
     let (code, err) = serve(&[admin, ("LB_CLUSTER_TOKEN", CLUSTER_TOKEN)], &[]);
     assert_eq!(code, None, "{err}");
+}
+
+#[test]
+fn client_certificates_are_a_cluster_credential() {
+    let ca = pki::Ca::new("lb test CA");
+    let dir = pki::TempDir::new("credentials-client-ca");
+    let files = dir.install(&ca.leaf(&["localhost"]));
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let admin = ("LB_ADMIN_TOKEN", "an-admin-token-long-enough");
+    let tls = [
+        "--tls-cert",
+        files.cert.to_str().unwrap(),
+        "--tls-key",
+        files.key.to_str().unwrap(),
+    ];
+    let (code, err) = serve(
+        &[admin],
+        &[&tls[..], &["--client-ca", ca_file.to_str().unwrap()]].concat(),
+    );
+    assert_eq!(code, None, "{err}");
+    // Without TLS there is no client certificate to ask for.
+    let (code, err) = serve(&[admin], &["--client-ca", ca_file.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("client_ca"), "{err}");
 }
 
 #[test]

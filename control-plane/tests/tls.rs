@@ -535,3 +535,185 @@ async fn dev_refuses_tls_rather_than_ignoring_it() {
         .to_string();
     assert!(e.contains("tls_cert") && e.contains("serve"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mutual TLS: data planes present client certificates instead of the cluster token
+
+/// A client certificate for `names` from `ca`, written under `dir` with this file prefix.
+fn client_files(dir: &TempDir, prefix: &str, ca: &Ca, names: &[&str]) -> TlsFiles {
+    let leaf = ca.client_leaf(names);
+    TlsFiles {
+        cert: dir.write(&format!("{prefix}-cert.pem"), &leaf.cert_pem),
+        key: dir.write(&format!("{prefix}-key.pem"), &leaf.key_pem),
+    }
+}
+
+/// A Watch call over TLS naming data plane `id`, presenting `identity` when given: the first
+/// snapshot's version, or the refusal's code.
+async fn watch_as(
+    url: &str,
+    ca_pem: &str,
+    identity: Option<&TlsFiles>,
+    id: &str,
+) -> Result<u64, tonic::Code> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some(files) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        ));
+    }
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|_| tonic::Code::Unavailable)?;
+    let hello = lb_proto::v1::WatchRequest {
+        node: Some(lb_proto::v1::Node {
+            id: id.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut snapshots = lb_proto::v1::discovery_client::DiscoveryClient::new(channel)
+        .watch(tokio_stream::iter([hello]))
+        .await
+        .map_err(|s| s.code())?
+        .into_inner();
+    let first = snapshots.message().await.map_err(|s| s.code())?;
+    Ok(first.map_or(0, |s| s.version))
+}
+
+#[tokio::test]
+async fn a_data_plane_may_authenticate_with_a_client_certificate_naming_it() {
+    install_provider();
+    let ca = Ca::new("lb test CA");
+    let clients = Ca::new("lb data planes CA");
+    let stranger = Ca::new("some other CA");
+    let dir = TempDir::new("cp-mtls");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let clients_file = dir.write("clients-ca.pem", &clients.pem);
+    let tls = ServerTls::load(dir.install(&ca.leaf(NAMES)))
+        .unwrap()
+        .with_client_ca(&clients_file)
+        .unwrap();
+    assert!(tls.verifies_clients());
+    let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap(); 2])
+        .await
+        .unwrap();
+    // No cluster token: the certificate is the only credential.
+    let cp = Cp::start_tls(snapshot_with(&mock.addrs()), Arc::new(tls)).await;
+
+    // A data plane presenting a certificate for its node id is configured, and reports.
+    let mine = client_files(&dir, "dp-mtls", &clients, &["dp-mtls"]);
+    let dp = Dp::join_with(&cp.tls_url(), "dp-mtls", |s| {
+        s.control_plane_ca = Some(ca_file.clone());
+        s.control_plane_identity = Some(mine.clone());
+    })
+    .await;
+    dp.wait_version(1).await;
+    cp.wait_acked(&["dp-mtls"], 1).await;
+    let client = http_client();
+    for _ in 0..3 {
+        assert_eq!(get(&client, &dp.url("/data")).await.status, 200);
+    }
+    wait_until("the data plane's report", || {
+        cp.cp.traffic.totals().requests >= 3
+    })
+    .await;
+
+    let url = cp.tls_url();
+    // Without a certificate (and no token): refused.
+    assert_eq!(
+        watch_as(&url, &ca.pem, None, "dp-x").await,
+        Err(tonic::Code::Unauthenticated)
+    );
+    // A certificate for another data plane's name cannot speak for this one.
+    assert_eq!(
+        watch_as(&url, &ca.pem, Some(&mine), "dp-other").await,
+        Err(tonic::Code::PermissionDenied)
+    );
+    let probe = client_files(&dir, "dp-probe", &clients, &["dp-probe"]);
+    assert_eq!(
+        watch_as(&url, &ca.pem, Some(&probe), "dp-probe").await,
+        Ok(1)
+    );
+    // A certificate from a CA the control plane does not trust fails the handshake.
+    let forged = client_files(&dir, "forged", &stranger, &["dp-mtls"]);
+    assert!(
+        watch_as(&url, &ca.pem, Some(&forged), "dp-mtls")
+            .await
+            .is_err()
+    );
+    // The refused ones never became known data planes.
+    let ids: Vec<String> = cp
+        .cp
+        .data_planes()
+        .iter()
+        .map(|d| d.node.as_ref().map(|n| n.id.clone()).unwrap_or_default())
+        .collect();
+    assert!(ids.contains(&"dp-mtls".to_owned()), "{ids:?}");
+    assert!(
+        !ids.iter().any(|id| id == "dp-x" || id == "dp-other"),
+        "{ids:?}"
+    );
+
+    dp.stop().await;
+    cp.stop().await;
+    mock.shutdown().await;
+}
+
+#[test]
+fn client_certificate_settings_are_checked_at_start() {
+    install_provider();
+    let ca = Ca::new("lb test CA");
+    let dir = TempDir::new("cp-mtls-settings");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    // The control plane asks for client certificates only on a TLS listener.
+    let e = Settings::load(CommonArgs {
+        client_ca: Some(ca_file.clone()),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("client_ca") && e.contains("TLS"), "{e}");
+    let files = dir.install(&ca.leaf(NAMES));
+    let s = Settings::load(CommonArgs {
+        tls_cert: Some(files.cert.clone()),
+        tls_key: Some(files.key.clone()),
+        client_ca: Some(ca_file.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.client_ca.as_deref(), Some(ca_file.as_path()));
+
+    // A data plane's certificate needs its key, an https:// control plane, and readable files.
+    let mine = client_files(&dir, "dp", &ca, &["dp-a"]);
+    let dp = |cert: Option<&std::path::Path>, key: Option<&std::path::Path>, url: &str| {
+        data_plane::Settings::load(data_plane::Args {
+            control_plane: Some(url.into()),
+            control_plane_cert: cert.map(Into::into),
+            control_plane_key: key.map(Into::into),
+            ..Default::default()
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let https = "https://cp.example:50051";
+    assert_eq!(dp(Some(&mine.cert), Some(&mine.key), https), Ok(()));
+    let e = dp(Some(&mine.cert), None, https).unwrap_err();
+    assert!(e.contains("control_plane_key"), "{e}");
+    let e = dp(Some(&mine.cert), Some(&mine.key), "http://cp.example:50051").unwrap_err();
+    assert!(
+        e.contains("control_plane_cert") && e.contains("https://"),
+        "{e}"
+    );
+    let missing = dir.path().join("missing.pem");
+    let e = dp(Some(&missing), Some(&mine.key), https).unwrap_err();
+    assert!(
+        e.contains("control_plane_cert") && e.contains("missing.pem"),
+        "{e}"
+    );
+}

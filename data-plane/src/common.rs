@@ -15,4 +15,5 @@ pub use crate::telemetry::logging::{init_tracing, shutdown_signal};
 pub use crate::telemetry::metrics::TlsMetrics;
 pub use crate::telemetry::otel::{Span, Status, TraceSettings, Tracing};
 pub use crate::tls::client::{Roots, read_roots};
+pub use crate::tls::load as load_certificate;
 pub use crate::tls::{Tls, TlsError, TlsFiles};

@@ -466,6 +466,7 @@ pub fn serve_command() -> std::process::Command {
         "LB_ADMIN_TOKEN",
         "LB_ADMIN_TOKEN_FILE",
         "LB_INSECURE_DISCOVERY",
+        "LB_CLIENT_CA",
     ] {
         c.env_remove(var);
     }

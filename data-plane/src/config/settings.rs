@@ -42,6 +42,14 @@ pub struct Args {
     /// at each connection [default: the system's roots]
     #[arg(long, env = "LB_CONTROL_PLANE_CA", value_name = "FILE")]
     pub control_plane_ca: Option<PathBuf>,
+    /// PEM client certificate chain presented to an https:// control plane that checks client
+    /// certificates (mutual TLS); it must name this data plane's node id. Needs
+    /// --control-plane-key [default: none]
+    #[arg(long, env = "LB_CONTROL_PLANE_CERT", value_name = "FILE")]
+    pub control_plane_cert: Option<PathBuf>,
+    /// PEM private key of --control-plane-cert [default: none]
+    #[arg(long, env = "LB_CONTROL_PLANE_KEY", value_name = "FILE")]
+    pub control_plane_key: Option<PathBuf>,
     /// This data plane's unique name [default: hostname-pid]
     #[arg(long, env = "LB_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,
@@ -142,6 +150,8 @@ struct FileSettings {
     admin_listen: Option<SocketAddr>,
     control_plane: Option<String>,
     control_plane_ca: Option<PathBuf>,
+    control_plane_cert: Option<PathBuf>,
+    control_plane_key: Option<PathBuf>,
     node_id: Option<String>,
     redis: Option<String>,
     state_dir: Option<PathBuf>,
@@ -174,6 +184,8 @@ pub struct Settings {
     /// CA certificates (PEM) an https:// control plane is verified against; `None`: the
     /// system's roots.
     pub control_plane_ca: Option<PathBuf>,
+    /// Client certificate and key presented to the control plane (mutual TLS).
+    pub control_plane_identity: Option<TlsFiles>,
     pub node_id: String,
     pub redis: Option<String>,
     pub state_dir: Option<PathBuf>,
@@ -212,6 +224,7 @@ impl Default for Settings {
             admin_listen: ([127, 0, 0, 1], 9901).into(),
             control_plane: "http://127.0.0.1:50051".to_owned(),
             control_plane_ca: None,
+            control_plane_identity: None,
             node_id: default_node_id(),
             redis: None,
             state_dir: None,
@@ -346,6 +359,19 @@ impl Settings {
                 .or(file.control_plane)
                 .unwrap_or(d.control_plane),
             control_plane_ca: args.control_plane_ca.or(file.control_plane_ca),
+            control_plane_identity: match (
+                args.control_plane_cert.or(file.control_plane_cert),
+                args.control_plane_key.or(file.control_plane_key),
+            ) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(SettingsError::Invalid {
+                        key: "control_plane_cert",
+                        message: "control_plane_cert and control_plane_key go together".into(),
+                    });
+                }
+            },
             node_id: args.node_id.or(file.node_id).unwrap_or(d.node_id),
             redis: args.redis.or(file.redis).filter(|r| !r.is_empty()),
             state_dir: args.state_dir.or(file.state_dir),
@@ -419,6 +445,17 @@ impl Settings {
         if let Some(ca) = &s.control_plane_ca {
             crate::tls::client::read_roots("control_plane_ca", ca)?;
         }
+        if let Some(files) = &s.control_plane_identity {
+            crate::tls::load(files, crate::tls::unix_seconds(std::time::SystemTime::now()))
+                .map_err(|mut e| {
+                    e.setting = if e.setting == "tls_key" {
+                        "control_plane_key"
+                    } else {
+                        "control_plane_cert"
+                    };
+                    e
+                })?;
+        }
         if let Some(b) = &s.backend_tls {
             crate::tls::client::read_roots("backend_ca", &b.ca)?;
         }
@@ -447,6 +484,12 @@ impl Settings {
             return invalid(
                 "control_plane_ca",
                 "is set, but control_plane is not an https:// URL: the CA would not be used",
+            );
+        }
+        if self.control_plane_identity.is_some() && !self.control_plane.starts_with("https://") {
+            return invalid(
+                "control_plane_cert",
+                "is set, but control_plane is not an https:// URL: the certificate would not be used",
             );
         }
         if self.node_id.is_empty()

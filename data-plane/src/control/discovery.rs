@@ -22,7 +22,7 @@ use lb_proto::v1::{ConfigSnapshot, Node, WatchRequest};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::settings::Settings;
 use crate::policy::backoff::Backoff;
@@ -65,6 +65,16 @@ pub fn endpoint(settings: &Settings) -> Result<Endpoint, BoxError> {
             tls.ca_certificate(Certificate::from_pem(roots.pem))
         }
         None => tls.with_native_roots(),
+    };
+    // Mutual TLS: this data plane's certificate, read again at each connection (so a renewed
+    // one is used at the next).
+    let tls = match &settings.control_plane_identity {
+        Some(files) => {
+            let cert = std::fs::read(&files.cert)?;
+            let key = std::fs::read(&files.key)?;
+            tls.identity(Identity::from_pem(cert, key))
+        }
+        None => tls,
     };
     Ok(endpoint.tls_config(tls)?)
 }

@@ -304,6 +304,36 @@ impl Tls {
         TlsAcceptor::from(Arc::new(config))
     }
 
+    /// As [`Tls::acceptor_with_alpn`], asking clients for a certificate chained to `roots`
+    /// (mutual TLS): one that presents an untrusted certificate is refused at the handshake;
+    /// one that presents none is accepted, and its calls need another credential. It shares the
+    /// certificate in use, so reloads reach it too.
+    pub fn acceptor_verifying_clients(
+        &self,
+        alpn: &[&[u8]],
+        roots: rustls::RootCertStore,
+    ) -> Result<TlsAcceptor, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let refuse = |problem: String| TlsError {
+            setting: "client_ca",
+            path: self.files.cert.clone(),
+            problem,
+        };
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| refuse(format!("cannot check client certificates: {e}")))?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| refuse(format!("cannot build the TLS configuration: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::clone(&self.resolver) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.ticketer = Arc::clone(&self.config.ticketer);
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
     /// Serial number and validity of the certificate in use.
     pub fn certificate(&self) -> CertInfo {
         self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -80,7 +80,14 @@ impl Ca {
     /// A certificate for `names` that serves as client and server both, as the nodes of a
     /// Redis Cluster over TLS need (each connects to the others' bus with it).
     pub fn peer_leaf(&self, names: &[&str]) -> Leaf {
-        self.issue(names, None, None, true)
+        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        self.issue(names, None, None, &[ServerAuth, ClientAuth])
+    }
+
+    /// A client certificate for `names` (DNS names): what a data plane presents to a control
+    /// plane checking client certificates.
+    pub fn client_leaf(&self, names: &[&str]) -> Leaf {
+        self.issue(names, None, None, &[ExtendedKeyUsagePurpose::ClientAuth])
     }
 
     /// As [`Ca::leaf`], with this serial number and, when given, valid from the first date to
@@ -91,7 +98,12 @@ impl Ca {
         serial: Option<u8>,
         validity: Option<(Date, Date)>,
     ) -> Leaf {
-        self.issue(names, serial, validity, false)
+        self.issue(
+            names,
+            serial,
+            validity,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+        )
     }
 
     fn issue(
@@ -99,16 +111,12 @@ impl Ca {
         names: &[&str],
         serial: Option<u8>,
         validity: Option<(Date, Date)>,
-        client_too: bool,
+        usages: &[ExtendedKeyUsagePurpose],
     ) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let mut p = CertificateParams::new(names).unwrap();
         p.distinguished_name.push(DnType::CommonName, "test server");
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        if client_too {
-            p.extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ClientAuth);
-        }
+        p.extended_key_usages = usages.to_vec();
         if let Some(serial) = serial {
             p.serial_number = Some(SerialNumber::from_slice(&[serial]));
         }
