@@ -29,6 +29,24 @@ fn not_found(address: &str) -> UpdateError {
     UpdateError::NotFound(format!("no backend {address}"))
 }
 
+/// Changes the backend at `address` with `f`; `NotFound` when there is none.
+async fn change_backend(
+    cp: &ControlPlane,
+    address: &str,
+    f: impl FnOnce(&mut Backend),
+) -> Result<u64, UpdateError> {
+    cp.update(|s| {
+        let b = s
+            .backends
+            .iter_mut()
+            .find(|b| b.address == address)
+            .ok_or_else(|| not_found(address))?;
+        f(b);
+        Ok(())
+    })
+    .await
+}
+
 /// Sets the strategy; shared by gRPC and REST.
 pub async fn set_strategy(cp: &ControlPlane, strategy: &str) -> Result<u64, UpdateError> {
     validate::strategy(strategy)?;
@@ -38,6 +56,17 @@ pub async fn set_strategy(cp: &ControlPlane, strategy: &str) -> Result<u64, Upda
         Ok(())
     })
     .await
+}
+
+impl AdminService {
+    /// A change to the configuration, answered with its version.
+    async fn update(
+        &self,
+        change: impl FnOnce(&mut ConfigSnapshot) -> Result<(), UpdateError>,
+    ) -> Result<Response<ConfigChange>, Status> {
+        let version = self.cp.update(change).await?;
+        Ok(Response::new(ConfigChange { version }))
+    }
 }
 
 #[tonic::async_trait]
@@ -88,26 +117,23 @@ impl Admin for AdminService {
         validate::backend_address(&r.address).map_err(UpdateError::from)?;
         let weight = if r.weight == 0 { 1 } else { r.weight };
         validate::weight(weight).map_err(UpdateError::from)?;
-        let v = self
-            .cp
-            .update(|s| {
-                if s.backends.iter().any(|b| b.address == r.address) {
-                    return Err(Invalid::new(
-                        "backend.address",
-                        format!("duplicate backend {}", r.address),
-                    )
-                    .into());
-                }
-                s.backends.push(Backend {
-                    address: r.address,
-                    weight,
-                    draining: false,
-                    max_in_flight: r.max_in_flight,
-                });
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            if s.backends.iter().any(|b| b.address == r.address) {
+                return Err(Invalid::new(
+                    "backend.address",
+                    format!("duplicate backend {}", r.address),
+                )
+                .into());
+            }
+            s.backends.push(Backend {
+                address: r.address,
+                weight,
+                draining: false,
+                max_in_flight: r.max_in_flight,
+            });
+            Ok(())
+        })
+        .await
     }
 
     async fn remove_backend(
@@ -115,18 +141,15 @@ impl Admin for AdminService {
         r: Request<RemoveBackendRequest>,
     ) -> Result<Response<ConfigChange>, Status> {
         let address = r.into_inner().address;
-        let v = self
-            .cp
-            .update(|s| {
-                let before = s.backends.len();
-                s.backends.retain(|b| b.address != address);
-                if s.backends.len() == before {
-                    return Err(not_found(&address));
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            let before = s.backends.len();
+            s.backends.retain(|b| b.address != address);
+            if s.backends.len() == before {
+                return Err(not_found(&address));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn set_backend_weight(
@@ -135,18 +158,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ConfigChange>, Status> {
         let r = r.into_inner();
         validate::weight(r.weight).map_err(UpdateError::from)?;
-        let v = self
-            .cp
-            .update(|s| {
-                let b = s
-                    .backends
-                    .iter_mut()
-                    .find(|b| b.address == r.address)
-                    .ok_or_else(|| not_found(&r.address))?;
-                b.weight = r.weight;
-                Ok(())
-            })
-            .await?;
+        let v = change_backend(&self.cp, &r.address, |b| b.weight = r.weight).await?;
         Ok(change(v))
     }
 
@@ -155,18 +167,7 @@ impl Admin for AdminService {
         r: Request<DrainBackendRequest>,
     ) -> Result<Response<ConfigChange>, Status> {
         let r = r.into_inner();
-        let v = self
-            .cp
-            .update(|s| {
-                let b = s
-                    .backends
-                    .iter_mut()
-                    .find(|b| b.address == r.address)
-                    .ok_or_else(|| not_found(&r.address))?;
-                b.draining = r.drain;
-                Ok(())
-            })
-            .await?;
+        let v = change_backend(&self.cp, &r.address, |b| b.draining = r.drain).await?;
         Ok(change(v))
     }
 
@@ -187,20 +188,17 @@ impl Admin for AdminService {
             .tier
             .ok_or_else(|| Status::invalid_argument("tier: missing"))?;
         validate::tier(&tier).map_err(UpdateError::from)?;
-        let v = self
-            .cp
-            .update(|s| {
-                let rl = s
-                    .rate_limit
-                    .get_or_insert_with(lb_proto::defaults::rate_limit);
-                match rl.tiers.iter_mut().find(|t| t.name == tier.name) {
-                    Some(t) => *t = tier,
-                    None => rl.tiers.push(tier),
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            let rl = s
+                .rate_limit
+                .get_or_insert_with(lb_proto::defaults::rate_limit);
+            match rl.tiers.iter_mut().find(|t| t.name == tier.name) {
+                Some(t) => *t = tier,
+                None => rl.tiers.push(tier),
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn delete_tier(
@@ -208,33 +206,28 @@ impl Admin for AdminService {
         r: Request<DeleteTierRequest>,
     ) -> Result<Response<ConfigChange>, Status> {
         let name = r.into_inner().name;
-        let v = self
-            .cp
-            .update(|s| {
-                let rl = s
-                    .rate_limit
-                    .get_or_insert_with(lb_proto::defaults::rate_limit);
-                if rl.default_tier == name {
-                    return Err(
-                        Invalid::new("tier.name", format!("{name} is the default tier")).into(),
-                    );
-                }
-                if s.keys.iter().any(|k| k.tier == name) {
-                    return Err(Invalid::new(
-                        "tier.name",
-                        format!("API keys still use tier {name}"),
-                    )
-                    .into());
-                }
-                let before = rl.tiers.len();
-                rl.tiers.retain(|t| t.name != name);
-                if rl.tiers.len() == before {
-                    return Err(UpdateError::NotFound(format!("no tier {name}")));
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            let rl = s
+                .rate_limit
+                .get_or_insert_with(lb_proto::defaults::rate_limit);
+            if rl.default_tier == name {
+                return Err(
+                    Invalid::new("tier.name", format!("{name} is the default tier")).into(),
+                );
+            }
+            if s.keys.iter().any(|k| k.tier == name) {
+                return Err(
+                    Invalid::new("tier.name", format!("API keys still use tier {name}")).into(),
+                );
+            }
+            let before = rl.tiers.len();
+            rl.tiers.retain(|t| t.name != name);
+            if rl.tiers.len() == before {
+                return Err(UpdateError::NotFound(format!("no tier {name}")));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn set_ip_limit(
@@ -246,16 +239,13 @@ impl Admin for AdminService {
             .limit
             .ok_or_else(|| Status::invalid_argument("limit: missing"))?;
         validate::limit(&limit, "limit").map_err(UpdateError::from)?;
-        let v = self
-            .cp
-            .update(|s| {
-                s.rate_limit
-                    .get_or_insert_with(lb_proto::defaults::rate_limit)
-                    .ip_limit = Some(limit);
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            s.rate_limit
+                .get_or_insert_with(lb_proto::defaults::rate_limit)
+                .ip_limit = Some(limit);
+            Ok(())
+        })
+        .await
     }
 
     async fn set_policy(
@@ -267,23 +257,20 @@ impl Admin for AdminService {
             .into_inner()
             .policy
             .ok_or_else(|| Status::invalid_argument("policy: missing (health_check, outlier, circuit_breaker, retry, queue, timeouts, hash or cache)"))?;
-        let v = self
-            .cp
-            .update(|s| {
-                match policy {
-                    Policy::HealthCheck(p) => s.health_check = Some(p),
-                    Policy::Outlier(p) => s.outlier = Some(p),
-                    Policy::CircuitBreaker(p) => s.circuit_breaker = Some(p),
-                    Policy::Retry(p) => s.retry = Some(p),
-                    Policy::Queue(p) => s.queue = Some(p),
-                    Policy::Timeouts(p) => s.timeouts = Some(p),
-                    Policy::Hash(p) => s.hash = Some(p),
-                    Policy::Cache(p) => s.cache = Some(p),
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            match policy {
+                Policy::HealthCheck(p) => s.health_check = Some(p),
+                Policy::Outlier(p) => s.outlier = Some(p),
+                Policy::CircuitBreaker(p) => s.circuit_breaker = Some(p),
+                Policy::Retry(p) => s.retry = Some(p),
+                Policy::Queue(p) => s.queue = Some(p),
+                Policy::Timeouts(p) => s.timeouts = Some(p),
+                Policy::Hash(p) => s.hash = Some(p),
+                Policy::Cache(p) => s.cache = Some(p),
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn create_api_key(
@@ -402,14 +389,11 @@ impl Admin for AdminService {
                 ));
             }
         }
-        let v = self
-            .cp
-            .update(|s| {
-                ratelimit::push_directive(&mut s.directives, directive::Kind::Purge(purge));
-                Ok(())
-            })
-            .await?;
-        Ok(change(v))
+        self.update(|s| {
+            ratelimit::push_directive(&mut s.directives, directive::Kind::Purge(purge));
+            Ok(())
+        })
+        .await
     }
 
     type TailLogStream = Pin<Box<dyn Stream<Item = Result<RequestLogEntry, Status>> + Send>>;
