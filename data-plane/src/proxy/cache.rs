@@ -13,7 +13,8 @@ use http_body_util::Limited;
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
-use super::request::{self, X_REQUEST_ID};
+use super::request;
+use super::request_id::X_REQUEST_ID;
 use super::worker::Worker;
 use crate::cache::{Entry, Fill, Lookup, NotStored, Tee, X_CACHE};
 use crate::clock::{millis, unix_ms};

@@ -26,6 +26,7 @@ pub mod forward;
 pub mod limit;
 pub mod refusal;
 pub mod request;
+pub mod request_id;
 pub mod span;
 pub mod worker;
 
@@ -50,7 +51,7 @@ use crate::upstream::request_body::{ClientBody, RequestBody};
 use cache::Looked;
 use forward::{Attempt, Route};
 use refusal::Refusal;
-use request::X_REQUEST_ID;
+use request_id::X_REQUEST_ID;
 
 /// How many passes of the event loop a response waits before hyper writes it (see [`handle`]).
 const RESPONSE_PASSES: usize = 3;
@@ -78,7 +79,7 @@ pub async fn handle(
     let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
     let last = request::closes_after(&req);
     let http2 = req.version() == http::Version::HTTP_2;
-    let id = request::request_id(req.headers());
+    let id = request_id::request_id(req.headers());
     let mut resp = proxy(&worker, &conn, req, &id, detailed).await;
     if http2 {
         resp = resp.map(|b| b.relayed(shared.settings.send_timeout, Arc::clone(&conn)));

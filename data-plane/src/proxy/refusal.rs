@@ -9,7 +9,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
-use super::request::X_REQUEST_ID;
+use super::request_id::X_REQUEST_ID;
 use crate::ratelimit::quota::Quota;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::report::Outcome;

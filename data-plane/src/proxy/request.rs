@@ -7,21 +7,18 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
 use super::refusal::Refusal;
+use super::request_id::X_REQUEST_ID;
 use super::worker::ClientConn;
 use crate::config::active::{Active, HashSource};
 use crate::policy::balance::hash_bytes;
 use crate::upstream::Outgoing;
 use crate::upstream::request_body::RequestBody;
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-/// Longest client-supplied request id kept; a longer or odd one is replaced.
-const MAX_REQUEST_ID: usize = 200;
 
 /// Removes the hop-by-hop fields of a message on its way through (RFC 9110 section 7.6.1): the
 /// classic set, and those `Connection` names. One pass finds them; most messages carry none.
@@ -68,32 +65,6 @@ pub fn closes_after<B>(req: &Request<B>) -> bool {
         Version::HTTP_09 | Version::HTTP_10 => !says(b"keep-alive"),
         Version::HTTP_11 => says(b"close"),
         _ => false,
-    }
-}
-
-/// 128 random bits as 32 hex digits.
-fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = fastrand::u128(..);
-    let mut buf = [0u8; 32];
-    for b in buf.iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
-    }
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
-}
-
-/// The request's id: the client's `X-Request-Id` when it is sane, else a new one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    match headers.get(&X_REQUEST_ID) {
-        Some(v)
-            if !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID
-                && v.as_bytes().iter().all(u8::is_ascii_graphic) =>
-        {
-            v.clone()
-        }
-        _ => new_request_id(),
     }
 }
 
@@ -286,16 +257,4 @@ mod tests {
         assert!(!closes_after(&req(Version::HTTP_2, Some("close"))));
     }
 
-    #[test]
-    fn request_ids_are_kept_when_sane() {
-        let mut h = HeaderMap::new();
-        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
-        h.insert(
-            &X_REQUEST_ID,
-            HeaderValue::from_str(&"x".repeat(500)).unwrap(),
-        );
-        assert_eq!(request_id(&h).len(), 32);
-        assert_ne!(new_request_id(), new_request_id());
-    }
 }

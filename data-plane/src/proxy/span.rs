@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use opentelemetry::KeyValue;
 
 use super::body::ProxyBody;
-use super::request::X_REQUEST_ID;
+use super::request_id::X_REQUEST_ID;
 use super::worker::{ClientConn, Worker};
 use crate::cache::X_CACHE;
 use crate::ratelimit::quota::X_RATELIMIT_REMAINING;
