@@ -33,6 +33,8 @@ pub struct Shared {
     /// Every configured backend's endpoint, by address (shared with the metrics collector).
     endpoints: Arc<Mutex<HashMap<String, Arc<Endpoint>>>>,
     pub metrics: Metrics,
+    /// Upgraded connections open (bounded by `--max-tunnels`).
+    pub tunnels: std::sync::atomic::AtomicUsize,
     pub control_plane_connected: AtomicBool,
     /// The last snapshot refused: its version and why.
     pub last_rejected: Mutex<Option<(u64, String)>>,
@@ -106,6 +108,7 @@ impl Shared {
             active: ArcSwapOption::empty(),
             endpoints,
             metrics,
+            tunnels: std::sync::atomic::AtomicUsize::new(0),
             control_plane_connected: AtomicBool::new(false),
             last_rejected: Mutex::new(None),
             admission,

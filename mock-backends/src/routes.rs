@@ -55,6 +55,7 @@ pub(crate) async fn route(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Resp,
     }
 
     let result = match path.as_str() {
+        "/ws" => Ok(websocket(parts, inner)),
         "/echo" => echo(&parts, body, inner).await,
         "/echo/stream" => Ok(echo_stream(&parts, body)),
         "/abort" => return Err("connection aborted by /abort".into()),
@@ -484,3 +485,70 @@ pub(crate) fn merge_faults(
 // ---------------------------------------------------------------------------
 // Bodies and helpers
 // ---------------------------------------------------------------------------
+
+/// `/ws`: a WebSocket echo. Every text and binary message comes back as it went; a ping is
+/// answered. A request that is not a WebSocket handshake gets 426. The socket is dropped when
+/// the backend refuses connections or stops, as a killed process's would be.
+pub(crate) fn websocket(mut parts: Parts, inner: &Inner) -> Resp {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let asked = parts
+        .headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let key = parts.headers.get(http::header::SEC_WEBSOCKET_KEY).cloned();
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let (true, Some(key), Some(on_upgrade)) = (asked, key, on_upgrade) else {
+        return json_response(
+            StatusCode::UPGRADE_REQUIRED,
+            &json!({"backend": inner.name, "error": "a WebSocket handshake is expected"}),
+        );
+    };
+    let (name, close) = (inner.name.clone(), inner.close.subscribe());
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => echo_messages(TokioIo::new(upgraded), close).await,
+            Err(e) => tracing::debug!(backend = %name, error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(http::header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    resp
+}
+
+/// Echoes a WebSocket's messages until it closes, or the backend closes its connections.
+async fn echo_messages(
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    mut close: watch::Receiver<crate::server::CloseSignal>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            _ = close.wait_for(|c| c.mode != crate::server::CloseMode::Open) => return,
+        };
+        let Some(Ok(msg)) = msg else {
+            return;
+        };
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(_) => return,
+            // Pings are answered by the library; pongs and raw frames need nothing.
+            _ => continue,
+        };
+        if ws.send(reply).await.is_err() {
+            return;
+        }
+    }
+}

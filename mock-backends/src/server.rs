@@ -278,7 +278,7 @@ pub(crate) async fn serve_connection(
     let backend = ctx.inner.name.clone();
     let builder = auto::Builder::new(TokioExecutor::new());
     let service = service_fn(move |req| handle(req, ctx.clone()));
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut draining = false;
     loop {

@@ -146,6 +146,7 @@ pub fn timeouts() -> TimeoutPolicy {
         body_idle_ms: None,
         client_body_ms: None,
         try_ms: None,
+        tunnel_idle_ms: None,
     }
 }
 

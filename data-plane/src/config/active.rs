@@ -27,6 +27,11 @@ use crate::ratelimit::gcra::{BanRule, Rate};
 /// each read, so a client trickling a byte at a time cannot hold a backend connection longer.
 pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long an upgraded connection may carry nothing when `timeouts.tunnel_idle_ms` is unset:
+/// an hour, as HAProxy's `timeout tunnel` is often set; WebSocket applications ping well within
+/// it.
+pub const DEFAULT_TUNNEL_IDLE: Duration = Duration::from_secs(3600);
+
 /// A backend as one snapshot configures it.
 pub struct Slot {
     pub endpoint: Arc<Endpoint>,
@@ -64,6 +69,9 @@ pub struct Active {
     pub client_body_timeout: Option<Duration>,
     /// How long one try of a request that may be sent again waits for its head.
     pub try_timeout: TryTimeout,
+    /// How long an upgraded connection may carry nothing before it is closed
+    /// (`timeouts.tunnel_idle_ms`).
+    pub tunnel_idle: Option<Duration>,
 }
 
 /// The per-try timeout of requests that may be sent again (`timeouts.try_ms`).
@@ -296,6 +304,11 @@ impl Active {
             Some(0) => None,
             Some(ms) => Some(Duration::from_millis(u64::from(ms))),
         };
+        let tunnel_idle = match timeouts.tunnel_idle_ms {
+            None => Some(DEFAULT_TUNNEL_IDLE),
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(u64::from(ms))),
+        };
         let rl = snapshot.rate_limit.clone().unwrap_or_default();
         let trusted = rl
             .trusted_proxies
@@ -330,6 +343,7 @@ impl Active {
                 body_idle: body_idle_timeout,
             },
             client_body_timeout,
+            tunnel_idle,
             try_timeout,
         })
     }

@@ -78,6 +78,10 @@ pub struct Args {
     /// its address) [default: 0]
     #[arg(long, env = "LB_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
+    /// Most upgraded connections (WebSockets and other protocols switched to with `Upgrade`)
+    /// open at once; past it an upgrade is answered 503 [default: 5000]
+    #[arg(long, env = "LB_MAX_TUNNELS", value_name = "N")]
+    pub max_tunnels: Option<usize>,
     /// Largest request body in bytes [default: 104857600]
     #[arg(long, env = "LB_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
@@ -158,6 +162,7 @@ struct FileSettings {
     allowed_backends: Option<Vec<String>>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    max_tunnels: Option<usize>,
     max_body_bytes: Option<u64>,
     max_header_bytes: Option<usize>,
     header_timeout_ms: Option<u64>,
@@ -193,6 +198,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most connections from one client address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// Most upgraded connections open at once.
+    pub max_tunnels: usize,
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
@@ -231,6 +238,7 @@ impl Default for Settings {
             allowed_backends: Vec::new(),
             max_connections: 10_000,
             max_connections_per_ip: 0,
+            max_tunnels: 5000,
             max_body_bytes: 100 << 20,
             max_header_bytes: 64 << 10,
             header_timeout: Duration::from_secs(10),
@@ -384,6 +392,10 @@ impl Settings {
                 .max_connections_per_ip
                 .or(file.max_connections_per_ip)
                 .unwrap_or(d.max_connections_per_ip),
+            max_tunnels: args
+                .max_tunnels
+                .or(file.max_tunnels)
+                .unwrap_or(d.max_tunnels),
             max_body_bytes: args
                 .max_body_bytes
                 .or(file.max_body_bytes)

@@ -155,6 +155,12 @@ impl UpstreamResponse {
         self.in_flight.endpoint()
     }
 
+    /// The connection of a `101 Switching Protocols`, for its tunnel (see
+    /// [`upstream::Body::take_switched`]).
+    pub(crate) fn take_switched(&mut self) -> Option<(upstream::conn::Io, bytes::BytesMut)> {
+        self.body.take_switched()
+    }
+
     /// Copies the body into the cache as it streams.
     pub fn fill_cache(&mut self, tee: Tee) {
         self.tee = Some(Box::new(tee));

@@ -28,6 +28,7 @@ pub mod refusal;
 pub mod request;
 pub mod request_id;
 pub mod span;
+pub mod tunnel;
 pub mod worker;
 
 use std::convert::Infallible;
@@ -37,6 +38,7 @@ use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use lb_proto::v1::RequestLogEntry;
 use tokio::time::Instant;
 
@@ -137,16 +139,13 @@ async fn proxy(
 ) -> Response<ProxyBody> {
     let shared = &*worker.shared;
     let refuse = |r: Refusal| r.render(&shared.metrics, id);
-    let (parts, body) = req.into_parts();
-    // 1. Within limits, and framed without ambiguity. The configuration is loaded once: the
-    // request runs under one snapshot.
-    if let Err(r) = request::check_head(&parts) {
-        return refuse(r);
-    }
-    let limit = shared.settings.max_body_bytes;
-    if request::declared_length(&parts.headers).is_some_and(|n| n > limit) {
-        return refuse(Refusal::BodyTooLarge { limit });
-    }
+    let (mut parts, body) = req.into_parts();
+    // 1. Within limits, framed without ambiguity; and whether it asks to switch protocols. The
+    // configuration is loaded once: the request runs under one snapshot.
+    let upgrade = match accept(shared, &parts) {
+        Ok(u) => u,
+        Err(r) => return refuse(r),
+    };
     let Some(active) = worker.active() else {
         return refuse(Refusal::NotConfigured);
     };
@@ -161,8 +160,18 @@ async fn proxy(
         Err(r) => return refuse(r),
     };
     let quota = admitted.quota;
+    // A switch of protocols takes a place among the tunnels, and never an answer from the cache.
+    let tunnel = match upgrade.map(|u| tunnel::Place::take(&worker.shared).map(|p| (u, p))) {
+        Some(Err(r)) => return refuse(r),
+        t => t.transpose().ok().flatten(),
+    };
+    let client_side = tunnel.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
     // 5. The cache.
-    let miss = match cache::lookup(worker, &parts, id, quota.as_ref()).await {
+    let looked = match tunnel {
+        Some(_) => Looked::Miss(cache::Miss::default()),
+        None => cache::lookup(worker, &parts, id, quota.as_ref()).await,
+    };
+    let miss = match looked {
         Looked::Hit(resp) => return resp,
         Looked::Miss(m) => m,
     };
@@ -174,17 +183,39 @@ async fn proxy(
     // A request without a body can be sent again after it reached a backend, if idempotent;
     // any request can be moved elsewhere when it never left (connect failure).
     let replayable = body.is_end_stream() && retry::is_idempotent(&parts.method);
+    let limit = shared.settings.max_body_bytes;
     let body = RequestBody::Client(ClientBody::new(body, limit, active.client_body_timeout));
-    let (outgoing, has_host) = request::outgoing(parts, conn, &active, id, body);
+    let switch = tunnel.as_ref().map(|(u, _)| u);
+    let (outgoing, has_host) = request::outgoing(parts, conn, &active, id, body, switch);
     let sent = Attempt::new(worker, &active, id, route, outgoing, has_host, replayable)
         .send()
         .await;
+    let sent = match tunnel {
+        Some((u, place)) => sent.and_then(|resp| {
+            tunnel::answer(worker, resp, &u, client_side, place, active.tunnel_idle)
+        }),
+        None => sent,
+    };
     let resp = match sent {
         Ok(resp) => answered(resp, id, quota.as_ref(), detailed),
         Err(r) => refuse(r),
     };
     // 9. The cache fill (or a stale entry in place of an error); 10. the response streams back.
     miss.finish(worker, resp, id)
+}
+
+/// Step 1's checks: a head the proxy takes as it is, a declared body within the limit. Also
+/// the switch of protocols the request asks for, if any.
+fn accept(
+    shared: &crate::shared::Shared,
+    parts: &http::request::Parts,
+) -> Result<Option<tunnel::Upgrade>, Refusal> {
+    request::check_head(parts)?;
+    let limit = shared.settings.max_body_bytes;
+    if request::declared_length(&parts.headers).is_some_and(|n| n > limit) {
+        return Err(Refusal::BodyTooLarge { limit });
+    }
+    tunnel::requested(parts)
 }
 
 /// A backend's response as the client gets it: the request id and quota fields added, and,

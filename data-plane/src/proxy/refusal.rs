@@ -24,6 +24,10 @@ pub enum Refusal {
     BadRequest(&'static str),
     /// A method the proxy does not carry (`CONNECT`).
     MethodNotAllowed,
+    /// An extended `CONNECT` (RFC 8441) for a protocol other than WebSocket.
+    UnsupportedProtocol,
+    /// `--max-tunnels` upgraded connections are open already.
+    TooManyTunnels { max: usize },
     /// A transfer coding other than a single, final `chunked`.
     UnsupportedTransferCoding,
     /// The client's request body failed on its way to the backend.
@@ -65,7 +69,9 @@ impl Refusal {
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            Refusal::UnsupportedTransferCoding | Refusal::UnsupportedProtocol => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             Refusal::ClientBody(e) => match e {
                 ClientBodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 ClientBodyError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
@@ -76,6 +82,7 @@ impl Refusal {
             Refusal::Blocked => StatusCode::FORBIDDEN,
             Refusal::RateLimited { .. } | Refusal::Banned { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::NotConfigured
+            | Refusal::TooManyTunnels { .. }
             | Refusal::LimiterUnavailable
             | Refusal::QueueFull
             | Refusal::QueueTimeout
@@ -94,6 +101,8 @@ impl Refusal {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::MethodNotAllowed => "method_not_allowed",
             Refusal::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Refusal::UnsupportedProtocol => "unsupported_protocol",
+            Refusal::TooManyTunnels { .. } => "tunnel_limit",
             Refusal::ClientBody(e) => match e {
                 ClientBodyError::TooLarge { .. } => "body_too_large",
                 ClientBodyError::TimedOut(_) => "body_timeout",
@@ -124,6 +133,12 @@ impl Refusal {
             Refusal::MethodNotAllowed => "CONNECT is not carried by this proxy".to_owned(),
             Refusal::UnsupportedTransferCoding => {
                 "only the chunked transfer coding is supported".to_owned()
+            }
+            Refusal::UnsupportedProtocol => {
+                "only WebSocket is carried over an extended CONNECT".to_owned()
+            }
+            Refusal::TooManyTunnels { max } => {
+                format!("{max} upgraded connections are open, the most this proxy carries")
             }
             Refusal::ClientBody(e) => e.to_string(),
             Refusal::NotConfigured => {
@@ -172,6 +187,7 @@ impl Refusal {
             Refusal::LimiterUnavailable
             | Refusal::QueueFull
             | Refusal::QueueTimeout
+            | Refusal::TooManyTunnels { .. }
             | Refusal::BackendUnreachable { .. } => Some(1),
             _ => None,
         }

@@ -7,6 +7,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
 use super::refusal::Refusal;
+use super::tunnel::{self, Upgrade};
 use super::request_id::X_REQUEST_ID;
 use super::worker::ClientConn;
 use crate::config::active::{Active, HashSource};
@@ -49,7 +50,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The comma-separated tokens of every `Connection` field, trimmed.
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
         .into_iter()
@@ -68,12 +69,14 @@ pub fn closes_after<B>(req: &Request<B>) -> bool {
     }
 }
 
-/// Refuses a request head the proxy will not guess about (RFC 9112): `CONNECT` (no tunnels
-/// here), a transfer coding other than one final `chunked` (hyper decodes `chunked` whatever
+/// Refuses a request head the proxy will not guess about (RFC 9112): `CONNECT` (but RFC 8441's
+/// extended one, see [`super::tunnel`]), a transfer coding other than one final `chunked` (hyper decodes `chunked` whatever
 /// precedes it, and the rest would be dropped silently), and on HTTP/1.1 a missing `Host`, more
 /// than one, or one that is not a host and port.
 pub fn check_head(parts: &http::request::Parts) -> Result<(), Refusal> {
-    if parts.method == http::Method::CONNECT {
+    if parts.method == http::Method::CONNECT
+        && parts.extensions.get::<hyper::ext::Protocol>().is_none()
+    {
         return Err(Refusal::MethodNotAllowed);
     }
     let mut codings = parts
@@ -151,14 +154,15 @@ pub fn priority(headers: &HeaderMap, conn: &ClientConn, active: &Active, base: u
 }
 
 /// The request rewritten for a backend, with its body: origin-form target, HTTP/1.1, hop-by-hop
-/// fields out, forwarding fields in. Also whether the client named a host (if not, each
-/// attempt names its backend's).
+/// fields out, forwarding fields in, and the fields of a switch of protocols it asks for. Also
+/// whether the client named a host (if not, each attempt names its backend's).
 pub fn outgoing(
     mut parts: http::request::Parts,
     conn: &ClientConn,
     active: &Active,
     id: &HeaderValue,
     body: RequestBody,
+    upgrade: Option<&Upgrade>,
 ) -> (Outgoing, bool) {
     // The client's host, kept for the backend (Host) and recorded in X-Forwarded-Host: the
     // target's authority, which wins over `Host` (RFC 9112 section 3.2.2; `:authority` on
@@ -173,8 +177,13 @@ pub fn outgoing(
         Some(pq) => Uri::from(pq.clone()),
         None => Uri::from_static("/"),
     };
-    // Backends speak HTTP/1.1 on pooled connections whatever the client spoke.
+    // Backends speak HTTP/1.1 on pooled connections whatever the client spoke; a WebSocket
+    // over HTTP/2 becomes the GET that asks for one.
     parts.version = Version::HTTP_11;
+    if upgrade == Some(&Upgrade::WebSocketOverH2) {
+        parts.method = http::Method::GET;
+    }
+    let switch = upgrade.map(|u| tunnel::fields(u, &parts.headers));
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -204,16 +213,16 @@ pub fn outgoing(
         xff.as_ref().map(|v| (&X_FORWARDED_FOR, Some(v))),
         (!keep_forwarded_host).then_some((&X_FORWARDED_HOST, host.as_ref())),
     ];
-    let mut set: [(&HeaderName, Option<&HeaderValue>); 6] = [(&X_PRIORITY, None); 6];
+    let switch_fields = switch.iter().flatten().flatten().map(|(n, v)| Some((n, Some(v))));
+    let mut set: [(&HeaderName, Option<&HeaderValue>); 10] = [(&X_PRIORITY, None); 10];
     let mut n = 0;
-    for f in fields.into_iter().flatten() {
+    for f in fields.into_iter().chain(switch_fields).flatten() {
         set[n] = f;
         n += 1;
     }
-    (
-        Outgoing::with_fields(&parts, &set[..n], body),
-        host.is_some(),
-    )
+    let out = Outgoing::with_fields(&parts, &set[..n], body);
+    let out = if upgrade.is_some() { out.upgrade() } else { out };
+    (out, host.is_some())
 }
 
 #[cfg(test)]

@@ -21,6 +21,8 @@ pub struct Worker {
     pub redis: Option<crate::redis::RedisConn>,
     /// Rate-limit decisions through Redis, batched per thread.
     pub(crate) limits: Option<crate::ratelimit::Batcher>,
+    /// This thread's upgraded connections (WebSockets), for a drain to wait for.
+    pub tunnels: super::tunnel::Tunnels,
     /// This thread's handle on the configuration in force, and its version.
     // Deliberately two allocations: the outer count is this thread's alone (see `active`).
     #[allow(clippy::redundant_allocation)]
@@ -41,6 +43,7 @@ impl Worker {
             budget: std::sync::Mutex::new(RetryBudget::new()),
             redis,
             limits,
+            tunnels: super::tunnel::Tunnels::default(),
             active: std::sync::Mutex::new(None),
         }
     }

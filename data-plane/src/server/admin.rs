@@ -89,6 +89,7 @@ async fn stats(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             "5xx": m.responses[3].get(),
         },
         "client_connections": m.connections.get(),
+        "tunnels_open": m.tunnels_open.get(),
         "retries": m.retries.get(),
         "rate_limit_store": store_state(&shared),
         "cache": cache_stats(&shared),

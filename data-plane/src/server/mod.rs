@@ -14,15 +14,16 @@ pub mod sniff;
 pub mod spread;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use spread::Spread;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::task::TaskTracker;
 
 use crate::proxy;
 use crate::shared::Shared;
@@ -221,7 +222,7 @@ impl Accept {
 }
 
 /// One worker: accept, serve each connection, and on stop drain within the deadline.
-async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiver<bool>) {
+async fn worker(shared: Arc<Shared>, mut accept: Accept, stop: watch::Receiver<bool>) {
     let id = accept.id;
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -233,14 +234,17 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(shared.settings.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(shared.settings.max_concurrent_streams);
+        .max_concurrent_streams(shared.settings.max_concurrent_streams)
+        // RFC 8441: WebSockets over HTTP/2 streams.
+        .enable_connect_protocol();
     let servers = Arc::new(Servers { http1, http2 });
     let acceptor = shared.tls().map(|t| t.acceptor());
     let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id).await);
     tokio::spawn(keep_timers_armed(shared.settings.header_timeout));
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let mut stopping = stop.clone();
     let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
+        let _ = stopping.wait_for(|s| *s).await;
     };
     tokio::pin!(stopped);
     loop {
@@ -252,30 +256,37 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, mut stop: watch::Receiv
         let client = Arc::new(proxy::ClientConn::new(peer, acceptor.is_some()));
         let worker_ctx = Arc::clone(&ctx);
         // Everything past the accept runs in the connection's own task, so a slow client delays
-        // no accept; the watcher makes a drain wait for it too (bounded by the header timeout
+        // no accept; the tracker makes a drain wait for it too (bounded by the header timeout
         // until its first request, by the drain timeout after).
-        let (servers, watcher) = (Arc::clone(&servers), graceful.watcher());
+        let (servers, stop) = (Arc::clone(&servers), stop.clone());
         let Some(acceptor) = &acceptor else {
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _held = permit;
-                servers.serve(stream, worker_ctx, client, watcher).await;
+                servers.serve(stream, worker_ctx, client, stop).await;
             });
             continue;
         };
         let handshake = handshake(acceptor, stream, peer, Arc::clone(&shared));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _held = permit;
             let Some(stream) = handshake.await else {
                 return;
             };
-            servers.serve(stream, worker_ctx, client, watcher).await;
+            servers.serve(stream, worker_ctx, client, stop).await;
         });
     }
     drop(accept);
+    connections.close();
+    let deadline = tokio::time::Instant::now() + shared.settings.drain_timeout;
+    // Upgraded connections have left hyper's watch: they are drained on their own, to the
+    // same deadline, and closed cleanly past it.
+    let drained = async { tokio::join!(connections.wait(), ctx.tunnels.drain(deadline)) };
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("connections drained"),
-        () = tokio::time::sleep(shared.settings.drain_timeout) => {
+        _ = drained => tracing::debug!("connections drained"),
+        () = tokio::time::sleep_until(deadline) => {
             tracing::warn!("drain timeout; closing the remaining connections");
+            // The tunnels get their clean close.
+            ctx.tunnels.drain(deadline).await;
         }
     }
 }
@@ -295,7 +306,7 @@ impl Servers {
         mut stream: S,
         worker: Arc<proxy::Worker>,
         client: Arc<proxy::ClientConn>,
-        watcher: Watcher,
+        stop: watch::Receiver<bool>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -321,9 +332,13 @@ impl Servers {
         let svc =
             service_fn(move |req| proxy::handle(Arc::clone(&worker), Arc::clone(&client), req));
         let served = match protocol {
-            sniff::Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, svc)).await,
+            sniff::Protocol::Http1 => {
+                let serving = self.http1.serve_connection(io, svc).with_upgrades();
+                until_stopped(serving, stop, |c| c.graceful_shutdown()).await
+            }
             sniff::Protocol::Http2 => {
-                let serving = watcher.watch(self.http2.serve_connection(io, svc));
+                let serving = self.http2.serve_connection(io, svc);
+                let serving = until_stopped(serving, stop, |c| c.graceful_shutdown());
                 tokio::select! {
                     served = serving => served,
                     // A stream stalled past the send timeout: dropping the connection closes it.
@@ -335,6 +350,21 @@ impl Servers {
             tracing::debug!(client = %peer, cause = %e, "client connection ended with an error");
         }
     }
+}
+
+/// Serves a connection until it ends; once `stop` is set, shuts it down gracefully (an HTTP/1
+/// connection after its request in progress, an HTTP/2 one with a GOAWAY) and waits for it.
+async fn until_stopped<C: Future>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn);
+    tokio::select! {
+        out = conn.as_mut() => return out,
+        _ = stop.wait_for(|s| *s) => shutdown(conn.as_mut()),
+    }
+    conn.await
 }
 
 /// Keeps one timer pending on the worker's event loop for as long as it runs.

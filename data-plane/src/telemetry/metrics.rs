@@ -237,6 +237,10 @@ pub struct Metrics {
     pub worker_connections: IntGaugeVec,
     /// Time requests spent in the priority queue waiting for a backend with room.
     pub queue_wait: Histogram,
+    /// Upgraded connections (WebSockets and other `Upgrade` protocols) open.
+    pub tunnels_open: IntGauge,
+    /// Bytes carried by upgraded connections: `[to_backend, to_client]`.
+    pub tunnel_bytes: [IntCounter; 2],
     /// Registered only when the listener speaks TLS, so a plain listener exports no
     /// certificate expiry of 0 for alerts to trip on.
     tls: std::sync::OnceLock<TlsMetrics>,
@@ -335,6 +339,21 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let tunnels_open = IntGauge::new(
+            "lb_tunnels_open",
+            "Upgraded connections (WebSockets and other Upgrade protocols) open",
+        )
+        .expect("valid metric");
+        let tunnel_bytes_vec = IntCounterVec::new(
+            Opts::new(
+                "lb_tunnel_bytes_total",
+                "Bytes carried by upgraded connections, by direction (to_backend or to_client)",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        let tunnel_bytes =
+            ["to_backend", "to_client"].map(|d| tunnel_bytes_vec.with_label_values(&[d]));
         for c in [
             Box::new(responses_vec) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -348,6 +367,8 @@ impl Metrics {
             Box::new(connections_refused.clone()),
             Box::new(worker_connections.clone()),
             Box::new(queue_wait.clone()),
+            Box::new(tunnels_open.clone()),
+            Box::new(tunnel_bytes_vec),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -365,6 +386,8 @@ impl Metrics {
             connections_refused,
             worker_connections,
             queue_wait,
+            tunnels_open,
+            tunnel_bytes,
             tls: std::sync::OnceLock::new(),
         }
     }

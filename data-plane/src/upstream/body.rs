@@ -41,6 +41,8 @@ pub struct Body {
     /// The client's request body failed while the response streamed: whatever becomes of the
     /// response is not the backend's doing.
     client_fault: bool,
+    /// A `101 Switching Protocols`: the connection is kept for the tunnel, not pooled.
+    switched: bool,
 }
 
 impl Body {
@@ -66,11 +68,37 @@ impl Body {
             decoder: Decoder::new(framing),
             failed: false,
             home,
+            switched: false,
         };
         if body.decoder.is_done() {
             body.finish();
         }
         body
+    }
+
+    /// The body of a `101 Switching Protocols`: none. The connection now carries another
+    /// protocol; [`Body::take_switched`] hands it over.
+    pub(crate) fn switched(conn: Conn) -> Body {
+        Body {
+            upload: None,
+            idle_timeout: None,
+            stall: Stall::default(),
+            client_fault: false,
+            conn: Some(conn),
+            decoder: Decoder::new(Framing::Empty),
+            failed: false,
+            home: None,
+            switched: true,
+        }
+    }
+
+    /// The connection of a `101 Switching Protocols` response, with the bytes of the new
+    /// protocol the backend sent right after its head; `None` for any other response.
+    pub(crate) fn take_switched(&mut self) -> Option<(super::conn::Io, bytes::BytesMut)> {
+        if !self.switched {
+            return None;
+        }
+        self.conn.take().map(|c| (c.io, c.buf))
     }
 
     /// The body is complete: its connection goes back to the pool if it can carry another
@@ -146,6 +174,10 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
+        // A switched connection is no body's: it waits for its tunnel.
+        if this.switched {
+            return Poll::Ready(None);
+        }
         // An upload that fails stays in place, so the connection is not reused; whatever the
         // backend still sends is passed on.
         if let (Some(up), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {

@@ -160,15 +160,17 @@ pub(crate) async fn connect(
     }
 }
 
-/// Reads and parses the response head (skipping interim 1xx responses). Also says whether the
-/// connection may carry another request once the body is read.
+/// Reads and parses the response head (skipping interim 1xx responses but a `101` to a request
+/// that asked to `upgrade`). Also says whether the connection may carry another request once the
+/// body is read.
 pub(crate) fn poll_head(
     conn: &mut Conn,
     head_only: bool,
+    upgrade: bool,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<ParsedHead>> {
     loop {
-        if let Some(parsed) = parse::parse_head(&mut conn.buf, head_only)? {
+        if let Some(parsed) = parse::parse_head(&mut conn.buf, head_only, upgrade)? {
             return Poll::Ready(Ok(parsed));
         }
         if std::task::ready!(conn.poll_fill(cx))? == 0 {

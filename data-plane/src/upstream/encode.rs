@@ -29,6 +29,8 @@ pub(crate) enum Out {
 pub struct Head {
     bytes: Bytes,
     pub(crate) head_only: bool,
+    /// The request asks to switch protocols (`Connection: upgrade`): a `101` answers it.
+    pub(crate) upgrade: bool,
 }
 
 /// A request ready to go to a backend: its head, and its body with the framing chosen for it.
@@ -96,6 +98,7 @@ impl Outgoing {
             head: Head {
                 bytes: Bytes::from(head),
                 head_only: parts.method == Method::HEAD,
+                upgrade: false,
             },
             host: None,
             out,
@@ -111,6 +114,13 @@ impl Outgoing {
             out: Out::None,
             body: RequestBody::empty(),
         }
+    }
+
+    /// Marks the request as asking to switch protocols (its head carries `Connection: upgrade`
+    /// and `Upgrade`): a `101` then ends the HTTP exchange and hands over the connection.
+    pub fn upgrade(mut self) -> Outgoing {
+        self.head.upgrade = true;
+        self
     }
 
     /// The encoded head, to send again later.

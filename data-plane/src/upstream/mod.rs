@@ -186,7 +186,7 @@ async fn exchange(
     let Outgoing {
         head, out, body, ..
     } = req;
-    let head_only = head.head_only;
+    let (head_only, upgrade) = (head.head_only, head.upgrade);
     let mut upload = (out != Out::None).then(|| Upload {
         body,
         out,
@@ -206,7 +206,7 @@ async fn exchange(
                 Poll::Ready(Err(_)) | Poll::Pending => {}
             }
         }
-        let head = poll_head(&mut conn, head_only, cx).map(|r| {
+        let head = poll_head(&mut conn, head_only, upgrade, cx).map(|r| {
             r.map_err(|e| match upload.as_mut().and_then(|u| u.failed.take()) {
                 Some(w) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     UpstreamError::Exchange(w)
@@ -229,6 +229,9 @@ async fn exchange(
     })
     .await;
     let parsed = parsed.map_err(|e| (e, None))?;
+    if parsed.switched {
+        return Ok(parsed.response.map(|()| Body::switched(conn)));
+    }
     let home = parsed.reusable.then(|| Home {
         pool: Arc::clone(pool),
         worker,

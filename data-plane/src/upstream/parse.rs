@@ -43,6 +43,9 @@ pub struct ParsedHead {
     pub framing: Framing,
     /// The connection may carry another request once the body is read to its end.
     pub reusable: bool,
+    /// A `101 Switching Protocols` to a request that asked for it: the connection now carries
+    /// the protocol named in the response's `Upgrade` field (kept in its fields), no longer HTTP.
+    pub switched: bool,
 }
 
 /// How a response body is delimited.
@@ -57,9 +60,15 @@ pub enum Framing {
 /// The first response head in `buf` that is not interim (1xx heads before it are dropped), taken
 /// out of the buffer; `None` while the buffer holds no complete one. An error for a head that
 /// cannot be read, one larger than [`MAX_HEAD_BYTES`] or with more than [`MAX_HEADERS`] fields,
-/// a `101 Switching Protocols`, or framing that contradicts itself. `head_only`: the request
-/// was a HEAD, so the response has no body whatever its fields say.
-pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option<ParsedHead>> {
+/// a `101 Switching Protocols` the request did not ask for, or framing that contradicts itself.
+/// `head_only`: the request was a HEAD, so the response has no body whatever its fields say.
+/// `upgrade`: the request asked to switch protocols, so a `101` ends the HTTP exchange
+/// ([`ParsedHead::switched`]).
+pub fn parse_head(
+    buf: &mut BytesMut,
+    head_only: bool,
+    upgrade: bool,
+) -> std::io::Result<Option<ParsedHead>> {
     loop {
         if buf.is_empty() {
             return Ok(None);
@@ -92,12 +101,13 @@ pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option
         let code = parsed.code.unwrap_or(0);
         let status = StatusCode::from_u16(code)
             .map_err(|_| invalid(format!("backend response status {code} is not valid")))?;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if switched && !upgrade {
             return Err(invalid(
-                "backend switched protocols, which is not supported",
+                "backend switched protocols without being asked to",
             ));
         }
-        if status.is_informational() {
+        if status.is_informational() && !switched {
             buf.advance(len);
             continue;
         }
@@ -107,6 +117,12 @@ pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option
             Version::HTTP_11
         };
         let fields = Fields::read(parsed.headers, buf.as_ptr() as usize)?;
+        if switched {
+            let upgrade = fields.upgrade.and_then(|v| HeaderValue::from_bytes(v).ok());
+            let Fields { spans, named, .. } = fields;
+            let headers = end_to_end(spans, named, buf.split_to(len).freeze())?;
+            return switched_head(headers, upgrade).map(Some);
+        }
         let framing = framing(status, fields.transfer_encoding, parsed.headers, head_only)?;
         // RFC 9112 section 6.1: HTTP/1.0 has no transfer codings, so a body framed by one is
         // faulty.
@@ -130,8 +146,31 @@ pub fn parse_head(buf: &mut BytesMut, head_only: bool) -> std::io::Result<Option
             response: resp,
             framing,
             reusable,
+            switched: false,
         }));
     }
+}
+
+/// A `101 Switching Protocols` head: its end-to-end fields and the protocol it switched to
+/// (`Upgrade`, which a proxy passes on with the switch). A switch to no named protocol is not
+/// one.
+fn switched_head(
+    mut headers: HeaderMap,
+    upgrade: Option<HeaderValue>,
+) -> std::io::Result<ParsedHead> {
+    let upgrade = upgrade
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+        .ok_or_else(|| invalid("backend switched protocols without naming one in Upgrade"))?;
+    headers.insert(header::UPGRADE, upgrade);
+    let mut resp = Response::new(());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = headers;
+    Ok(ParsedHead {
+        response: resp,
+        framing: Framing::Empty,
+        reusable: false,
+        switched: true,
+    })
 }
 
 /// A response head's fields as read: where each end-to-end value lies in the head, and what
@@ -146,6 +185,7 @@ struct Fields<'h> {
     /// Fields `Connection` names, to leave out.
     named: Vec<HeaderName>,
     transfer_encoding: Option<&'h [u8]>,
+    upgrade: Option<&'h [u8]>,
 }
 
 impl<'h> Fields<'h> {
@@ -156,6 +196,7 @@ impl<'h> Fields<'h> {
             close: false,
             named: Vec::new(),
             transfer_encoding: None,
+            upgrade: None,
         };
         for f in parsed {
             let name = HeaderName::from_bytes(f.name.as_bytes())
@@ -174,6 +215,9 @@ impl<'h> Fields<'h> {
             }
             if name == header::TRANSFER_ENCODING {
                 fields.transfer_encoding = Some(f.value);
+            }
+            if name == header::UPGRADE {
+                fields.upgrade = Some(f.value);
             }
             if is_hop_by_hop(&name) {
                 continue;
@@ -208,7 +252,7 @@ fn end_to_end(
 
 /// Fields that describe one connection rather than the message (RFC 9110 section 7.6.1), never
 /// passed on by a proxy; fields named in `Connection` are too.
-pub const HOP_BY_HOP: [HeaderName; 9] = [
+pub const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -218,6 +262,8 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    // RFC 9113 section 3.1 (RFC 7540 section 3.2.1): the settings of an h2c upgrade offer.
+    HeaderName::from_static("http2-settings"),
 ];
 
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -10,7 +10,7 @@ pub(super) type Read = Result<(u16, Shown), String>;
 /// [`super::body::Body`] do, for a GET.
 pub(super) fn ours(wire: &[u8]) -> Read {
     let mut buf = BytesMut::from(wire);
-    let head = parse_head(&mut buf, false)
+    let head = parse_head(&mut buf, false, false)
         .map_err(|e| e.to_string())?
         .ok_or("the connection closed in the head")?;
     let status = head.response.status().as_u16();

@@ -91,3 +91,23 @@ fn switching_protocols_is_refused_and_interim_heads_are_skipped() {
     assert_eq!(ours(interim), Ok((200, Shown(b"ok".to_vec()))));
     assert_eq!(hyper_reads(interim), ours(interim));
 }
+
+#[test]
+fn a_switch_asked_for_ends_the_exchange_and_keeps_what_follows() {
+    let wire = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\
+                 Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: abc\r\n\r\n\
+                 \x81\x02hi";
+    let mut buf = BytesMut::from(&wire[..]);
+    let head = parse_head(&mut buf, false, true).unwrap().unwrap();
+    assert!(head.switched && !head.reusable);
+    assert_eq!(head.response.status(), 101);
+    let fields = head.response.headers();
+    assert_eq!(fields["upgrade"], "websocket");
+    assert_eq!(fields["sec-websocket-accept"], "abc");
+    assert!(!fields.contains_key("connection"));
+    // The first bytes of the new protocol stay in the buffer for the tunnel.
+    assert_eq!(&buf[..], b"\x81\x02hi");
+    // A switch to nothing named is refused.
+    let mut bare = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]);
+    assert!(parse_head(&mut bare, false, true).is_err());
+}

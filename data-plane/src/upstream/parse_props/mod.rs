@@ -99,7 +99,7 @@ fn read_head(pieces: &[&[u8]], head_only: bool) -> HeadOutcome {
     let mut buf = BytesMut::new();
     for (i, piece) in pieces.iter().enumerate() {
         buf.extend_from_slice(piece);
-        match parse_head(&mut buf, head_only) {
+        match parse_head(&mut buf, head_only, false) {
             Ok(None) => {}
             Ok(Some(head)) => {
                 return HeadOutcome::Head(summary(&head), Shown(rest_of(&buf, &pieces[i + 1..])));
