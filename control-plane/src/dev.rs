@@ -34,6 +34,16 @@ pub struct DevArgs {
         default_value = "5001,5002,5003"
     )]
     pub ports: String,
+    /// How the mock backends are spoken to: `http` (HTTP/1.1) or `h2c` (HTTP/2 in clear text,
+    /// which gRPC needs); they answer both
+    #[arg(
+        long,
+        env = "LB_MOCK_PROTOCOL",
+        value_name = "PROTOCOL",
+        default_value = "http",
+        value_parser = ["http", "h2c"]
+    )]
+    pub backend_protocol: String,
 }
 
 fn offset(addr: SocketAddr, by: u16) -> anyhow::Result<SocketAddr> {
@@ -74,10 +84,14 @@ pub async fn run(
             listeners.push(bind(SocketAddr::from(([127, 0, 0, 1], *p)), "--ports")?);
         }
         let mock = mock_backends::MockBackends::from_listeners(listeners)?;
+        let scheme = match args.backend_protocol.as_str() {
+            "h2c" => "h2c://",
+            _ => "",
+        };
         common.backends = Some(
             mock.addrs()
                 .iter()
-                .map(ToString::to_string)
+                .map(|a| format!("{scheme}{a}"))
                 .collect::<Vec<_>>()
                 .join(","),
         );

@@ -528,6 +528,7 @@ async fn dev_refuses_tls_rather_than_ignoring_it() {
         listen: None,
         admin_listen: None,
         ports: String::new(),
+        backend_protocol: "http".into(),
     };
     let e = control_plane::dev::run(args, std::future::pending())
         .await

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use lb_proto::v1::{ConfigSnapshot, directive};
-use lb_proto::validate::{self, Invalid};
+use lb_proto::validate::{self, BackendProtocol, Invalid};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -57,6 +57,9 @@ pub struct Shared {
     tls: Option<Result<Arc<crate::tls::Tls>, crate::tls::TlsError>>,
     /// TLS to backends, when configured; an error here stops `run` likewise.
     backend_tls: Option<Result<crate::tls::client::BackendTls, crate::tls::TlsError>>,
+    /// TLS to `https://` backends when no backend TLS setting is given: the system's roots,
+    /// read when the first such backend is configured.
+    system_tls: std::sync::OnceLock<Result<crate::tls::client::BackendTls, crate::tls::TlsError>>,
     /// The `redis_ca` file could not be used; stops `run` likewise.
     redis_ca_error: Option<crate::tls::TlsError>,
 }
@@ -122,6 +125,7 @@ impl Shared {
             tracer,
             tls,
             backend_tls,
+            system_tls: std::sync::OnceLock::new(),
             redis_ca_error,
         }
     }
@@ -141,12 +145,27 @@ impl Shared {
             .or(self.redis_ca_error.as_ref())
     }
 
-    /// How connections to the backend at `address` are opened.
+    /// How connections to the backend at `address` are opened: `https://` over TLS offering
+    /// HTTP/2 and HTTP/1.1, `h2c://` in clear text, the others as `--backend-tls` says.
     fn transport(&self, address: &str) -> Result<Transport, Invalid> {
-        match &self.backend_tls {
+        let (protocol, target) = lb_proto::validate::backend_target(address);
+        let tls = match protocol {
+            BackendProtocol::H2c => return Ok(Transport::Plain),
+            BackendProtocol::Http1 if !self.settings.backend_tls.as_ref().is_some_and(|b| b.all) => {
+                return Ok(Transport::Plain);
+            }
+            BackendProtocol::Http1 => self.backend_tls.as_ref(),
+            BackendProtocol::Https => Some(self.backend_tls.as_ref().unwrap_or_else(|| {
+                self.system_tls.get_or_init(|| {
+                    crate::tls::client::BackendTls::load(&Default::default())
+                        .inspect_err(|e| tracing::error!(cause = %e, "https:// backends cannot be checked"))
+                })
+            })),
+        };
+        match tls {
             None => Ok(Transport::Plain),
             Some(Ok(tls)) => tls
-                .for_backend(address)
+                .for_backend(target, protocol == BackendProtocol::Https)
                 .map(|(connector, name)| Transport::Tls { connector, name })
                 .map_err(|e| Invalid::new("backend.address", e)),
             Some(Err(e)) => Err(Invalid::new("backend_tls", e)),
@@ -181,7 +200,8 @@ impl Shared {
         validate::snapshot(&snapshot)?;
         if !self.settings.allowed_backends.is_empty() {
             for b in &snapshot.backends {
-                let (host, _) = b.address.rsplit_once(':').unwrap_or((&b.address, ""));
+                let target = lb_proto::validate::backend_target(&b.address).1;
+                let (host, _) = target.rsplit_once(':').unwrap_or((target, ""));
                 let host = host.trim_start_matches('[').trim_end_matches(']');
                 let allowed = host.parse::<IpAddr>().is_ok_and(|ip| {
                     self.settings

@@ -41,6 +41,7 @@ struct Seen {
     path: String,
     probe: bool,
     alpn: Option<Vec<u8>>,
+    version: http::Version,
 }
 
 #[derive(Default)]
@@ -50,7 +51,8 @@ struct Log {
     handshakes_failed: usize,
 }
 
-/// A backend speaking HTTP/1.1 over TLS only, with `leaf`; answers "tls-backend".
+/// A backend speaking HTTP/1.1 over TLS only (or HTTP/2 as well, as ALPN settles), with
+/// `leaf`; answers "tls-backend".
 struct TlsBackend {
     addr: SocketAddr,
     log: Arc<Mutex<Log>>,
@@ -58,6 +60,10 @@ struct TlsBackend {
 
 impl TlsBackend {
     async fn start(leaf: &Leaf) -> TlsBackend {
+        Self::start_with(leaf, &[b"http/1.1"]).await
+    }
+
+    async fn start_with(leaf: &Leaf, alpn: &[&[u8]]) -> TlsBackend {
         let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
@@ -69,7 +75,7 @@ impl TlsBackend {
                 .with_no_client_auth()
                 .with_single_cert(chain, key)
                 .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -98,6 +104,7 @@ impl TlsBackend {
                             path: req.uri().path().to_owned(),
                             probe,
                             alpn: alpn.clone(),
+                            version: req.version(),
                         });
                         async move {
                             let mut resp = Response::new(Full::new(Bytes::from("tls-backend")));
@@ -106,9 +113,11 @@ impl TlsBackend {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
                 });
             }
         });
@@ -140,6 +149,7 @@ fn probed(backends: &[SocketAddr]) -> ConfigSnapshot {
         healthy_threshold: 1,
         unhealthy_threshold: 1,
         jitter_percent: 0,
+        ..Default::default()
     });
     s
 }
@@ -147,7 +157,8 @@ fn probed(backends: &[SocketAddr]) -> ConfigSnapshot {
 fn backend_tls(ca: std::path::PathBuf, name: Option<&str>) -> impl FnOnce(&mut Settings) {
     move |s| {
         s.backend_tls = Some(BackendTlsSettings {
-            ca,
+            all: true,
+            ca: Some(ca),
             server_name: name.map(|n| parse_server_name(n).unwrap()),
         });
     }
@@ -185,6 +196,82 @@ async fn requests_and_probes_go_over_tls_on_a_reused_connection() {
     dp.stop().await;
 }
 
+/// The configuration with `backends` named `https://`.
+fn https(backends: &[SocketAddr]) -> ConfigSnapshot {
+    let mut s = probed(backends);
+    for b in &mut s.backends {
+        b.address = format!("https://{}", b.address);
+    }
+    s
+}
+
+#[tokio::test]
+async fn https_backends_are_spoken_to_in_what_alpn_settles() {
+    install_provider();
+    let ca = Ca::new("backend CA");
+    let dir = TempDir::new("backend-https");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
+    let both = TlsBackend::start_with(&leaf, &[b"h2", b"http/1.1"]).await;
+    let http1 = TlsBackend::start_with(&leaf, &[b"http/1.1"]).await;
+    // No --backend-tls: only the https:// backends speak TLS, checked against backend_ca.
+    let only_ca = |s: &mut Settings| {
+        s.backend_tls = Some(BackendTlsSettings {
+            all: false,
+            ca: Some(ca_file),
+            server_name: None,
+        });
+    };
+    let dp = Dp::start(only_ca, https(&[both.addr, http1.addr])).await;
+
+    for i in 0..6 {
+        assert_eq!(
+            dp.get(&format!("/item/{i}")).await,
+            (StatusCode::OK, "tls-backend".to_owned())
+        );
+    }
+    let (h2, h1) = (both.proxied(), http1.proxied());
+    assert_eq!((h2.len(), h1.len()), (3, 3), "round robin: {h2:?} {h1:?}");
+    assert!(
+        h2.iter()
+            .all(|s| s.version == http::Version::HTTP_2 && s.alpn.as_deref() == Some(b"h2")),
+        "{h2:?}"
+    );
+    assert!(
+        h2.iter().all(|s| s.conn == h2[0].conn),
+        "one multiplexed connection: {h2:?}"
+    );
+    assert!(
+        h1.iter()
+            .all(|s| s.version == http::Version::HTTP_11 && s.conn == h1[0].conn),
+        "{h1:?}"
+    );
+    // Probes speak what the backend speaks, and pass.
+    wait_until("probes over TLS", || {
+        both.probes() >= 1 && http1.probes() >= 1
+    })
+    .await;
+    for slot in &dp.shared.active().unwrap().slots {
+        assert!(slot.endpoint.is_healthy(), "{}", slot.endpoint.address);
+    }
+    dp.stop().await;
+}
+
+#[tokio::test]
+async fn https_backends_without_backend_ca_are_checked_against_the_system_roots() {
+    install_provider();
+    // A certificate from a private CA is not trusted by the system's roots: no request reaches
+    // the backend.
+    let ca = Ca::new("private CA");
+    let backend = TlsBackend::start_with(&ca.leaf(&["127.0.0.1"]), &[b"h2"]).await;
+    let dp = Dp::start(|_| {}, https(&[backend.addr])).await;
+    let (status, body) = dp.get("/x").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(backend.proxied().is_empty());
+    wait_until("a refused handshake", || backend.failed_handshakes() >= 1).await;
+    dp.stop().await;
+}
+
 #[tokio::test]
 async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
     install_provider();
@@ -216,7 +303,7 @@ async fn a_backend_with_a_certificate_from_another_ca_gets_no_request() {
     let Err((e, returned)) = upstream::send(
         &endpoint.idle,
         0,
-        &endpoint.address,
+        endpoint.authority.as_str(),
         endpoint.resolved,
         upstream::Timeouts {
             connect: Duration::from_secs(2),
@@ -338,11 +425,6 @@ fn bad_settings_are_refused_naming_the_file() {
             "no certificate",
         ),
         (
-            vec!["--backend-ca".into(), path(&good)],
-            "backend_tls",
-            "is off",
-        ),
-        (
             vec![
                 "--backend-tls".into(),
                 "--backend-ca".into(),
@@ -407,13 +489,14 @@ fn bad_settings_are_refused_naming_the_file() {
     })
     .unwrap();
     let b = s.backend_tls.unwrap();
-    assert_eq!(b.ca, good);
+    assert_eq!(b.ca, Some(good));
     assert_eq!(b.server_name.unwrap().to_str(), "backends.internal");
 
     // Settings made in code are checked too: the data plane will not run on them.
     let shared = data_plane::Shared::new(Settings {
         backend_tls: Some(BackendTlsSettings {
-            ca: missing.clone(),
+            all: true,
+            ca: Some(missing.clone()),
             server_name: None,
         }),
         ..Settings::default()

@@ -43,6 +43,7 @@ fn fast_failover(s: &mut ConfigSnapshot) {
         healthy_threshold: 1,
         unhealthy_threshold: 2,
         jitter_percent: 0,
+        ..Default::default()
     });
     s.outlier = Some(OutlierPolicy {
         consecutive_failures: 3,

@@ -98,3 +98,41 @@ async fn a_request_that_cannot_be_sent_again_waits_for_the_request_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(1_400));
     dp.stop().await;
 }
+
+#[tokio::test]
+async fn the_last_possible_try_is_not_cut_by_the_try_timeout() {
+    // One backend, answering /slow after 300 ms and the rest at once: a GET to /slow has
+    // nowhere else to go, so its try waits the request timeout, not the per-try one.
+    let slow = dp::http_backend(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+    })
+    .await;
+    let mut s = snapshot(&[slow]);
+    s.timeouts = Some(lb_proto::v1::TimeoutPolicy {
+        try_ms: Some(100),
+        ..lb_proto::defaults::timeouts()
+    });
+    let dp = Dp::start(|_| {}, s).await;
+    assert_eq!(dp.get("/slow").await, (StatusCode::OK, "ok".to_owned()));
+    assert_eq!(dp.metric("lb_retries_total"), 0.0);
+    // With a second backend, the same try is cut at 100 ms and goes to the other.
+    let other = backend(|_| "other".into()).await;
+    dp.update(|s| s.backends.push(snapshot(&[other]).backends[0].clone()));
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(dp.get("/slow").await);
+    }
+    assert!(
+        answers.iter().all(|(s, _)| *s == StatusCode::OK),
+        "{answers:?}"
+    );
+    assert!(answers.iter().all(|(_, b)| b == "other"), "{answers:?}");
+    assert!(
+        dp.metric("lb_retries_total") >= 1.0,
+        "the try on the slow one was cut"
+    );
+    dp.stop().await;
+}

@@ -88,7 +88,8 @@ async fn a_snapshot_whose_backend_tls_cannot_be_set_up_changes_nothing() {
     // Backend TLS whose CA file does not exist: no backend's transport can be made.
     let (mut settings, _proxy, _admin) = Dp::settings(|_| {}).await;
     settings.backend_tls = Some(data_plane::tls::client::BackendTlsSettings {
-        ca: PathBuf::from("/nonexistent/ca.pem"),
+        all: true,
+        ca: Some(PathBuf::from("/nonexistent/ca.pem")),
         server_name: None,
     });
     let shared = data_plane::Shared::new(settings);

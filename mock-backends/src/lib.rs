@@ -48,7 +48,7 @@ use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, VARY};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
@@ -63,7 +63,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Sleep;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type RespBody = BoxBody<Bytes, BoxError>;
+type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 type Resp = Response<RespBody>;
 
 /// Upper bound for injected latency and `/slow`, so a typo cannot hang a test suite.
@@ -340,6 +340,7 @@ pub async fn run(
 // Backend state
 // ---------------------------------------------------------------------------
 
+pub mod grpc;
 mod routes;
 mod server;
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub(crate) async fn route(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Resp,
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms.min(MAX_LATENCY_MS))).await;
     }
+    if grpc::is_grpc(&parts) {
+        return grpc::call(parts, body, ctx, &faults).await;
+    }
     if faults.error_status != 0 {
         drain(body).await;
         let status = StatusCode::from_u16(faults.error_status)
@@ -203,7 +206,7 @@ pub(crate) async fn echo(parts: &Parts, body: Incoming, inner: &Inner) -> Result
 /// The request body becomes the response body frame by frame, so arbitrarily
 /// large bodies stream through without being held in memory.
 pub(crate) fn echo_stream(parts: &Parts, body: Incoming) -> Resp {
-    let mut resp = Response::new(body.map_err(|e| -> BoxError { Box::new(e) }).boxed());
+    let mut resp = Response::new(body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
     let headers = resp.headers_mut();
     if let Ok(method) = HeaderValue::from_str(parts.method.as_str()) {
         headers.insert(X_ECHO_METHOD, method);
@@ -244,7 +247,7 @@ pub(crate) fn bytes_endpoint(parts: &Parts) -> Result<Resp, ApiError> {
             total: n,
             exact: !chunked,
         }
-        .boxed(),
+        .boxed_unsync(),
     );
     let headers = resp.headers_mut();
     headers.insert(
@@ -319,7 +322,7 @@ pub(crate) fn abort_body() -> Resp {
             sent_head: false,
             pause: Box::pin(tokio::time::sleep(ABORT_BODY_PAUSE)),
         }
-        .boxed(),
+        .boxed_unsync(),
     );
     let headers = resp.headers_mut();
     headers.insert(

@@ -243,6 +243,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>, group: Arc<[Backend]>) {
                     inner: inner.clone(),
                     group: group.clone(),
                     conn_id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+                    grpc: grpc::routes(inner.clone()),
                 });
                 conns.spawn(serve_connection(stream, ctx, close_rx));
             }
@@ -267,6 +268,8 @@ pub(crate) struct ConnCtx {
     pub(crate) inner: Arc<Inner>,
     pub(crate) group: Arc<[Backend]>,
     pub(crate) conn_id: u64,
+    /// The gRPC services, for calls on this connection.
+    pub(crate) grpc: tonic::service::Routes,
 }
 
 pub(crate) async fn serve_connection(

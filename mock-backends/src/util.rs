@@ -87,13 +87,13 @@ impl Body for AbortBody {
 pub(crate) fn full(bytes: impl Into<Bytes>) -> RespBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 pub(crate) fn empty() -> RespBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Resp {

@@ -42,6 +42,8 @@ pub fn health_check() -> HealthCheckPolicy {
         healthy_threshold: 2,
         unhealthy_threshold: 2,
         jitter_percent: 10,
+        kind: "http".to_owned(),
+        grpc_service: String::new(),
     }
 }
 

@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::v1::{Backend, ConfigSnapshot, Limit, StoreFailureMode, Tier, UnknownKeyPolicy};
+use crate::v1::{
+    Backend, ConfigSnapshot, HealthCheckPolicy, Limit, StoreFailureMode, Tier, UnknownKeyPolicy,
+};
 
 /// Every balancing strategy, in the order they are documented.
 pub const STRATEGIES: &[&str] = &[
@@ -64,15 +66,50 @@ pub fn strategy(name: &str) -> Result<(), Invalid> {
     )
 }
 
-/// `host:port` with an IPv4 address, a bracketed IPv6 address or a DNS name, and a port 1-65535.
+/// How a data plane speaks to a backend: the scheme of its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendProtocol {
+    /// `http://` or no scheme: HTTP/1.1 over pooled connections.
+    Http1,
+    /// `h2c://`: HTTP/2 in clear text, with prior knowledge.
+    H2c,
+    /// `https://`: TLS, with HTTP/2 or HTTP/1.1 as ALPN settles.
+    Https,
+}
+
+/// The schemes a backend address may carry.
+pub const BACKEND_SCHEMES: [&str; 3] = ["http", "h2c", "https"];
+
+/// A backend address `[scheme://]host:port` split: its protocol (unknown schemes read as
+/// HTTP/1.1; [`backend_address`] refuses them) and its `host:port`.
+pub fn backend_target(address: &str) -> (BackendProtocol, &str) {
+    match address.split_once("://") {
+        Some(("h2c", rest)) => (BackendProtocol::H2c, rest),
+        Some(("https", rest)) => (BackendProtocol::Https, rest),
+        Some((_, rest)) => (BackendProtocol::Http1, rest),
+        None => (BackendProtocol::Http1, address),
+    }
+}
+
+/// `[scheme://]host:port`: a scheme of [`BACKEND_SCHEMES`] (`http` when none), an IPv4 address,
+/// a bracketed IPv6 address or a DNS name, and a port 1-65535.
 pub fn backend_address(address: &str) -> Result<(), Invalid> {
     let bad = |why: &str| {
         Invalid::new(
             "backend.address",
-            format_args!("{address:?} is not host:port ({why})"),
+            format_args!("{address:?} is not [scheme://]host:port ({why})"),
         )
     };
-    let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if let Some((scheme, _)) = address.split_once("://")
+        && !BACKEND_SCHEMES.contains(&scheme)
+    {
+        return Err(bad(&format!(
+            "unknown scheme {scheme:?}; valid: {}",
+            BACKEND_SCHEMES.join(", ")
+        )));
+    }
+    let (_, target) = backend_target(address);
+    let (host, port) = target.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
     if port == 0 {
         return Err(bad("port 0"));
@@ -126,8 +163,9 @@ pub fn backends(list: &[Backend]) -> Result<(), Invalid> {
         backend_address(&b.address)?;
         weight(b.weight)
             .map_err(|e| Invalid::new(format!("backend {}.weight", b.address), e.message))?;
+        // One backend, one protocol: `h2c://a:1` beside `a:1` is a mistake, not two backends.
         check(
-            seen.insert(b.address.as_str()),
+            seen.insert(backend_target(&b.address).1),
             "backends",
             format_args!("duplicate backend {}", b.address),
         )?;
@@ -176,6 +214,40 @@ pub fn tier(t: &Tier) -> Result<(), Invalid> {
     limit(l, &format!("tier {}.limit", t.name))
 }
 
+/// The kind of probe, and what it needs: a gRPC probe asks over HTTP/2, so every backend must
+/// be named `h2c://` or `https://`.
+fn health_check_kind(hc: &HealthCheckPolicy, backends: &[Backend]) -> Result<(), Invalid> {
+    match hc.kind.as_str() {
+        "" | "http" => Ok(()),
+        "grpc" => {
+            check(
+                hc.grpc_service.len() <= 256
+                    && !hc.grpc_service.bytes().any(|b| b < b' ' || b == 0x7f),
+                "health_check.grpc_service",
+                "must be at most 256 bytes, without control characters",
+            )?;
+            match backends
+                .iter()
+                .find(|b| backend_target(&b.address).0 == BackendProtocol::Http1)
+            {
+                Some(b) => Err(Invalid::new(
+                    "health_check.kind",
+                    format_args!(
+                        "\"grpc\" probes need HTTP/2, but backend {} is HTTP/1.1 (name it \
+                         h2c:// or https://)",
+                        b.address
+                    ),
+                )),
+                None => Ok(()),
+            }
+        }
+        other => Err(Invalid::new(
+            "health_check.kind",
+            format_args!("{other:?} is not a kind of probe (http or grpc)"),
+        )),
+    }
+}
+
 /// The whole snapshot.
 pub fn snapshot(s: &ConfigSnapshot) -> Result<(), Invalid> {
     check(s.version > 0, "version", "must be above 0")?;
@@ -183,10 +255,12 @@ pub fn snapshot(s: &ConfigSnapshot) -> Result<(), Invalid> {
     backends(&s.backends)?;
 
     let hc = required(&s.health_check, "health_check")?;
+    health_check_kind(hc, &s.backends)?;
     check(
-        hc.path.starts_with('/')
-            && hc.path.len() <= 1024
-            && !hc.path.bytes().any(|b| b <= b' ' || b == 0x7f),
+        hc.kind == "grpc"
+            || hc.path.starts_with('/')
+                && hc.path.len() <= 1024
+                && !hc.path.bytes().any(|b| b <= b' ' || b == 0x7f),
         "health_check.path",
         format_args!(
             "{:?} must start with '/' and contain no spaces or control characters",
@@ -442,9 +516,14 @@ mod tests {
             "[::1]:8080",
             "backend-1.internal:5001",
             "localhost:1",
+            "http://127.0.0.1:80",
+            "h2c://grpc.internal:50051",
+            "https://[::1]:443",
         ] {
             backend_address(ok).unwrap();
         }
+        assert_eq!(backend_target("h2c://a:1"), (BackendProtocol::H2c, "a:1"));
+        assert_eq!(backend_target("a:1"), (BackendProtocol::Http1, "a:1"));
         for bad in [
             "127.0.0.1",
             "host:0",
@@ -454,6 +533,9 @@ mod tests {
             "a b:80",
             "[::1:80",
             "-x:80",
+            "grpc://a:1",
+            "h2c://a:1/path",
+            "h2c://",
         ] {
             let e = backend_address(bad).unwrap_err();
             assert_eq!(e.field, "backend.address", "{bad}");
@@ -495,6 +577,29 @@ mod tests {
         let mut s = valid();
         s.backends[0].weight = 0;
         assert!(snapshot(&s).unwrap_err().field.contains("weight"));
+    }
+
+    #[test]
+    fn grpc_probes_need_http2_backends() {
+        let mut s = valid();
+        let hc = s.health_check.as_mut().unwrap();
+        hc.kind = "tcp".into();
+        let e = snapshot(&s).unwrap_err();
+        assert_eq!(e.field, "health_check.kind");
+        assert!(e.message.contains("\"tcp\""), "{e}");
+
+        s.health_check.as_mut().unwrap().kind = "grpc".into();
+        let e = snapshot(&s).unwrap_err();
+        assert_eq!(e.field, "health_check.kind");
+        assert!(e.message.contains(&s.backends[0].address), "{e}");
+        for b in &mut s.backends {
+            b.address = format!("h2c://{}", b.address);
+        }
+        // A gRPC probe has no path.
+        s.health_check.as_mut().unwrap().path = String::new();
+        snapshot(&s).unwrap();
+        s.health_check.as_mut().unwrap().grpc_service = "a\nb".into();
+        assert_eq!(snapshot(&s).unwrap_err().field, "health_check.grpc_service");
     }
 
     #[test]

@@ -80,9 +80,11 @@ fn circuit_code(s: CircuitState) -> u8 {
 }
 
 impl Endpoint {
-    /// The authority of a backend address, as the `Host` of requests that name none.
+    /// The authority of a backend address (`[scheme://]host:port`), as the `Host` of requests
+    /// that name none.
     pub fn authority(address: &str) -> Result<Authority, Invalid> {
-        address
+        lb_proto::validate::backend_target(address)
+            .1
             .parse::<Authority>()
             .map_err(|e| Invalid::new("backend.address", format_args!("{address:?}: {e}")))
     }
@@ -95,11 +97,12 @@ impl Endpoint {
         breaker: &CircuitBreakerPolicy,
         transport: Transport,
     ) -> Endpoint {
+        let (protocol, target) = lb_proto::validate::backend_target(address);
         Endpoint {
             address: address.to_owned(),
             authority,
-            resolved: address.parse().ok(),
-            idle: Arc::new(IdleConns::new(workers, transport)),
+            resolved: target.parse().ok(),
+            idle: Arc::new(IdleConns::new(workers, transport, protocol)),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),

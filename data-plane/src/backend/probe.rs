@@ -80,7 +80,11 @@ impl Prober {
 
 async fn probe_loop(policy: watch::Receiver<Option<HealthCheckPolicy>>, endpoint: Arc<Endpoint>) {
     // The probes' own connection: the proxy's pools belong to the worker threads.
-    let pool = Arc::new(IdleConns::new(1, endpoint.idle.transport().clone()));
+    let pool = Arc::new(IdleConns::new(
+        1,
+        endpoint.idle.transport().clone(),
+        endpoint.idle.protocol(),
+    ));
     let mut state = HealthState::new();
     let mut first = true;
     loop {
@@ -99,7 +103,11 @@ async fn probe_loop(policy: watch::Receiver<Option<HealthCheckPolicy>>, endpoint
             return;
         };
         let timeout = Duration::from_millis(u64::from(policy.timeout_ms));
-        let outcome = probe(&pool, &endpoint, &policy.path, timeout).await;
+        let outcome = if policy.kind == "grpc" {
+            grpc_probe(&pool, &endpoint, &policy.grpc_service, timeout).await
+        } else {
+            probe(&pool, &endpoint, &policy.path, timeout).await
+        };
         if let Some(healthy) = state.observe(outcome.is_ok(), &policy) {
             endpoint.set_healthy(healthy);
             match outcome {
@@ -107,7 +115,12 @@ async fn probe_loop(policy: watch::Receiver<Option<HealthCheckPolicy>>, endpoint
                     tracing::info!(backend = %endpoint.address, "backend healthy again; back in rotation");
                 }
                 Err(cause) => {
-                    tracing::warn!(backend = %endpoint.address, path = %policy.path, cause = %cause, "backend failed its health checks; out of rotation");
+                    let asked = if policy.kind == "grpc" {
+                        format!("grpc.health.v1.Health/Check {:?}", policy.grpc_service)
+                    } else {
+                        policy.path.clone()
+                    };
+                    tracing::warn!(backend = %endpoint.address, probe = %asked, cause = %cause, "backend failed its health checks; out of rotation");
                 }
             }
         }
@@ -128,32 +141,131 @@ async fn probe(
         .body(())
         .map_err(|e| format!("health check path {path:?}: {e}"))?;
     let req = upstream::Outgoing::new(&req.into_parts().0, RequestBody::empty());
-    let exchange = async {
-        let resp = upstream::send(
-            pool,
-            0,
-            &endpoint.address,
-            endpoint.resolved,
-            upstream::Timeouts {
-                connect: timeout,
-                request: Some(timeout),
-                body_idle: None,
-            },
-            req,
-        )
-        .await
-        .map_err(|(e, _)| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_PROBE_BODY);
-        body.collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        Ok(status)
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(status)) if health::is_healthy_status(status) => Ok(()),
-        Ok(Ok(status)) => Err(format!("answered {status}")),
+    match tokio::time::timeout(timeout, exchange(pool, endpoint, req, timeout)).await {
+        Ok(Ok((status, _))) if health::is_healthy_status(status) => Ok(()),
+        Ok(Ok((status, _))) => Err(format!("answered {status}")),
         Ok(Err(cause)) => Err(cause),
         Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
     }
+}
+
+/// `grpc.health.v1.HealthCheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    /// 1 = SERVING, 2 = NOT_SERVING, 3 = SERVICE_UNKNOWN.
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// One gRPC probe (`grpc.health.v1.Health/Check` for `service`): `Ok` when the backend
+/// answered SERVING with grpc-status 0 within `timeout`; otherwise why not.
+async fn grpc_probe(
+    pool: &Arc<IdleConns>,
+    endpoint: &Endpoint,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let message = prost::Message::encode_to_vec(&HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+    body.extend_from_slice(&message);
+    let req = http::Request::post("/grpc.health.v1.Health/Check")
+        .header(http::header::HOST, endpoint.authority.as_str())
+        .header(http::header::USER_AGENT, "lb-health-check")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let req = upstream::Outgoing::new(
+        &req.into_parts().0,
+        RequestBody::Fixed(Some(bytes::Bytes::from(body))),
+    );
+    let answer = match tokio::time::timeout(timeout, exchange(pool, endpoint, req, timeout)).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(cause)) => return Err(cause),
+        Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
+    };
+    let (status, collected) = answer;
+    if status != 200 {
+        return Err(format!("answered HTTP {status}"));
+    }
+    let grpc_status = |h: &http::HeaderMap| {
+        h.get("grpc-status")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let trailers = collected.trailers.as_ref().and_then(grpc_status);
+    match trailers.or_else(|| grpc_status(&collected.headers)).as_deref() {
+        Some("0") => {}
+        Some(code) => return Err(format!("answered grpc-status {code}")),
+        None => return Err("answered without a grpc-status".to_owned()),
+    }
+    let frame = collected.body;
+    let message = match frame.first_chunk::<5>() {
+        Some(&[0, a, b, c, d]) if frame.len() - 5 == u32::from_be_bytes([a, b, c, d]) as usize => {
+            &frame[5..]
+        }
+        _ => return Err("answered no single uncompressed gRPC message".to_owned()),
+    };
+    let answer: HealthCheckResponse =
+        prost::Message::decode(message).map_err(|e| format!("answer not a HealthCheckResponse: {e}"))?;
+    match answer.status {
+        1 => Ok(()),
+        2 => Err("answered NOT_SERVING".to_owned()),
+        3 => Err(format!("does not know the service {service:?} (SERVICE_UNKNOWN)")),
+        s => Err(format!("answered status {s}")),
+    }
+}
+
+/// A probe's answer: its head, body (at most [`MAX_PROBE_BODY`]) and trailers.
+struct Collected {
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// Sends a probe's request and reads its answer whole.
+async fn exchange(
+    pool: &Arc<IdleConns>,
+    endpoint: &Endpoint,
+    req: upstream::Outgoing,
+    timeout: Duration,
+) -> Result<(u16, Collected), String> {
+    let resp = upstream::send(
+        pool,
+        0,
+        endpoint.authority.as_str(),
+        endpoint.resolved,
+        upstream::Timeouts {
+            connect: timeout,
+            request: Some(timeout),
+            body_idle: None,
+        },
+        req,
+    )
+    .await
+    .map_err(|(e, _)| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let collected = http_body_util::Limited::new(body, MAX_PROBE_BODY)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let trailers = collected.trailers().cloned();
+    Ok((
+        parts.status.as_u16(),
+        Collected {
+            headers: parts.headers,
+            body: collected.to_bytes(),
+            trailers,
+        },
+    ))
 }

@@ -468,8 +468,8 @@ impl Settings {
                     e
                 })?;
         }
-        if let Some(b) = &s.backend_tls {
-            crate::tls::client::read_roots("backend_ca", &b.ca)?;
+        if let Some(ca) = s.backend_tls.as_ref().and_then(|b| b.ca.as_ref()) {
+            crate::tls::client::read_roots("backend_ca", ca)?;
         }
         if let Some(ca) = &s.redis_ca {
             crate::tls::client::read_roots("redis_ca", ca)?;
@@ -548,7 +548,8 @@ impl Settings {
     }
 }
 
-/// The backend TLS settings: off, or on with a CA file and maybe a name override.
+/// The backend TLS settings: TLS to every backend (`backend_tls`, which needs a CA file), and
+/// the CA file and name override, which apply to `https://` backends as well.
 fn backend_tls(
     on: bool,
     ca: Option<PathBuf>,
@@ -558,23 +559,6 @@ fn backend_tls(
         key,
         message: message.to_owned(),
     };
-    if !on {
-        if ca.is_some() || server_name.is_some() {
-            return Err(invalid(
-                "backend_tls",
-                "is off, but backend_ca or backend_server_name is set; turn it on \
-                 (--backend-tls) or leave them out",
-            ));
-        }
-        return Ok(None);
-    }
-    let Some(ca) = ca else {
-        return Err(invalid(
-            "backend_ca",
-            "missing: backend_tls is on, so the CA file backend certificates are checked \
-             against must be set (--backend-ca)",
-        ));
-    };
     let server_name = match server_name.filter(|n| !n.is_empty()) {
         Some(n) => Some(
             crate::tls::client::parse_server_name(&n)
@@ -582,7 +566,21 @@ fn backend_tls(
         ),
         None => None,
     };
-    Ok(Some(BackendTlsSettings { ca, server_name }))
+    if on && ca.is_none() {
+        return Err(invalid(
+            "backend_ca",
+            "missing: backend_tls is on, so the CA file backend certificates are checked \
+             against must be set (--backend-ca)",
+        ));
+    }
+    if !on && ca.is_none() && server_name.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(BackendTlsSettings {
+        all: on,
+        ca,
+        server_name,
+    }))
 }
 
 /// The `tls_cert` and `tls_key` settings of a TLS listener: both or neither. The pair is loaded

@@ -212,7 +212,7 @@ async fn refresh(
     let sent = upstream::send(
         &endpoint.idle,
         worker,
-        &endpoint.address,
+        endpoint.authority.as_str(),
         endpoint.resolved,
         timeouts,
         req,

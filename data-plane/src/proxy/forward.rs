@@ -23,17 +23,31 @@ use crate::config::active::{Active, Slot, View};
 use crate::policy::admission::Shed;
 use crate::policy::outlier;
 use crate::policy::retry;
+use crate::upstream::encode::Out;
+use crate::upstream::request_body::Recording;
 use crate::upstream::{self, Head, Outgoing, UpstreamError};
 
 /// Most attempts a request makes, whatever the policy says.
 const MAX_TRIED: usize = 8;
 
-/// Where a request may go: what ip_hash keys on, and its place in the queue when every backend
-/// is full.
+/// Where a request may go: what ip_hash keys on, its place in the queue when every backend is
+/// full, and the deadline it carries (a gRPC call's `grpc-timeout`).
 #[derive(Clone, Copy)]
 pub struct Route {
     pub affinity: u64,
     pub priority: u32,
+    pub deadline: Option<Duration>,
+}
+
+/// Whether a request may go to another backend after it reached one.
+pub enum Again {
+    /// Only when it never left (a failed connect).
+    Never,
+    /// Its head again: a request without a body whose method is idempotent.
+    Replay,
+    /// Whole, with the record of its body, when its backend failed before answering (gRPC
+    /// calls).
+    Resend(Recording),
 }
 
 /// One request's way to a backend: where it may go, and what is sent.
@@ -47,6 +61,8 @@ pub struct Attempt<'a> {
     affinity: u64,
     /// Place in the queue when every backend is full.
     priority: u32,
+    /// The request's own deadline, when shorter than the request timeout.
+    deadline: Option<Duration>,
     max_attempts: usize,
     /// The client named no host: each attempt names its backend's.
     name_backend: bool,
@@ -55,6 +71,9 @@ pub struct Attempt<'a> {
     /// Its head again, for a request without a body that may be sent once more after it
     /// reached a backend (idempotent ones).
     replay: Option<Head>,
+    /// Its head, framing and the record of its body, for a request that may go whole to
+    /// another backend when the one it went to failed before answering (gRPC calls).
+    resend: Option<(Head, Out, Recording)>,
     /// Backends tried so far: a retry goes elsewhere.
     tried: Vec<usize>,
 }
@@ -70,8 +89,8 @@ enum Tried {
 }
 
 impl<'a> Attempt<'a> {
-    /// `request` to a backend of `active`; `has_host` when the client named a host,
-    /// `replayable` when it may go again after reaching a backend.
+    /// `request` to a backend of `active`; `has_host` when the client named a host; `again`
+    /// whether it may go again after reaching a backend.
     #[allow(clippy::redundant_allocation)]
     pub fn new(
         worker: &'a Worker,
@@ -80,21 +99,28 @@ impl<'a> Attempt<'a> {
         route: Route,
         request: Outgoing,
         has_host: bool,
-        replayable: bool,
+        again: Again,
     ) -> Attempt<'a> {
         let max_attempts = (active.retry.max_attempts.max(1) as usize).min(MAX_TRIED);
         // Its encoded head, to send again: a refcount, not a copy of its fields.
-        let replay = (replayable && max_attempts > 1).then(|| request.head().clone());
+        let (replay, resend) = match again {
+            _ if max_attempts < 2 => (None, None),
+            Again::Never => (None, None),
+            Again::Replay => (Some(request.head().clone()), None),
+            Again::Resend(r) => (None, Some((request.head().clone(), request.out, r))),
+        };
         Attempt {
             worker,
             id,
             active,
             affinity: route.affinity,
             priority: route.priority,
+            deadline: route.deadline,
             max_attempts,
             name_backend: !has_host,
             request: Some(request),
             replay,
+            resend,
             tried: Vec::new(),
         }
     }
@@ -137,12 +163,11 @@ impl<'a> Attempt<'a> {
             {
                 request.set_host(v);
             }
-            let timeouts = self.timeouts(endpoint);
-            let per_try = timeouts.request != self.active.timeouts.request;
+            let (timeouts, per_try) = self.timeouts(endpoint);
             let result = upstream::send(
                 &endpoint.idle,
                 self.worker.id,
-                &endpoint.address,
+                endpoint.authority.as_str(),
                 endpoint.resolved,
                 timeouts,
                 request,
@@ -221,18 +246,24 @@ impl<'a> Attempt<'a> {
         Ok(Some((i, in_flight)))
     }
 
-    /// The timeouts of a try on `endpoint`: a request that may be sent again waits for its
-    /// head only as long as the per-try timeout, then goes elsewhere.
-    fn timeouts(&self, endpoint: &Endpoint) -> upstream::Timeouts {
-        let all = self.active.timeouts;
-        if self.replay.is_none() {
-            return all;
+    /// The timeouts of a try on `endpoint`, and whether the per-try timeout cut them: a request
+    /// that may be sent again waits for its head only as long as the per-try timeout, then goes
+    /// elsewhere, when there is an elsewhere (attempts and backends left). The last possible try
+    /// waits the whole request timeout (or the call's deadline).
+    fn timeouts(&self, endpoint: &Endpoint) -> (upstream::Timeouts, bool) {
+        let mut all = self.active.timeouts;
+        if let Some(d) = self.deadline {
+            all.request = Some(all.request.map_or(d, |r| r.min(d)));
+        }
+        let tried = self.tried.len();
+        let last = tried >= self.max_attempts || tried >= self.active.slots.len();
+        if self.replay.is_none() || last {
+            return (all, false);
         }
         let latency = Duration::from_micros(endpoint.latency_us());
-        upstream::Timeouts {
-            request: self.active.try_timeout.of(latency, all.request),
-            ..all
-        }
+        let request = self.active.try_timeout.of(latency, all.request);
+        let per_try = request != all.request;
+        (upstream::Timeouts { request, ..all }, per_try)
     }
 
     /// Records what backend `i` did with the request sent at `started`, and decides: answer,
@@ -258,6 +289,18 @@ impl<'a> Attempt<'a> {
             Err((UpstreamError::RequestBody(e), _)) => {
                 tracing::debug!(backend = %endpoint.address, request_id = ?self.id, cause = %e, "request body failed");
                 return Tried::Refused(Refusal::ClientBody(e));
+            }
+            // An upgrade to an HTTP/2 backend: not the backend's failure, nor a request it can
+            // serve; another backend may speak HTTP/1.1.
+            Err((UpstreamError::NoUpgrade, returned)) => {
+                let failure = Refusal::BadGateway {
+                    backend: Some(endpoint.address.clone()),
+                };
+                if returned.is_some() && self.may_retry() {
+                    self.request = returned;
+                    return Tried::Again(Some(failure));
+                }
+                return Tried::Refused(failure);
             }
             Err(failed) => failed,
         };
@@ -286,7 +329,12 @@ impl<'a> Attempt<'a> {
                 backend: Some(backend),
             }
         };
-        // Never reached the backend: safe to move, whatever the method.
+        // Never reached the backend: safe to move, whatever the method. A recorded request
+        // whose backend's connection failed before any answer goes whole to another.
+        let returned = match (returned, &e) {
+            (None, UpstreamError::Exchange(_)) => self.resend(),
+            (r, _) => r,
+        };
         let retryable = returned.is_some() || self.replay.is_some();
         if retryable && self.may_retry() {
             self.request = returned;
@@ -307,7 +355,10 @@ impl<'a> Attempt<'a> {
         let active = self.active;
         let endpoint = in_flight.endpoint();
         let status = resp.status();
-        let failed = status.is_server_error();
+        // A gRPC call answered UNAVAILABLE straight away (trailers-only): the backend says it
+        // cannot serve, as a 503 does.
+        let unavailable = resp.headers().get("grpc-status").is_some_and(|s| s == "14");
+        let failed = status.is_server_error() || unavailable;
         endpoint.record(done.saturating_duration_since(started), failed, started);
         // A good head is judged with its body, when that ends (see `Pending`).
         let pending = if failed {
@@ -322,12 +373,27 @@ impl<'a> Attempt<'a> {
         {
             return Tried::Again(None);
         }
+        // A gRPC call the backend answered UNAVAILABLE straight away (trailers-only) goes whole
+        // to another backend.
+        if unavailable
+            && let Some(again) = self.resend()
+            && self.may_retry()
+        {
+            self.request = Some(again);
+            return Tried::Again(None);
+        }
         // Hop-by-hop fields were left out when the head was read.
         let (parts, body) = resp.into_parts();
         Tried::Answered(Response::from_parts(
             parts,
             ProxyBody::Upstream(UpstreamResponse::new(body, in_flight, pending)),
         ))
+    }
+
+    /// The recorded request again, when its body was read whole within the record's limit.
+    fn resend(&self) -> Option<Outgoing> {
+        let (head, out, recording) = self.resend.as_ref()?;
+        Some(Outgoing::again_with(head, *out, recording.whole()?))
     }
 
     /// Whether one more try is allowed: attempts and backends left, and the budget's consent.

@@ -23,6 +23,7 @@
 pub mod body;
 pub mod cache;
 pub mod forward;
+pub mod grpc;
 pub mod limit;
 pub mod refusal;
 pub mod request;
@@ -51,7 +52,7 @@ use crate::telemetry::otel::Span as _;
 use crate::telemetry::report::Outcome;
 use crate::upstream::request_body::{ClientBody, RequestBody};
 use cache::Looked;
-use forward::{Attempt, Route};
+use forward::{Again, Attempt, Route};
 use refusal::Refusal;
 use request_id::X_REQUEST_ID;
 
@@ -81,8 +82,12 @@ pub async fn handle(
     let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
     let last = request::closes_after(&req);
     let http2 = req.version() == http::Version::HTTP_2;
+    let call = grpc::is_grpc(req.headers());
     let id = request_id::request_id(req.headers());
     let mut resp = proxy(&worker, &conn, req, &id, detailed).await;
+    if call {
+        resp = grpc::answer(resp);
+    }
     if http2 {
         resp = resp.map(|b| b.relayed(shared.settings.send_timeout, Arc::clone(&conn)));
     }
@@ -179,15 +184,12 @@ async fn proxy(
     let route = Route {
         affinity: request::affinity(&parts.headers, conn, &active),
         priority: request::priority(&parts.headers, conn, &active, admitted.priority),
+        deadline: grpc::timeout(&parts.headers),
     };
-    // A request without a body can be sent again after it reached a backend, if idempotent;
-    // any request can be moved elsewhere when it never left (connect failure).
-    let replayable = body.is_end_stream() && retry::is_idempotent(&parts.method);
-    let limit = shared.settings.max_body_bytes;
-    let body = RequestBody::Client(ClientBody::new(body, limit, active.client_body_timeout));
+    let (body, again) = request_body(shared, &parts, body, &active).await;
     let switch = tunnel.as_ref().map(|(u, _)| u);
     let (outgoing, has_host) = request::outgoing(parts, conn, &active, id, body, switch);
-    let sent = Attempt::new(worker, &active, id, route, outgoing, has_host, replayable)
+    let sent = Attempt::new(worker, &active, id, route, outgoing, has_host, again)
         .send()
         .await;
     let sent = match tunnel {
@@ -202,6 +204,29 @@ async fn proxy(
     };
     // 9. The cache fill (or a stale entry in place of an error); 10. the response streams back.
     miss.finish(worker, resp, id)
+}
+
+/// The request's body on its way (bounded in size and time), and whether the request may go to
+/// another backend after it reached one: a request without a body, if idempotent; a gRPC call
+/// with the record of its body (up to a limit), should its backend fail before answering. Any
+/// request can be moved elsewhere when it never left.
+async fn request_body(
+    shared: &crate::shared::Shared,
+    parts: &http::request::Parts,
+    body: Incoming,
+    active: &crate::config::active::Active,
+) -> (RequestBody, Again) {
+    let replayable = body.is_end_stream() && retry::is_idempotent(&parts.method);
+    let limit = shared.settings.max_body_bytes;
+    let mut body = ClientBody::new(body, limit, active.client_body_timeout);
+    let again = if replayable {
+        Again::Replay
+    } else if grpc::is_grpc(&parts.headers) {
+        Again::Resend(grpc::record(&mut body).await)
+    } else {
+        Again::Never
+    };
+    (RequestBody::Client(body), again)
 }
 
 /// Step 1's checks: a head the proxy takes as it is, a declared body within the limit. Also

@@ -1,12 +1,17 @@
-//! TLS as a client: to backends (`backend_tls`), and the trust roots of a `rediss://` Redis
-//! (`redis_ca`).
+//! TLS as a client: to backends (`https://` backends, and every backend with `backend_tls`),
+//! and the trust roots of a `rediss://` Redis (`redis_ca`).
 //!
-//! Backend certificates are checked against the CA file of `backend_ca` only, never the system's
-//! roots: backends are the operator's own services, usually under a private CA, and trusting
-//! every public CA as well would let anyone with a public certificate for the name stand in for
-//! a backend. The name checked is `backend_server_name` when set (backends addressed by IP under
-//! one certificate name), else each backend's host: a DNS name (also sent as SNI), or an IP
-//! address matched against the certificate's IP SANs.
+//! Backend certificates are checked against the CA file of `backend_ca` when it is set. With
+//! `backend_tls` it is required and the system's roots are never used: those backends are the
+//! operator's own services, usually under a private CA, and trusting every public CA as well
+//! would let anyone with a public certificate for the name stand in for a backend. An
+//! `https://` backend with no `backend_ca` is checked against the system's roots, as a browser
+//! would (a public service named by its URL). The name checked is `backend_server_name` when set
+//! (backends addressed by IP under one certificate name), else each backend's host: a DNS name
+//! (also sent as SNI), or an IP address matched against the certificate's IP SANs.
+//!
+//! ALPN: `https://` backends are offered `h2` then `http/1.1`, and spoken to in what they pick;
+//! plain backends under `backend_tls` are offered `http/1.1` only (they were named as HTTP/1.1).
 //!
 //! One client configuration serves every backend and worker: its session cache lets reconnects
 //! resume instead of running a full handshake, at the cost of one short lock per new connection
@@ -22,14 +27,19 @@ use tokio_rustls::TlsConnector;
 
 use super::TlsError;
 
-/// ALPN offered to backends: the pool speaks HTTP/1.1 only.
-const BACKEND_ALPN: &[u8] = b"http/1.1";
+/// ALPN offered to backends named as HTTP/1.1 under `backend_tls`.
+const HTTP1_ALPN: &[&[u8]] = &[b"http/1.1"];
+/// ALPN offered to `https://` backends, in order of preference.
+const HTTPS_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
-/// The `backend_ca` and `backend_server_name` settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The `backend_tls`, `backend_ca` and `backend_server_name` settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendTlsSettings {
-    /// PEM file of the CA certificates backend certificates must chain to.
-    pub ca: PathBuf,
+    /// TLS to every backend (`backend_tls`), not only to `https://` ones.
+    pub all: bool,
+    /// PEM file of the CA certificates backend certificates must chain to; none: the system's
+    /// roots (`https://` backends only).
+    pub ca: Option<PathBuf>,
     /// Name every backend certificate is checked against, instead of the backend's host.
     pub server_name: Option<ServerName<'static>>,
 }
@@ -75,39 +85,49 @@ pub fn parse_server_name(name: &str) -> Result<ServerName<'static>, String> {
         .map_err(|_| format!("{name:?} is neither a DNS name nor an IP address"))
 }
 
-/// The client side of TLS to backends: the configuration shared by every connection and the
-/// name override.
+/// The client side of TLS to backends: the configurations shared by every connection (one per
+/// ALPN offer) and the name override.
 pub struct BackendTls {
-    connector: TlsConnector,
+    http1: TlsConnector,
+    https: TlsConnector,
     server_name: Option<ServerName<'static>>,
 }
 
 impl BackendTls {
-    /// Reads the CA file and builds the configuration: TLS 1.3 and 1.2, ALPN http/1.1, the
-    /// default in-memory session cache for resumption.
+    /// Reads the CA file (or the system's roots when there is none) and builds the
+    /// configurations: TLS 1.3 and 1.2, the default in-memory session cache for resumption.
     pub fn load(settings: &BackendTlsSettings) -> Result<BackendTls, TlsError> {
-        let roots = read_roots("backend_ca", &settings.ca)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| TlsError {
-                setting: "backend_ca",
-                path: settings.ca.clone(),
-                problem: format!("cannot build the TLS configuration: {e}"),
-            })?
-            .with_root_certificates(roots.store)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![BACKEND_ALPN.to_vec()];
+        let (roots, source) = match &settings.ca {
+            Some(ca) => (read_roots("backend_ca", ca)?.store, ca.clone()),
+            None => (system_roots()?, PathBuf::from("(the system's roots)")),
+        };
+        let config = |alpn: &[&[u8]]| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| TlsError {
+                    setting: "backend_ca",
+                    path: source.clone(),
+                    problem: format!("cannot build the TLS configuration: {e}"),
+                })?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            Ok(TlsConnector::from(Arc::new(config)))
+        };
         Ok(BackendTls {
-            connector: TlsConnector::from(Arc::new(config)),
+            http1: config(HTTP1_ALPN)?,
+            https: config(HTTPS_ALPN)?,
             server_name: settings.server_name.clone(),
         })
     }
 
-    /// The connector and the name to verify for the backend at `address` (`host:port`).
+    /// The connector and the name to verify for the backend at `address` (`host:port`):
+    /// offering HTTP/2 as well (`https://` backends) or HTTP/1.1 only.
     pub fn for_backend(
         &self,
         address: &str,
+        offer_h2: bool,
     ) -> Result<(TlsConnector, ServerName<'static>), String> {
         let name = match &self.server_name {
             Some(n) => n.clone(),
@@ -125,8 +145,31 @@ impl BackendTls {
                 })?
             }
         };
-        Ok((self.connector.clone(), name))
+        let connector = if offer_h2 { &self.https } else { &self.http1 };
+        Ok((connector.clone(), name))
     }
+}
+
+/// The system's trust roots (the platform's certificate store, `SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` honoured), refused when there are none.
+fn system_roots() -> Result<RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut store = RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none found".to_owned(), ToString::to_string);
+        return Err(TlsError {
+            setting: "backend_ca",
+            path: PathBuf::from("(the system's roots)"),
+            problem: format!(
+                "no usable trust root on this system ({why}); set backend_ca for https:// backends"
+            ),
+        });
+    }
+    Ok(store)
 }
 
 #[cfg(test)]
@@ -190,12 +233,13 @@ mod tests {
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, p.self_signed(&key).unwrap().pem()).unwrap();
         let mut settings = BackendTlsSettings {
-            ca,
+            all: true,
+            ca: Some(ca),
             server_name: None,
         };
         let tls = BackendTls::load(&settings).unwrap();
         let name =
-            |tls: &BackendTls, a: &str| tls.for_backend(a).map(|(_, n)| n.to_str().into_owned());
+            |tls: &BackendTls, a: &str| tls.for_backend(a, false).map(|(_, n)| n.to_str().into_owned());
         assert_eq!(name(&tls, "api.internal:443").unwrap(), "api.internal");
         assert_eq!(name(&tls, "10.0.0.7:8443").unwrap(), "10.0.0.7");
         assert_eq!(name(&tls, "[::1]:8443").unwrap(), "::1");

@@ -23,8 +23,9 @@ use crate::clock::Stall;
 /// that the client, still sending, gets that response rather than a reset connection.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// A backend's response body, read from its connection as the client's side asks for it.
-pub struct Body {
+/// A backend's response body over HTTP/1.1, read from its connection as the client's side asks
+/// for it.
+pub struct Http1Body {
     /// The connection, until the body ends (back to the pool) or fails (dropped).
     conn: Option<Conn>,
     decoder: Decoder,
@@ -45,7 +46,7 @@ pub struct Body {
     switched: bool,
 }
 
-impl Body {
+impl Http1Body {
     /// The backend broke off this body: its connection failed or closed before the end, it
     /// stalled past the idle timeout, or its framing could not be read.
     pub fn failed(&self) -> bool {
@@ -58,8 +59,8 @@ impl Body {
         home: Option<Home>,
         upload: Option<Upload>,
         idle_timeout: Option<Duration>,
-    ) -> Body {
-        let mut body = Body {
+    ) -> Http1Body {
+        let mut body = Http1Body {
             upload,
             idle_timeout,
             stall: Stall::default(),
@@ -77,9 +78,9 @@ impl Body {
     }
 
     /// The body of a `101 Switching Protocols`: none. The connection now carries another
-    /// protocol; [`Body::take_switched`] hands it over.
-    pub(crate) fn switched(conn: Conn) -> Body {
-        Body {
+    /// protocol; [`Http1Body::take_switched`] hands it over.
+    pub(crate) fn switched(conn: Conn) -> Http1Body {
+        Http1Body {
             upload: None,
             idle_timeout: None,
             stall: Stall::default(),
@@ -143,7 +144,7 @@ impl Body {
     }
 }
 
-impl Drop for Body {
+impl Drop for Http1Body {
     fn drop(&mut self) {
         // A backend that answered before taking the whole request body (a 413, say): the rest
         // is read and dropped, within its size limit and DRAIN_TIME, so the client's connection
@@ -165,7 +166,7 @@ impl Drop for Body {
     }
 }
 
-impl http_body::Body for Body {
+impl http_body::Body for Http1Body {
     type Data = Bytes;
     type Error = std::io::Error;
 
@@ -239,6 +240,62 @@ impl http_body::Body for Body {
         match self.decoder.remaining() {
             Some(n) if !self.failed => SizeHint::with_exact(n),
             _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A backend's response body, over HTTP/1.1 or HTTP/2.
+// Most bodies come over HTTP/1.1: boxing that variant to shrink the other would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Body {
+    Http1(Http1Body),
+    Http2(super::h2::H2Body),
+}
+
+impl Body {
+    /// The backend broke off this body (see [`Http1Body::failed`]).
+    pub fn failed(&self) -> bool {
+        match self {
+            Body::Http1(b) => b.failed(),
+            Body::Http2(b) => b.failed(),
+        }
+    }
+
+    /// The connection of a `101 Switching Protocols` response (HTTP/1.1 only).
+    pub(crate) fn take_switched(&mut self) -> Option<(super::conn::Io, bytes::BytesMut)> {
+        match self {
+            Body::Http1(b) => b.take_switched(),
+            Body::Http2(_) => None,
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            Body::Http1(b) => Pin::new(b).poll_frame(cx),
+            Body::Http2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Http1(b) => b.is_end_stream(),
+            Body::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Http1(b) => b.size_hint(),
+            Body::Http2(b) => b.size_hint(),
         }
     }
 }

@@ -41,6 +41,14 @@ pub(crate) enum Io {
 }
 
 impl Io {
+    /// True when the TLS handshake settled on HTTP/2 (ALPN `h2`).
+    pub(crate) fn speaks_h2(&self) -> bool {
+        match self {
+            Io::Plain(_) => false,
+            Io::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+
     fn tcp(&self) -> &TcpStream {
         match self {
             Io::Plain(s) => s,

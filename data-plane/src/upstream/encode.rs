@@ -33,6 +33,13 @@ pub struct Head {
     pub(crate) upgrade: bool,
 }
 
+impl Head {
+    /// The head as encoded for HTTP/1.1 (without a `Host` set later).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// A request ready to go to a backend: its head, and its body with the framing chosen for it.
 pub struct Outgoing {
     pub(crate) head: Head,
@@ -106,6 +113,17 @@ impl Outgoing {
         }
     }
 
+    /// The same request again with `body`, the whole body it was first sent with, framed as it
+    /// was then (`out`).
+    pub(crate) fn again_with(head: &Head, out: Out, body: Bytes) -> Outgoing {
+        Outgoing {
+            head: head.clone(),
+            host: None,
+            out,
+            body: RequestBody::Fixed(Some(body)),
+        }
+    }
+
     /// The same request again, without a body: for a request that had none.
     pub fn again(head: &Head) -> Outgoing {
         Outgoing {
@@ -121,6 +139,21 @@ impl Outgoing {
     pub fn upgrade(mut self) -> Outgoing {
         self.head.upgrade = true;
         self
+    }
+
+    /// Takes the body out (to send it over HTTP/2), leaving none.
+    pub(crate) fn take_body(&mut self) -> RequestBody {
+        std::mem::replace(&mut self.body, RequestBody::empty())
+    }
+
+    /// Puts back a body taken out and not sent.
+    pub(crate) fn put_body(&mut self, body: RequestBody) {
+        self.body = body;
+    }
+
+    /// The `Host` field to add, if one is set.
+    pub(crate) fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// The encoded head, to send again later.

@@ -23,6 +23,7 @@
 pub mod body;
 pub mod conn;
 pub mod encode;
+pub mod h2;
 pub mod parse;
 #[cfg(test)]
 mod parse_props;
@@ -39,10 +40,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
+use lb_proto::validate::BackendProtocol;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-pub use body::Body;
+pub use body::{Body, Http1Body};
 pub use conn::Transport;
 pub use encode::{Head, Outgoing};
 pub use parse::is_hop_by_hop;
@@ -70,15 +72,46 @@ pub struct Timeouts {
 
 /// When the response head must be in, and the timeout it comes from.
 #[derive(Clone, Copy)]
-struct Deadline {
-    at: Instant,
-    after: Duration,
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) after: Duration,
 }
 
-/// Sends `req` to the backend at `addr` on a pooled connection of this worker, or a new one.
-/// On failure, a request that the backend cannot have seen is handed back, so the caller can
-/// send it elsewhere.
+/// Sends `req` to the backend at `addr` (`host:port`) on a pooled connection of this worker, or
+/// a new one (for an HTTP/2 backend, as a stream of this worker's connection). On failure, a
+/// request that the backend cannot have seen is handed back, so the caller can send it
+/// elsewhere.
+///
+/// An `https://` backend is spoken to in what its TLS handshake settles on (ALPN): until one
+/// has, the request opens an HTTP/1.1-pool connection and looks; a handshake that settles
+/// otherwise than the last sends the request the other way.
 pub async fn send(
+    pool: &Arc<IdleConns>,
+    worker: usize,
+    addr: &str,
+    resolved: Option<SocketAddr>,
+    timeouts: Timeouts,
+    mut req: Outgoing,
+) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
+    for _ in 0..2 {
+        let sent = if pool.speaks_h2() == Some(true) {
+            if req.head().upgrade {
+                return Err((UpstreamError::NoUpgrade, Some(req)));
+            }
+            Box::pin(h2::send(pool, worker, addr, resolved, timeouts, req)).await
+        } else {
+            http1(pool, worker, addr, resolved, timeouts, req).await
+        };
+        match sent {
+            Err((UpstreamError::ProtocolChanged, Some(r))) => req = r,
+            done => return done,
+        }
+    }
+    Err((UpstreamError::ProtocolChanged, Some(req)))
+}
+
+/// [`send`] in HTTP/1.1.
+async fn http1(
     pool: &Arc<IdleConns>,
     worker: usize,
     addr: &str,
@@ -94,7 +127,7 @@ pub async fn send(
     // the loop produces then reach each backend back to back, and the backend can take them
     // on one wake-up rather than one each. The request waits one turn of the loop at most
     // (microseconds when idle); under load it saves the proxy and its backends CPU on every
-    // request (README, Performance). Waiting before a connection is taken from the pool also
+    // request (docs/performance.md). Waiting before a connection is taken from the pool also
     // means the check for a backend's close is as fresh as it can be.
     tokio::task::yield_now().await;
     for _ in 0..MAX_STALE_TRIES {
@@ -117,10 +150,24 @@ pub async fn send(
         },
         None => connecting.await,
     };
-    match connected {
-        Ok(conn) => exchange(conn, req, pool, worker, deadline, timeouts.body_idle).await,
-        Err(e) => Err((e, Some(req))),
+    let conn = match connected {
+        Ok(conn) => conn,
+        Err(e) => return Err((e, Some(req))),
+    };
+    if pool.protocol() == BackendProtocol::Https {
+        let h2 = conn.io.speaks_h2();
+        pool.learn(h2);
+        if h2 {
+            // The connection serves the backend's HTTP/2 streams from now on.
+            let adopted = Box::pin(pool.h2.adopt(worker, conn, addr, timeouts.connect)).await;
+            return Err(match adopted {
+                Err(e) => (e, Some(req)),
+                Ok(()) if req.head().upgrade => (UpstreamError::NoUpgrade, Some(req)),
+                Ok(()) => (UpstreamError::ProtocolChanged, Some(req)),
+            });
+        }
     }
+    exchange(conn, req, pool, worker, deadline, timeouts.body_idle).await
 }
 
 /// Why a request got no response from a backend.
@@ -149,6 +196,14 @@ pub enum UpstreamError {
     /// The request was (maybe partly) sent, then the exchange failed.
     #[error("{0}")]
     Exchange(std::io::Error),
+    /// The request asks to switch protocols, which an HTTP/2 backend cannot do (no request
+    /// was sent).
+    #[error("the backend speaks HTTP/2, which cannot switch protocols")]
+    NoUpgrade,
+    /// The TLS handshake with an `https://` backend settled on another protocol than the last
+    /// one (no request was sent); the request goes again in that protocol.
+    #[error("the backend's TLS handshake settled on another protocol")]
+    ProtocolChanged,
 }
 
 impl UpstreamError {
@@ -160,6 +215,8 @@ impl UpstreamError {
                 | UpstreamError::ConnectTimeout(_)
                 | UpstreamError::Tls { .. }
                 | UpstreamError::Write(_)
+                | UpstreamError::NoUpgrade
+                | UpstreamError::ProtocolChanged
         )
     }
 }
@@ -230,7 +287,7 @@ async fn exchange(
     .await;
     let parsed = parsed.map_err(|e| (e, None))?;
     if parsed.switched {
-        return Ok(parsed.response.map(|()| Body::switched(conn)));
+        return Ok(parsed.response.map(|()| Body::Http1(Http1Body::switched(conn))));
     }
     let home = parsed.reusable.then(|| Home {
         pool: Arc::clone(pool),
@@ -239,7 +296,7 @@ async fn exchange(
     let framing = parsed.framing;
     Ok(parsed
         .response
-        .map(|()| Body::new(conn, framing, home, upload, idle_timeout)))
+        .map(|()| Body::Http1(Http1Body::new(conn, framing, home, upload, idle_timeout))))
 }
 
 /// Writes the request's head, within the deadline.

@@ -9,10 +9,13 @@
 //! dropped.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use lb_proto::validate::BackendProtocol;
 
 use super::conn::{Conn, Transport};
 
@@ -33,20 +36,59 @@ struct Idle {
 pub struct IdleConns {
     per_worker: Box<[Mutex<VecDeque<Idle>>]>,
     transport: Transport,
+    protocol: BackendProtocol,
+    /// What an `https://` backend's last handshake settled on: [`ALPN_UNKNOWN`], [`ALPN_HTTP1`]
+    /// or [`ALPN_H2`].
+    alpn: AtomicU8,
+    /// The multiplexed connections, for a backend spoken to in HTTP/2.
+    pub(crate) h2: super::h2::H2Conns,
 }
 
+const ALPN_UNKNOWN: u8 = 0;
+const ALPN_HTTP1: u8 = 1;
+const ALPN_H2: u8 = 2;
+
 impl IdleConns {
-    pub fn new(workers: usize, transport: Transport) -> IdleConns {
+    pub fn new(workers: usize, transport: Transport, protocol: BackendProtocol) -> IdleConns {
         IdleConns {
             per_worker: (0..workers.max(1))
                 .map(|_| Mutex::new(VecDeque::new()))
                 .collect(),
             transport,
+            protocol,
+            alpn: AtomicU8::new(ALPN_UNKNOWN),
+            h2: super::h2::H2Conns::new(workers),
         }
     }
 
     pub fn transport(&self) -> &Transport {
         &self.transport
+    }
+
+    /// The protocol the backend is spoken to in.
+    pub fn protocol(&self) -> BackendProtocol {
+        self.protocol
+    }
+
+    /// Whether requests go to the backend in HTTP/2; none for an `https://` backend no
+    /// handshake has settled yet.
+    pub fn speaks_h2(&self) -> Option<bool> {
+        match self.protocol {
+            BackendProtocol::Http1 => Some(false),
+            BackendProtocol::H2c => Some(true),
+            BackendProtocol::Https => match self.alpn.load(Ordering::Relaxed) {
+                ALPN_UNKNOWN => None,
+                a => Some(a == ALPN_H2),
+            },
+        }
+    }
+
+    /// Records what a handshake with an `https://` backend settled on.
+    pub(crate) fn learn(&self, h2: bool) {
+        let alpn = if h2 { ALPN_H2 } else { ALPN_HTTP1 };
+        if self.alpn.swap(alpn, Ordering::Relaxed) != alpn {
+            tracing::debug!(http2 = h2, "backend protocol settled by ALPN");
+        }
     }
 
     fn list(&self, worker: usize) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
@@ -84,6 +126,7 @@ impl IdleConns {
         for l in &self.per_worker {
             l.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
+        self.h2.clear();
     }
 }
 

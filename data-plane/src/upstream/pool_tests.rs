@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use lb_proto::validate::BackendProtocol;
+
 use super::Transport;
 use super::conn::{Conn, Io};
 use super::pool::IdleConns;
@@ -81,7 +83,7 @@ const IDLE: Duration = Duration::from_secs(50);
 #[tokio::test(start_paused = true)]
 async fn the_most_recently_returned_connection_is_taken_first() {
     let backend = Backend::new();
-    let pool = IdleConns::new(1, Transport::Plain);
+    let pool = IdleConns::new(1, Transport::Plain, BackendProtocol::Http1);
     let (a, b) = (backend.pair().await, backend.pair().await);
     let (mut a_backend, mut b_backend) = (a.backend, b.backend);
     pool.put(0, a.conn);
@@ -99,7 +101,7 @@ async fn the_most_recently_returned_connection_is_taken_first() {
 #[tokio::test(start_paused = true)]
 async fn a_connection_idle_for_50_s_is_closed_not_handed_out() {
     let backend = Backend::new();
-    let pool = IdleConns::new(1, Transport::Plain);
+    let pool = IdleConns::new(1, Transport::Plain, BackendProtocol::Http1);
     let p = backend.pair().await;
     let mut p_backend = p.backend;
     pool.put(0, p.conn);
@@ -116,7 +118,7 @@ async fn a_connection_idle_for_50_s_is_closed_not_handed_out() {
 #[tokio::test(start_paused = true)]
 async fn expired_connections_are_closed_from_the_cold_end_when_one_returns() {
     let backend = Backend::new();
-    let pool = IdleConns::new(1, Transport::Plain);
+    let pool = IdleConns::new(1, Transport::Plain, BackendProtocol::Http1);
     let (old, warm, new) = (
         backend.pair().await,
         backend.pair().await,
@@ -155,7 +157,7 @@ async fn at_most_1024_idle_connections_are_kept_per_worker() {
         return;
     }
     let backend = Backend::new();
-    let pool = IdleConns::new(2, Transport::Plain);
+    let pool = IdleConns::new(2, Transport::Plain, BackendProtocol::Http1);
     let mut kept = Vec::with_capacity(CAP);
     let mut backends = Vec::with_capacity(CAP);
     for _ in 0..CAP {
@@ -192,7 +194,7 @@ async fn a_full_list_of_expired_connections_makes_room_for_a_new_one() {
         return;
     }
     let backend = Backend::new();
-    let pool = IdleConns::new(1, Transport::Plain);
+    let pool = IdleConns::new(1, Transport::Plain, BackendProtocol::Http1);
     let mut backends = Vec::with_capacity(CAP);
     for _ in 0..CAP {
         let p = backend.pair().await;
@@ -212,7 +214,7 @@ async fn a_full_list_of_expired_connections_makes_room_for_a_new_one() {
 #[tokio::test(start_paused = true)]
 async fn each_worker_has_its_own_list() {
     let backend = Backend::new();
-    let pool = IdleConns::new(2, Transport::Plain);
+    let pool = IdleConns::new(2, Transport::Plain, BackendProtocol::Http1);
     let p = backend.pair().await;
     pool.put(0, p.conn);
     assert!(
@@ -270,7 +272,7 @@ async fn watched_pair(backend: &Backend) -> (Pair, StdStream) {
 async fn a_connection_the_backend_closed_or_wrote_on_while_idle_is_passed_over() {
     use std::io::Write;
     let backend = Backend::new();
-    let pool = IdleConns::new(1, Transport::Plain);
+    let pool = IdleConns::new(1, Transport::Plain, BackendProtocol::Http1);
     let (live, _) = watched_pair(&backend).await;
     let (closed, closed_watch) = watched_pair(&backend).await;
     let (chatty, chatty_watch) = watched_pair(&backend).await;
@@ -296,7 +298,7 @@ async fn a_connection_the_backend_closed_or_wrote_on_while_idle_is_passed_over()
 #[tokio::test(start_paused = true)]
 async fn clearing_closes_every_idle_connection() {
     let backend = Backend::new();
-    let pool = IdleConns::new(2, Transport::Plain);
+    let pool = IdleConns::new(2, Transport::Plain, BackendProtocol::Http1);
     let (a, b) = (backend.pair().await, backend.pair().await);
     let (mut a_backend, mut b_backend) = (a.backend, b.backend);
     pool.put(0, a.conn);

@@ -77,6 +77,69 @@ pub struct ClientBody {
     waiting: bool,
     /// Failed once: nothing more is read.
     failed: bool,
+    /// Keeps the bytes as they go by, when the request may have to go again.
+    record: Option<Recording>,
+    /// Bytes read ahead ([`ClientBody::read_ahead`]), sent first.
+    ahead: Option<Bytes>,
+    /// A failure met while reading ahead, given after the bytes read.
+    deferred: Option<ClientBodyError>,
+}
+
+/// The bytes of a client's body as they went to a backend, kept up to a limit, so that a request
+/// whose backend failed before answering can go whole to another.
+#[derive(Clone)]
+pub struct Recording(std::sync::Arc<std::sync::Mutex<Record>>);
+
+struct Record {
+    bytes: bytes::BytesMut,
+    limit: usize,
+    /// Past the limit: nothing is kept.
+    over: bool,
+    ended: bool,
+}
+
+impl Recording {
+    /// Keeps at most `limit` bytes.
+    pub fn new(limit: usize) -> Recording {
+        Recording(std::sync::Arc::new(std::sync::Mutex::new(Record {
+            bytes: bytes::BytesMut::new(),
+            limit,
+            over: false,
+            ended: false,
+        })))
+    }
+
+    /// The record of a body already read whole.
+    pub fn whole_body(body: &Bytes) -> Recording {
+        let r = Recording::new(body.len());
+        r.push(body);
+        r.end();
+        r
+    }
+
+    fn record(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, data: &[u8]) {
+        let mut r = self.record();
+        if r.over || r.bytes.len() + data.len() > r.limit {
+            r.over = true;
+            r.bytes = bytes::BytesMut::new();
+        } else {
+            r.bytes.extend_from_slice(data);
+        }
+    }
+
+    fn end(&self) {
+        self.record().ended = true;
+    }
+
+    /// The whole body, when it was read to its end within the limit.
+    pub fn whole(&self) -> Option<Bytes> {
+        let r = self.record();
+        (r.ended && !r.over).then(|| r.bytes.clone().freeze())
+    }
 }
 
 impl ClientBody {
@@ -90,7 +153,62 @@ impl ClientBody {
             timer: None,
             waiting: false,
             failed: false,
+            record: None,
+            ahead: None,
+            deferred: None,
         }
+    }
+
+    /// Keeps the bytes in `record` as they go by (those read ahead too).
+    pub fn record_into(&mut self, record: Recording) {
+        if let Some(ahead) = &self.ahead {
+            record.push(ahead);
+        }
+        if self.inner.is_end_stream() {
+            record.end();
+        }
+        self.record = Some(record);
+    }
+
+    /// Reads what the client sends, up to `limit` bytes, and keeps it to be sent first: until
+    /// the body ends, or the client pauses with `enough` of it read (or still after `grace`).
+    /// The whole body, when all of it came.
+    pub async fn read_ahead(
+        &mut self,
+        limit: usize,
+        enough: impl Fn(&[u8]) -> bool,
+        grace: Duration,
+    ) -> Option<Bytes> {
+        let mut ahead = bytes::BytesMut::new();
+        let mut grace = std::pin::pin!(tokio::time::sleep(grace));
+        let whole = std::future::poll_fn(|cx| {
+            loop {
+                if ahead.len() >= limit || self.inner.is_end_stream() {
+                    return Poll::Ready(self.inner.is_end_stream());
+                }
+                match Pin::new(&mut *self).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => ahead.extend_from_slice(&data),
+                        // Request trailers: not a body to read ahead of.
+                        Err(_) => return Poll::Ready(false),
+                    },
+                    Poll::Ready(None) => return Poll::Ready(true),
+                    // A failure is kept for the backend's side to meet, after the bytes.
+                    Poll::Ready(Some(Err(e))) => {
+                        self.deferred = Some(e);
+                        return Poll::Ready(false);
+                    }
+                    Poll::Pending if enough(&ahead) || grace.as_mut().poll(cx).is_ready() => {
+                        return Poll::Ready(false);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await;
+        let ahead = ahead.freeze();
+        self.ahead = (!ahead.is_empty()).then(|| ahead.clone());
+        (whole && ahead.len() <= limit).then_some(ahead)
     }
 
     /// The last poll was left waiting for the client (rather than the body being ahead of the
@@ -116,6 +234,12 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
+        if let Some(ahead) = this.ahead.take() {
+            return Poll::Ready(Some(Ok(Frame::data(ahead))));
+        }
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         if this.failed {
             return Poll::Ready(None);
         }
@@ -129,6 +253,12 @@ impl Body for ClientBody {
                         return this.fail(ClientBodyError::TooLarge { limit });
                     }
                     this.left -= n;
+                    if let Some(r) = &this.record {
+                        r.push(data);
+                        if this.inner.is_end_stream() {
+                            r.end();
+                        }
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -136,6 +266,9 @@ impl Body for ClientBody {
             Poll::Ready(None) => {
                 this.waiting = false;
                 this.timer = None;
+                if let Some(r) = &this.record {
+                    r.end();
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -155,11 +288,28 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || self.inner.is_end_stream()
+        let end = self.ahead.is_none()
+            && self.deferred.is_none()
+            && (self.failed || self.inner.is_end_stream());
+        // The sender may learn of the end here rather than from a last poll: so does the record.
+        if end
+            && !self.failed
+            && let Some(r) = &self.record
+        {
+            r.end();
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let ahead = self.ahead.as_ref().map_or(0, |a| a.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + ahead);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
     }
 }
 
