@@ -185,6 +185,7 @@ async fn usage(
         "period_ms": u.period_ms,
         "remaining": u.remaining,
         "reset_ms": u.reset_ms,
+        "banned_for_ms": u.banned_for_ms,
         "blocked": u.blocked,
     })))
 }

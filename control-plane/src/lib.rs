@@ -13,7 +13,8 @@
 //! - [`http`]: REST endpoints, `/stats`, `/metrics` and `/openapi.json`.
 //! - [`tls`]: TLS on both listeners, with the data plane's certificate checks and reloads.
 //! - [`dashboard`]: the dashboards' pages and their WebSocket feed, `/ws`.
-//! - [`dev`]: the all-in-one local stack of `control-plane dev`.
+//! - [`dev`]: the all-in-one local stack of `control-plane dev`, and its in-process limiter
+//!   state.
 
 pub mod admin;
 pub mod auth;
@@ -73,6 +74,8 @@ pub fn start_tracing(cp: &ControlPlane, settings: Option<&data_plane::common::Tr
 
 /// The control plane on its store: Redis when `redis` names one, otherwise the embedded store
 /// (keeping its state in `state_file` when given). `initial` is used when the store is empty.
+/// With the embedded store, `local_limits` is the data planes' limiter state when the control
+/// plane can read it (they run in this process).
 pub async fn open(
     redis: Option<&str>,
     redis_ca: Option<&[u8]>,
@@ -80,6 +83,7 @@ pub async fn open(
     initial: ConfigSnapshot,
     admin_token: String,
     cluster_token: Option<String>,
+    local_limits: Option<Arc<dyn ratelimit::SharedLimits>>,
 ) -> Result<Arc<ControlPlane>, UpdateError> {
     match redis {
         Some(url) => {
@@ -99,7 +103,10 @@ pub async fn open(
         None => {
             let store = Arc::new(store::MemoryStore::new(state_file));
             let cp = ControlPlane::new(store, initial, admin_token, cluster_token).await?;
-            Ok(Arc::new(cp))
+            Ok(Arc::new(match local_limits {
+                Some(limits) => cp.with_shared_limits(limits),
+                None => cp,
+            }))
         }
     }
 }

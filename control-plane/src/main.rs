@@ -106,6 +106,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
         settings.initial.clone(),
         token,
         cluster_token,
+        None,
     )
     .await
     .context("cannot load the control plane's state")?;

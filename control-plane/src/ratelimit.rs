@@ -109,6 +109,8 @@ pub trait SharedLimits: Send + Sync + 'static {
     async fn gcra(&self, identity: &str) -> Result<Option<GcraState>, StoreError>;
     /// Bans whose `until` is after `now_ms`.
     async fn bans(&self, now_ms: u64) -> Result<Vec<BanInfo>, StoreError>;
+    /// The ban of `identity` when it lasts past `now_ms`.
+    async fn ban(&self, identity: &str, now_ms: u64) -> Result<Option<BanInfo>, StoreError>;
     /// Deletes the ban and strikes of `identity`.
     async fn lift(&self, identity: &str) -> Result<(), StoreError>;
 }

@@ -325,6 +325,27 @@ impl SharedLimits for RedisStore {
         }))
     }
 
+    async fn ban(&self, identity: &str, now_ms: u64) -> Result<Option<BanInfo>, StoreError> {
+        let key = redis_keys::ban_key(identity);
+        let value: Option<Vec<u8>> = self
+            .idempotent("GET", &key, |mut conn| {
+                let key = &key;
+                async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
+            })
+            .await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let (until_ms, count) = pair(&value)
+            .and_then(|(a, b)| Some((whole(a)?, whole(b)?)))
+            .ok_or_else(|| bad(&key, "is not a ban \"<until_ms> <count>\""))?;
+        Ok((until_ms > now_ms).then(|| BanInfo {
+            client: identity.to_owned(),
+            until_ms,
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn bans(&self, now_ms: u64) -> Result<Vec<BanInfo>, StoreError> {
         let mut out = Vec::new();
         let pattern = redis_keys::BAN_KEY_PATTERN;

@@ -6,7 +6,7 @@
 //! key not matching, certificate expired or not yet valid), so a bad file stops the start with
 //! the file named.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use data_plane::common::TlsFiles;
@@ -26,10 +26,10 @@ pub struct CommonArgs {
     #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// gRPC listener: Discovery, Admin, health, reflection [default: 0.0.0.0:50051]
-    #[arg(long, env = "LB_GRPC_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "LB_GRPC_LISTEN", value_name = "ADDR", value_parser = data_plane::common::socket_addr)]
     pub grpc_listen: Option<SocketAddr>,
     /// HTTP listener: REST admin, /stats, /metrics [default: 0.0.0.0:5000]
-    #[arg(long, env = "LB_HTTP_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "LB_HTTP_LISTEN", value_name = "ADDR", value_parser = data_plane::common::socket_addr)]
     pub http_listen: Option<SocketAddr>,
     /// Redis URL for durable state and fan-out between control planes; redis+cluster://host:port,...
     /// for a Redis Cluster [default: embedded store]
@@ -253,7 +253,13 @@ fn log_json(format: Option<String>) -> Result<bool, SettingsError> {
 }
 
 impl Settings {
+    /// Resolves the settings of `serve`: listeners on every interface unless told otherwise.
     pub fn load(args: CommonArgs) -> Result<Settings, SettingsError> {
+        Settings::load_with_default_ip(args, IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Resolves the settings, with listeners not set anywhere on `ip` (`dev`: loopback).
+    pub fn load_with_default_ip(args: CommonArgs, ip: IpAddr) -> Result<Settings, SettingsError> {
         let file: FileSettings = match &args.config {
             Some(path) => read_toml(path)?,
             None => FileSettings::default(),
@@ -381,11 +387,11 @@ impl Settings {
             grpc_listen: args
                 .grpc_listen
                 .or(file.grpc_listen)
-                .unwrap_or(([0, 0, 0, 0], 50051).into()),
+                .unwrap_or((ip, 50051).into()),
             http_listen: args
                 .http_listen
                 .or(file.http_listen)
-                .unwrap_or(([0, 0, 0, 0], 5000).into()),
+                .unwrap_or((ip, 5000).into()),
             redis,
             redis_ca,
             state_file: args.state_file.or(file.state_file),

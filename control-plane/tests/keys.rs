@@ -246,6 +246,7 @@ async fn usage_without_redis_is_the_whole_limit() {
             period_ms: 60_000,
             remaining: 20,
             reset_ms: 0,
+            banned_for_ms: 0,
         }
     );
     // A key never registered is a default-tier key.
@@ -358,7 +359,8 @@ async fn rest_key_endpoints_keep_the_original_shapes_and_need_the_token() {
         r.json(),
         serde_json::json!({
             "api_key_id": id, "tier": "free", "limit": 5, "period_ms": 60000,
-            "remaining": 5, "reset_ms": 0, "blocked": false,
+            "remaining": 5, "reset_ms": 0,
+            "banned_for_ms": 0, "blocked": false,
         })
     );
     for bad in ["/usage", "/usage?api_key=", "/usage?api_key=a%20b"] {

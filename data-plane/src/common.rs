@@ -6,7 +6,9 @@
 //! Everything else in this crate is the data plane's own; the two planes otherwise meet only in
 //! the gRPC contract of `lb-proto` and the Redis key layout it defines.
 
-pub use crate::config::settings::{SettingsError, default_node_id, read_toml, secret, tls_files};
+pub use crate::config::settings::{
+    SettingsError, default_node_id, read_toml, secret, socket_addr, tls_files,
+};
 pub use crate::redis::{
     Endpoints, RedisConn, RedisTarget, Scan, Timeouts as RedisTimeouts, UrlError, endpoints,
 };

@@ -44,6 +44,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::settings::{Args, Settings};
+pub use ratelimit::local::{LimitState, LocalBan, LocalLimits};
 pub use server::listen;
 pub use shared::Shared;
 

@@ -20,6 +20,7 @@ use crate::config::settings::Settings;
 use crate::policy::admission::Admission;
 use crate::policy::breaker::CircuitState;
 use crate::ratelimit::Limiter;
+use crate::ratelimit::local::LocalLimits;
 use crate::redis::RedisTarget;
 use crate::redis::link::Link;
 use crate::redis::link::Health;
@@ -66,6 +67,12 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(settings: Settings) -> Shared {
+        Shared::with_local_limits(settings, &LocalLimits::default())
+    }
+
+    /// As [`Shared::new`], keeping in-process limiter state in `local` (which other data planes
+    /// of this process may share).
+    pub fn with_local_limits(settings: Settings, local: &LocalLimits) -> Shared {
         let mut redis_ca_error = None;
         let redis = settings.redis.clone().map(|url| {
             let root_ca = settings.redis_ca.as_ref().and_then(|path| {
@@ -77,7 +84,7 @@ impl Shared {
             });
             Arc::new(Link::new(RedisTarget { url, root_ca }))
         });
-        let limiter = Limiter::new(redis.clone());
+        let limiter = Limiter::with_local(redis.clone(), local);
         let cache_health = redis.as_ref().map_or_else(Arc::default, |l| Arc::clone(l.health()));
         let backend_tls = settings.backend_tls.as_ref().map(|b| {
             crate::tls::client::BackendTls::load(b)

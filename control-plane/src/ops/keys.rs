@@ -2,7 +2,7 @@
 //! usage. Each change goes through [`ControlPlane::change`], so it is validated, versioned,
 //! saved and published as one.
 
-use lb_proto::v1::{ApiKeyInfo, ApiKeyRecord, KeyUsage, Limit, UnknownKeyPolicy};
+use lb_proto::v1::{ApiKeyInfo, ApiKeyRecord, ConfigSnapshot, KeyUsage, Limit, UnknownKeyPolicy};
 
 use crate::clock::now_ms;
 use crate::cluster::{ControlPlane, UpdateError};
@@ -118,40 +118,14 @@ pub fn list(cp: &ControlPlane) -> Vec<ApiKeyInfo> {
     out
 }
 
-/// Limit, remaining requests and time to full reset for one key.
+/// Limit, remaining requests, time to full reset and ban for one key.
 ///
-/// Remaining and reset come from the shared rate-limit state in Redis. Without Redis each data
-/// plane counts on its own and the control plane cannot see those counters, so the answer is the
-/// full limit with no reset pending.
+/// Remaining, reset and ban come from the limiter state the data planes decide with: Redis
+/// when configured, or the in-process store of the `dev` stack. A control plane with neither
+/// (data planes in other processes, each counting on its own) answers the full limit.
 pub async fn usage(cp: &ControlPlane, target: &KeyTarget) -> Result<KeyUsage, UpdateError> {
     let snapshot = cp.snapshot();
-    let (id, tier_name, blocked) = {
-        let keys = cp.keys();
-        match target {
-            KeyTarget::Id(id) => {
-                let r = keys
-                    .find_id(id)?
-                    .ok_or_else(|| UpdateError::NotFound(format!("no API key with id {id}")))?;
-                (r.key_id.clone(), r.tier.clone(), r.blocked)
-            }
-            KeyTarget::Key { hash } => match keys.get(hash) {
-                Some(r) => (r.key_id.clone(), r.tier.clone(), r.blocked),
-                None => {
-                    let refused = snapshot
-                        .rate_limit
-                        .as_ref()
-                        .is_some_and(|rl| rl.unknown_key == UnknownKeyPolicy::Reject as i32);
-                    if refused {
-                        return Err(UpdateError::NotFound(format!(
-                            "no API key with id {} (unregistered keys are refused)",
-                            key_id(hash)
-                        )));
-                    }
-                    (key_id(hash), String::new(), false)
-                }
-            },
-        }
-    };
+    let (id, tier_name, blocked) = usage_subject(cp, &snapshot, target)?;
     let tier_name = effective_tier(&snapshot, &tier_name).to_owned();
     let limit = find_tier(&snapshot, &tier_name)
         .and_then(|t| t.limit)
@@ -159,21 +133,64 @@ pub async fn usage(cp: &ControlPlane, target: &KeyTarget) -> Result<KeyUsage, Up
             requests: 0,
             period_ms: 0,
         });
-    let state = match cp.shared_limits() {
-        Some(shared) => shared
-            .gcra(&lb_proto::redis_keys::key_identity(&id))
-            .await
-            .map_err(UpdateError::Unavailable)?,
-        None => None,
+    let now = now_ms();
+    let (state, ban) = match cp.shared_limits() {
+        Some(shared) => {
+            let identity = lb_proto::redis_keys::key_identity(&id);
+            let state = shared.gcra(&identity).await;
+            let ban = shared.ban(&identity, now).await;
+            (
+                state.map_err(UpdateError::Unavailable)?,
+                ban.map_err(UpdateError::Unavailable)?,
+            )
+        }
+        None => (None, None),
     };
-    let u = ratelimit::usage(&limit, state, now_ms());
+    let u = ratelimit::usage(&limit, state, now);
+    let banned_for_ms = ban.map_or(0, |b| b.until_ms.saturating_sub(now));
     Ok(KeyUsage {
         key_id: id,
         tier: tier_name,
         blocked,
         limit: limit.requests,
         period_ms: limit.period_ms,
-        remaining: u.remaining,
-        reset_ms: u.reset_ms,
+        remaining: if banned_for_ms > 0 { 0 } else { u.remaining },
+        reset_ms: u.reset_ms.max(banned_for_ms),
+        banned_for_ms,
     })
+}
+
+/// The key usage is asked of: its id, tier (empty = the default) and block. An unregistered
+/// key is answered as the data planes treat it: the default tier, or NotFound where unknown
+/// keys are refused.
+fn usage_subject(
+    cp: &ControlPlane,
+    snapshot: &ConfigSnapshot,
+    target: &KeyTarget,
+) -> Result<(String, String, bool), UpdateError> {
+    let keys = cp.keys();
+    match target {
+        KeyTarget::Id(id) => {
+            let r = keys
+                .find_id(id)?
+                .ok_or_else(|| UpdateError::NotFound(format!("no API key with id {id}")))?;
+            Ok((r.key_id.clone(), r.tier.clone(), r.blocked))
+        }
+        KeyTarget::Key { hash } => match keys.get(hash) {
+            Some(r) => Ok((r.key_id.clone(), r.tier.clone(), r.blocked)),
+            None => {
+                let refused = snapshot
+                    .rate_limit
+                    .as_ref()
+                    .is_some_and(|rl| rl.unknown_key == UnknownKeyPolicy::Reject as i32);
+                if refused {
+                    return Err(UpdateError::NotFound(format!(
+                        "no API key with id {} (unregistered keys are refused)",
+                        key_id(hash)
+                    )));
+                }
+                Ok((key_id(hash), String::new(), false))
+            }
+        },
+    }
 }

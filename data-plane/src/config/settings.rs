@@ -30,10 +30,10 @@ pub struct Args {
     #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Proxy listener [default: 0.0.0.0:8080]
-    #[arg(long, env = "LB_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "LB_LISTEN", value_name = "ADDR", value_parser = socket_addr)]
     pub listen: Option<SocketAddr>,
     /// Admin listener: /healthz /readyz /stats /metrics [default: 127.0.0.1:9901]
-    #[arg(long, env = "LB_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "LB_ADMIN_LISTEN", value_name = "ADDR", value_parser = socket_addr)]
     pub admin_listen: Option<SocketAddr>,
     /// Control plane gRPC endpoint; https:// speaks TLS [default: http://127.0.0.1:50051]
     #[arg(long, env = "LB_CONTROL_PLANE", value_name = "URL")]
@@ -255,6 +255,22 @@ impl Default for Settings {
             redis_ca: None,
         }
     }
+}
+
+/// A listener address as flags give it: an IP address and a port. A host name is refused with
+/// a message saying so (a listener binds an address; `localhost` may name several).
+pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        let name = s.rsplit_once(':').map(|(h, _)| h).unwrap_or(s);
+        if name.is_empty() || name.parse::<std::net::IpAddr>().is_ok() {
+            format!("{s:?} is not an IP address and port, such as 127.0.0.1:8080 or [::1]:8080")
+        } else {
+            format!(
+                "{s:?}: a listener needs an IP address, not the name {name:?} (for example \
+                 127.0.0.1:8080 for loopback, 0.0.0.0:8080 for every interface)"
+            )
+        }
+    })
 }
 
 /// A setting that cannot be used, naming where it came from.

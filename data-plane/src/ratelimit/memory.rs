@@ -54,6 +54,11 @@ impl MemoryStore {
         gcra::check(state, now, rate, ban)
     }
 
+    /// A client's state, `None` when this store has none.
+    pub fn state(&self, identity: &str) -> Option<ClientState> {
+        self.shard(identity).get(identity).cloned()
+    }
+
     /// Forgets a client's ban and strikes (an operator lifted the ban).
     pub fn lift_ban(&self, identity: &str) {
         if let Some(s) = self.shard(identity).get_mut(identity) {

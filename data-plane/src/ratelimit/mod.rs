@@ -14,6 +14,7 @@
 
 pub mod gcra;
 pub mod identity;
+pub mod local;
 pub mod memory;
 pub mod quota;
 pub mod redis;
@@ -25,6 +26,7 @@ use crate::clock::unix_ms;
 use lb_proto::v1::StoreFailureMode;
 
 use gcra::{BanRule, Decision, Rate};
+use local::LocalLimits;
 use memory::MemoryStore;
 
 /// Where a decision came from.
@@ -43,14 +45,16 @@ use crate::redis::link::{Health, Link, TIMEOUT};
 
 /// A data plane's limiter: the in-process store, and the link to Redis when one is configured.
 pub struct Limiter {
-    memory: MemoryStore,
+    memory: Arc<MemoryStore>,
     redis: Option<Arc<Link>>,
 }
 
 impl Limiter {
-    pub fn new(redis: Option<Arc<Link>>) -> Limiter {
+    /// A limiter whose in-process store is `local`, which other limiters in this process (and
+    /// whoever else holds it) may share.
+    pub fn with_local(redis: Option<Arc<Link>>, local: &LocalLimits) -> Limiter {
         Limiter {
-            memory: MemoryStore::default(),
+            memory: local.store(),
             redis,
         }
     }
