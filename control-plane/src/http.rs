@@ -186,6 +186,7 @@ async fn usage(
         "remaining": u.remaining,
         "reset_ms": u.reset_ms,
         "banned_for_ms": u.banned_for_ms,
+        "per_data_plane": u.per_data_plane,
         "blocked": u.blocked,
     })))
 }

@@ -343,6 +343,7 @@ impl SharedLimits for RedisStore {
             client: identity.to_owned(),
             until_ms,
             count: u32::try_from(count).unwrap_or(u32::MAX),
+            node_id: String::new(),
         }))
     }
 
@@ -411,6 +412,7 @@ impl SharedLimits for RedisStore {
                         client,
                         until_ms,
                         count: u32::try_from(count).unwrap_or(u32::MAX),
+                        node_id: String::new(),
                     });
                     if out.len() >= MAX_BANS_LISTED {
                         return Ok(out);

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use lb_proto::v1::{
-    BackendReport, Counters, HealthState, KeyActivity, RequestLogEntry, StatsReport,
+    BackendReport, BanInfo, Counters, HealthState, KeyActivity, RequestLogEntry, StatsReport,
 };
 use tokio::sync::broadcast;
 
@@ -126,6 +126,8 @@ pub struct KeySeen {
 struct PlaneReport {
     seen: PlaneSeen,
     backends: Vec<BackendReport>,
+    /// Bans it enforces on its own (no shared store).
+    bans: Vec<BanInfo>,
 }
 
 #[derive(Default)]
@@ -296,6 +298,7 @@ impl Traffic {
                     queue_depth: report.queue_depth,
                 },
                 backends: report.backends,
+                bans: report.bans,
             },
         );
     }
@@ -351,6 +354,34 @@ impl Traffic {
             .values()
             .filter(|p| now_ms.saturating_sub(p.seen.last_report_ms) <= GONE_AFTER_MS)
             .count()
+    }
+
+    /// Bans the data planes heard from within [`GONE_AFTER_MS`] enforce on their own, in force
+    /// at `now_ms`, each naming its data plane.
+    pub fn reported_bans(&self, now_ms: u64) -> Vec<BanInfo> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let live = inner
+            .planes
+            .iter()
+            .filter(|(_, p)| now_ms.saturating_sub(p.seen.last_report_ms) <= GONE_AFTER_MS);
+        live.flat_map(|(id, p)| {
+            p.bans
+                .iter()
+                .filter(|b| b.until_ms > now_ms)
+                .map(|b| BanInfo {
+                    node_id: id.clone(),
+                    ..b.clone()
+                })
+        })
+        .collect()
+    }
+
+    /// Forgets the reported bans of `client` (lifted; data planes confirm in their next report).
+    pub fn forget_bans(&self, client: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for p in inner.planes.values_mut() {
+            p.bans.retain(|b| b.client != client);
+        }
     }
 
     /// What each data plane said about itself in its last report, by node id.

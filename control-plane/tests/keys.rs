@@ -247,6 +247,7 @@ async fn usage_without_redis_is_the_whole_limit() {
             remaining: 20,
             reset_ms: 0,
             banned_for_ms: 0,
+            per_data_plane: true,
         }
     );
     // A key never registered is a default-tier key.
@@ -360,7 +361,8 @@ async fn rest_key_endpoints_keep_the_original_shapes_and_need_the_token() {
         serde_json::json!({
             "api_key_id": id, "tier": "free", "limit": 5, "period_ms": 60000,
             "remaining": 5, "reset_ms": 0,
-            "banned_for_ms": 0, "blocked": false,
+            "banned_for_ms": 0,
+            "per_data_plane": true, "blocked": false,
         })
     );
     for bad in ["/usage", "/usage?api_key=", "/usage?api_key=a%20b"] {
@@ -483,4 +485,75 @@ async fn rest_key_endpoints_keep_the_original_shapes_and_need_the_token() {
     )
     .await;
     assert_eq!((r.status, r.json()), (200, serde_json::json!({"logs": []})));
+}
+
+#[tokio::test]
+async fn without_a_shared_store_bans_are_listed_per_data_plane() {
+    let stack = Stack::start(2).await;
+    let mut admin = stack.cp.admin(Some(TOKEN)).await;
+    let k = admin.create_api_key(new_key("free", "")).await.answer();
+    let v = stack.cp.cp.version();
+    for dp in &stack.dps {
+        dp.wait_version(v).await;
+    }
+    let client = http_client();
+    let key = [("x-api-key", k.api_key.as_str())];
+    let mut banned = false;
+    for _ in 0..16 {
+        let r = send(&client, get_with(&stack.dps[0].url("/data"), &key)).await;
+        if r.status == 429 && r.header("retry-after").parse::<u64>().unwrap() > 100 {
+            banned = true;
+            break;
+        }
+    }
+    assert!(banned, "the key was not banned on dp-1");
+    // Each data plane counts on its own: dp-2 still admits the key.
+    let r = send(&client, get_with(&stack.dps[1].url("/data"), &key)).await;
+    assert_eq!(r.status, 200);
+
+    let who = format!("key:{}", k.key_id);
+    let bans = poll_until("dp-1's ban in ListBans", || {
+        let grpc = stack.cp.grpc;
+        async move {
+            let mut admin = admin_client(grpc, Some(TOKEN)).await;
+            let bans = admin.list_bans(ListBansRequest {}).await.answer().bans;
+            if bans.is_empty() { Err(bans) } else { Ok(bans) }
+        }
+    })
+    .await;
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    assert_eq!(
+        (bans[0].client.as_str(), bans[0].node_id.as_str()),
+        (who.as_str(), "dp-1")
+    );
+    let u = admin.get_key_usage(by_key(&k.api_key)).await.answer();
+    assert!(u.per_data_plane, "{u:?}");
+    assert!(u.banned_for_ms > 250_000 && u.remaining == 0, "{u:?}");
+    let rest = get(
+        &client,
+        &stack.cp.http_url(&format!("/usage?api_key={}", k.api_key)),
+    )
+    .await;
+    assert_eq!(rest.json()["per_data_plane"], true, "{}", rest.text());
+
+    admin
+        .lift_ban(LiftBanRequest { client: who })
+        .await
+        .unwrap();
+    assert!(
+        admin
+            .list_bans(ListBansRequest {})
+            .await
+            .answer()
+            .bans
+            .is_empty()
+    );
+    assert_eq!(
+        admin
+            .get_key_usage(by_key(&k.api_key))
+            .await
+            .answer()
+            .banned_for_ms,
+        0
+    );
 }

@@ -130,12 +130,14 @@ async fn bans_in_redis_are_listed_and_lifted() {
             BanInfo {
                 client: "ip:10.1.2.3".into(),
                 until_ms: now + 300_000,
-                count: 2
+                count: 2,
+                node_id: String::new(),
             },
             BanInfo {
                 client: "key:0123456789abcdef".into(),
                 until_ms: now + 600_000,
-                count: 1
+                count: 1,
+                node_id: String::new(),
             },
         ],
         "the expired ban is left out"

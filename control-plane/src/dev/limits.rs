@@ -16,6 +16,7 @@ fn ban_info(b: data_plane::LocalBan) -> BanInfo {
         client: b.client,
         until_ms: b.until_ms,
         count: b.count,
+        node_id: String::new(),
     }
 }
 
@@ -51,6 +52,7 @@ impl SharedLimits for InProcessLimits {
                 client: identity.to_owned(),
                 until_ms: s.ban_until_ms,
                 count: s.bans,
+                node_id: String::new(),
             }))
     }
 

@@ -6,17 +6,18 @@ use crate::clock::now_ms;
 use crate::cluster::{ControlPlane, UpdateError};
 use crate::ratelimit::{canonical_client, push_directive};
 
-/// Bans in force, by client. Without Redis each data plane keeps its own bans and the control
-/// plane has none to show, so the list is empty.
+/// Bans in force, by client. From the shared state when there is one; otherwise each data
+/// plane enforces its own bans, and the list is what they report, each ban naming its data
+/// plane.
 pub async fn list_bans(cp: &ControlPlane) -> Result<Vec<BanInfo>, UpdateError> {
-    let Some(shared) = cp.shared_limits() else {
-        return Ok(Vec::new());
+    let mut bans = match cp.shared_limits() {
+        Some(shared) => shared
+            .bans(now_ms())
+            .await
+            .map_err(UpdateError::Unavailable)?,
+        None => cp.traffic.reported_bans(now_ms()),
     };
-    let mut bans = shared
-        .bans(now_ms())
-        .await
-        .map_err(UpdateError::Unavailable)?;
-    bans.sort_by(|a, b| a.client.cmp(&b.client));
+    bans.sort_by(|a, b| (&a.client, &a.node_id).cmp(&(&b.client, &b.node_id)));
     Ok(bans)
 }
 
@@ -30,6 +31,7 @@ pub async fn lift_ban(cp: &ControlPlane, client: &str) -> Result<u64, UpdateErro
             .await
             .map_err(UpdateError::Unavailable)?;
     }
+    cp.traffic.forget_bans(&client);
     let lift = client.clone();
     let version = cp
         .update(move |s| {

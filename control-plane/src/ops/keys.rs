@@ -121,8 +121,9 @@ pub fn list(cp: &ControlPlane) -> Vec<ApiKeyInfo> {
 /// Limit, remaining requests, time to full reset and ban for one key.
 ///
 /// Remaining, reset and ban come from the limiter state the data planes decide with: Redis
-/// when configured, or the in-process store of the `dev` stack. A control plane with neither
-/// (data planes in other processes, each counting on its own) answers the full limit.
+/// when configured, or the in-process store of the `dev` stack. Without either, each data
+/// plane counts on its own (`per_data_plane`): the answer is the full limit, and the longest
+/// ban a data plane reports.
 pub async fn usage(cp: &ControlPlane, target: &KeyTarget) -> Result<KeyUsage, UpdateError> {
     let snapshot = cp.snapshot();
     let (id, tier_name, blocked) = usage_subject(cp, &snapshot, target)?;
@@ -144,7 +145,15 @@ pub async fn usage(cp: &ControlPlane, target: &KeyTarget) -> Result<KeyUsage, Up
                 ban.map_err(UpdateError::Unavailable)?,
             )
         }
-        None => (None, None),
+        None => {
+            let identity = lb_proto::redis_keys::key_identity(&id);
+            let reported = cp.traffic.reported_bans(now);
+            let ban = reported
+                .into_iter()
+                .filter(|b| b.client == identity)
+                .max_by_key(|b| b.until_ms);
+            (None, ban)
+        }
     };
     let u = ratelimit::usage(&limit, state, now);
     let banned_for_ms = ban.map_or(0, |b| b.until_ms.saturating_sub(now));
@@ -157,6 +166,7 @@ pub async fn usage(cp: &ControlPlane, target: &KeyTarget) -> Result<KeyUsage, Up
         remaining: if banned_for_ms > 0 { 0 } else { u.remaining },
         reset_ms: u.reset_ms.max(banned_for_ms),
         banned_for_ms,
+        per_data_plane: cp.shared_limits().is_none(),
     })
 }
 

@@ -147,6 +147,7 @@ fn build(shared: &Shared, node: &Node, totals: &mut Totals) -> StatsReport {
             client,
             until_ms,
             count,
+            node_id: String::new(),
         })
         .collect();
     StatsReport {
