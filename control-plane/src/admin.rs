@@ -115,7 +115,7 @@ impl Admin for AdminService {
     ) -> Result<Response<ConfigChange>, Status> {
         let r = r.into_inner();
         validate::backend_address(&r.address).map_err(UpdateError::from)?;
-        let weight = if r.weight == 0 { 1 } else { r.weight };
+        let weight = r.weight;
         validate::weight(weight).map_err(UpdateError::from)?;
         self.update(|s| {
             if s.backends.iter().any(|b| b.address == r.address) {
@@ -252,25 +252,9 @@ impl Admin for AdminService {
         &self,
         r: Request<SetPolicyRequest>,
     ) -> Result<Response<ConfigChange>, Status> {
-        use set_policy_request::Policy;
-        let policy = r
-            .into_inner()
-            .policy
-            .ok_or_else(|| Status::invalid_argument("policy: missing (health_check, outlier, circuit_breaker, retry, queue, timeouts, hash or cache)"))?;
-        self.update(|s| {
-            match policy {
-                Policy::HealthCheck(p) => s.health_check = Some(p),
-                Policy::Outlier(p) => s.outlier = Some(p),
-                Policy::CircuitBreaker(p) => s.circuit_breaker = Some(p),
-                Policy::Retry(p) => s.retry = Some(p),
-                Policy::Queue(p) => s.queue = Some(p),
-                Policy::Timeouts(p) => s.timeouts = Some(p),
-                Policy::Hash(p) => s.hash = Some(p),
-                Policy::Cache(p) => s.cache = Some(p),
-            }
-            Ok(())
-        })
-        .await
+        Ok(change(
+            crate::ops::policy::set_policy(&self.cp, r.into_inner()).await?,
+        ))
     }
 
     async fn create_api_key(

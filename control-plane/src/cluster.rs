@@ -238,23 +238,31 @@ impl ControlPlane {
     }
 
     /// Applies `change` to a copy of the whole state (configuration and key registry), validates,
-    /// saves and publishes it; returns the new version and what `change` returned. When another
-    /// control plane saved a newer state first, the change is refused
+    /// saves and publishes it; returns the new version and what `change` returned. A change that
+    /// leaves the state as it was is no change: the current version is returned and nothing is
+    /// published. When another control plane saved a newer state first, the change is refused
     /// ([`UpdateError::is_conflict`]) and that state is loaded, so a retry applies to it.
     pub async fn change<T>(
         &self,
         change: impl FnOnce(&mut Draft) -> Result<T, UpdateError>,
     ) -> Result<(u64, T), UpdateError> {
         let _writer = self.writer.lock().await;
+        let current = self.snapshot();
+        let current_keys = self.keys();
         let mut draft = Draft {
-            config: (*self.snapshot()).clone(),
-            keys: self.keys(),
+            config: (*current).clone(),
+            keys: Arc::clone(&current_keys),
         };
         let out = change(&mut draft)?;
         let Draft { mut config, keys } = draft;
+        config.keys = keys.overrides(keys::default_tier(&config));
+        if config == *current
+            && (Arc::ptr_eq(&keys, &current_keys) || keys.to_records() == current_keys.to_records())
+        {
+            return Ok((current.version, out));
+        }
         config.version += 1;
         config.created_at_ms = now_ms();
-        config.keys = keys.overrides(keys::default_tier(&config));
         validate::snapshot(&config)?;
         keys.check_tiers(&config)?;
         let state = StoredState {

@@ -231,6 +231,23 @@ impl KeyRegistry {
             }))
     }
 
+    /// The record `target` names, NotFound when nobody registered it.
+    pub fn find_mut(&mut self, target: &KeyTarget) -> Result<&mut ApiKeyRecord, KeyError> {
+        let hash = match target {
+            KeyTarget::Key { hash } => hash.clone(),
+            KeyTarget::Id(id) => self
+                .find_id(id)?
+                .map(|r| r.key_hash.clone())
+                .ok_or_else(|| KeyError::NotFound(format!("no API key with id {id}")))?,
+        };
+        self.by_hash.get_mut(&hash).ok_or_else(|| {
+            KeyError::NotFound(format!(
+                "no API key with id {} (create keys with POST /admin/keys or CreateApiKey)",
+                key_id(&hash)
+            ))
+        })
+    }
+
     /// Adds a record; false when its hash is already registered.
     pub fn insert(&mut self, record: ApiKeyRecord) -> bool {
         match self.by_hash.entry(record.key_hash.clone()) {

@@ -553,7 +553,20 @@ async fn rest_names_keys_by_id_and_unblocks() {
     let keys = list_api_keys(&mut admin).await;
     assert!(!info(keys).blocked);
 
-    // The original shape still works, and unblocks too.
+    // The original shape still works, and unblocks too, on a key the system knows (setting a
+    // tier registers a key; blocking one nobody registered is a 404).
+    let r = send(
+        &client,
+        post("/admin/block_key", r#"{"api_key":"raw-key"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = send(
+        &client,
+        post("/admin/upgrade_tier", r#"{"api_key":"raw-key","tier":"free"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = send(
         &client,
         post("/admin/block_key", r#"{"api_key":"raw-key"}"#),

@@ -232,9 +232,12 @@ async fn bad_policies_are_refused_naming_the_field() {
         ),
     ];
     for (policy, field) in cases {
+        // A field set to 0 is named in the mask (otherwise 0 keeps the current value).
+        let name = field.rsplit('.').next().unwrap().to_owned();
         let e = admin
             .set_policy(SetPolicyRequest {
                 policy: Some(policy),
+                update_mask: vec![name],
             })
             .await
             .unwrap_err();
@@ -248,6 +251,7 @@ async fn bad_policies_are_refused_naming_the_field() {
                 max_attempts: 2,
                 ..lb_proto::defaults::retry()
             })),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -308,6 +312,7 @@ async fn rejected_snapshot_is_nacked_and_the_old_config_keeps_serving() {
     let v = admin
         .add_backend(AddBackendRequest {
             address: "10.255.255.1:80".into(),
+            weight: 1,
             ..Default::default()
         })
         .await

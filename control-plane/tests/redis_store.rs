@@ -378,7 +378,7 @@ async fn with_redis_gone_admin_calls_fail_naming_it_and_traffic_goes_on() {
             http::Method::POST,
             &cp.http_url("/admin/block_key"),
             Some(TOKEN),
-            r#"{"api_key":"x"}"#,
+            &format!(r#"{{"api_key_id":"{}"}}"#, k.key_id),
         ),
     )
     .await

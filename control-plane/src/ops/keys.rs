@@ -75,7 +75,8 @@ pub async fn set_tier(
     Ok((version, id))
 }
 
-/// Blocks or unblocks a key; returns the version and the key's id.
+/// Blocks or unblocks a registered key (NotFound for any other: a mistyped key is not
+/// registered by blocking it); returns the version and the key's id.
 pub async fn set_blocked(
     cp: &ControlPlane,
     target: &KeyTarget,
@@ -83,7 +84,7 @@ pub async fn set_blocked(
 ) -> Result<(u64, String), UpdateError> {
     let (version, id) = cp
         .change(|draft| {
-            let record = draft.keys_mut().resolve_mut(target, now_ms())?;
+            let record = draft.keys_mut().find_mut(target)?;
             record.blocked = blocked;
             Ok(record.key_id.clone())
         })

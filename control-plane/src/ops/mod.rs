@@ -4,6 +4,8 @@
 //!
 //! - [`keys`]: create API keys, set their tier, block them, list them, show their usage.
 //! - [`bans`]: list the bans in force, lift one.
+//! - [`policy`]: set a policy, merging the fields given into the one in force.
 
 pub mod bans;
 pub mod keys;
+pub mod policy;
