@@ -32,6 +32,7 @@ pub const REST_PATHS: &[&str] = &[
     "/change_strategy",
     "/usage",
     "/admin/users",
+    "/admin/keys",
     "/admin/upgrade_tier",
     "/admin/block_key",
     "/logs",
@@ -60,6 +61,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/change_strategy", post(change_strategy))
         .route("/usage", get(usage))
         .route("/admin/users", get(users))
+        .route("/admin/keys", post(create_key))
         .route("/admin/upgrade_tier", post(upgrade_tier))
         .route("/admin/block_key", post(block_key))
         .route("/logs", get(logs))
@@ -201,6 +203,59 @@ async fn users(
         .map(dashboard::key_json)
         .collect();
     Ok(Json(json!({"users": users})))
+}
+
+/// A body of string fields among `allowed` (an empty body is `{}`): each value by field, or a
+/// 400 naming the field that is unknown or not a string.
+fn string_fields(
+    body: &Bytes,
+    allowed: &[&str],
+) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Default::default());
+    }
+    let object: serde_json::Map<String, serde_json::Value> = parse(body)?;
+    object
+        .into_iter()
+        .map(|(field, value)| {
+            if !allowed.contains(&field.as_str()) {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{field}: unknown field; expected {}", allowed.join(", ")),
+                ));
+            }
+            match value {
+                serde_json::Value::String(v) => Ok((field, v)),
+                other => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{field}: {other} is not a string"),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Creates a key, as gRPC `CreateApiKey`: 201 with the key, shown this once.
+async fn create_key(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    authorize(&cp, &headers)?;
+    let mut fields = string_fields(&body, &["tier", "label"])?;
+    let tier = fields.remove("tier").unwrap_or_default();
+    let label = fields.remove("label").unwrap_or_default();
+    let created = crate::ops::keys::create(&cp, &tier, &label).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "api_key": created.api_key,
+            "api_key_id": created.key_id,
+            "tier": created.tier,
+            "label": label,
+            "version": created.version,
+        })),
+    ))
 }
 
 /// The key a REST body names: `api_key` (the key itself) or `api_key_id` (its id, for keys the

@@ -216,3 +216,77 @@ async fn a_change_to_what_is_in_force_makes_no_new_version() {
     );
     stack.dps[0].wait_version(v + 1).await;
 }
+
+#[tokio::test]
+async fn rest_creates_a_key_shown_once_that_the_proxy_then_limits() {
+    let stack = Stack::start(1).await;
+    let cp = &stack.cp;
+    let client = http_client();
+    let create = |token: Option<&str>, body: &str| {
+        request(Method::POST, &cp.http_url("/admin/keys"), token, body)
+    };
+    send(&client, create(None, "{}"))
+        .await
+        .assert_error(401, "Authorization");
+    send(&client, create(Some("wrong"), "{}"))
+        .await
+        .assert_error(403, "token");
+    for (body, needle) in [
+        (r#"{"tier":"gold"}"#, "tier"),
+        (r#"{"tier":"free","colour":"red"}"#, "colour"),
+        (r#"{"tier":5}"#, "tier"),
+        ("not json", "JSON"),
+    ] {
+        send(&client, create(Some(TOKEN), body))
+            .await
+            .assert_error(400, needle);
+    }
+    let r = send(
+        &client,
+        create(Some(TOKEN), r#"{"tier":"free","label":"tour"}"#),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let k = r.json();
+    let key = k["api_key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("lbk_") && key.len() == 44, "{k}");
+    assert_eq!(
+        (k["tier"].as_str(), k["label"].as_str()),
+        (Some("free"), Some("tour"))
+    );
+    let id = k["api_key_id"].as_str().unwrap().to_owned();
+
+    // Listed by id, never with the key itself.
+    let users = get_with(
+        &cp.http_url("/admin/users"),
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+    );
+    let users = send(&client, users).await;
+    assert!(users.text().contains(&id) && !users.text().contains(&key));
+    // An empty body takes the default tier.
+    let r = send(&client, create(Some(TOKEN), "")).await;
+    assert_eq!(
+        (r.status, r.json()["tier"].as_str()),
+        (201, Some("free")),
+        "{}",
+        r.text()
+    );
+
+    // The data plane knows the key: five admitted, then 429.
+    stack.dps[0]
+        .wait_version(k["version"].as_u64().unwrap())
+        .await;
+    let url = stack.dps[0].url("/data");
+    let replies: Vec<u16> = {
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            out.push(
+                send(&client, get_with(&url, &[("x-api-key", &key)]))
+                    .await
+                    .status,
+            );
+        }
+        out
+    };
+    assert_eq!(replies, [200, 200, 200, 200, 200, 429]);
+}

@@ -563,7 +563,10 @@ async fn rest_names_keys_by_id_and_unblocks() {
     assert_eq!(r.status, 404, "{}", r.text());
     let r = send(
         &client,
-        post("/admin/upgrade_tier", r#"{"api_key":"raw-key","tier":"free"}"#),
+        post(
+            "/admin/upgrade_tier",
+            r#"{"api_key":"raw-key","tier":"free"}"#,
+        ),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
