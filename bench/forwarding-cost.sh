@@ -12,6 +12,8 @@
 #   LB_ADMIN_TOKEN=bench-admin-token LB_CLUSTER_TOKEN=bench-cluster-token PROXY_CMD='...' bench/forwarding-cost.sh
 # Settings (environment): ROUNDS [5] DURATION [8] (s) WARMUP [2] (s) CONNS [64] WRK_CPUS [1]
 #   NBTHREAD [nproc] TARGETS ["haproxy haproxy-fwd ours"]
+#   BASE_CMD: a second command like PROXY_CMD (an earlier build, say), run as target `base`:
+#   TARGETS="base ours haproxy" BASE_CMD='...' PROXY_CMD='...' compares two builds in one run.
 # Output: one line per run, then medians per target, with the median of each round's ratio of
 # requests/s to the first target's; all runs in bench/results/forwarding-<time>/runs.tsv.
 set -uo pipefail
@@ -27,6 +29,7 @@ for c in nginx haproxy wrk curl setsid taskset ss; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install nginx haproxy wrk curl iproute2 util-linux)" >&2; exit 2; }
 done
 [[ " $TARGETS " != *" ours "* || -n ${PROXY_CMD:-} ]] || { echo "target ours needs PROXY_CMD" >&2; exit 2; }
+[[ " $TARGETS " != *" base "* || -n ${BASE_CMD:-} ]] || { echo "target base needs BASE_CMD" >&2; exit 2; }
 
 OUT=$HERE/results/forwarding-$(date +%Y%m%d-%H%M%S)
 RUN=$OUT/run
@@ -91,6 +94,7 @@ start_target() {
       sed "s/@NBTHREAD@/$NBTHREAD/" "$HERE/lb-haproxy-forwarding.cfg" >"$RUN/haproxy-fwd.cfg"
       spawn proxy haproxy -db -f "$RUN/haproxy-fwd.cfg" ;;
     ours) spawn proxy bash -c "$PROXY_CMD" ;;
+    base) spawn proxy bash -c "$BASE_CMD" ;;
     *) echo "unknown target $1" >&2; return 1 ;;
   esac
   wait_ok "${PGID[proxy]}" || { echo "target $1 did not answer (log: $RUN/proxy.log)" >&2; stop proxy; return 1; }

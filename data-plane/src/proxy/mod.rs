@@ -189,8 +189,10 @@ async fn proxy(
     let (body, again) = request_body(shared, &parts, body, &active).await;
     let switch = tunnel.as_ref().map(|(u, _)| u);
     let (outgoing, has_host) = request::outgoing(parts, conn, &active, id, body, switch);
-    let sent = Attempt::new(worker, &active, id, route, outgoing, has_host, again)
-        .send()
+    // Boxed: the exchange with the backends is most of this future's size, and the request's
+    // future is moved whole on its way into its task (an HTTP/2 stream's spawn, HTTP/1's
+    // dispatcher): a few kilobytes copied per move, against one allocation.
+    let sent = Box::pin(Attempt::new(worker, &active, id, route, outgoing, has_host, again).send())
         .await;
     let sent = match tunnel {
         Some((u, place)) => sent.and_then(|resp| {
