@@ -204,6 +204,18 @@ impl KeyRegistry {
         Ok(first)
     }
 
+    /// The hash of the key `target` names: the key's own, or that of the one record whose id
+    /// starts with the id given (NotFound for an id nobody has).
+    fn hash_of(&self, target: &KeyTarget) -> Result<String, KeyError> {
+        Ok(match target {
+            KeyTarget::Key { hash } => hash.clone(),
+            KeyTarget::Id(id) => self
+                .find_id(id)?
+                .map(|r| r.key_hash.clone())
+                .ok_or_else(|| KeyError::NotFound(format!("no API key with id {id}")))?,
+        })
+    }
+
     /// The record `target` names: registered on the spot when the key itself is given, NotFound
     /// for an id nobody has.
     pub fn resolve_mut(
@@ -211,13 +223,7 @@ impl KeyRegistry {
         target: &KeyTarget,
         now_ms: u64,
     ) -> Result<&mut ApiKeyRecord, KeyError> {
-        let hash = match target {
-            KeyTarget::Key { hash } => hash.clone(),
-            KeyTarget::Id(id) => self
-                .find_id(id)?
-                .map(|r| r.key_hash.clone())
-                .ok_or_else(|| KeyError::NotFound(format!("no API key with id {id}")))?,
-        };
+        let hash = self.hash_of(target)?;
         Ok(self
             .by_hash
             .entry(hash.clone())
@@ -233,13 +239,7 @@ impl KeyRegistry {
 
     /// The record `target` names, NotFound when nobody registered it.
     pub fn find_mut(&mut self, target: &KeyTarget) -> Result<&mut ApiKeyRecord, KeyError> {
-        let hash = match target {
-            KeyTarget::Key { hash } => hash.clone(),
-            KeyTarget::Id(id) => self
-                .find_id(id)?
-                .map(|r| r.key_hash.clone())
-                .ok_or_else(|| KeyError::NotFound(format!("no API key with id {id}")))?,
-        };
+        let hash = self.hash_of(target)?;
         self.by_hash.get_mut(&hash).ok_or_else(|| {
             KeyError::NotFound(format!(
                 "no API key with id {} (create keys with POST /admin/keys or CreateApiKey)",

@@ -302,16 +302,21 @@ impl Store for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// `GET key`, retried like every idempotent call.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.idempotent("GET", key, |mut conn| async move {
+            redis::cmd("GET").arg(key).query_async(&mut conn).await
+        })
+        .await
+    }
+}
+
 #[tonic::async_trait]
 impl SharedLimits for RedisStore {
     async fn gcra(&self, identity: &str) -> Result<Option<GcraState>, StoreError> {
         let key = redis_keys::gcra_key(identity);
-        let value: Option<Vec<u8>> = self
-            .idempotent("GET", &key, |mut conn| {
-                let key = &key;
-                async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
-            })
-            .await?;
+        let value = self.get(&key).await?;
         let Some(value) = value else {
             return Ok(None);
         };
@@ -327,12 +332,7 @@ impl SharedLimits for RedisStore {
 
     async fn ban(&self, identity: &str, now_ms: u64) -> Result<Option<BanInfo>, StoreError> {
         let key = redis_keys::ban_key(identity);
-        let value: Option<Vec<u8>> = self
-            .idempotent("GET", &key, |mut conn| {
-                let key = &key;
-                async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
-            })
-            .await?;
+        let value = self.get(&key).await?;
         let Some(value) = value else {
             return Ok(None);
         };

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use super::worker::ClientConn;
+use super::client::ClientConn;
 use crate::backend::{Endpoint, InFlight};
 use crate::cache::Tee;
 use crate::config::active::Active;

@@ -22,8 +22,10 @@
 
 pub mod body;
 pub mod cache;
+pub mod client;
 pub mod forward;
 pub mod grpc;
+pub mod head;
 pub mod limit;
 pub mod refusal;
 pub mod request;
@@ -44,7 +46,8 @@ use lb_proto::v1::RequestLogEntry;
 use tokio::time::Instant;
 
 pub use body::ProxyBody;
-pub use worker::{ClientConn, Worker};
+pub use client::ClientConn;
+pub use worker::Worker;
 
 use crate::policy::retry;
 use crate::ratelimit::quota::Quota;
@@ -239,7 +242,7 @@ fn accept(
 ) -> Result<Option<tunnel::Upgrade>, Refusal> {
     request::check_head(parts)?;
     let limit = shared.settings.max_body_bytes;
-    if request::declared_length(&parts.headers).is_some_and(|n| n > limit) {
+    if head::declared_length(&parts.headers).is_some_and(|n| n > limit) {
         return Err(Refusal::BodyTooLarge { limit });
     }
     tunnel::requested(parts)

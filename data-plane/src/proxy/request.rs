@@ -9,7 +9,7 @@ use http::{Request, Uri, Version};
 use super::refusal::Refusal;
 use super::tunnel::{self, Upgrade};
 use super::request_id::X_REQUEST_ID;
-use super::worker::ClientConn;
+use super::client::ClientConn;
 use crate::config::active::{Active, HashSource};
 use crate::policy::balance::hash_bytes;
 use crate::upstream::Outgoing;
@@ -33,7 +33,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if found.is_empty() {
         return;
     }
-    for token in connection_tokens(headers) {
+    for token in super::head::connection_tokens(headers) {
         // `close` and `keep-alive` name no field to remove (or one removed anyway).
         if token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive") {
             continue;
@@ -49,19 +49,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The comma-separated tokens of every `Connection` field, trimmed.
-pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers
-        .get_all(header::CONNECTION)
-        .into_iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-}
-
 /// Whether the client's connection closes after this request: `Connection: close`, or HTTP/1.0
 /// without `Connection: keep-alive`. HTTP/2 streams share a connection that stays.
 pub fn closes_after<B>(req: &Request<B>) -> bool {
-    let says = |word: &[u8]| connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case(word));
+    let says = |word: &[u8]| super::head::connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case(word));
     match req.version() {
         Version::HTTP_09 | Version::HTTP_10 => !says(b"keep-alive"),
         Version::HTTP_11 => says(b"close"),
@@ -108,14 +99,6 @@ pub fn check_head(parts: &http::request::Parts) -> Result<(), Refusal> {
         return Err(Refusal::BadRequest("an HTTP/1.1 request needs a Host field"));
     }
     Ok(())
-}
-
-/// The length the client declared for its body, if any.
-pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// What ip_hash keys on: the configured header or cookie when present, else the client address.

@@ -9,7 +9,8 @@ use opentelemetry::KeyValue;
 
 use super::body::ProxyBody;
 use super::request_id::X_REQUEST_ID;
-use super::worker::{ClientConn, Worker};
+use super::client::ClientConn;
+use super::worker::Worker;
 use crate::cache::X_CACHE;
 use crate::ratelimit::quota::X_RATELIMIT_REMAINING;
 use crate::telemetry::otel::{self, Span as _};

@@ -75,13 +75,13 @@ pub fn requested(parts: &http::request::Parts) -> Result<Option<Upgrade>, Refusa
     let Some(offer) = parts.headers.get(header::UPGRADE) else {
         return Ok(None);
     };
-    let asked = super::request::connection_tokens(&parts.headers)
+    let asked = super::head::connection_tokens(&parts.headers)
         .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     if !asked || offers_h2c(offer) {
         return Ok(None);
     }
     let has_body = parts.headers.contains_key(header::TRANSFER_ENCODING)
-        || super::request::declared_length(&parts.headers).is_some_and(|n| n > 0);
+        || super::head::declared_length(&parts.headers).is_some_and(|n| n > 0);
     if has_body {
         return Err(Refusal::BadRequest(
             "a request to switch protocols cannot carry a body",

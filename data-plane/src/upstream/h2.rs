@@ -24,7 +24,6 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::conn::{Conn, Transport, connect};
-use super::pool::IdleConns;
 use super::encode::{Head, Outgoing};
 use super::request_body::{ClientBodyError, RequestBody};
 use super::{Body, Deadline, Timeouts, UpstreamError};
@@ -50,10 +49,10 @@ impl H2Conns {
 
     /// This worker's connection, opened (or replaced, when closed) if need be. Requests that
     /// arrive while it opens wait for it rather than open their own. A TLS handshake that
-    /// settles on HTTP/1.1 puts its connection in the HTTP/1.1 pool instead.
+    /// settles on HTTP/1.1 hands its connection to `backend.to_http1` instead.
     async fn sender(
         &self,
-        pool: &IdleConns,
+        backend: &Backend<'_>,
         worker: usize,
         addr: &str,
         resolved: Option<std::net::SocketAddr>,
@@ -63,11 +62,9 @@ impl H2Conns {
         if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
-        let transport = pool.transport();
-        let conn = connect(addr, resolved, timeout, transport).await?;
-        if matches!(transport, Transport::Tls { .. }) && !conn.io.speaks_h2() {
-            pool.learn(false);
-            pool.put(worker, conn);
+        let conn = connect(addr, resolved, timeout, backend.transport).await?;
+        if matches!(backend.transport, Transport::Tls { .. }) && !conn.io.speaks_h2() {
+            (backend.to_http1)(conn);
             return Err(UpstreamError::ProtocolChanged);
         }
         let sender = handshake(conn, addr, timeout).await?;
@@ -131,9 +128,17 @@ async fn handshake(
     Ok(sender)
 }
 
-/// Sends `req` on this worker's connection to the backend at `addr`.
+/// A backend as its HTTP/2 side sees it: its connections, how new ones are opened, and where a
+/// TLS connection that settled on HTTP/1.1 goes.
+pub(crate) struct Backend<'a> {
+    pub(crate) conns: &'a H2Conns,
+    pub(crate) transport: &'a Transport,
+    pub(crate) to_http1: &'a (dyn Fn(Conn) + Sync),
+}
+
+/// Sends `req` on this worker's connection to `backend` at `addr`.
 pub(crate) async fn send(
-    pool: &IdleConns,
+    backend: Backend<'_>,
     worker: usize,
     addr: &str,
     resolved: Option<std::net::SocketAddr>,
@@ -144,7 +149,9 @@ pub(crate) async fn send(
         at: tokio::time::Instant::now() + after,
         after,
     });
-    let connecting = pool.h2.sender(pool, worker, addr, resolved, timeouts.connect);
+    let connecting = backend
+        .conns
+        .sender(&backend, worker, addr, resolved, timeouts.connect);
     let connected = match deadline {
         Some(d) => match tokio::time::timeout_at(d.at, connecting).await {
             Ok(c) => c,
@@ -158,7 +165,7 @@ pub(crate) async fn send(
     };
     let mut req = req;
     let body = req.take_body();
-    let tls = matches!(pool.transport(), Transport::Tls { .. });
+    let tls = matches!(backend.transport, Transport::Tls { .. });
     let request = match request(req.head(), req.host(), addr, tls, body) {
         Ok(r) => r,
         Err((e, body)) => {

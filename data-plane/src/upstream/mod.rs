@@ -98,7 +98,16 @@ pub async fn send(
             if req.head().upgrade {
                 return Err((UpstreamError::NoUpgrade, Some(req)));
             }
-            Box::pin(h2::send(pool, worker, addr, resolved, timeouts, req)).await
+            let to_http1 = |conn| {
+                pool.learn(false);
+                pool.put(worker, conn);
+            };
+            let backend = h2::Backend {
+                conns: &pool.h2,
+                transport: pool.transport(),
+                to_http1: &to_http1,
+            };
+            Box::pin(h2::send(backend, worker, addr, resolved, timeouts, req)).await
         } else {
             http1(pool, worker, addr, resolved, timeouts, req).await
         };
