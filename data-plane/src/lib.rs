@@ -122,6 +122,7 @@ pub async fn run_shared(
             }
         })
     };
+    server::fd_limit::raise(shared.settings.max_connections);
     tracing::info!(
         node_id = %shared.settings.node_id,
         listen = %proxy.local_addr()?,

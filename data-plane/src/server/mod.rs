@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod affinity;
+pub mod fd_limit;
 pub mod per_ip;
 pub mod sniff;
 pub mod spread;
