@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod affinity;
 pub mod fd_limit;
+pub mod memory;
 pub mod per_ip;
 pub mod sniff;
 pub mod spread;
@@ -242,6 +243,7 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, stop: watch::Receiver<b
     let acceptor = shared.tls().map(|t| t.acceptor());
     let ctx = Arc::new(proxy::Worker::new(Arc::clone(&shared), id).await);
     tokio::spawn(keep_timers_armed(shared.settings.header_timeout));
+    tokio::spawn(memory::return_freed_memory());
     let connections = TaskTracker::new();
     let mut stopping = stop.clone();
     let stopped = async move {
