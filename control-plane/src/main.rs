@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand};
 use control_plane::settings::MIN_ADMIN_TOKEN;
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::{dev, random_token};
-use data_plane::common::{init_tracing, secret, shutdown_signal};
+use data_plane::common::{error_report, init_tracing, secret, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -53,7 +53,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("control-plane: {e:#}");
+            eprintln!("control-plane: {}", error_report(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -7,8 +7,8 @@ mod terminal;
 
 use std::process::Command;
 
-use common::serve_command;
-use terminal::{Stderr, has_escape, stderr_until};
+use common::{TempDir, serve_command};
+use terminal::{Stderr, assert_caret_under, has_escape, stderr_until};
 
 const STARTED: &str = "control plane started";
 
@@ -41,4 +41,55 @@ fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains(STARTED), "{text}");
     assert!(!has_escape(&out), "escape codes with NO_COLOR=1:\n{text:?}");
+}
+
+/// `serve` on free ports with `args`: its exit code and standard error.
+fn serve_fails(args: &[&str]) -> (Option<i32>, String) {
+    let out = serve(None).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), err)
+}
+
+#[test]
+fn a_missing_config_file_is_named_with_its_cause_once() {
+    let (code, err) = serve_fails(&["--config", "/nonexistent/lb.toml"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/nonexistent/lb.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[test]
+fn a_toml_error_is_printed_with_a_caret_under_its_place() {
+    let dir = TempDir::new("console-toml");
+    let path = dir.write(
+        "cp.toml",
+        "strategy = \"round_robin\"\nbackends = [\"127.0.0.1:1\" 2]\n",
+    );
+    let (code, err) = serve_fails(&["--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "{err}");
+    assert_caret_under(&err, "backends = [\"127.0.0.1:1\" 2]", "2]");
+}
+
+#[test]
+fn a_state_file_that_cannot_be_written_is_named_with_its_cause_once() {
+    let dir = TempDir::new("console-state");
+    // The file is written aside (`state.tmp`) and renamed: a directory there stops the write.
+    std::fs::create_dir(dir.join("state.tmp")).unwrap();
+    let state = dir.join("state");
+    let (code, err) = serve_fails(&["--state-file", state.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.matches(state.to_str().unwrap()).count(), 1, "{err}");
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+}
+
+#[test]
+fn a_state_file_that_cannot_be_read_is_named_with_its_cause_once() {
+    let dir = TempDir::new("console-state-read");
+    let state = dir.join("state");
+    std::fs::write(&state, b"\xff\xff\xff not a saved state").unwrap();
+    let (code, err) = serve_fails(&["--state-file", state.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.matches(state.to_str().unwrap()).count(), 1, "{err}");
+    assert!(err.contains("does not decode"), "{err}");
 }

@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use data_plane::common::{init_tracing, shutdown_signal};
+use data_plane::common::{error_report, init_tracing, shutdown_signal};
 use data_plane::{Args, Settings};
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request path, where
@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("data-plane: {e:#}");
+            eprintln!("data-plane: {}", error_report(&e));
             std::process::ExitCode::FAILURE
         }
     }

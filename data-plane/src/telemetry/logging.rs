@@ -28,6 +28,22 @@ pub fn colour_wanted(terminal: bool, no_color: Option<&OsStr>) -> bool {
     terminal && no_color.is_none_or(OsStr::is_empty)
 }
 
+/// An error and its causes on one line, `outer: inner: …`, each cause said once: a cause whose
+/// text an outer message already quotes is left out.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -58,5 +74,20 @@ mod tests {
         assert!(!colour_wanted(true, Some(OsStr::new("1"))));
         assert!(!colour_wanted(false, None));
         assert!(!colour_wanted(false, Some(OsStr::new(""))));
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("state file x: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_quoted_by_its_error_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(Quoting { source: io }).context("cannot load");
+        assert_eq!(error_report(&e), "cannot load: state file x: no such file");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_report(&e), "outer: inner");
     }
 }

@@ -79,3 +79,15 @@ fn read_in_background(mut reader: Box<dyn Read + Send>) -> mpsc::Receiver<Vec<u8
 pub fn has_escape(bytes: &[u8]) -> bool {
     bytes.contains(&0x1b)
 }
+
+/// `err` quotes the source line `source` and, on the next line, points a caret at `spot` in it.
+pub fn assert_caret_under(err: &str, source: &str, spot: &str) {
+    let lines: Vec<&str> = err.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.ends_with(source))
+        .unwrap_or_else(|| panic!("no line quoting {source:?}:\n{err}"));
+    let column = lines[at].len() - source.len() + source.find(spot).unwrap();
+    let caret = lines.get(at + 1).and_then(|l| l.find('^'));
+    assert_eq!(caret, Some(column), "caret not under {spot:?}:\n{err}");
+}
