@@ -508,6 +508,7 @@
         el('td', {}, num(e.latency_ms, 2) + ' ms'),
       );
       tr.cells[8].append(badge(e.decision || '?', DECISION_KIND[e.decision] || ''));
+      if (e.count > 1) tr.cells[8].append(el('span', { class: 'count', title: e.count + ' identical refusals' }, ' ×' + num(e.count, 0)));
       body.insertBefore(tr, body.firstChild);
     }
     while (body.rows.length > LOG_ROWS) body.deleteRow(body.rows.length - 1);
