@@ -110,6 +110,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     )
     .await
     .context("cannot load the control plane's state")?;
+    control_plane::warn_overridden(&cp, &settings);
     control_plane::start_tracing(&cp, settings.tracing.as_ref());
     let _ = cp.public_origins.set(settings.public_origins.clone());
     // A fleet of data planes reconnects at once after a restart: the long accept queue keeps

@@ -1,5 +1,6 @@
 //! What `control-plane` prints for a person at a terminal or into a log file: log lines coloured
-//! only on a terminal (and never with `NO_COLOR`), errors said once and readably.
+//! only on a terminal (and never with `NO_COLOR`), errors said once and readably, and a warning
+//! for each flag a stored state overrides.
 
 mod common;
 #[path = "../../data-plane/tests/support/terminal.rs"]
@@ -7,6 +8,7 @@ mod terminal;
 
 use std::process::Command;
 
+use common::redis_server::RedisServer;
 use common::{TempDir, serve_command};
 use terminal::{Stderr, assert_caret_under, has_escape, stderr_until};
 
@@ -92,4 +94,88 @@ fn a_state_file_that_cannot_be_read_is_named_with_its_cause_once() {
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.matches(state.to_str().unwrap()).count(), 1, "{err}");
     assert!(err.contains("does not decode"), "{err}");
+}
+
+/// The lines of `err` that warn that a stored state replaces a setting.
+fn overridden(err: &str) -> Vec<&str> {
+    err.lines()
+        .filter(|l| l.contains("is not used: the stored state has"))
+        .collect()
+}
+
+#[tokio::test]
+async fn each_flag_a_state_in_redis_overrides_is_named_once_with_the_stored_value() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    // The first start stores its state: round robin, the default per-IP limit.
+    let mut first = serve(None);
+    first.args(["--redis", &url]);
+    let first = stderr_until(first, Stderr::Pipe, STARTED);
+    let first = String::from_utf8_lossy(&first).into_owned();
+    assert!(overridden(&first).is_empty(), "{first}");
+    let mut again = serve(None);
+    again.args([
+        "--redis",
+        &url,
+        "--strategy",
+        "ip_hash",
+        "--ip-limit",
+        "10/60",
+    ]);
+    let err = String::from_utf8_lossy(&stderr_until(again, Stderr::Pipe, STARTED)).into_owned();
+    let warnings = overridden(&err);
+    assert_eq!(warnings.len(), 2, "{err}");
+    assert!(
+        warnings[0].contains("--strategy ip_hash is not used: the stored state has round_robin"),
+        "{err}"
+    );
+    assert!(
+        warnings[1].contains("--ip-limit 10/60 is not used: the stored state has 100/60"),
+        "{err}"
+    );
+    assert!(warnings.iter().all(|w| w.contains("WARN")), "{err}");
+}
+
+#[test]
+fn dev_names_a_flag_its_state_file_overrides_and_not_one_it_agrees_with() {
+    let dir = TempDir::new("console-dev-state");
+    let state = dir.join("state");
+    let dev = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_control-plane"));
+        c.arg("dev");
+        for flag in [
+            "--listen",
+            "--admin-listen",
+            "--grpc-listen",
+            "--http-listen",
+        ] {
+            c.args([flag, "127.0.0.1:0"]);
+        }
+        c.args([
+            "--backends",
+            "127.0.0.1:9",
+            "--state-file",
+            state.to_str().unwrap(),
+        ])
+        .args(extra)
+        .env_remove("LB_CONFIG")
+        .env_remove("LB_REDIS_URL")
+        .env_remove("RUST_LOG")
+        .env("LB_ADMIN_TOKEN", "an-admin-token-long-enough");
+        let out = stderr_until(c, Stderr::Pipe, STARTED);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let first = dev(&[]);
+    assert!(
+        first.contains(STARTED) && overridden(&first).is_empty(),
+        "{first}"
+    );
+    let err = dev(&["--strategy", "least_connections"]);
+    let warnings = overridden(&err);
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0]
+            .contains("--strategy least_connections is not used: the stored state has round_robin"),
+        "{err}"
+    );
 }
