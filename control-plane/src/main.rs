@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand};
 use control_plane::settings::MIN_ADMIN_TOKEN;
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::{dev, random_token};
-use data_plane::common::{error_report, init_tracing, secret, shutdown_signal};
+use data_plane::common::{error_report, init_tracing, secret, shutdown_signal as os_signal};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +46,7 @@ fn main() -> std::process::ExitCode {
             rt.block_on(async {
                 match cli.command {
                     Command::Serve(args) => serve(args).await,
-                    Command::Dev(args) => dev::run(args, shutdown_signal()).await,
+                    Command::Dev(args) => dev::run(args, stop_signal()).await,
                 }
             })
         });
@@ -119,5 +119,11 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;
     let http = data_plane::common::listen(settings.http_listen)
         .with_context(|| format!("cannot listen on {} (--http-listen)", settings.http_listen))?;
-    control_plane::serve_with_tls(cp, grpc, http, tls, shutdown_signal()).await
+    control_plane::serve_with_tls(cp, grpc, http, tls, stop_signal()).await
+}
+
+/// The first SIGINT or SIGTERM, logged under this binary's name.
+async fn stop_signal() {
+    os_signal().await;
+    tracing::info!("shutdown signal received");
 }

@@ -6,10 +6,13 @@ mod common;
 #[path = "../../data-plane/tests/support/terminal.rs"]
 mod terminal;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
-use common::{TempDir, serve_command};
+use common::{TempDir, free_port, serve_command};
 use terminal::{Stderr, assert_caret_under, has_escape, stderr_until};
 
 const STARTED: &str = "control plane started";
@@ -96,6 +99,33 @@ fn a_state_file_that_cannot_be_read_is_named_with_its_cause_once() {
     assert!(err.contains("does not decode"), "{err}");
 }
 
+/// `control-plane dev` with every listener on a free port, and a cleared environment.
+fn dev_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_control-plane"));
+    c.arg("dev");
+    for flag in [
+        "--listen",
+        "--admin-listen",
+        "--grpc-listen",
+        "--http-listen",
+    ] {
+        c.args([flag, "127.0.0.1:0"]);
+    }
+    for var in [
+        "LB_CONFIG",
+        "LB_REDIS_URL",
+        "RUST_LOG",
+        "LB_BACKENDS",
+        "LB_STRATEGY",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("LB_ADMIN_TOKEN", "an-admin-token-long-enough")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    c
+}
+
 /// The lines of `err` that warn that a stored state replaces a setting.
 fn overridden(err: &str) -> Vec<&str> {
     err.lines()
@@ -140,28 +170,15 @@ async fn each_flag_a_state_in_redis_overrides_is_named_once_with_the_stored_valu
 fn dev_names_a_flag_its_state_file_overrides_and_not_one_it_agrees_with() {
     let dir = TempDir::new("console-dev-state");
     let state = dir.join("state");
+    let state_flag = [
+        "--backends",
+        "127.0.0.1:9",
+        "--state-file",
+        state.to_str().unwrap(),
+    ];
     let dev = |extra: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_control-plane"));
-        c.arg("dev");
-        for flag in [
-            "--listen",
-            "--admin-listen",
-            "--grpc-listen",
-            "--http-listen",
-        ] {
-            c.args([flag, "127.0.0.1:0"]);
-        }
-        c.args([
-            "--backends",
-            "127.0.0.1:9",
-            "--state-file",
-            state.to_str().unwrap(),
-        ])
-        .args(extra)
-        .env_remove("LB_CONFIG")
-        .env_remove("LB_REDIS_URL")
-        .env_remove("RUST_LOG")
-        .env("LB_ADMIN_TOKEN", "an-admin-token-long-enough");
+        let mut c = dev_command();
+        c.args(state_flag).args(extra);
         let out = stderr_until(c, Stderr::Pipe, STARTED);
         String::from_utf8_lossy(&out).into_owned()
     };
@@ -177,5 +194,84 @@ fn dev_names_a_flag_its_state_file_overrides_and_not_one_it_agrees_with() {
         warnings[0]
             .contains("--strategy least_connections is not used: the stored state has round_robin"),
         "{err}"
+    );
+}
+
+/// Lines of `reader` as they come, on a channel that closes when it ends.
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines from `lines` until one contains `needle` (that one included); panics after 60 s.
+fn until(lines: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no {needle:?} ({e}); seen:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+#[test]
+fn dev_stops_at_once_on_its_signal_and_each_part_logs_under_its_name() {
+    let ports: Vec<String> = (0..3).map(|_| free_port().to_string()).collect();
+    let mut child = dev_command()
+        .args(["--ports", &ports.join(","), "--data-planes", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let mut seen = until(&lines, STARTED);
+    for node in ["dev-1", "dev-2"] {
+        let applied = format!("configuration applied node_id={node}");
+        if !seen.iter().any(|l| l.contains(&applied)) {
+            seen.extend(until(&lines, &applied));
+        }
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let signalled = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let (tx, exited) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = exited
+        .recv_timeout(Duration::from_secs(30))
+        .expect("dev still running 30 s after SIGINT")
+        .unwrap();
+    let took = signalled.elapsed();
+    seen.extend(lines.iter());
+    let log = seen.join("\n");
+    assert!(status.success(), "{status}:\n{log}");
+    // A stop takes milliseconds; a second is far above this machine's noise, and below any wait
+    // on a timer of a second or more.
+    assert!(
+        took < Duration::from_secs(1),
+        "dev took {took:?} to stop:\n{log}"
+    );
+    let received = seen.iter().find(|l| l.contains("shutdown signal received"));
+    let received = received.unwrap_or_else(|| panic!("no shutdown line:\n{log}"));
+    assert!(received.contains(" control_plane: "), "{received}");
+    assert!(
+        seen.iter().any(|l| l.contains("control plane stopped")),
+        "{log}"
     );
 }

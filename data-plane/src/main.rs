@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use data_plane::common::{error_report, init_tracing, shutdown_signal};
+use data_plane::common::{error_report, init_tracing, shutdown_signal as os_signal};
 use data_plane::{Args, Settings};
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request path, where
@@ -42,6 +42,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 settings.admin_listen
             )
         })?;
-    data_plane::run(settings, proxy, admin, shutdown_signal()).await?;
+    data_plane::run(settings, proxy, admin, stop_signal()).await?;
     Ok(())
+}
+
+/// The first SIGINT or SIGTERM, logged under this binary's name.
+async fn stop_signal() {
+    os_signal().await;
+    tracing::info!("shutdown signal received");
 }

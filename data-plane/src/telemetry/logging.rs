@@ -44,7 +44,8 @@ pub fn error_report(e: &anyhow::Error) -> String {
     text
 }
 
-/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM. Logs nothing: each binary says so under
+/// its own name.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
@@ -60,7 +61,6 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = term => {}
     }
-    tracing::info!("shutdown signal received");
 }
 
 #[cfg(test)]
