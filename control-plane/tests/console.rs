@@ -230,15 +230,28 @@ fn until(lines: &mpsc::Receiver<String>, needle: &str) -> Vec<String> {
     }
 }
 
+/// A child process killed if the test ends (or fails) before it is taken out.
+struct Stopped(Option<std::process::Child>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[test]
 fn dev_stops_at_once_on_its_signal_and_each_part_logs_under_its_name() {
     let ports: Vec<String> = (0..3).map(|_| free_port().to_string()).collect();
-    let mut child = dev_command()
+    let child = dev_command()
         .args(["--ports", &ports.join(","), "--data-planes", "2"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = lines_of(child.stderr.take().unwrap());
+    let mut child = Stopped(Some(child));
+    let lines = lines_of(child.0.as_mut().unwrap().stderr.take().unwrap());
     let mut seen = until(&lines, STARTED);
     for node in ["dev-1", "dev-2"] {
         let applied = format!("configuration applied node_id={node}");
@@ -246,6 +259,7 @@ fn dev_stops_at_once_on_its_signal_and_each_part_logs_under_its_name() {
             seen.extend(until(&lines, &applied));
         }
     }
+    let mut child = child.0.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let signalled = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
@@ -253,10 +267,12 @@ fn dev_stops_at_once_on_its_signal_and_each_part_logs_under_its_name() {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
-    let status = exited
-        .recv_timeout(Duration::from_secs(30))
-        .expect("dev still running 30 s after SIGINT")
-        .unwrap();
+    let Ok(status) = exited.recv_timeout(Duration::from_secs(30)) else {
+        // Leave nothing running.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("dev still running 30 s after SIGINT");
+    };
+    let status = status.unwrap();
     let took = signalled.elapsed();
     seen.extend(lines.iter());
     let log = seen.join("\n");
