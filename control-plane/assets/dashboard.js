@@ -419,6 +419,11 @@
       keysBody.replaceChildren();
       return;
     }
+    const tierChoice = $('new-key-tier');
+    if (tierChoice.options.length !== (m.tiers || []).length) {
+      tierChoice.replaceChildren(...(m.tiers || []).map((name) => el('option', { value: name }, name)));
+      if (m.default_tier) tierChoice.value = m.default_tier;
+    }
     const keys = m.keys || [];
     setText('keys-note', keys.length ? '' : 'No API keys yet.');
     setText('keys-count', keys.length < (m.keys_total || 0) ? `${keys.length} most recent of ${m.keys_total}` : `${keys.length}`);
@@ -447,6 +452,43 @@
       });
 
     if (!$('log-pause').checked) appendLog(m.log || []);
+  }
+
+  // A key made on the page is shown once, with a button that copies it.
+  function setupCreateKey() {
+    const form = $('create-key');
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      const submit = $('create-key-submit');
+      submit.disabled = true;
+      try {
+        const r = await api('/admin/keys', { tier: $('new-key-tier').value, label: $('new-key-label').value });
+        $('new-key-value').textContent = r.api_key;
+        setText('new-key-copied', '');
+        $('new-key').hidden = false;
+        $('new-key-label').value = '';
+        showResult('key-result', true, `${r.api_key_id}: created, tier ${r.tier} (version ${r.version})`);
+      } catch (e) {
+        showResult('key-result', false, `new key: ${e.message}`);
+      } finally {
+        submit.disabled = false;
+      }
+    });
+    $('new-key-copy').addEventListener('click', async () => {
+      const key = $('new-key-value').textContent;
+      try {
+        await navigator.clipboard.writeText(key);
+        setText('new-key-copied', 'copied');
+      } catch (_) {
+        // No clipboard access (an insecure origin, or denied): select it for Ctrl-C.
+        const range = document.createRange();
+        range.selectNodeContents($('new-key-value'));
+        const selection = window.getSelection();
+        selection.removeAllRanges();
+        selection.addRange(range);
+        setText('new-key-copied', 'selected: press Ctrl-C to copy');
+      }
+    });
   }
 
   function makeKeyRow(id, tiers) {
@@ -508,6 +550,7 @@
         el('td', {}, num(e.latency_ms, 2) + ' ms'),
       );
       tr.cells[8].append(badge(e.decision || '?', DECISION_KIND[e.decision] || ''));
+      if (e.count > 1) tr.cells[8].append(el('span', { class: 'count', title: e.count + ' identical refusals' }, ' ×' + num(e.count, 0)));
       body.insertBefore(tr, body.firstChild);
     }
     while (body.rows.length > LOG_ROWS) body.deleteRow(body.rows.length - 1);
@@ -515,5 +558,6 @@
 
   setupToken();
   if (PAGE === 'balancing') setupBalancing();
+  if (PAGE === 'ratelimit') setupCreateKey();
   connect();
 })();

@@ -273,6 +273,8 @@ pub fn log_json(e: &RequestLogEntry) -> Value {
         "tier": e.tier,
         "decision": e.decision,
         "data_plane": e.node_id,
+        // Identical refusals of one report interval come as one entry.
+        "count": e.count.max(1),
     })
 }
 

@@ -24,6 +24,7 @@ pub mod dashboard;
 pub mod dev;
 pub mod discovery;
 pub mod http;
+pub mod initial;
 pub mod keys;
 pub mod ops;
 pub mod ratelimit;
@@ -108,6 +109,15 @@ pub async fn open(
                 None => cp,
             }))
         }
+    }
+}
+
+/// Logs one warning per initial setting given that the stored state replaces (the store
+/// seeds from them only when empty).
+pub fn warn_overridden(cp: &ControlPlane, settings: &settings::Settings) {
+    let running = cp.snapshot();
+    for w in initial::overridden(&settings.given, &settings.initial, &running) {
+        tracing::warn!("{w}");
     }
 }
 

@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand};
 use control_plane::settings::MIN_ADMIN_TOKEN;
 use control_plane::settings::{CommonArgs, Settings};
 use control_plane::{dev, random_token};
-use data_plane::common::{init_tracing, secret, shutdown_signal};
+use data_plane::common::{error_report, init_tracing, secret, shutdown_signal as os_signal};
 
 #[derive(Parser)]
 #[command(
@@ -46,14 +46,14 @@ fn main() -> std::process::ExitCode {
             rt.block_on(async {
                 match cli.command {
                     Command::Serve(args) => serve(args).await,
-                    Command::Dev(args) => dev::run(args, shutdown_signal()).await,
+                    Command::Dev(args) => dev::run(args, stop_signal()).await,
                 }
             })
         });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("control-plane: {e:#}");
+            eprintln!("control-plane: {}", error_report(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -110,6 +110,7 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
     )
     .await
     .context("cannot load the control plane's state")?;
+    control_plane::warn_overridden(&cp, &settings);
     control_plane::start_tracing(&cp, settings.tracing.as_ref());
     let _ = cp.public_origins.set(settings.public_origins.clone());
     // A fleet of data planes reconnects at once after a restart: the long accept queue keeps
@@ -118,5 +119,11 @@ async fn serve(args: CommonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (--grpc-listen)", settings.grpc_listen))?;
     let http = data_plane::common::listen(settings.http_listen)
         .with_context(|| format!("cannot listen on {} (--http-listen)", settings.http_listen))?;
-    control_plane::serve_with_tls(cp, grpc, http, tls, shutdown_signal()).await
+    control_plane::serve_with_tls(cp, grpc, http, tls, stop_signal()).await
+}
+
+/// The first SIGINT or SIGTERM, logged under this binary's name.
+async fn stop_signal() {
+    os_signal().await;
+    tracing::info!("shutdown signal received");
 }

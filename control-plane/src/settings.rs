@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use data_plane::common::TlsFiles;
 use data_plane::common::{SettingsError, read_toml, tls_files};
+
+use crate::initial::{Given, Initial};
 use lb_proto::v1::{
     Backend, BanPolicy, CachePolicy, CircuitBreakerPolicy, ConfigSnapshot, HashPolicy,
     HealthCheckPolicy, Limit, OutlierPolicy, QueuePolicy, RetryPolicy, StoreFailureMode, Tier,
@@ -171,6 +173,8 @@ pub struct Settings {
     pub log_json: bool,
     /// The configuration to start from when the store holds none (version 1).
     pub initial: ConfigSnapshot,
+    /// The settings of `initial` that were given rather than defaulted, and how.
+    pub given: Vec<Given>,
     /// Span export (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG`); `None` is off.
     pub tracing: Option<data_plane::common::TraceSettings>,
     /// Certificate and key of both listeners; `None` is plain HTTP and gRPC.
@@ -264,6 +268,7 @@ impl Settings {
             Some(path) => read_toml(path)?,
             None => FileSettings::default(),
         };
+        let given = given(&args, &file);
         let tls = tls_files(
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),
@@ -404,11 +409,52 @@ impl Settings {
                     .unwrap_or_default(),
             )?,
             initial: s,
+            given,
             tracing: data_plane::common::TraceSettings::from_env()
                 .map_err(|message| invalid("tracing", message))?,
             tls,
         })
     }
+}
+
+/// The initial settings given by flag (or its variable) or in the file, named as they were given.
+fn given(args: &CommonArgs, file: &FileSettings) -> Vec<Given> {
+    let of = |setting, flag: bool, in_file: bool, flag_name, file_name| {
+        let named = if flag {
+            flag_name
+        } else if in_file {
+            file_name
+        } else {
+            return None;
+        };
+        Some(Given { setting, named })
+    };
+    [
+        of(
+            Initial::Strategy,
+            args.strategy.is_some(),
+            file.strategy.is_some(),
+            "--strategy",
+            "strategy in the config file",
+        ),
+        of(
+            Initial::Backends,
+            args.backends.is_some(),
+            file.backends.is_some(),
+            "--backends",
+            "backends in the config file",
+        ),
+        of(
+            Initial::IpLimit,
+            args.ip_limit.is_some(),
+            file.ip_limit.is_some(),
+            "--ip-limit",
+            "ip_limit in the config file",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Origins as a browser sends them: `http` or `https`, a host, an optional port, nothing else.

@@ -413,6 +413,70 @@ impl Ws {
 }
 
 #[tokio::test]
+async fn a_key_created_on_the_page_is_shown_once_with_a_copy_button() {
+    webdriver::require_installed();
+    let stack = Stack::start(1).await;
+    let browser = Browser::start().await;
+    browser
+        .goto(&format!("http://{}/dashboard/ratelimit", stack.cp.http))
+        .await;
+    let input = browser.find("#token-input").await;
+    browser.send_keys(&input, TOKEN).await;
+    browser.click(&browser.find("#token-save").await).await;
+    browser
+        .wait_for(
+            "the tiers offered for a new key",
+            "return !!document.querySelector('#new-key-tier option[value=\"basic\"]')",
+        )
+        .await;
+    browser
+        .click(&browser.find("#new-key-tier option[value=\"basic\"]").await)
+        .await;
+    let label = browser.find("#new-key-label").await;
+    browser.send_keys(&label, "made on the page").await;
+    browser
+        .click(&browser.find("#create-key-submit").await)
+        .await;
+    let key = browser
+        .wait_text("#new-key-value", "the new key", |t| t.starts_with("lbk_"))
+        .await;
+    browser.click(&browser.find("#new-key-copy").await).await;
+    browser
+        .wait_text("#new-key-copied", "the copy acknowledged", |t| {
+            !t.is_empty()
+        })
+        .await;
+    browser
+        .save_screenshot(&artifact("dashboard-create-key.png"))
+        .await;
+    // The key is the one stored, with the tier and label chosen, and it works.
+    let mut admin = stack.cp.admin(Some(TOKEN)).await;
+    let listed = list_api_keys(&mut admin).await;
+    let made = listed
+        .iter()
+        .find(|k| k.key_id == key_id(&hash_key(&key)))
+        .unwrap_or_else(|| panic!("{key} not among {listed:?}"));
+    assert_eq!(
+        (made.tier.as_str(), made.label.as_str()),
+        ("basic", "made on the page")
+    );
+    stack.dps[0].wait_version(stack.cp.cp.version()).await;
+    let statuses = send_requests(&http_client(), &stack.dps[0].url("/data"), 1, Some(&key)).await;
+    assert_eq!(statuses, [200]);
+    // Shown once: a new page does not show it again.
+    browser
+        .goto(&format!("http://{}/dashboard/ratelimit", stack.cp.http))
+        .await;
+    browser
+        .wait_text("#conn-status", "live", |t| t == "live")
+        .await;
+    let shown = browser
+        .execute("return document.getElementById('new-key').hidden && document.getElementById('new-key-value').textContent", vec![])
+        .await;
+    assert_eq!(shown, json!(""), "the key is shown again");
+}
+
+#[tokio::test]
 async fn feed_sends_state_then_admin_data_after_the_token() {
     let stack = Stack::start(1).await;
     let mut ws = Ws::connect(stack.cp.http, None).await.unwrap();

@@ -13,7 +13,7 @@ pub use crate::redis::{
     Endpoints, RedisConn, RedisTarget, Scan, Timeouts as RedisTimeouts, UrlError, endpoints,
 };
 pub use crate::server::{LISTEN_BACKLOG, listen};
-pub use crate::telemetry::logging::{init_tracing, shutdown_signal};
+pub use crate::telemetry::logging::{error_report, init_tracing, shutdown_signal};
 pub use crate::telemetry::metrics::TlsMetrics;
 pub use crate::telemetry::otel::{Span, Status, TraceSettings, Tracing};
 pub use crate::tls::client::{Roots, read_roots};

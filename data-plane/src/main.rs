@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use data_plane::common::{init_tracing, shutdown_signal};
+use data_plane::common::{error_report, init_tracing, shutdown_signal as os_signal};
 use data_plane::{Args, Settings};
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request path, where
@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("data-plane: {e:#}");
+            eprintln!("data-plane: {}", error_report(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -42,6 +42,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
                 settings.admin_listen
             )
         })?;
-    data_plane::run(settings, proxy, admin, shutdown_signal()).await?;
+    data_plane::run(settings, proxy, admin, stop_signal()).await?;
     Ok(())
+}
+
+/// The first SIGINT or SIGTERM, logged under this binary's name.
+async fn stop_signal() {
+    os_signal().await;
+    tracing::info!("shutdown signal received");
 }

@@ -120,7 +120,15 @@ fn plan(args: DevArgs) -> anyhow::Result<Plan> {
             Some(ports)
         }
     };
-    let settings = Settings::load_with_default_ip(common, LOOPBACK)?;
+    let mut settings = Settings::load_with_default_ip(common, LOOPBACK)?;
+    if mock_ports.is_some() {
+        // The backends are the mock ones, on the ports given.
+        for g in &mut settings.given {
+            if g.setting == crate::initial::Initial::Backends {
+                g.named = "--ports (the mock backends)";
+            }
+        }
+    }
     if settings.tls.is_some() {
         anyhow::bail!(
             "tls_cert, tls_key (--tls-cert, --tls-key, LB_TLS_CERT, LB_TLS_KEY): `dev` serves \
@@ -212,6 +220,7 @@ impl Stack {
         )
         .await
         .context("cannot load the control plane's state")?;
+        crate::warn_overridden(&cp, settings);
         crate::start_tracing(&cp, settings.tracing.as_ref());
         let _ = cp.public_origins.set(settings.public_origins.clone());
         let grpc = bind(settings.grpc_listen, "--grpc-listen")?;

@@ -281,7 +281,8 @@ pub enum SettingsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
+    /// `message` is the parser's rendering: several lines, a caret under the place.
+    #[error("config file {path}:\n{message}")]
     Parse { path: PathBuf, message: String },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
@@ -338,7 +339,7 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Setti
     })?;
     toml::from_str(&text).map_err(|e| SettingsError::Parse {
         path: path.to_owned(),
-        message: e.to_string().trim().replace('\n', " "),
+        message: e.to_string().trim_end().to_owned(),
     })
 }
 

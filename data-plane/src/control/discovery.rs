@@ -129,7 +129,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             match shared.prepare(snapshot) {
                 Ok(active) => {
                     shared.apply(active);
-                    tracing::info!(version, "booted from the saved snapshot");
+                    tracing::info!(node_id = %shared.settings.node_id, version, "booted from the saved snapshot");
                 }
                 Err(e) => tracing::warn!(cause = %e, "saved snapshot is not valid; ignored"),
             }
@@ -172,7 +172,7 @@ async fn session(shared: &Shared) -> Result<bool, BoxError> {
         .control_plane_connected
         .store(true, Ordering::Relaxed);
     shared.metrics.control_plane_connected.set(1);
-    tracing::info!(control_plane = %shared.settings.control_plane, "configuration stream open");
+    tracing::info!(node_id = %shared.settings.node_id, control_plane = %shared.settings.control_plane, "configuration stream open");
     let mut received = false;
     while let Some(snapshot) = stream.message().await? {
         received = true;
@@ -211,7 +211,7 @@ async fn receive(shared: &Shared, snapshot: ConfigSnapshot) -> WatchRequest {
                 .config_updates
                 .with_label_values(&["applied"])
                 .inc();
-            tracing::info!(version, strategy, backends, "configuration applied");
+            tracing::info!(node_id = %shared.settings.node_id, version, strategy, backends, "configuration applied");
             if let (Some(dir), Some(bytes)) = (&shared.settings.state_dir, encoded)
                 && let Err(e) = save(dir, &bytes).await
             {

@@ -165,10 +165,14 @@ pub fn identify(
     };
     let created = limits.overrides.get(&k.hash);
     if created.is_some_and(|(_, blocked)| *blocked) {
-        return Err(Refusal::Blocked);
+        return Err(Refusal::Blocked {
+            key_id: k.id().to_owned(),
+        });
     }
     if created.is_none() && limits.reject_unknown {
-        return Err(Refusal::UnknownKey);
+        return Err(Refusal::UnknownKey {
+            key_id: k.id().to_owned(),
+        });
     }
     let Some(tier) = limits.tier_of(&k.hash) else {
         return Ok(None);

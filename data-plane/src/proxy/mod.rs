@@ -75,14 +75,11 @@ pub async fn handle(
         .as_ref()
         .filter(|t| t.wanted(req.headers()))
         .map(|t| span::start_span(t, &mut req, &conn));
-    // Only sampled requests pay for copying their method and path.
-    let head = shared.reporter.sample().then(|| {
-        (
-            req.method().to_string(),
-            req.uri().path().chars().take(1024).collect::<String>(),
-        )
-    });
-    let detailed = head.is_some() || span.as_ref().is_some_and(|s| s.is_recording());
+    // Logged requests and refusals are logged with their method and path (a shared handle on
+    // the request's bytes, copied only for an entry).
+    let sampled = shared.reporter.sample();
+    let head = (req.method().clone(), req.uri().clone());
+    let detailed = sampled || span.as_ref().is_some_and(|s| s.is_recording());
     let last = request::closes_after(&req);
     let http2 = req.version() == http::Version::HTTP_2;
     let call = grpc::is_grpc(req.headers());
@@ -113,12 +110,13 @@ pub async fn handle(
     if let Some(span) = &mut span {
         span::end_span(span, &worker, &resp, &outcome);
     }
-    if let Some((method, path)) = head {
-        shared.reporter.log(RequestLogEntry {
+    let refused = outcome.is_refusal();
+    if sampled || refused {
+        let entry = RequestLogEntry {
             timestamp_ms: crate::clock::unix_ms(),
             request_id: id.to_str().unwrap_or_default().to_owned(),
-            method,
-            path,
+            method: head.0.to_string(),
+            path: head.1.path().chars().take(1024).collect(),
             status: u32::from(resp.status().as_u16()),
             backend: outcome.backend.unwrap_or_default(),
             latency_us: started.elapsed().as_micros() as u64,
@@ -127,7 +125,13 @@ pub async fn handle(
             tier: outcome.tier.unwrap_or_default(),
             decision: outcome.decision.to_owned(),
             node_id: shared.settings.node_id.clone(),
-        });
+            count: 1,
+        };
+        if refused {
+            shared.reporter.refused(entry, sampled);
+        } else {
+            shared.reporter.log(entry);
+        }
     }
     shared.metrics.response(resp.status().as_u16());
     shared

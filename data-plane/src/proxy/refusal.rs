@@ -36,10 +36,10 @@ pub enum Refusal {
     NotConfigured,
     /// The API key given cannot be one (empty, too long, not visible ASCII).
     InvalidApiKey(String),
-    /// The key is not one the control plane knows, and unknown keys are refused.
-    UnknownKey,
-    /// The key is blocked.
-    Blocked,
+    /// The key is not one the control plane knows, and unknown keys are refused; its id.
+    UnknownKey { key_id: String },
+    /// The key (of this id) is blocked.
+    Blocked { key_id: String },
     /// Over the limit of the quota, for `retry_after` seconds.
     RateLimited { quota: Quota, retry_after: u64 },
     /// Banned after repeated violations, for `retry_after` seconds.
@@ -78,8 +78,8 @@ impl Refusal {
                 ClientBodyError::Invalid(_) | ClientBodyError::Aborted => StatusCode::BAD_REQUEST,
             },
             Refusal::InvalidApiKey(_) => StatusCode::BAD_REQUEST,
-            Refusal::UnknownKey => StatusCode::UNAUTHORIZED,
-            Refusal::Blocked => StatusCode::FORBIDDEN,
+            Refusal::UnknownKey { .. } => StatusCode::UNAUTHORIZED,
+            Refusal::Blocked { .. } => StatusCode::FORBIDDEN,
             Refusal::RateLimited { .. } | Refusal::Banned { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::NotConfigured
             | Refusal::TooManyTunnels { .. }
@@ -111,8 +111,8 @@ impl Refusal {
             },
             Refusal::NotConfigured => "not_configured",
             Refusal::InvalidApiKey(_) => "invalid_api_key",
-            Refusal::UnknownKey => "unknown_key",
-            Refusal::Blocked => "blocked",
+            Refusal::UnknownKey { .. } => "unknown_key",
+            Refusal::Blocked { .. } => "blocked",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Banned { .. } => "banned",
             Refusal::LimiterUnavailable => "limiter_unavailable",
@@ -145,8 +145,8 @@ impl Refusal {
                 "no configuration received from the control plane yet".to_owned()
             }
             Refusal::InvalidApiKey(why) => why.clone(),
-            Refusal::UnknownKey => "unknown API key".to_owned(),
-            Refusal::Blocked => "this API key is blocked".to_owned(),
+            Refusal::UnknownKey { .. } => "unknown API key".to_owned(),
+            Refusal::Blocked { .. } => "this API key is blocked".to_owned(),
             Refusal::RateLimited { quota, .. } => format!(
                 "rate limit of {} requests per {} s exceeded ({})",
                 quota.rate.requests,
@@ -222,10 +222,14 @@ impl Refusal {
         if matches!(self, Refusal::MethodNotAllowed) {
             h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"));
         }
+        let key_id = match &self {
+            Refusal::UnknownKey { key_id } | Refusal::Blocked { key_id } => Some(key_id.clone()),
+            _ => quota.and_then(|q| q.key_id.clone()),
+        };
         resp.extensions_mut().insert(Outcome {
             backend: None,
             decision: reason,
-            key_id: quota.and_then(|q| q.key_id.clone()),
+            key_id,
             tier: quota.map(|q| q.policy.clone()),
         });
         resp
