@@ -84,7 +84,7 @@ pub async fn handle(
     let http2 = req.version() == http::Version::HTTP_2;
     let call = grpc::is_grpc(req.headers());
     let id = request_id::request_id(req.headers());
-    let mut resp = proxy(&worker, &conn, req, &id, detailed).await;
+    let mut resp = proxy(&worker, &conn, req, &id, detailed, call).await;
     if call {
         resp = grpc::answer(resp);
     }
@@ -148,6 +148,7 @@ async fn proxy(
     req: Request<Incoming>,
     id: &HeaderValue,
     detailed: bool,
+    call: bool,
 ) -> Response<ProxyBody> {
     let shared = &*worker.shared;
     let refuse = |r: Refusal| r.render(&shared.metrics, id);
@@ -191,9 +192,9 @@ async fn proxy(
     let route = Route {
         affinity: request::affinity(&parts.headers, conn, &active),
         priority: request::priority(&parts.headers, conn, &active, admitted.priority),
-        deadline: grpc::timeout(&parts.headers),
+        deadline: call.then(|| grpc::timeout(&parts.headers)).flatten(),
     };
-    let (body, again) = request_body(shared, &parts, body, &active).await;
+    let (body, again) = request_body(shared, &parts, body, &active, call).await;
     let switch = tunnel.as_ref().map(|(u, _)| u);
     let (outgoing, has_host) = request::outgoing(parts, conn, &active, id, body, switch);
     // Boxed: the exchange with the backends is most of this future's size, and the request's
@@ -217,20 +218,21 @@ async fn proxy(
 
 /// The request's body on its way (bounded in size and time), and whether the request may go to
 /// another backend after it reached one: a request without a body, if idempotent; a gRPC call
-/// with the record of its body (up to a limit), should its backend fail before answering. Any
-/// request can be moved elsewhere when it never left.
+/// (`call`) with the record of its body (up to a limit), should its backend fail before
+/// answering. Any request can be moved elsewhere when it never left.
 async fn request_body(
     shared: &crate::shared::Shared,
     parts: &http::request::Parts,
     body: Incoming,
     active: &crate::config::active::Active,
+    call: bool,
 ) -> (RequestBody, Again) {
     let replayable = body.is_end_stream() && retry::is_idempotent(&parts.method);
     let limit = shared.settings.max_body_bytes;
     let mut body = ClientBody::new(body, limit, active.client_body_timeout);
     let again = if replayable {
         Again::Replay
-    } else if grpc::is_grpc(&parts.headers) {
+    } else if call {
         Again::Resend(grpc::record(&mut body).await)
     } else {
         Again::Never

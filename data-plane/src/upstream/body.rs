@@ -134,13 +134,7 @@ impl Http1Body {
         if !self.stall.expired(cx, idle) {
             return Poll::Pending;
         }
-        self.fail(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "backend sent nothing for {} ms in the middle of the response body",
-                idle.as_millis()
-            ),
-        ))
+        self.fail(stalled(idle))
     }
 }
 
@@ -298,4 +292,15 @@ impl http_body::Body for Body {
             Body::Http2(b) => b.size_hint(),
         }
     }
+}
+
+/// The failure of a response body the backend sent nothing of for `idle`.
+pub(crate) fn stalled(idle: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "backend sent nothing for {} ms in the middle of the response body",
+            idle.as_millis()
+        ),
+    )
 }

@@ -337,13 +337,7 @@ impl http_body::Body for H2Body {
             Poll::Pending => match this.idle_timeout {
                 Some(idle) if this.stall.expired(cx, idle) => {
                     this.failed = true;
-                    Poll::Ready(Some(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "backend sent nothing for {} ms in the middle of the response body",
-                            idle.as_millis()
-                        ),
-                    ))))
+                    Poll::Ready(Some(Err(super::body::stalled(idle))))
                 }
                 _ => Poll::Pending,
             },
