@@ -45,6 +45,13 @@
     if (s < 3600) return Math.round(s / 60) + ' min ago';
     return new Date(ms).toLocaleString();
   }
+  // A time left, to the second: "45 s", "4 min 05 s", "2 h 03 min".
+  function duration(ms) {
+    const s = Math.max(0, Math.ceil(ms / 1000));
+    if (s < 60) return s + ' s';
+    if (s < 3600) return `${Math.floor(s / 60)} min ${String(s % 60).padStart(2, '0')} s`;
+    return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, '0')} min`;
+  }
   function clock(ms) {
     const d = new Date(ms);
     const p = (n, w) => String(n).padStart(w || 2, '0');
@@ -290,6 +297,61 @@
       return item;
     }));
   }
+  // One band per series, each on its own scale (its peak is written beside it), for when one
+  // series dwarfs the others and a shared scale would flatten them to nothing.
+  function drawSplit(svg, legend, names, points, colors) {
+    const H = 180, PAD_L = 36, PAD_B = 16, GAP = 4;
+    const W = Math.max(320, Math.round(svg.getBoundingClientRect().width) || 640);
+    svg.setAttribute('viewBox', `0 0 ${W} ${H}`);
+    const band = (H - PAD_B) / Math.max(1, names.length);
+    const x = (i) => PAD_L + (points.length <= 1 ? 0 : (i * (W - PAD_L - 4)) / (points.length - 1));
+    const nodes = [];
+    names.forEach((name, k) => {
+      const top = k * band + GAP / 2, bottom = (k + 1) * band - GAP / 2;
+      const peak = Math.max(0, ...points.map((p) => p.values[k] || 0));
+      const scaleMax = niceCeil(Math.max(1, peak));
+      const y = (v) => bottom - (v / scaleMax) * (bottom - top);
+      const line = document.createElementNS(SVG, 'line');
+      line.setAttribute('class', 'grid');
+      line.setAttribute('x1', PAD_L); line.setAttribute('x2', W);
+      line.setAttribute('y1', bottom); line.setAttribute('y2', bottom);
+      nodes.push(line);
+      const label = document.createElementNS(SVG, 'text');
+      label.setAttribute('x', 2); label.setAttribute('y', top + 9);
+      label.setAttribute('data-band', name);
+      label.textContent = String(scaleMax);
+      nodes.push(label);
+      if (points.length) {
+        const upper = points.map((p, i) => `${x(i).toFixed(1)},${y(p.values[k] || 0).toFixed(1)}`);
+        const lower = [`${x(points.length - 1).toFixed(1)},${bottom.toFixed(1)}`, `${x(0).toFixed(1)},${bottom.toFixed(1)}`];
+        const poly = document.createElementNS(SVG, 'polygon');
+        poly.setAttribute('points', upper.concat(lower).join(' '));
+        poly.setAttribute('fill', colors[k % colors.length]);
+        poly.setAttribute('fill-opacity', '0.75');
+        poly.setAttribute('data-series', name);
+        nodes.push(poly);
+      }
+      const title = document.createElementNS(SVG, 'text');
+      title.setAttribute('x', W - 4); title.setAttribute('y', top + 9);
+      title.setAttribute('text-anchor', 'end');
+      title.textContent = `${name}: peak ${peak}/s`;
+      nodes.push(title);
+    });
+    svg.replaceChildren(...nodes);
+    legend.replaceChildren(...names.map((name, k) => {
+      const item = el('span', {});
+      const swatch = el('span', { class: 'swatch' });
+      swatch.style.background = colors[k % colors.length];
+      item.append(swatch, document.createTextNode(name));
+      return item;
+    }));
+  }
+  // Split when the largest series' peak is over SPLIT_RATIO times a smaller non-zero one's.
+  const SPLIT_RATIO = 10;
+  function dwarfed(names, points) {
+    const peaks = names.map((_, k) => Math.max(0, ...points.map((p) => p.values[k] || 0))).filter((v) => v > 0);
+    return peaks.length > 1 && Math.max(...peaks) > SPLIT_RATIO * Math.min(...peaks);
+  }
   function niceCeil(v) {
     const p = Math.pow(10, Math.floor(Math.log10(v)));
     for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
@@ -303,6 +365,9 @@
   function renderBalancing(m) {
     const last = m.per_second || {};
     setText('rps', num(last.requests));
+    setText('forwarded-rate', num(last.forwarded));
+    setText('refused-rate', num(last.refused));
+    setText('cache-hit-rate', num(last.cache_hits));
     setText('eps', num(last.errors));
     setText('version', num(m.version));
     setText('strategy-current', m.strategy || '—');
@@ -408,17 +473,26 @@
 
     const names = ['allowed', 'rate_limited', 'banned', 'blocked'];
     const seconds = lastSeconds(CHART_SECONDS);
-    drawStacked($('rl-chart'), $('chart-legend'), names,
-      seconds.map((s) => ({ t: s.t, values: names.map((n) => s[n] || 0) })),
-      ['#1f9d55', '#c77c02', '#d64545', '#7c4dcc']);
+    const points = seconds.map((s) => ({ t: s.t, values: names.map((n) => s[n] || 0) }));
+    const colors = ['#1f9d55', '#c77c02', '#d64545', '#7c4dcc'];
+    const chosen = $('chart-mode').value;
+    const split = chosen === 'split' || (chosen === 'auto' && dwarfed(names, points));
+    const chart = $('rl-chart');
+    chart.dataset.mode = split ? 'split' : 'stacked';
+    setText('chart-mode-note', chosen === 'auto' && split ? 'split: one series is over ten times another' : '');
+    (split ? drawSplit : drawStacked)(chart, $('chart-legend'), names, points, colors);
 
     const keysBody = $('keys').tBodies[0];
     if (!m.admin) {
       setText('keys-note', 'Save the admin token to see API keys and the request log.');
       setText('keys-count', '');
       keysBody.replaceChildren();
+      setText('bans-note', 'Save the admin token to see the bans.');
+      setText('bans-count', '');
+      $('bans').tBodies[0].replaceChildren();
       return;
     }
+    renderBans(m);
     const tierChoice = $('new-key-tier');
     if (tierChoice.options.length !== (m.tiers || []).length) {
       tierChoice.replaceChildren(...(m.tiers || []).map((name) => el('option', { value: name }, name)));
@@ -441,7 +515,11 @@
         tr.querySelector('.tier-current').textContent = k.tier;
         if (!select.dataset.dirty && document.activeElement !== select) select.value = k.tier;
         const status = tr.querySelector('.block-state');
-        status.replaceChildren(k.blocked ? badge('blocked', 'bad') : badge('active', 'good'));
+        const shown = k.status || (k.blocked ? 'blocked' : 'active');
+        const kind = { blocked: 'violet', banned: 'bad', active: 'good' }[shown] || '';
+        const state = badge(shown, kind);
+        if (shown === 'banned' && k.banned_for_ms) state.title = duration(k.banned_for_ms) + ' left';
+        status.replaceChildren(state);
         const toggle = tr.querySelector('button.block-toggle');
         toggle.textContent = k.blocked ? 'Unblock' : 'Block';
         toggle.dataset.blocked = k.blocked ? '1' : '';
@@ -452,6 +530,38 @@
       });
 
     if (!$('log-pause').checked) appendLog(m.log || []);
+  }
+
+  // The bans in force, each with its time left and a button that lifts it everywhere.
+  function renderBans(m) {
+    const bans = m.bans || [];
+    if (m.bans_error) setText('bans-note', 'Bans unavailable: ' + m.bans_error);
+    else setText('bans-note', bans.length ? '' : 'No bans in force.');
+    setText('bans-count', bans.length ? String(bans.length) : '');
+    syncRows($('bans').tBodies[0], 'data-ban', bans, (b) => `${b.client}@${b.data_plane || ''}`,
+      (_, b) => {
+        const tr = el('tr');
+        for (const f of ['client', 'data_plane', 'left', 'count', 'action']) tr.append(el('td', { 'data-field': f }));
+        const lift = el('button', { type: 'button', class: 'lift-ban secondary' }, 'Lift');
+        lift.addEventListener('click', async () => {
+          lift.disabled = true;
+          try {
+            const r = await api('/admin/lift_ban', { client: b.client });
+            showResult('ban-result', true, `${r.client}: ban lifted (version ${r.version})`);
+          } catch (e) {
+            showResult('ban-result', false, `${b.client}: ${e.message}`);
+            lift.disabled = false;
+          }
+        });
+        cell(tr, 'action').append(lift);
+        return tr;
+      },
+      (tr, b) => {
+        fillCell(cell(tr, 'client'), b.client);
+        fillCell(cell(tr, 'data_plane'), b.data_plane || 'every data plane');
+        fillCell(cell(tr, 'left'), duration(b.ends_in_ms));
+        fillCell(cell(tr, 'count'), num(b.count));
+      });
   }
 
   // A key made on the page is shown once, with a button that copies it.
@@ -538,15 +648,15 @@
       const tr = el('tr', { 'data-request-id': e.request_id || '' });
       tr.append(
         el('td', {}, clock(e.timestamp_ms)),
-        el('td', {}, e.data_plane),
-        el('td', {}, e.client),
-        el('td', {}, e.key_id || '—'),
+        el('td', { class: 'wrap' }, e.data_plane),
+        el('td', { class: 'wrap' }, e.client),
+        el('td', { class: 'wrap' }, e.key_id || '—'),
         el('td', {}, e.tier || '—'),
         el('td', {}, e.method),
         el('td', { class: 'path', title: e.path }, e.path),
         el('td', {}, e.status),
         el('td', {}),
-        el('td', {}, e.backend || '—'),
+        el('td', { class: 'wrap' }, e.backend || '—'),
         el('td', {}, num(e.latency_ms, 2) + ' ms'),
       );
       tr.cells[8].append(badge(e.decision || '?', DECISION_KIND[e.decision] || ''));

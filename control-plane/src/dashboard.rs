@@ -22,7 +22,7 @@ use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use lb_proto::v1::{ApiKeyInfo, CircuitState, HealthState, RequestLogEntry};
+use lb_proto::v1::{ApiKeyInfo, BanInfo, CircuitState, HealthState, RequestLogEntry};
 use lb_proto::validate;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -49,6 +49,9 @@ const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
 const RATELIMIT_HTML: &str = include_str!("../assets/ratelimit.html");
 const SCRIPT: &str = include_str!("../assets/dashboard.js");
 const STYLE: &str = include_str!("../assets/dashboard.css");
+/// A 32×32 icon (ICO holding one uncompressed bitmap): the two pages link it, and browsers
+/// ask for `/favicon.ico` on their own.
+const FAVICON: &[u8] = include_bytes!("../assets/favicon.ico");
 
 /// Same-origin everything; inline script and style are not used, so they are not allowed.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
@@ -89,6 +92,27 @@ pub async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
 
+pub async fn favicon() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("image/x-icon"),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("public, max-age=86400"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        FAVICON,
+    )
+        .into_response()
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -123,6 +147,12 @@ fn allowed(c: &lb_proto::v1::Counters) -> u64 {
         .saturating_sub(c.blocked)
 }
 
+/// Requests the data planes answered themselves with a refusal: rate-limited, banned, blocked
+/// (or an unknown key), or shed by the admission queue.
+fn refused(c: &lb_proto::v1::Counters) -> u64 {
+    c.rate_limited + c.banned + c.blocked + c.shed
+}
+
 fn second_json(s: &Second) -> Value {
     let c = &s.counters;
     let backends: serde_json::Map<String, Value> = s
@@ -137,7 +167,11 @@ fn second_json(s: &Second) -> Value {
         "rate_limited": c.rate_limited,
         "banned": c.banned,
         "blocked": c.blocked,
+        "shed": c.shed,
+        "refused": refused(c),
+        "cache_hits": c.cache_hits,
         "errors": c.responses_5xx,
+        "forwarded": s.backends.values().map(|(r, _)| r).sum::<u64>(),
         "backends": backends,
     })
 }
@@ -244,17 +278,51 @@ pub fn overview(cp: &ControlPlane, now_ms: u64) -> Value {
     })
 }
 
-/// One API key as `/admin/users` and the dashboard show it.
-pub fn key_json(k: &ApiKeyInfo) -> Value {
+/// The longest ban in force on `key_id` among `bans`, in milliseconds from `now_ms` (0: none).
+fn banned_for_ms(key_id: &str, bans: &[BanInfo], now_ms: u64) -> u64 {
+    bans.iter()
+        .filter(|b| b.client.strip_prefix("key:") == Some(key_id))
+        .map(|b| b.until_ms.saturating_sub(now_ms))
+        .max()
+        .unwrap_or(0)
+}
+
+/// One API key as `/admin/users` and the dashboard show it. `bans` are the bans in force
+/// (`None` when they could not be read): `status` is `blocked`, `banned` or `active`, and
+/// `banned_for_ms` the time left on its ban (null when unknown).
+pub fn key_json(k: &ApiKeyInfo, bans: Option<&[BanInfo]>, now_ms: u64) -> Value {
+    let banned = bans.map(|b| banned_for_ms(&k.key_id, b, now_ms));
+    let status = if k.blocked {
+        "blocked"
+    } else if banned.is_some_and(|ms| ms > 0) {
+        "banned"
+    } else {
+        "active"
+    };
     json!({
         "api_key_id": k.key_id,
         "tier": k.tier,
         "blocked": k.blocked,
+        "status": status,
+        "banned_for_ms": banned,
         "label": k.label,
         "created_at_ms": k.created_at_ms,
         "last_seen_ms": k.last_seen_ms,
         "requests": k.requests,
         "rejected": k.rejected,
+    })
+}
+
+/// One ban as `/admin/bans` and the dashboard show it. `data_plane` is the one data plane that
+/// enforces it, or null when every data plane does (shared state in Redis).
+pub fn ban_json(b: &BanInfo, now_ms: u64) -> Value {
+    json!({
+        "client": b.client,
+        "api_key_id": b.client.strip_prefix("key:"),
+        "until_ms": b.until_ms,
+        "ends_in_ms": b.until_ms.saturating_sub(now_ms),
+        "count": b.count,
+        "data_plane": (!b.node_id.is_empty()).then_some(&b.node_id),
     })
 }
 
@@ -289,7 +357,7 @@ struct Cursor {
 }
 
 impl Cursor {
-    fn message(&mut self, cp: &ControlPlane, now_ms: u64) -> String {
+    async fn message(&mut self, cp: &ControlPlane, now_ms: u64) -> String {
         let mut v = overview(cp, now_ms);
         let history = cp.traffic.history(self.last_second, now_ms);
         if let Some(last) = history.last() {
@@ -307,14 +375,20 @@ impl Cursor {
         v["default_tier"] = json!(keys::default_tier(&snapshot));
         v["admin"] = json!(self.admin);
         if self.admin {
+            let bans = crate::ops::bans::list_bans(cp).await;
             let mut all = crate::ops::keys::list(cp);
             let total = all.len();
             all.sort_by(|a, b| {
                 (b.last_seen_ms, b.created_at_ms).cmp(&(a.last_seen_ms, a.created_at_ms))
             });
             all.truncate(KEYS_PER_MESSAGE);
-            v["keys"] = all.iter().map(key_json).collect();
+            let known = bans.as_deref().ok();
+            v["keys"] = all.iter().map(|k| key_json(k, known, now_ms)).collect();
             v["keys_total"] = json!(total);
+            match &bans {
+                Ok(bans) => v["bans"] = bans.iter().map(|b| ban_json(b, now_ms)).collect(),
+                Err(e) => v["bans_error"] = json!(e.to_string()),
+            }
             let (log, next) = cp.traffic.log_since(self.log_from, LOG_PER_MESSAGE);
             self.log_from = next;
             v["log"] = log.iter().map(log_json).collect();
@@ -395,7 +469,7 @@ async fn feed(cp: Arc<ControlPlane>, mut socket: WebSocket) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let msg = cursor.message(&cp, now_ms());
+                let msg = cursor.message(&cp, now_ms()).await;
                 if !send(&mut socket, msg).await {
                     break;
                 }
@@ -407,7 +481,7 @@ async fn feed(cp: Arc<ControlPlane>, mut socket: WebSocket) {
                     };
                     if constant_time_eq(m.token.as_bytes(), cp.admin_token.as_bytes()) {
                         cursor.admin = true;
-                        let msg = cursor.message(&cp, now_ms());
+                        let msg = cursor.message(&cp, now_ms()).await;
                         if !send(&mut socket, msg).await {
                             break;
                         }
@@ -484,6 +558,45 @@ mod tests {
             HeaderValue::from_static("https://LB.example.com"),
         );
         assert!(allowed_origin(&h, &public));
+    }
+
+    #[test]
+    fn a_key_with_a_ban_in_force_is_banned_unless_blocked() {
+        let key = ApiKeyInfo {
+            key_id: "k1".into(),
+            ..Default::default()
+        };
+        let ban = |client: &str, until_ms| BanInfo {
+            client: client.into(),
+            until_ms,
+            count: 1,
+            node_id: String::new(),
+        };
+        let bans = [
+            ban("key:k1", 5_000),
+            ban("key:k1", 9_000),
+            ban("ip:1.2.3.4", 50_000),
+        ];
+        let v = key_json(&key, Some(&bans), 1_000);
+        assert_eq!(
+            (&v["status"], &v["banned_for_ms"]),
+            (&json!("banned"), &json!(8_000))
+        );
+        let v = key_json(&key, Some(&bans), 9_000);
+        assert_eq!(
+            (&v["status"], &v["banned_for_ms"]),
+            (&json!("active"), &json!(0))
+        );
+        let v = key_json(&key, None, 1_000);
+        assert_eq!(
+            (&v["status"], &v["banned_for_ms"]),
+            (&json!("active"), &Value::Null)
+        );
+        let blocked = ApiKeyInfo {
+            blocked: true,
+            ..key
+        };
+        assert_eq!(key_json(&blocked, Some(&bans), 1_000)["status"], "blocked");
     }
 
     #[test]

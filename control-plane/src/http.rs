@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{bearer, constant_time_eq};
+use crate::clock::now_ms;
 use crate::cluster::{ControlPlane, UpdateError};
 use crate::dashboard;
 use crate::keys::{self, KeyTarget};
@@ -35,6 +36,8 @@ pub const REST_PATHS: &[&str] = &[
     "/admin/keys",
     "/admin/upgrade_tier",
     "/admin/block_key",
+    "/admin/bans",
+    "/admin/lift_ban",
     "/logs",
     "/metrics",
     "/healthz",
@@ -48,6 +51,7 @@ pub const DASHBOARD_PATHS: &[&str] = &[
     "/dashboard/ratelimit",
     "/dashboard/app.js",
     "/dashboard/app.css",
+    "/favicon.ico",
     "/ws",
 ];
 
@@ -64,6 +68,8 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/admin/keys", post(create_key))
         .route("/admin/upgrade_tier", post(upgrade_tier))
         .route("/admin/block_key", post(block_key))
+        .route("/admin/bans", get(bans))
+        .route("/admin/lift_ban", post(lift_ban))
         .route("/logs", get(logs))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -71,6 +77,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/dashboard/ratelimit", get(dashboard::ratelimit_page))
         .route("/dashboard/app.js", get(dashboard::script))
         .route("/dashboard/app.css", get(dashboard::style))
+        .route("/favicon.ico", get(dashboard::favicon))
         .route("/ws", get(dashboard::ws))
         .with_state(cp)
 }
@@ -198,11 +205,48 @@ async fn users(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&cp, &headers)?;
+    // Without the bans (Redis unreachable) the keys are still listed, their ban time unknown.
+    let bans = crate::ops::bans::list_bans(&cp).await.ok();
+    let now = now_ms();
     let users: Vec<_> = crate::ops::keys::list(&cp)
         .iter()
-        .map(dashboard::key_json)
+        .map(|k| dashboard::key_json(k, bans.as_deref(), now))
         .collect();
     Ok(Json(json!({"users": users})))
+}
+
+/// The bans in force, as `Admin/ListBans` lists them.
+async fn bans(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&cp, &headers)?;
+    let bans = crate::ops::bans::list_bans(&cp).await?;
+    let now = now_ms();
+    let bans: Vec<_> = bans.iter().map(|b| dashboard::ban_json(b, now)).collect();
+    Ok(Json(json!({ "bans": bans })))
+}
+
+/// Lifts a client's ban, as `Admin/LiftBan`: `{"client": "key:<id>"}` or `"ip:<address>"`.
+async fn lift_ban(
+    State(cp): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&cp, &headers)?;
+    let mut fields = string_fields(&body, &["client"])?;
+    let Some(client) = fields.remove("client") else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "client: missing field (\"key:<api_key_id>\" or \"ip:<address>\")",
+        ));
+    };
+    let version = crate::ops::bans::lift_ban(&cp, &client).await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "client": client,
+        "version": version,
+    })))
 }
 
 /// A body of string fields among `allowed` (an empty body is `{}`): each value by field, or a

@@ -759,6 +759,8 @@ async fn openapi_documents_every_route_and_the_shapes_served() {
         ("/admin/users", "get"),
         ("/admin/upgrade_tier", "post"),
         ("/admin/block_key", "post"),
+        ("/admin/bans", "get"),
+        ("/admin/lift_ban", "post"),
         ("/logs", "get"),
     ] {
         assert_eq!(
@@ -838,4 +840,304 @@ async fn openapi_documents_every_route_and_the_shapes_served() {
             "{p} lacks {needle}"
         );
     }
+}
+
+/// Sends requests with `key` to `url` until one is refused as banned (a 429 whose
+/// `Retry-After` is longer than the rate-limit window); panics after `limit` requests.
+async fn until_banned(client: &HttpClient, url: &str, key: &str, limit: usize) {
+    for _ in 0..limit {
+        let r = send(client, get_with(url, &[("x-api-key", key)])).await;
+        if r.status == 429 && r.header("retry-after").parse::<u64>().unwrap_or(0) > 100 {
+            return;
+        }
+    }
+    panic!("no ban after {limit} requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bans_are_listed_with_time_left_and_lifted_on_the_page() {
+    webdriver::require_installed();
+    let stack = Stack::start(1).await;
+    let cp = &stack.cp;
+    let client = http_client();
+    let mut admin = cp.admin(Some(TOKEN)).await;
+    let key = admin
+        .create_api_key(new_key("free", "banned on purpose"))
+        .await
+        .answer();
+    stack.dps[0].wait_version(cp.cp.version()).await;
+    let url = stack.dps[0].url("/data");
+    until_banned(&client, &url, &key.api_key, 20).await;
+    // A flood of banned requests dwarfs the 5 allowed ones.
+    let statuses = send_requests(&client, &url, 150, Some(&key.api_key)).await;
+    assert!(statuses.iter().all(|s| *s == 429), "{statuses:?}");
+    let who = format!("key:{}", key.key_id);
+
+    // REST: the ban, who enforces it, and the key's status.
+    let listed = poll_until("the ban reported", || async {
+        let r = send(
+            &client,
+            request(
+                http::Method::GET,
+                &cp.http_url("/admin/bans"),
+                Some(TOKEN),
+                "",
+            ),
+        )
+        .await;
+        let bans = r.json()["bans"].clone();
+        if bans.as_array().is_some_and(|b| !b.is_empty()) {
+            Ok(bans)
+        } else {
+            Err(bans)
+        }
+    })
+    .await;
+    assert_eq!(listed[0]["client"], who.as_str(), "{listed}");
+    assert_eq!(listed[0]["api_key_id"], key.key_id.as_str());
+    assert_eq!(listed[0]["data_plane"], "dp-1");
+    assert!(
+        listed[0]["ends_in_ms"].as_u64().unwrap() > 250_000,
+        "{listed}"
+    );
+    let users = send(
+        &client,
+        request(
+            http::Method::GET,
+            &cp.http_url("/admin/users"),
+            Some(TOKEN),
+            "",
+        ),
+    )
+    .await
+    .json();
+    let user = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["api_key_id"] == key.key_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(user["status"], "banned", "{user}");
+    assert!(user["banned_for_ms"].as_u64().unwrap() > 250_000, "{user}");
+    let lift = |body: &str, token| {
+        request(
+            http::Method::POST,
+            &cp.http_url("/admin/lift_ban"),
+            token,
+            body,
+        )
+    };
+    assert_eq!(
+        send(&client, lift(&json!({"client": who}).to_string(), None))
+            .await
+            .status,
+        401
+    );
+    let bad = send(&client, lift(r#"{"client": "key:nothex"}"#, Some(TOKEN))).await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["error"].as_str().unwrap().starts_with("client:"),
+        "{}",
+        bad.text()
+    );
+
+    // The page: the ban with its time left, the key banned, the chart split.
+    let browser = Browser::start().await;
+    browser
+        .goto(&format!("http://{}/dashboard/ratelimit", cp.http))
+        .await;
+    browser
+        .send_keys(&browser.find("#token-input").await, TOKEN)
+        .await;
+    browser.click(&browser.find("#token-save").await).await;
+    let row = format!("#bans tbody tr[data-ban=\"{who}@dp-1\"]");
+    let left = browser
+        .wait_text(&format!("{row} td[data-field=left]"), "minutes left", |t| {
+            t.starts_with("4 min") || t.starts_with("5 min")
+        })
+        .await;
+    assert!(left.ends_with(" s"), "{left}");
+    assert_eq!(
+        browser
+            .text_of(&format!("{row} td[data-field=data_plane]"))
+            .await,
+        "dp-1"
+    );
+    let status = format!(
+        "#keys tbody tr[data-key-id=\"{}\"] .block-state",
+        key.key_id
+    );
+    browser
+        .wait_text(&status, "banned", |t| t == "banned")
+        .await;
+    browser
+        .wait_for(
+            "the chart split, one scale per series",
+            "return document.getElementById('rl-chart').dataset.mode === 'split' \
+             && document.querySelectorAll('#rl-chart text[data-band]').length === 4",
+        )
+        .await;
+    browser
+        .save_screenshot(&artifact("dashboard-bans.png"))
+        .await;
+    // The operator can ask for the stacked chart anyway.
+    browser
+        .click(&browser.find("#chart-mode option[value=\"stacked\"]").await)
+        .await;
+    browser
+        .wait_for(
+            "the stacked chart",
+            "return document.getElementById('rl-chart').dataset.mode === 'stacked'",
+        )
+        .await;
+
+    // Lift it on the page: gone from the list and from the data plane.
+    let before = cp.cp.version();
+    browser
+        .click(&browser.find(&format!("{row} button.lift-ban")).await)
+        .await;
+    browser
+        .wait_text("#ban-result", "the lift confirmed", |t| {
+            t.contains("ban lifted")
+        })
+        .await;
+    assert!(cp.cp.version() > before);
+    stack.dps[0].wait_version(cp.cp.version()).await;
+    let r = send(&client, get_with(&url, &[("x-api-key", &key.api_key)])).await;
+    assert!(
+        r.status == 200 || r.header("retry-after").parse::<u64>().unwrap() <= 60,
+        "still banned: {} {}",
+        r.status,
+        r.header("retry-after")
+    );
+    browser
+        .wait_for(
+            "the ban gone from the page",
+            "return document.querySelectorAll('#bans tbody tr').length === 0",
+        )
+        .await;
+    browser
+        .wait_text(&status, "active", |t| t == "active")
+        .await;
+    let bans = admin.list_bans(ListBansRequest {}).await.answer().bans;
+    assert!(bans.is_empty(), "{bans:?}");
+    drop(browser);
+    for dp in stack.dps {
+        dp.stop().await;
+    }
+    stack.cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_cache_hits_have_cards_and_every_table_fits_900_px() {
+    webdriver::require_installed();
+    let stack = Stack::start_with(1, |s| {
+        s.cache = Some(CachePolicy {
+            enabled: true,
+            ..lb_proto::defaults::cache()
+        });
+    })
+    .await;
+    let cp = &stack.cp;
+    let mut admin = cp.admin(Some(TOKEN)).await;
+    let steady = admin
+        .create_api_key(new_key("enterprise", "steady"))
+        .await
+        .answer();
+    let blocked = admin
+        .create_api_key(new_key("free", "blocked"))
+        .await
+        .answer();
+    admin.block_key(by_key(&blocked.api_key)).await.unwrap();
+    stack.dps[0].wait_version(cp.cp.version()).await;
+    let blocked_id = blocked.key_id.clone();
+
+    // Traffic for as long as the test looks: a forwarded request, a cache hit and a refusal
+    // every 100 ms.
+    let dp_url = stack.dps[0].url("");
+    let traffic = tokio::spawn(async move {
+        let client = http_client();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            for (path, key) in [
+                ("/data", &steady.api_key),
+                ("/cacheable", &steady.api_key),
+                ("/data", &blocked.api_key),
+            ] {
+                let url = format!("{dp_url}{path}");
+                send(&client, get_with(&url, &[("x-api-key", key)])).await;
+            }
+        }
+    });
+
+    let browser = Browser::start().await;
+    browser.set_window_size(900, 1000).await;
+    browser.goto(&format!("http://{}/dashboard", cp.http)).await;
+    browser
+        .wait_for(
+            "every rate card above 0",
+            "return ['rps', 'forwarded-rate', 'refused-rate', 'cache-hit-rate'].every(\
+             id => Number(document.getElementById(id).textContent) > 0)",
+        )
+        .await;
+    let asked = browser
+        .execute("return document.documentElement.clientWidth", vec![])
+        .await;
+    assert!(asked.as_u64().unwrap() <= 900, "viewport {asked}");
+    // Every table fits its panel: nothing to scroll sideways.
+    let fits = "return Array.from(document.querySelectorAll('table')).every(t => \
+                t.closest('.panel').scrollWidth <= t.closest('.panel').clientWidth) \
+                && document.documentElement.scrollWidth <= document.documentElement.clientWidth";
+    browser
+        .wait_for("the load-balancing tables in 900 px", fits)
+        .await;
+    browser
+        .save_screenshot(&artifact("dashboard-900px.png"))
+        .await;
+
+    browser
+        .goto(&format!("http://{}/dashboard/ratelimit", cp.http))
+        .await;
+    browser
+        .send_keys(&browser.find("#token-input").await, TOKEN)
+        .await;
+    browser.click(&browser.find("#token-save").await).await;
+    browser
+        .wait_for(
+            "keys and the request log",
+            "return document.querySelectorAll('#keys tbody tr').length === 2 \
+             && document.querySelectorAll('#log tbody tr').length > 5",
+        )
+        .await;
+    browser
+        .wait_for("the rate-limiting tables in 900 px", fits)
+        .await;
+    // A blocked key's refusals are its rejections.
+    browser
+        .wait_text(
+            &format!(
+                "#keys tbody tr[data-key-id=\"{}\"] td[data-field=rejected]",
+                blocked_id
+            ),
+            "the blocked key's refusals counted",
+            |t| count(t) > 0,
+        )
+        .await;
+    browser
+        .save_screenshot(&artifact("dashboard-ratelimit-900px.png"))
+        .await;
+    traffic.abort();
+
+    // The icon browsers ask for.
+    let icon = get(&http_client(), &cp.http_url("/favicon.ico")).await;
+    assert_eq!(icon.status, 200);
+    assert_eq!(icon.header("content-type"), "image/x-icon");
+    assert!(icon.body.starts_with(&[0, 0, 1, 0]), "not an ICO");
+    drop(browser);
+    for dp in stack.dps {
+        dp.stop().await;
+    }
+    stack.cp.stop().await;
 }

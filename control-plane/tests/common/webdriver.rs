@@ -202,6 +202,16 @@ impl Browser {
             .unwrap_or_else(|e| panic!("WebDriver {rest}: {e}"))
     }
 
+    /// Resizes the browser window (the viewport is a little smaller than the window).
+    pub async fn set_window_size(&self, width: u32, height: u32) {
+        self.cmd(
+            http::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
     pub async fn goto(&self, url: &str) {
         self.cmd(http::Method::POST, "/url", Some(json!({"url": url})))
             .await;

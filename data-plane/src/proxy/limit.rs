@@ -167,6 +167,10 @@ pub fn identify(
     if created.is_some_and(|(_, blocked)| *blocked) {
         return Err(Refusal::Blocked {
             key_id: k.id().to_owned(),
+            tier: limits
+                .tier_of(&k.hash)
+                .map(|t| t.name.clone())
+                .unwrap_or_default(),
         });
     }
     if created.is_none() && limits.reject_unknown {

@@ -165,7 +165,13 @@ async fn proxy(
     // 2. Who is asking (and 3., a blocked key).
     let client = match limit::identify(conn.peer.ip(), &parts, &active) {
         Ok(c) => c,
-        Err(r) => return refuse(r),
+        Err(r) => {
+            // A blocked key's refusals count in its usage, as its limit's do.
+            if let Refusal::Blocked { key_id, tier } = &r {
+                worker.shared.reporter.key(key_id, tier, true);
+            }
+            return refuse(r);
+        }
     };
     // 3., 4. Banned, or over the limit.
     let admitted = match limit::admit(worker, client, &active).await {

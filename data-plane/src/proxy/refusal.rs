@@ -39,7 +39,7 @@ pub enum Refusal {
     /// The key is not one the control plane knows, and unknown keys are refused; its id.
     UnknownKey { key_id: String },
     /// The key (of this id) is blocked.
-    Blocked { key_id: String },
+    Blocked { key_id: String, tier: String },
     /// Over the limit of the quota, for `retry_after` seconds.
     RateLimited { quota: Quota, retry_after: u64 },
     /// Banned after repeated violations, for `retry_after` seconds.
@@ -223,7 +223,7 @@ impl Refusal {
             h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"));
         }
         let key_id = match &self {
-            Refusal::UnknownKey { key_id } | Refusal::Blocked { key_id } => Some(key_id.clone()),
+            Refusal::UnknownKey { key_id } | Refusal::Blocked { key_id, .. } => Some(key_id.clone()),
             _ => quota.and_then(|q| q.key_id.clone()),
         };
         resp.extensions_mut().insert(Outcome {
