@@ -57,6 +57,15 @@ pub const DASHBOARD_PATHS: &[&str] = &[
 
 const OPENAPI: &str = include_str!("../assets/openapi.json");
 
+/// `process_*` and `lb_build_info`, as the data planes export them.
+static PROCESS: std::sync::LazyLock<prometheus::Registry> = std::sync::LazyLock::new(|| {
+    let registry = prometheus::Registry::new();
+    if let Err(e) = data_plane::common::register_process_and_build(&registry) {
+        tracing::warn!(cause = %e, "cannot register the process metrics");
+    }
+    registry
+});
+
 pub fn router(cp: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/", get(index))
@@ -418,6 +427,9 @@ async fn metrics(State(cp): State<Arc<ControlPlane>>) -> impl IntoResponse {
     );
     if let Some(tls) = cp.tls.get() {
         text.push_str(&tls.render_metrics());
+    }
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&PROCESS.gather(), &mut text) {
+        tracing::warn!(cause = %e, "cannot encode the process metrics");
     }
     (
         [(

@@ -43,20 +43,19 @@ pub struct ServerTls {
     client_roots: Option<rustls::RootCertStore>,
 }
 
+/// What the help texts of the `lb_cp_tls_*` metrics name.
+pub const METRICS_OF: &str = "the control plane's gRPC and HTTP listeners";
+
 impl ServerTls {
     /// Loads and checks the files; the error names the setting and the file.
     pub fn load(files: TlsFiles) -> Result<ServerTls, TlsError> {
         let registry = prometheus::Registry::new();
-        let metrics = TlsMetrics::register(
-            &registry,
-            "lb_cp_tls",
-            "the control plane's gRPC and HTTP listeners",
-        )
-        .map_err(|e| TlsError {
-            setting: "tls_cert",
-            path: files.cert.clone(),
-            problem: format!("cannot register the TLS metrics: {e}"),
-        })?;
+        let metrics =
+            TlsMetrics::register(&registry, "lb_cp_tls", METRICS_OF).map_err(|e| TlsError {
+                setting: "tls_cert",
+                path: files.cert.clone(),
+                problem: format!("cannot register the TLS metrics: {e}"),
+            })?;
         let tls = Tls::load(files, metrics)?;
         Ok(ServerTls {
             tls: Arc::new(tls),

@@ -174,7 +174,7 @@ async fn a_data_plane_and_admin_clients_work_over_tls() {
     let metrics = https.get("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(
-        text.contains("lb_cp_tls_certificate_expiry_seconds ")
+        text.contains("lb_cp_tls_certificate_expiry_timestamp_seconds ")
             && text.contains("lb_cp_tls_reloads_total{result=\"ok\"} 0"),
         "{text}"
     );

@@ -1,7 +1,8 @@
 //! What the control plane shares with the data plane, and the only part of this crate it uses
 //! outside its all-in-one `dev` launcher: process set-up (logging, the shutdown signal, a
 //! listener with a deep accept queue), certificates (loading, checks, reloads), the way to Redis
-//! (one server or a cluster), OpenTelemetry span export, and reading a TOML settings file.
+//! (one server or a cluster), OpenTelemetry span export, the process and build metrics, and
+//! reading a TOML settings file.
 //!
 //! Everything else in this crate is the data plane's own; the two planes otherwise meet only in
 //! the gRPC contract of `lb-proto` and the Redis key layout it defines.
@@ -14,7 +15,7 @@ pub use crate::redis::{
 };
 pub use crate::server::{LISTEN_BACKLOG, listen};
 pub use crate::telemetry::logging::{error_report, init_tracing, shutdown_signal};
-pub use crate::telemetry::metrics::TlsMetrics;
+pub use crate::telemetry::metrics::{TlsMetrics, register_process_and_build};
 pub use crate::telemetry::otel::{Span, Status, TraceSettings, Tracing};
 pub use crate::tls::client::{Roots, read_roots};
 pub use crate::tls::load as load_certificate;

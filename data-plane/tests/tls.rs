@@ -194,7 +194,7 @@ async fn https_over_http1_and_h2_tells_the_backend_https() {
     );
     dp.wait_metric("lb_tls_handshake_failures_total{reason=\"error\"}", 1.0)
         .await;
-    let expiry = dp.metric("lb_tls_certificate_expiry_seconds");
+    let expiry = dp.metric("lb_tls_certificate_expiry_timestamp_seconds");
     assert!(expiry > 4_000_000_000.0, "{expiry}");
     dp.stop().await;
 }

@@ -10,6 +10,34 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The version `lb_build_info` names.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit `lb_build_info` names (see `build.rs`).
+pub const COMMIT: &str = env!("LB_BUILD_COMMIT");
+
+/// Registers what every process of the system exports in `registry`: the `process_*` metrics
+/// (CPU, resident memory, open file descriptors, start time; from `/proc` on Linux) and
+/// `lb_build_info{version, commit}`.
+pub fn register_process_and_build(registry: &Registry) -> prometheus::Result<()> {
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let build = IntGaugeVec::new(
+        Opts::new(
+            "lb_build_info",
+            "Always 1; its labels name the version and the commit of the running binary",
+        ),
+        &["version", "commit"],
+    )?;
+    build.with_label_values(&[VERSION, COMMIT]).set(1);
+    registry.register(Box::new(build))
+}
+
+/// Circuit breaker states, in [`BackendSample::circuit`]'s numbering, as
+/// `lb_backend_circuit_state`'s `state` label names them.
+pub const CIRCUIT_STATES: [&str; 3] = ["closed", "open", "half_open"];
+
 /// Latency buckets in seconds, from 0.5 ms (a local backend) to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -83,8 +111,8 @@ const LIVE: [LiveMetric; 12] = [
     ),
     live(
         "lb_backend_circuit_state",
-        "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-        &["backend"],
+        "1 for the state each backend's circuit breaker is in (closed, open or half_open), 0 for the others",
+        &["backend", "state"],
     ),
     live(
         "lb_queue_depth",
@@ -154,7 +182,18 @@ impl Collector for Live {
             family(&LIVE[2], Kind::Gauge, per_backend(|b| u64::from(b.in_flight))),
             family(&LIVE[3], Kind::Gauge, per_backend(|b| u64::from(b.healthy))),
             family(&LIVE[4], Kind::Gauge, per_backend(|b| u64::from(b.ejected))),
-            family(&LIVE[5], Kind::Gauge, per_backend(|b| u64::from(b.circuit))),
+            family(
+                &LIVE[5],
+                Kind::Gauge,
+                v.backends.iter().flat_map(|b| {
+                    CIRCUIT_STATES.iter().enumerate().map(|(i, state)| {
+                        (
+                            vec![b.address.as_str(), *state],
+                            u64::from(usize::from(b.circuit) == i),
+                        )
+                    })
+                }),
+            ),
             family(&LIVE[6], Kind::Gauge, one(v.queue_depth as u64)),
             family(&LIVE[7], Kind::Counter, lookups.into_iter()),
             family(&LIVE[8], Kind::Gauge, one(c.memory_bytes)),
@@ -372,6 +411,7 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        register_process_and_build(&registry).expect("metric names are unique");
         Metrics {
             registry,
             responses,
@@ -395,45 +435,8 @@ impl Metrics {
     /// The TLS metrics, registered on first use.
     pub fn tls(&self) -> &TlsMetrics {
         self.tls.get_or_init(|| {
-            let reloads = IntCounterVec::new(
-                Opts::new(
-                    "lb_tls_reloads_total",
-                    "Certificate reloads of the proxy listener, by result (ok or error)",
-                ),
-                &["result"],
-            )
-            .expect("valid metric");
-            let expiry = IntGauge::new(
-                "lb_tls_certificate_expiry_seconds",
-                "Expiry (notAfter) of the certificate in use, in Unix seconds",
-            )
-            .expect("valid metric");
-            let handshake_failures = IntCounterVec::new(
-                Opts::new(
-                    "lb_tls_handshake_failures_total",
-                    "Client TLS handshakes that failed, by reason (error or timeout)",
-                ),
-                &["reason"],
-            )
-            .expect("valid metric");
-            for label in ["ok", "error"] {
-                reloads.with_label_values(&[label]);
-            }
-            for label in ["error", "timeout"] {
-                handshake_failures.with_label_values(&[label]);
-            }
-            for c in [
-                Box::new(reloads.clone()) as Box<dyn prometheus::core::Collector>,
-                Box::new(expiry.clone()),
-                Box::new(handshake_failures.clone()),
-            ] {
-                self.registry.register(c).expect("metric names are unique");
-            }
-            TlsMetrics {
-                reloads,
-                expiry,
-                handshake_failures,
-            }
+            TlsMetrics::register(&self.registry, "lb_tls", "the proxy listener")
+                .expect("metric names are unique")
         })
     }
 

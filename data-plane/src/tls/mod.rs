@@ -176,7 +176,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 impl TlsMetrics {
     /// The metrics of a TLS listener under `prefix` (`lb_tls` gives `lb_tls_reloads_total`,
-    /// `lb_tls_certificate_expiry_seconds`, `lb_tls_handshake_failures_total`), registered in
+    /// `lb_tls_certificate_expiry_timestamp_seconds`, `lb_tls_handshake_failures_total`), registered in
     /// `registry`; `of` names the listener in their help texts.
     pub fn register(
         registry: &prometheus::Registry,
@@ -192,7 +192,7 @@ impl TlsMetrics {
             &["result"],
         )?;
         let expiry = IntGauge::new(
-            format!("{prefix}_certificate_expiry_seconds"),
+            format!("{prefix}_certificate_expiry_timestamp_seconds"),
             format!("Expiry (notAfter) of the certificate in use by {of}, in Unix seconds"),
         )?;
         let handshake_failures = IntCounterVec::new(
