@@ -413,6 +413,11 @@ impl ControlPlane {
         self.stop.send_replace(true);
     }
 
+    /// Whether the store answers now (see [`Store::ping`]).
+    pub async fn store_reachable(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
     pub fn stopping(&self) -> watch::Receiver<bool> {
         self.stop.subscribe()
     }

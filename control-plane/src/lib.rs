@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod dashboard;
 pub mod dev;
 pub mod discovery;
+pub mod health;
 pub mod http;
 pub mod initial;
 pub mod keys;
@@ -43,7 +44,6 @@ use lb_proto::v1::admin_server::AdminServer;
 use lb_proto::v1::discovery_server::DiscoveryServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic_health::ServingStatus;
 
 pub use cluster::ControlPlane;
 use cluster::UpdateError;
@@ -142,11 +142,7 @@ pub async fn serve_with_tls(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ["lb.v1.Discovery", "lb.v1.Admin", ""] {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
-    }
+    health::started(&health).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lb_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -223,8 +219,17 @@ pub async fn serve_with_tls(
             )
         }
     };
+    let following = tokio::spawn(health::follow_store(
+        Arc::clone(&cp),
+        health.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = tls.is_some(), version = cp.snapshot().version, "control plane started");
     shutdown.await;
+    // NOT_SERVING before anything closes (and nothing to turn it back).
+    following.abort();
+    let _ = following.await;
+    health::stopping(&health).await;
     cp.stop_streams();
     let _ = stop_tx.send(true);
     let (grpc_abort, http_abort) = (grpc_task.abort_handle(), http_task.abort_handle());

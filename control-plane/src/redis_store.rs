@@ -279,6 +279,20 @@ impl Store for RedisStore {
         Ok(Some(state))
     }
 
+    /// Asks the node that holds the state (`EXISTS` on its key: cheap, and routed to that node
+    /// in a cluster).
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _: i64 = self
+            .idempotent("EXISTS", STATE_KEY, |mut conn| async move {
+                redis::cmd("EXISTS")
+                    .arg(STATE_KEY)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
     async fn save(&self, state: &StoredState) -> Result<(), StoreError> {
         let attempted = state.config.as_ref().map_or(0, |c| c.version);
         let mut conn = self.conn.clone();

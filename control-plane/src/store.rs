@@ -47,6 +47,10 @@ pub trait Store: Send + Sync + 'static {
     /// control planes refuses a state whose version is not above the stored one
     /// ([`StoreError::Conflict`]).
     async fn save(&self, state: &StoredState) -> Result<(), StoreError>;
+    /// Whether the store answers now; a store in this process always does.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Decodes a saved state. A file written before API keys were stored holds a bare
