@@ -132,10 +132,7 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_requests_and_admin_calls_are_exported_as_spans() {
     let (collector, endpoint) = Collector::start().await;
-    let trace = TraceSettings {
-        endpoint,
-        ratio: 1.0,
-    };
+    let trace = TraceSettings::grpc(endpoint, 1.0);
 
     let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap()])
         .await
@@ -235,10 +232,7 @@ async fn proxied_requests_and_admin_calls_are_exported_as_spans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_ratio_zero_only_traces_callers_bring_are_continued() {
     let (collector, endpoint) = Collector::start().await;
-    let trace = TraceSettings {
-        endpoint,
-        ratio: 0.0,
-    };
+    let trace = TraceSettings::grpc(endpoint, 0.0);
     let mock = MockBackends::start(&["127.0.0.1:0".parse().unwrap()])
         .await
         .unwrap();
@@ -272,4 +266,184 @@ async fn with_ratio_zero_only_traces_callers_bring_are_continued() {
     assert_eq!(span.service, "data-plane");
     dp.stop().await;
     cp.stop().await;
+}
+
+/// What an OTLP/HTTP collector received: each export's request headers and spans' resources.
+#[derive(Default, Clone)]
+struct HttpCollector {
+    exports: Arc<Mutex<Vec<(http::HeaderMap, ExportTraceServiceRequest)>>>,
+    arrived: Arc<Notify>,
+}
+
+impl HttpCollector {
+    /// Serves `POST /v1/traces` (protobuf) on a free port: the collector and its base URL.
+    async fn start() -> (HttpCollector, String) {
+        use http_body_util::BodyExt;
+        let collector = HttpCollector::default();
+        let l = listener().await;
+        let addr = l.local_addr().unwrap();
+        let c = collector.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = l.accept().await else {
+                    return;
+                };
+                let c = c.clone();
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let c = c.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let bytes = body.collect().await?.to_bytes();
+                            let status = match (parts.uri.path(), prost::Message::decode(bytes)) {
+                                ("/v1/traces", Ok(export)) => {
+                                    c.exports.lock().unwrap().push((parts.headers, export));
+                                    c.arrived.notify_waiters();
+                                    200
+                                }
+                                _ => 400,
+                            };
+                            let answer = http::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/x-protobuf")
+                                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                .unwrap();
+                            Ok::<_, hyper::Error>(answer)
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (collector, format!("http://{addr}"))
+    }
+
+    /// Waits for an export whose resource has `service.name` = `service`.
+    async fn wait_for_service(
+        &self,
+        service: &str,
+    ) -> (http::HeaderMap, ExportTraceServiceRequest) {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let arrived = self.arrived.notified();
+                let hit = self
+                    .exports
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, e)| {
+                        e.resource_spans
+                            .iter()
+                            .any(|rs| resource_attr(rs, "service.name").as_deref() == Some(service))
+                    })
+                    .cloned();
+                if let Some(hit) = hit {
+                    return hit;
+                }
+                arrived.await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no export from {service} within 30 s"))
+    }
+}
+
+fn resource_attr(
+    rs: &opentelemetry_proto::tonic::trace::v1::ResourceSpans,
+    key: &str,
+) -> Option<String> {
+    rs.resource
+        .iter()
+        .flat_map(|r| &r.attributes)
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+}
+
+/// The standard OpenTelemetry variables, given to the real binary: spans of an Admin call go
+/// over OTLP/HTTP to the traces endpoint, with the headers, the service name and the resource
+/// attributes they name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_otel_environment_is_honoured() {
+    let (collector, base) = HttpCollector::start().await;
+    let grpc = free_port();
+    let admin_token = "an-admin-token-long-enough";
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"))
+        .args([
+            "serve",
+            "--insecure-discovery",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--grpc-listen")
+        .arg(format!("127.0.0.1:{grpc}"))
+        .env_clear()
+        .env("LB_ADMIN_TOKEN", admin_token)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &base)
+        .env("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=s%20cret")
+        .env("OTEL_SERVICE_NAME", "edge-lb")
+        .env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=test,service.name=ignored",
+        )
+        .env("OTEL_TRACES_SAMPLER", "always_on")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = String::new();
+        let mut started = Some(started_tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("control plane started")
+                && let Some(tx) = started.take()
+            {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        if let Some(tx) = started.take() {
+            let _ = tx.send(Err(seen));
+        }
+    });
+    let started = tokio::time::timeout(WAIT, started_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    if let Err(log) = started {
+        panic!("the control plane did not start:\n{log}");
+    }
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{grpc}").parse().unwrap();
+    let mut admin = admin_client(addr, Some(admin_token)).await;
+    admin.get_config(GetConfigRequest {}).await.unwrap();
+
+    let (headers, export) = collector.wait_for_service("edge-lb").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(headers["x-collector-key"], "s cret");
+    assert_eq!(headers["content-type"], "application/x-protobuf");
+    let rs = export
+        .resource_spans
+        .iter()
+        .find(|rs| resource_attr(rs, "service.name").as_deref() == Some("edge-lb"))
+        .unwrap();
+    assert_eq!(
+        resource_attr(rs, "deployment.environment").as_deref(),
+        Some("test")
+    );
+    assert!(resource_attr(rs, "service.instance.id").is_some());
+    assert!(rs.scope_spans.iter().any(|s| !s.spans.is_empty()));
 }
