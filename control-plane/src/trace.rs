@@ -1,6 +1,7 @@
 //! Admin calls as OpenTelemetry spans: a tower layer on the gRPC server that starts a server
 //! span for each `lb.v1.Admin` call (child of the caller's `traceparent`) and ends it with the
-//! call's gRPC status. Other services (Discovery streams, health, reflection) pass untouched.
+//! call's gRPC status; the call runs with the span's context current, so its log lines name the
+//! trace. Other services (Discovery streams, health, reflection) pass untouched.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,6 +10,7 @@ use std::task::{Context, Poll};
 
 use data_plane::common::{Span as _, Status, Tracing};
 use opentelemetry::KeyValue;
+use opentelemetry::context::FutureExt as _;
 
 const ADMIN_PREFIX: &str = "/lb.v1.Admin/";
 
@@ -71,7 +73,11 @@ where
                 KeyValue::new("rpc.method", method),
             ],
         );
-        let call = self.inner.call(req);
+        // Log lines written during the call name its trace and span.
+        let call = self
+            .inner
+            .call(req)
+            .with_context(data_plane::common::context_of(&span));
         Box::pin(async move {
             let result = call.await;
             if let Ok(resp) = &result {

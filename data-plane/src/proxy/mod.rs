@@ -43,6 +43,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use lb_proto::v1::RequestLogEntry;
+use opentelemetry::context::FutureExt as _;
 use tokio::time::Instant;
 
 pub use body::ProxyBody;
@@ -51,7 +52,7 @@ pub use worker::Worker;
 
 use crate::policy::retry;
 use crate::ratelimit::quota::Quota;
-use crate::telemetry::otel::Span as _;
+use crate::telemetry::otel::{self, Span as _};
 use crate::telemetry::report::Outcome;
 use crate::upstream::request_body::{ClientBody, RequestBody};
 use cache::Looked;
@@ -84,7 +85,12 @@ pub async fn handle(
     let http2 = req.version() == http::Version::HTTP_2;
     let call = grpc::is_grpc(req.headers());
     let id = request_id::request_id(req.headers());
-    let mut resp = proxy(&worker, &conn, req, &id, detailed, call).await;
+    let proxied = proxy(&worker, &conn, req, &id, detailed, call);
+    let mut resp = match span.as_ref().filter(|s| s.is_recording()) {
+        // Log lines written while the request is handled name its trace and span.
+        Some(s) => proxied.with_context(otel::context_of(s)).await,
+        None => proxied.await,
+    };
     if call {
         resp = grpc::answer(resp);
     }

@@ -20,7 +20,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer as _, TracerProvider as _};
+use opentelemetry::trace::{
+    SpanId, SpanKind, TraceContextExt, TraceId, Tracer as _, TracerProvider as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
@@ -357,9 +359,8 @@ impl Tracing {
     /// Writes `span`'s context into `headers` (`traceparent`, `tracestate`), replacing the
     /// caller's, so the next hop is a child of `span`.
     pub fn inject(&self, span: &RequestSpan, headers: &mut HeaderMap) {
-        let cx = Context::new().with_remote_span_context(span.span_context().clone());
         self.propagator
-            .inject_context(&cx, &mut HeaderInjector(headers));
+            .inject_context(&context_of(span), &mut HeaderInjector(headers));
     }
 
     /// Exports what is buffered and stops the export thread. Blocks; call off the event loop.
@@ -368,6 +369,21 @@ impl Tracing {
             tracing::warn!(cause = %e, "trace export did not shut down cleanly");
         }
     }
+}
+
+/// The context of `span`: made current while its request is handled
+/// (`opentelemetry::context::FutureExt::with_context`), so log lines written meanwhile name its
+/// trace ([`current_ids`]); handed to the next hop in `traceparent`.
+pub fn context_of(span: &RequestSpan) -> Context {
+    Context::new().with_remote_span_context(span.span_context().clone())
+}
+
+/// The trace and span ids of the context current on this thread, when it holds a span.
+pub fn current_ids() -> Option<(TraceId, SpanId)> {
+    let cx = Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);

@@ -1,0 +1,219 @@
+//! Logs tied to traces: the data-plane binary, logging JSON and exporting spans to an OTLP
+//! collector in the test, writes a line inside a proxied request that carried a `traceparent`,
+//! and that line names the request's trace and span, the same ones the collector receives.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use tokio::sync::{Notify, mpsc};
+
+/// Spans received, as (trace id, span id) in hex.
+#[derive(Default, Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<(String, String)>>>,
+    arrived: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans = request
+            .into_inner()
+            .resource_spans
+            .into_iter()
+            .flat_map(|rs| rs.scope_spans)
+            .flat_map(|ss| ss.spans);
+        self.spans
+            .lock()
+            .unwrap()
+            .extend(spans.map(|s: Span| (hex(&s.trace_id), hex(&s.span_id))));
+        self.arrived.notify_waiters();
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
+    let collector = Collector::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+
+    // A saved configuration whose one backend refuses connections: the request fails (503
+    // backend_unreachable), and the data plane logs "backend request failed" while handling it.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut snapshot = lb_proto::defaults::snapshot();
+    snapshot.version = 1;
+    snapshot.backends = vec![lb_proto::v1::Backend {
+        address: dead.to_string(),
+        weight: 1,
+        ..Default::default()
+    }];
+    let dir = std::env::temp_dir().join(format!("lb-trace-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("snapshot.pb"), snapshot.encode_to_vec()).unwrap();
+
+    let (listen, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_data-plane"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{listen}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"))
+        .args([
+            "--control-plane",
+            "http://127.0.0.1:1",
+            "--log-format",
+            "json",
+        ])
+        .arg("--state-dir")
+        .arg(&dir)
+        .env_remove("LB_CONFIG")
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+
+    let client = reqwest_like::Client::new();
+    // Ready once the saved configuration is in force.
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if client
+                .status(&format!("http://127.0.0.1:{admin}/readyz"), None)
+                .await
+                == Some(200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(ready.is_ok(), "the data plane did not become ready");
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let status = client
+        .status(&format!("http://127.0.0.1:{listen}/x"), Some(&traceparent))
+        .await;
+    assert_eq!(status, Some(503), "backend_unreachable");
+
+    // The log line written inside the request.
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("backend request failed") {
+                return line;
+            }
+        }
+        panic!("the data plane's stderr ended");
+    })
+    .await
+    .expect("a log line for the failed backend request");
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["trace_id"], trace_id, "{line}");
+    let span_id = v["span_id"].as_str().unwrap().to_owned();
+    assert_eq!(span_id.len(), 16, "{line}");
+    assert_ne!(
+        span_id, "00f067aa0ba902b7",
+        "the proxy's own span, child of the caller's"
+    );
+
+    // The collector receives that span.
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let arrived = collector.arrived.notified();
+            if collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(t, s)| t == trace_id && *s == span_id)
+            {
+                return;
+            }
+            arrived.await;
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        found.is_ok(),
+        "span {span_id} of trace {trace_id} not exported: {:?}",
+        collector.spans.lock().unwrap()
+    );
+}
+
+/// Just enough of an HTTP client for status codes.
+mod reqwest_like {
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+    use hyper_util::client::legacy::Client as Hyper;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub struct Client(Hyper<HttpConnector, Empty<Bytes>>);
+
+    impl Client {
+        pub fn new() -> Client {
+            Client(Hyper::builder(TokioExecutor::new()).build_http())
+        }
+
+        /// The status of a GET (with `traceparent` when given); `None` when nothing answers.
+        pub async fn status(&self, url: &str, traceparent: Option<&str>) -> Option<u16> {
+            let mut req = http::Request::get(url);
+            if let Some(t) = traceparent {
+                req = req.header("traceparent", t);
+            }
+            let resp = self.0.request(req.body(Empty::new()).unwrap()).await.ok()?;
+            Some(resp.status().as_u16())
+        }
+    }
+}
