@@ -24,6 +24,11 @@ enum Command {
     /// Run the whole stack in one process: mock backends, control plane, data planes
     #[command(after_help = control_plane::settings::ENVIRONMENT_HELP)]
     Dev(dev::DevArgs),
+    /// Exit 0 when the control plane with these settings answers 200 on its HTTP listener's
+    /// /healthz, else 1 (for container health checks; the image has no curl). With TLS on
+    /// that listener, a TCP connection is all it checks.
+    #[command(after_help = control_plane::settings::ENVIRONMENT_HELP)]
+    Healthcheck(CommonArgs),
 }
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request path, where
@@ -38,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let json = match &cli.command {
         Command::Serve(a) => a.log_format.as_deref() == Some("json"),
         Command::Dev(a) => a.common.log_format.as_deref() == Some("json"),
+        Command::Healthcheck(args) => return healthcheck(args.clone()),
     };
     init_tracing(json);
     let result = tokio::runtime::Runtime::new()
@@ -47,6 +53,7 @@ fn main() -> std::process::ExitCode {
                 match cli.command {
                     Command::Serve(args) => serve(args).await,
                     Command::Dev(args) => dev::run(args, stop_signal()).await,
+                    Command::Healthcheck(_) => unreachable!("answered before the runtime starts"),
                 }
             })
         });
@@ -54,6 +61,30 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("control-plane: {}", error_report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn healthcheck(args: CommonArgs) -> std::process::ExitCode {
+    let checked = Settings::load(args)
+        .map_err(|e| error_report(&e.into()))
+        .and_then(|s| match s.tls {
+            None => data_plane::common::healthcheck(s.http_listen, "/healthz"),
+            Some(_) => {
+                let mut addr = s.http_listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+                    .map(drop)
+                    .map_err(|e| format!("{addr}: {e}"))
+            }
+        });
+    match checked {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("control-plane healthcheck: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::serve_command;
+use common::{Stack, free_port, serve_command};
 use control_plane::cluster::ControlPlane;
 use control_plane::store::MemoryStore;
 use lb_proto::v1::discovery_client::DiscoveryClient;
@@ -324,4 +324,32 @@ async fn a_page_from_a_rebound_dns_name_cannot_open_the_live_feed() {
         ws_upgrade(http, &evil, &format!("http://{evil}")).await,
         403
     );
+}
+
+#[tokio::test]
+async fn healthcheck_asks_the_http_listener_of_the_same_settings() {
+    let stack = Stack::start(0).await;
+    let run = |addr: String| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-plane"))
+            .args(["healthcheck", "--http-listen", &addr])
+            .env_clear()
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let addr = stack.cp.http.to_string();
+    let (code, err) = tokio::task::spawn_blocking(move || run(addr))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    let closed = format!("127.0.0.1:{}", free_port());
+    let (code, err) = tokio::task::spawn_blocking(move || run(closed))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.starts_with("control-plane healthcheck:"), "{err}");
+    stack.cp.stop().await;
 }

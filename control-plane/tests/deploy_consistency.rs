@@ -608,10 +608,23 @@ fn load_compose(needs: &mut Needs) -> Compose {
             );
             continue;
         };
-        assert!(
-            svc["healthcheck"].is_null(),
-            "{origin}: the image has no shell or HTTP client for a health check command"
-        );
+        // The image has no shell or curl: a health check runs the binary's own `healthcheck`,
+        // with the settings the service runs with.
+        if !svc["healthcheck"].is_null() {
+            let test = strings(&svc["healthcheck"]["test"]);
+            assert!(
+                test.first().map(String::as_str) == Some("CMD")
+                    && test.get(1) == command.first()
+                    && test.iter().any(|a| a == "healthcheck"),
+                "{origin}: a health check is [CMD, <its binary>, …, healthcheck]: {test:?}"
+            );
+            let checked: Vec<&String> = test[2..].iter().filter(|a| *a != "healthcheck").collect();
+            let served: Vec<&String> = command[1..].iter().filter(|a| *a != "serve").collect();
+            assert_eq!(
+                checked, served,
+                "{origin}: the health check's settings differ"
+            );
+        }
         let c = Container {
             origin: origin.clone(),
             binary,
@@ -1597,4 +1610,157 @@ fn names_with_label(samples: &[&str], expr: &str, label: &str) -> bool {
                 })
         })
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes hygiene
+
+/// Every document of every manifest under deploy/kubernetes (the kustomization aside).
+fn manifests() -> Vec<(String, Value)> {
+    let mut files: Vec<_> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .flat_map(|f| {
+            let rel = format!("deploy/kubernetes/{f}");
+            yaml_docs(&rel).into_iter().map(move |d| (rel.clone(), d))
+        })
+        .collect()
+}
+
+#[test]
+fn kubernetes_objects_carry_the_recommended_labels_and_run_restricted() {
+    let all = manifests();
+    for (file, doc) in &all {
+        let kind = scalar(&doc["kind"]).unwrap_or_default();
+        let name = scalar(&doc["metadata"]["name"]).unwrap_or_default();
+        let labels = &doc["metadata"]["labels"];
+        assert!(
+            scalar(&labels["app.kubernetes.io/part-of"]).is_some(),
+            "{file}: {kind} {name} lacks app.kubernetes.io/part-of"
+        );
+        if matches!(kind.as_str(), "Deployment" | "StatefulSet" | "Service") {
+            for label in ["app.kubernetes.io/name", "app.kubernetes.io/component"] {
+                assert!(
+                    scalar(&labels[label]).is_some(),
+                    "{file}: {kind} {name} lacks {label}"
+                );
+            }
+        }
+        if matches!(kind.as_str(), "Deployment" | "StatefulSet") {
+            let pod = &doc["spec"]["template"]["spec"];
+            let sc = &pod["securityContext"];
+            assert_eq!(
+                scalar(&sc["runAsNonRoot"]).as_deref(),
+                Some("true"),
+                "{file}: {name}"
+            );
+            assert_eq!(
+                scalar(&sc["seccompProfile"]["type"]).as_deref(),
+                Some("RuntimeDefault"),
+                "{file}: {name}"
+            );
+            for c in pod["containers"].as_sequence().unwrap() {
+                let image = scalar(&c["image"]).unwrap();
+                assert!(
+                    image.contains(':') && !image.ends_with(":latest"),
+                    "{file}: {name} runs {image}: pin a version"
+                );
+                let sc = &c["securityContext"];
+                assert_eq!(
+                    scalar(&sc["allowPrivilegeEscalation"]).as_deref(),
+                    Some("false"),
+                    "{file}: {name}"
+                );
+                assert_eq!(
+                    strings(&sc["capabilities"]["drop"]),
+                    ["ALL"],
+                    "{file}: {name}"
+                );
+            }
+        }
+    }
+    let ns = all.iter().find(|(_, d)| d["kind"] == "Namespace").unwrap();
+    assert_eq!(
+        scalar(&ns.1["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]).as_deref(),
+        Some("restricted")
+    );
+    let k = yaml("deploy/kubernetes/kustomization.yaml");
+    let pairs = &k["labels"][0]["pairs"];
+    for label in [
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/version",
+        "app.kubernetes.io/managed-by",
+    ] {
+        assert!(
+            scalar(&pairs[label]).is_some(),
+            "kustomization lacks {label}"
+        );
+    }
+    assert_ne!(scalar(&k["images"][0]["newTag"]).as_deref(), Some("latest"));
+    // Compose pins its images too.
+    let compose = yaml("deploy/compose.yaml");
+    for (service, s) in entries(&compose["services"]) {
+        let image = scalar(&s["image"]).unwrap();
+        assert!(
+            !image.ends_with(":latest") && image.contains(':'),
+            "{service}: {image}"
+        );
+    }
+}
+
+#[test]
+fn network_policies_let_only_the_control_plane_be_reached_on_50051() {
+    let policies: Vec<Value> = manifests()
+        .into_iter()
+        .map(|(_, d)| d)
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    // Everything is denied unless a policy allows it.
+    assert!(policies.iter().any(|p| {
+        p["spec"]["podSelector"]
+            .as_mapping()
+            .is_some_and(|m| m.is_empty())
+            && strings(&p["spec"]["policyTypes"]) == ["Ingress", "Egress"]
+            && p["spec"]["ingress"].is_null()
+    }));
+    let ingress_ports = |app: &str| -> Vec<String> {
+        policies
+            .iter()
+            .filter(|p| p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == app)
+            .flat_map(|p| {
+                p["spec"]["ingress"]
+                    .as_sequence()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .flat_map(|rule| rule["ports"].as_sequence().cloned().unwrap_or_default())
+            .filter_map(|port| scalar(&port["port"]))
+            .collect()
+    };
+    for app in ["data-plane", "redis", "mock-backends"] {
+        assert!(!ingress_ports(app).contains(&"50051".to_owned()), "{app}");
+    }
+    assert!(ingress_ports("control-plane").contains(&"50051".to_owned()));
+    assert_eq!(ingress_ports("redis"), ["6379"]);
+    // The data planes may reach the control planes' 50051.
+    let data_plane = policies
+        .iter()
+        .find(|p| p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "data-plane")
+        .unwrap();
+    assert!(
+        data_plane["spec"]["egress"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|rule| {
+                rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                    == "control-plane"
+                    && scalar(&rule["ports"][0]["port"]).as_deref() == Some("50051")
+            })
+    );
 }

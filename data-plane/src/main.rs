@@ -1,7 +1,7 @@
 use anyhow::Context;
 use clap::Parser;
 use data_plane::common::{error_report, init_tracing, shutdown_signal as os_signal};
-use data_plane::{Args, Settings};
+use data_plane::{Args, Command, Settings};
 
 /// mimalloc: fewer cycles per allocation than the system allocator on the request path, where
 /// hyper and the header maps allocate per request.
@@ -11,13 +11,24 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> std::process::ExitCode {
     // One process-wide crypto provider (ring) for any TLS built without naming one.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let settings = match Settings::load(Args::parse()) {
+    let args = Args::parse();
+    let command = args.command;
+    let settings = match Settings::load(args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("data-plane: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    if command == Some(Command::Healthcheck) {
+        return match data_plane::healthcheck(settings.admin_listen, "/readyz") {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("data-plane healthcheck: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing(settings.log_json);
     let result = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)

@@ -12,6 +12,14 @@ use serde::Deserialize;
 use crate::tls::TlsFiles;
 use crate::tls::client::BackendTlsSettings;
 
+/// What the binary does besides serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Exit 0 when the data plane with these settings answers 200 on its admin listener's
+    /// /readyz, else 1 (for container health checks; the image has no curl)
+    Healthcheck,
+}
+
 /// Command line of the `data-plane` binary. Every flag can also be set through its environment
 /// variable or the TOML file.
 #[derive(Debug, Default, clap::Parser)]
@@ -26,6 +34,8 @@ use crate::tls::client::BackendTlsSettings;
   OTEL_EXPORTER_OTLP_ENDPOINT                  export traces over OTLP (standard OTel variables)"
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML file with any of the settings below (keys as the flags, with '_' for '-').
     #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod affinity;
 pub mod fd_limit;
+pub mod healthcheck;
 pub mod memory;
 pub mod per_ip;
 pub mod sniff;
