@@ -17,6 +17,7 @@
 //!   state.
 
 pub mod admin;
+pub mod admin_layers;
 pub mod auth;
 pub mod clock;
 pub mod cluster;
@@ -44,6 +45,7 @@ use lb_proto::v1::admin_server::AdminServer;
 use lb_proto::v1::discovery_server::DiscoveryServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::LayerExt as _;
 
 pub use cluster::ControlPlane;
 use cluster::UpdateError;
@@ -152,15 +154,21 @@ pub async fn serve_with_tls(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let token = cp.admin_token.clone();
-    let admin = AdminServer::with_interceptor(
-        admin::AdminService {
+    let admin = tower::ServiceBuilder::new()
+        .layer(trace::AdminTraceLayer {
+            tracer: cp.tracer.get().cloned(),
+        })
+        .layer(tonic::service::InterceptorLayer::new(
+            move |req: tonic::Request<()>| {
+                auth::check(req.metadata(), &token, "admin token")?;
+                Ok(req)
+            },
+        ))
+        .concurrency_limit(admin_layers::MAX_CONCURRENT)
+        .layer(admin_layers::DeadlineLayer(admin_layers::DEADLINE))
+        .named_layer(AdminServer::new(admin::AdminService {
             cp: Arc::clone(&cp),
-        },
-        move |req: tonic::Request<()>| {
-            auth::check(req.metadata(), &token, "admin token")?;
-            Ok(req)
-        },
-    );
+        }));
     let discovery = DiscoveryServer::new(discovery::DiscoveryService {
         cp: Arc::clone(&cp),
     });
@@ -173,9 +181,6 @@ pub async fn serve_with_tls(
     };
     let grpc_router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .layer(trace::AdminTraceLayer {
-            tracer: cp.tracer.get().cloned(),
-        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
