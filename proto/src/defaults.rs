@@ -124,13 +124,15 @@ pub fn queue() -> QueuePolicy {
 pub fn cache() -> CachePolicy {
     CachePolicy {
         enabled: false,
-        default_ttl_ms: 30_000,
+        default_ttl_ms: 0,
         max_entry_bytes: 1 << 20,
         memory_bytes: 64 << 20,
         ignored_query_params: vec!["api_key".to_owned()],
         max_stale_while_revalidate_ms: 60_000,
         max_stale_if_error_ms: 300_000,
         coalesce_timeout_ms: 5_000,
+        heuristic_percent: 10,
+        heuristic_max_ms: 86_400_000,
     }
 }
 

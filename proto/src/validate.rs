@@ -439,9 +439,9 @@ pub fn snapshot(s: &ConfigSnapshot) -> Result<(), Invalid> {
     let c = required(&s.cache, "cache")?;
     if c.enabled {
         check(
-            c.default_ttl_ms >= 1,
-            "cache.default_ttl_ms",
-            "must be at least 1",
+            c.heuristic_percent <= 100,
+            "cache.heuristic_percent",
+            "must be at most 100",
         )?;
         check(
             c.memory_bytes >= c.max_entry_bytes,

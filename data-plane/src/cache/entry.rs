@@ -24,8 +24,8 @@ pub struct Entry {
     pub body: Bytes,
     /// When it was stored (unix ms).
     pub stored_at_ms: u64,
-    /// Its age when it arrived, from the backend's `Age`.
-    pub initial_age_s: u64,
+    /// Its age when it arrived (RFC 9111 section 4.2.3), in ms.
+    pub initial_age_ms: u64,
     pub freshness: Freshness,
     /// May be served to requests with credentials.
     pub public: bool,
@@ -103,12 +103,16 @@ impl Entry {
         path: &str,
         now_ms: u64,
     ) -> Entry {
+        let mut headers = stored_headers(headers);
+        for name in &storable.strip {
+            headers.remove(name);
+        }
         Entry {
             status,
-            headers: stored_headers(headers),
+            headers,
             body,
             stored_at_ms: now_ms,
-            initial_age_s: storable.initial_age_s,
+            initial_age_ms: storable.initial_age_ms,
             freshness: storable.freshness,
             public: storable.public,
             vary: storable.vary,
@@ -120,9 +124,15 @@ impl Entry {
         self.freshness.state(now_ms)
     }
 
-    /// Its `Age` in seconds at `now_ms`.
+    /// Its `Age` in seconds at `now_ms`: its age on arrival plus the time since (RFC 9111
+    /// section 4.2.3 `current_age`).
     pub fn age_s(&self, now_ms: u64) -> u64 {
-        self.initial_age_s + now_ms.saturating_sub(self.stored_at_ms) / 1000
+        (self.initial_age_ms + now_ms.saturating_sub(self.stored_at_ms)) / 1000
+    }
+
+    /// True when it can be revalidated with a conditional request.
+    pub fn has_validator(&self) -> bool {
+        super::policy::has_validator(&self.headers)
     }
 
     /// Memory it takes, roughly: what the memory tier's byte bound counts.
@@ -191,7 +201,7 @@ pub enum DecodeError {
     Trailing,
 }
 
-const MAGIC: &[u8; 4] = b"LBC\x01";
+const MAGIC: &[u8; 4] = b"LBC\x02";
 const KIND_ENTRY: u8 = 1;
 const KIND_VARY: u8 = 2;
 /// More header lines than this in one stored response is taken as corruption.
@@ -243,11 +253,12 @@ impl Record {
                     _ => return Err(DecodeError::Invalid("flags")),
                 };
                 let stored_at_ms = r.u64()?;
-                let initial_age_s = r.u64()?;
+                let initial_age_ms = r.u64()?;
                 let freshness = Freshness {
                     fresh_until_ms: r.u64()?,
                     stale_while_revalidate_until_ms: r.u64()?,
                     stale_if_error_until_ms: r.u64()?,
+                    keep_until_ms: r.u64()?,
                 };
                 let path = r.path()?;
                 let vary = r.vary()?;
@@ -274,7 +285,7 @@ impl Record {
                     headers,
                     body,
                     stored_at_ms,
-                    initial_age_s,
+                    initial_age_ms,
                     freshness,
                     public,
                     vary,
@@ -313,10 +324,11 @@ impl Entry {
         out.push(u8::from(self.public));
         for n in [
             self.stored_at_ms,
-            self.initial_age_s,
+            self.initial_age_ms,
             self.freshness.fresh_until_ms,
             self.freshness.stale_while_revalidate_until_ms,
             self.freshness.stale_if_error_until_ms,
+            self.freshness.keep_until_ms,
         ] {
             out.extend_from_slice(&n.to_be_bytes());
         }
@@ -410,11 +422,12 @@ mod tests {
             headers: h,
             body: Bytes::from_static(b"hello world"),
             stored_at_ms: 1_000_000,
-            initial_age_s: 3,
+            initial_age_ms: 3_000,
             freshness: Freshness {
                 fresh_until_ms: 1_010_000,
                 stale_while_revalidate_until_ms: 1_020_000,
                 stale_if_error_until_ms: 1_030_000,
+                keep_until_ms: 1_030_000,
             },
             public: true,
             vary: vec![HeaderName::from_static("accept-encoding")],

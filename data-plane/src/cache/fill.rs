@@ -38,6 +38,9 @@ pub struct Fill {
     id: Digest32,
     req_headers: HeaderMap,
     credentials: bool,
+    /// When the request went to the backend, as far as the cache knows (RFC 9111 section
+    /// 4.2.3 `request_time`).
+    requested_ms: u64,
     stale: Option<Arc<Entry>>,
     pub(crate) flight: Option<Flight>,
     pub(crate) lock: Option<Lock>,
@@ -50,8 +53,10 @@ impl Fill {
         headers: &HeaderMap,
         flight: Flight,
         stale: Option<Arc<Entry>>,
+        requested_ms: u64,
     ) -> Fill {
         Fill {
+            requested_ms,
             cache,
             id: *flight.key(),
             key: req.key.clone(),
@@ -86,7 +91,14 @@ impl Fill {
         now_ms: u64,
     ) -> Result<Storable, NotStored> {
         let policy = self.cache.policy();
-        let s = policy::storable(status, headers, self.credentials, &policy, now_ms)?;
+        let s = policy::storable_exchange(
+            status,
+            headers,
+            self.credentials,
+            &policy,
+            self.requested_ms.min(now_ms),
+            now_ms,
+        )?;
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

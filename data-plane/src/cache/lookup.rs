@@ -221,7 +221,14 @@ impl Cache {
         now_ms: u64,
     ) -> Option<Fill> {
         let flight = self.inner.flights.try_lead(id)?;
-        let mut fill = Fill::new(self.clone(), req, headers, flight, Some(Arc::clone(entry)));
+        let mut fill = Fill::new(
+            self.clone(),
+            req,
+            headers,
+            flight,
+            Some(Arc::clone(entry)),
+            now_ms,
+        );
         if let Some(mut conn) = self.conn(redis, now_ms) {
             let token = new_token();
             let ttl = self.lock_ttl_ms();
@@ -255,7 +262,7 @@ impl Cache {
     ) -> Lookup {
         let started = Instant::now();
         let Lead { id, flight, stale } = lead;
-        let mut fill = Fill::new(self.clone(), req, headers, flight, stale);
+        let mut fill = Fill::new(self.clone(), req, headers, flight, stale, now_ms);
         let primary = *req.key.primary();
         let Some(mut conn) = self.conn(redis, now_ms) else {
             inc(&self.inner.counters.leads);

@@ -274,11 +274,12 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::from(vec![b'x'; body]),
             stored_at_ms: NOW,
-            initial_age_s: 0,
+            initial_age_ms: 0,
             freshness: Freshness {
                 fresh_until_ms: NOW + 60_000,
                 stale_while_revalidate_until_ms: NOW + 60_000,
                 stale_if_error_until_ms: NOW + 120_000,
+                keep_until_ms: NOW + 120_000,
             },
             public: false,
             vary,

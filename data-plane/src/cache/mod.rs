@@ -78,8 +78,13 @@ pub use tee::Tee;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub enabled: bool,
-    /// Freshness given to responses that state none.
+    /// Freshness given to responses that state none and allow no heuristic; 0 = none (the
+    /// RFC 9111 behaviour), anything else is a non-conforming override.
     pub default_ttl_ms: u64,
+    /// Heuristic freshness: this percentage of the time since `Last-Modified`...
+    pub heuristic_percent: u32,
+    /// ...at most this long.
+    pub heuristic_max_ms: u64,
     /// Larger bodies are not stored.
     pub max_entry_bytes: u64,
     /// Bound of the memory tier.
@@ -104,6 +109,8 @@ impl From<&lb_proto::v1::CachePolicy> for Policy {
         Policy {
             enabled: p.enabled,
             default_ttl_ms: u64::from(p.default_ttl_ms),
+            heuristic_percent: p.heuristic_percent,
+            heuristic_max_ms: u64::from(p.heuristic_max_ms),
             max_entry_bytes: p.max_entry_bytes,
             memory_bytes: p.memory_bytes,
             ignored_query_params: p.ignored_query_params.clone(),
