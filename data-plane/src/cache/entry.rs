@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::policy::{Freshness, State, Storable, not_modified};
+use super::policy::{CDN_CACHE_CONTROL, Freshness, State, Storable, not_modified};
+use super::status::{self, CACHE_STATUS};
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +53,19 @@ pub enum Record {
 /// `X-Cache` on a response served from the cache.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
+/// Headers that belong to one exchange with a client, not to the response: carried from the
+/// backend's 304 onto the stored response served in its place.
+pub const PER_EXCHANGE: [&str; 6] = [
+    "x-request-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+];
+
 /// Headers left out of stored entries, besides those `Connection` names.
-const NOT_STORED: [&str; 18] = [
+const NOT_STORED: [&str; 19] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -66,6 +78,7 @@ const NOT_STORED: [&str; 18] = [
     "age",
     "set-cookie",
     "x-cache",
+    "cache-status",
     "x-request-id",
     "ratelimit",
     "ratelimit-policy",
@@ -147,8 +160,8 @@ impl Entry {
     }
 
     /// The response to serve for a request with `req_headers`: a 304 when its validators
-    /// match, the body left out for HEAD, `Age` and `X-Cache` set (`HIT` when fresh, `STALE`
-    /// otherwise).
+    /// match, the body left out for HEAD, `Age`, `X-Cache` (`HIT` when fresh, `STALE`
+    /// otherwise) and `Cache-Status` (a hit) set, `CDN-Cache-Control` left out.
     pub fn response(&self, req_headers: &HeaderMap, head: bool, now_ms: u64) -> Response<Bytes> {
         let not_modified = not_modified(req_headers, &self.headers);
         let body = if head || not_modified {
@@ -177,6 +190,10 @@ impl Entry {
             *resp.headers_mut() = self.headers.clone();
         }
         let h = resp.headers_mut();
+        // Meant for this cache alone (RFC 9213), never for clients.
+        if h.contains_key(&CDN_CACHE_CONTROL) {
+            h.remove(&CDN_CACHE_CONTROL);
+        }
         h.insert(header::AGE, HeaderValue::from(self.age_s(now_ms)));
         let label = if self.state(now_ms) == State::Fresh {
             "HIT"
@@ -184,6 +201,10 @@ impl Entry {
             "STALE"
         };
         h.insert(X_CACHE, HeaderValue::from_static(label));
+        h.insert(
+            CACHE_STATUS,
+            status::hit(status::ttl_s(self.freshness.fresh_until_ms, now_ms)),
+        );
         resp
     }
 }

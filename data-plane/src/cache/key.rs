@@ -139,8 +139,10 @@ impl CacheKey {
 }
 
 /// The digest of one variant of a resource: the primary digest itself without `Vary`, else
-/// a hash of it and the request's values of the `vary` headers (all field lines, in order; an
-/// absent header differs from an empty one).
+/// a hash of it and the request's values of the `vary` headers, normalised as RFC 9111
+/// section 4.1 allows: the field lines combined, and the list members taken without the
+/// whitespace around them (empty ones dropped), so `en, fr`, `en,fr` and two lines `en` and
+/// `fr` are one variant. An absent header differs from an empty one.
 pub fn variant(primary: &Digest32, vary: &[HeaderName], headers: &HeaderMap) -> Digest32 {
     if vary.is_empty() {
         return *primary;
@@ -153,9 +155,16 @@ pub fn variant(primary: &Digest32, vary: &[HeaderName], headers: &HeaderMap) -> 
         let values = headers.get_all(name);
         h.update([u8::from(values.iter().next().is_some())]);
         for v in values {
-            h.update((v.len() as u64).to_be_bytes());
-            h.update(v.as_bytes());
+            for member in v.as_bytes().split(|&b| b == b',') {
+                let member = member.trim_ascii();
+                if !member.is_empty() {
+                    h.update((member.len() as u64).to_be_bytes());
+                    h.update(member);
+                }
+            }
         }
+        // No member is this long: ends the header's members unambiguously.
+        h.update(u64::MAX.to_be_bytes());
     }
     h.finalize().into()
 }
@@ -256,5 +265,25 @@ mod tests {
         assert_eq!(v(&gzip), v(&gzip.clone()));
         assert!(redis_key(&p, &v(&gzip)).starts_with(&redis_key(&p, &p)));
         assert_ne!(lock_key(&p, &p), lock_key(&p, &v(&gzip)));
+    }
+
+    #[test]
+    fn s4_1_varied_values_are_normalised_by_list_member() {
+        let p = *key(Method::GET, "h", "/", &[]).unwrap().primary();
+        let al = HeaderName::from_static("accept-language");
+        let of = |lines: &[&str]| {
+            let mut m = HeaderMap::new();
+            for l in lines {
+                m.append(&al, HeaderValue::from_str(l).unwrap());
+            }
+            variant(&p, std::slice::from_ref(&al), &m)
+        };
+        let one = of(&["en, fr"]);
+        assert_eq!(one, of(&["en,fr"]));
+        assert_eq!(one, of(&[" en ,\tfr "]));
+        assert_eq!(one, of(&["en", "fr"]));
+        assert_eq!(one, of(&["en,,fr,"]));
+        assert_ne!(one, of(&["fr, en"]), "order is meaningful");
+        assert_ne!(one, of(&["enfr"]));
     }
 }

@@ -126,7 +126,7 @@ impl MemoryTier {
 
     /// Looks a request up, following a vary spec. Returns the digest the request maps to (its
     /// variant's when the spec is known, else the primary one) and the entry, if one is held
-    /// and not yet expired at `now_ms`.
+    /// and either within its windows at `now_ms` or kept to be revalidated.
     pub async fn find(
         &self,
         key: &CacheKey,
@@ -145,7 +145,8 @@ impl MemoryTier {
             }
             None => (primary, None),
         };
-        let found = found.filter(|e| e.state(now_ms) != State::Expired);
+        // An entry past its windows is still found when it can be revalidated.
+        let found = found.filter(|e| e.state(now_ms) != State::Expired || e.has_validator());
         let counter = if found.is_some() {
             &self.hits
         } else {

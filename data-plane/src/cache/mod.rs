@@ -49,6 +49,7 @@ mod lookup;
 pub mod memory;
 pub mod policy;
 pub mod shared;
+pub mod status;
 pub mod tee;
 #[cfg(test)]
 mod tests;
@@ -72,6 +73,7 @@ pub use memory::MemoryStats;
 use memory::MemoryTier;
 pub use policy::{Bypass, NotStored, State, Storable};
 pub use shared::SharedError;
+pub use status::CACHE_STATUS;
 pub use tee::Tee;
 
 /// The cache settings of a configuration snapshot, in native units.
@@ -165,7 +167,18 @@ impl Hit {
     /// The response: `Age`, `X-Cache` (`HIT`, or `STALE` past freshness), a 304 when the
     /// request's validators match, no body for HEAD.
     pub fn response(&self, req_headers: &HeaderMap, now_ms: u64) -> Response<Bytes> {
-        self.entry.response(req_headers, self.head, now_ms)
+        let mut r = self.entry.response(req_headers, self.head, now_ms);
+        if self.tier == Tier::Coalesced {
+            // Served what a concurrent request fetched: a miss that waited, for RFC 9211.
+            let h = r.headers_mut();
+            h.insert(X_CACHE, http::HeaderValue::from_static("HIT"));
+            let f = status::Forward {
+                collapsed: true,
+                ..status::Forward::new(status::Fwd::UriMiss)
+            };
+            h.insert(CACHE_STATUS, f.value());
+        }
+        r
     }
 }
 
@@ -184,6 +197,20 @@ pub enum PassReason {
     Failed,
     /// Waited `coalesce_timeout_ms` for a fill.
     Timeout,
+}
+
+impl PassReason {
+    /// A token for `Cache-Status`'s `detail`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassReason::Head => "head",
+            PassReason::Conditional => "conditional",
+            PassReason::Uncacheable => "uncacheable",
+            PassReason::NotStored => "not_stored",
+            PassReason::Failed => "failed",
+            PassReason::Timeout => "coalesce_timeout",
+        }
+    }
 }
 
 /// Go to the backend; do not store.

@@ -182,7 +182,7 @@ async fn proxy(
     // 5. The cache.
     let looked = match tunnel {
         Some(_) => Looked::Miss(cache::Miss::default()),
-        None => cache::lookup(worker, &parts, id, quota.as_ref()).await,
+        None => cache::lookup(worker, &mut parts, id, quota.as_ref()).await,
     };
     let miss = match looked {
         Looked::Hit(resp) => return resp,

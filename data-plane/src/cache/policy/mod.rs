@@ -518,6 +518,7 @@ pub fn has_validator(headers: &HeaderMap) -> bool {
 
 /// Decides whether a response may be stored and for how long, at `now_ms` (its arrival),
 /// for a request sent at the same instant. See [`storable_exchange`].
+#[cfg(any(test, feature = "internals"))]
 pub fn storable(
     status: StatusCode,
     headers: &HeaderMap,
