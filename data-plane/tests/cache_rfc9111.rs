@@ -745,3 +745,131 @@ async fn s4_3_revalidation_through_redis_updates_every_plane() {
     assert_eq!((x_cache(&r), r.text().as_str()), ("REVALIDATED", "body 0"));
     assert_eq!(origin.count("/shared"), 2);
 }
+
+// Section 4.4: invalidation.
+
+/// A resource whose GETs answer its current version (fresh for a minute), bumped by every
+/// PUT, which answers `put_status` with `fields`.
+fn versioned(origin: &Origin, path: &str, put_status: u16, fields: &'static [(&str, &str)]) {
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    origin.route(path, move |g, _| {
+        use std::sync::atomic::Ordering::SeqCst;
+        if g.method == http::Method::GET {
+            let v = version.load(SeqCst);
+            reply(
+                200,
+                &[("cache-control", "max-age=60")],
+                &format!("version {v}"),
+            )
+        } else {
+            version.fetch_add(1, SeqCst);
+            reply(put_status, fields, "")
+        }
+    });
+}
+
+async fn put(dp: &Dp, path: &str) -> Seen {
+    dp.send(request("PUT", path, &[])).await.unwrap()
+}
+
+#[tokio::test]
+async fn s4_4_a_non_error_response_to_an_unsafe_method_invalidates_the_target() {
+    let origin = Origin::start().await;
+    versioned(&origin, "/doc", 204, &[]);
+    versioned(&origin, "/failed", 500, &[]);
+    let dp = plane(&origin).await;
+    get(&dp, "/doc").await;
+    assert_hit(&dp, &origin, "/doc").await;
+    let p = put(&dp, "/doc").await;
+    assert_eq!(cache_status(&p), "lb; fwd=method");
+    let r = get(&dp, "/doc").await;
+    assert_eq!((x_cache(&r), r.text().as_str()), ("MISS", "version 1"));
+    // Unknown methods invalidate too.
+    let r = dp.send(request("FROB", "/doc", &[])).await.unwrap();
+    assert_eq!(r.status.as_u16(), 204);
+    assert_eq!(get(&dp, "/doc").await.text(), "version 2");
+    // An error leaves the stored response.
+    get(&dp, "/failed").await;
+    put(&dp, "/failed").await;
+    assert_eq!(
+        assert_hit(&dp, &origin, "/failed").await.text(),
+        "version 0"
+    );
+}
+
+#[tokio::test]
+async fn s4_4_same_origin_location_and_content_location_are_invalidated_too() {
+    let origin = Origin::start().await;
+    for path in ["/a", "/b", "/c", "/d"] {
+        versioned(&origin, path, 200, &[]);
+    }
+    origin.route("/post", |_, _| {
+        reply(
+            201,
+            &[
+                ("location", "/a"),
+                ("content-location", "http://api.example.com/b"),
+            ],
+            "",
+        )
+    });
+    origin.route("/elsewhere", |_, _| {
+        reply(
+            201,
+            &[
+                ("location", "http://other.example/c"),
+                ("content-location", "//other.example/d"),
+            ],
+            "",
+        )
+    });
+    let dp = plane(&origin).await;
+    for path in ["/a", "/b", "/c", "/d"] {
+        get(&dp, path).await;
+    }
+    dp.send(request("POST", "/post", &[])).await.unwrap();
+    dp.send(request("POST", "/elsewhere", &[])).await.unwrap();
+    for path in ["/a", "/b"] {
+        assert_eq!(x_cache(&get(&dp, path).await), "MISS", "{path}");
+    }
+    for path in ["/c", "/d"] {
+        assert_hit(&dp, &origin, path).await;
+    }
+}
+
+#[tokio::test]
+async fn s4_4_after_a_put_through_one_plane_no_plane_serves_the_old_body() {
+    let redis = RedisServer::start().await;
+    let origin = Origin::start().await;
+    versioned(&origin, "/doc", 204, &[]);
+    let dps = fleet(&origin, &redis, 3).await;
+    wait_until("every plane follows invalidations", || {
+        dps.iter().all(|d| d.shared.cache.follows_invalidations())
+    })
+    .await;
+    for round in 1..=10 {
+        // Every plane holds the current version in its memory tier.
+        for (i, dp) in dps.iter().enumerate() {
+            get(dp, "/doc").await;
+            redis.wait_for_cache_entries(1).await;
+            let before = dp.shared.cache.stats().hits_memory;
+            let r = get(dp, "/doc").await;
+            assert_eq!(r.text(), format!("version {}", round - 1));
+            assert_eq!(
+                dp.shared.cache.stats().hits_memory,
+                before + 1,
+                "plane {i} serves from memory"
+            );
+        }
+        put(&dps[round % 3], "/doc").await;
+        for (i, dp) in dps.iter().enumerate() {
+            let r = get(dp, "/doc").await;
+            assert_eq!(
+                r.text(),
+                format!("version {round}"),
+                "plane {i} after PUT {round} through plane {}",
+                round % 3
+            );
+        }
+    }
+}

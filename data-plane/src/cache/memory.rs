@@ -219,6 +219,16 @@ impl MemoryTier {
         self.invalidate_if(move |_, s| s.primary == p);
     }
 
+    /// Removes what one resource holds, at once: its entry, or its vary spec and (through a
+    /// purge closure, as variants cannot be listed) its variants.
+    pub async fn invalidate(&self, primary: &Digest32) {
+        if let Some(slot) = self.cache.remove(primary).await
+            && matches!(slot.stored, Stored::Vary(_))
+        {
+            self.purge_key(primary);
+        }
+    }
+
     /// Removes every record whose path starts with `prefix`.
     pub fn purge_prefix(&self, prefix: &str) {
         let prefix = prefix.to_owned();

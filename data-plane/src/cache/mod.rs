@@ -44,6 +44,7 @@
 pub mod coalesce;
 pub mod entry;
 pub mod fill;
+pub mod invalidate;
 pub mod key;
 mod lookup;
 pub mod memory;
@@ -75,6 +76,15 @@ pub use policy::{Bypass, NotStored, State, Storable};
 pub use shared::SharedError;
 pub use status::CACHE_STATUS;
 pub use tee::Tee;
+
+/// The host of a request: the target's authority, which wins over `Host` (RFC 9112 section
+/// 3.2.2; `:authority` on HTTP/2), else the `Host` header's.
+fn host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        .unwrap_or("")
+}
 
 /// The cache settings of a configuration snapshot, in native units.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +308,8 @@ struct Inner {
     /// Whether Redis answers: the data plane's link's, shared with the limiter.
     health: Arc<Health>,
     counters: Counters,
+    /// Invalidations published here, waiting for the other data planes' acknowledgements.
+    acks: invalidate::Acks,
 }
 
 /// A data plane's response cache, shared by its worker threads (cloning is cheap). Redis
@@ -327,6 +339,7 @@ impl Cache {
                     .build(),
                 health,
                 counters: Counters::default(),
+                acks: invalidate::Acks::default(),
             }),
         }
     }
@@ -401,14 +414,7 @@ impl Cache {
             Err(Bypass::Disabled)
         };
         let made = decided.and_then(|()| {
-            // The target's authority wins over `Host` (RFC 9112 section 3.2.2; `:authority`
-            // on HTTP/2).
-            let host = uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
-                .unwrap_or("");
-            CacheKey::new(method, host, uri, &policy.ignored_query_params)
+            CacheKey::new(method, host(uri, headers), uri, &policy.ignored_query_params)
         });
         match made {
             Ok(key) => Ok(CacheRequest {
@@ -421,6 +427,29 @@ impl Cache {
                 inc(&self.inner.counters.bypasses);
                 Err(b)
             }
+        }
+    }
+
+    /// What a non-error response (`status`, `resp_headers`) to an unsafe request for `uri`
+    /// invalidates (RFC 9111 section 4.4; see [`invalidate`]): nothing with the cache off or
+    /// for a safe method.
+    pub fn invalidated_by(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        req_headers: &HeaderMap,
+        status: http::StatusCode,
+        resp_headers: &HeaderMap,
+    ) -> Vec<CacheKey> {
+        let policy = self.inner.policy.load();
+        if !policy.enabled || invalidate::is_safe(method) {
+            return Vec::new();
+        }
+        let host = host(uri, req_headers);
+        let ignored = &policy.ignored_query_params;
+        match CacheKey::new(&Method::GET, host, uri, ignored) {
+            Ok(target) => invalidate::targets(status, resp_headers, &target, host, ignored),
+            Err(_) => Vec::new(),
         }
     }
 

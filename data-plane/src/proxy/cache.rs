@@ -19,6 +19,7 @@ use super::worker::Worker;
 use crate::cache::entry::PER_EXCHANGE;
 use crate::cache::policy::CDN_CACHE_CONTROL;
 use crate::cache::status::{Forward, Fwd};
+use crate::cache::invalidate::is_safe;
 use crate::cache::{Bypass, CACHE_STATUS, Entry, Fill, Lookup, NotStored, Tee, X_CACHE};
 use crate::clock::{millis, unix_ms};
 use crate::config::active::View;
@@ -39,6 +40,9 @@ pub struct Miss {
     /// A stale entry to answer with if every backend fails: the entry, the request's fields,
     /// and whether it was a HEAD.
     stale: Option<(Arc<Entry>, HeaderMap, bool)>,
+    /// An unsafe request: its method, target and fields, for the invalidation its response
+    /// may cause.
+    unsafe_request: Option<Box<(http::Method, Uri, HeaderMap)>>,
 }
 
 /// The cache's answer to a request, if it has one.
@@ -68,12 +72,20 @@ pub async fn lookup(
                 Bypass::Method => Fwd::Method,
                 _ => Fwd::Bypass,
             };
+            let unsafe_request = (bypass == Bypass::Method && !is_safe(&parts.method)).then(|| {
+                Box::new((
+                    parts.method.clone(),
+                    parts.uri.clone(),
+                    parts.headers.clone(),
+                ))
+            });
             return Looked::Miss(Miss {
                 label: Some("BYPASS"),
                 status: Some(Forward {
                     detail: (fwd == Fwd::Bypass).then(|| bypass.as_str()),
                     ..Forward::new(fwd)
                 }),
+                unsafe_request,
                 ..Miss::default()
             });
         }
@@ -122,10 +134,27 @@ pub async fn lookup(
         status: Some(status),
         fill,
         stale,
+        unsafe_request: None,
     })
 }
 
 impl Miss {
+    /// After an unsafe request, invalidates what its response makes stale (RFC 9111 section
+    /// 4.4), in every tier and on every data plane, before the response goes on.
+    pub async fn invalidate(&self, worker: &Worker, resp: &Response<ProxyBody>) {
+        let Some(r) = &self.unsafe_request else {
+            return;
+        };
+        let (method, uri, headers) = &**r;
+        let cache = &worker.shared.cache;
+        let keys = cache.invalidated_by(method, uri, headers, resp.status(), resp.headers());
+        if !keys.is_empty() {
+            cache
+                .invalidate(worker.redis.as_ref(), &keys, unix_ms())
+                .await;
+        }
+    }
+
     /// The response to a miss: a stale entry in place of a server error when one may serve,
     /// else `resp`, copied into the cache as it streams when it fills the entry.
     pub fn finish(

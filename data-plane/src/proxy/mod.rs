@@ -212,7 +212,10 @@ async fn proxy(
         Ok(resp) => answered(resp, id, quota.as_ref(), detailed),
         Err(r) => refuse(r),
     };
-    // 9. The cache fill (or a stale entry in place of an error); 10. the response streams back.
+    // 9. The cache: invalidation after an unsafe request (before the response goes, so that
+    // no later request is served what it replaced), the fill (or a stale entry in place of an
+    // error); 10. the response streams back.
+    Box::pin(miss.invalidate(worker, &resp)).await;
     miss.finish(worker, resp, id)
 }
 
