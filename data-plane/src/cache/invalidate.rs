@@ -93,8 +93,7 @@ pub fn targets(
 /// the same origin: an absolute path, a relative one (resolved against `base`), or an
 /// absolute URI whose authority is `host`.
 fn same_origin(value: &str, host: &str, base: &str) -> Option<Uri> {
-    if value.starts_with("//") {
-        let rest = &value[2..];
+    if let Some(rest) = value.strip_prefix("//") {
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         return authority
             .eq_ignore_ascii_case(host)
