@@ -1,7 +1,7 @@
 //! Default policies. The rate-limit numbers are the original system's (free 5, basic 20,
 //! premium 100, enterprise 1000 requests per 60 s; 100 per 60 s per IP; bans of 300 s doubling);
-//! health checks every 10 s as there, with a 2 s timeout; the cache keeps responses 30 s when the
-//! backend says nothing.
+//! health checks every 10 s as there, with a 2 s timeout. The cache follows RFC 9111: a response
+//! that states no freshness gets 10% of its age since `Last-Modified` (at most a day), or none.
 
 use crate::v1::{
     Backend, BanPolicy, CachePolicy, CircuitBreakerPolicy, ConfigSnapshot, HashPolicy,

@@ -138,24 +138,36 @@ pub async fn get(
     let Some(raw) = get_raw(conn, &redis_key(p, p)).await? else {
         return Ok(missing(*p));
     };
-    match Record::decode(raw)? {
-        Record::Entry(entry) => Ok(Found {
+    match decode(raw)? {
+        None => Ok(missing(*p)),
+        Some(Record::Entry(entry)) => Ok(Found {
             variant: *p,
             entry: Some(entry),
         }),
-        Record::Vary(spec) => {
+        Some(Record::Vary(spec)) => {
             let v = key::variant(p, &spec.vary, headers);
             let Some(raw) = get_raw(conn, &redis_key(p, &v)).await? else {
                 return Ok(missing(v));
             };
-            match Record::decode(raw)? {
-                Record::Entry(entry) => Ok(Found {
+            match decode(raw)? {
+                Some(Record::Entry(entry)) => Ok(Found {
                     variant: v,
                     entry: Some(entry),
                 }),
-                Record::Vary(_) => Ok(missing(v)),
+                Some(Record::Vary(_)) | None => Ok(missing(v)),
             }
         }
+    }
+}
+
+/// A record, or `None` for one written in another version of the format (by a data plane of
+/// another release sharing this Redis): a miss, which the fill then overwrites, rather than a
+/// failure of Redis.
+fn decode(raw: Bytes) -> Result<Option<Record>, SharedError> {
+    match Record::decode(raw) {
+        Ok(r) => Ok(Some(r)),
+        Err(DecodeError::Magic) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
