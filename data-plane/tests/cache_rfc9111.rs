@@ -873,3 +873,63 @@ async fn s4_4_after_a_put_through_one_plane_no_plane_serves_the_old_body() {
         }
     }
 }
+
+#[tokio::test]
+async fn s3_interim_1xx_responses_are_never_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that sends 103 Early Hints before each final response.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let counter = std::sync::Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let answer: &[u8] = if head.starts_with("GET /hints") {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\
+                              cache-control: max-age=600\r\n\r\n\
+                              HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\
+                              content-length: 5\r\n\r\nfinal"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let mut s = dp::snapshot(&[addr]);
+    s.cache = Some(CachePolicy {
+        enabled: true,
+        ..lb_proto::defaults::cache()
+    });
+    let dp = Dp::start(|_| {}, s).await;
+    let first = get(&dp, "/hints").await;
+    assert_eq!(
+        (first.status.as_u16(), first.text().as_str()),
+        (200, "final")
+    );
+    let r = get(&dp, "/hints").await;
+    assert_eq!((x_cache(&r), r.text().as_str()), ("HIT", "final"));
+    assert_eq!(r.header("link"), None, "nothing of the 103 is stored");
+    assert!(
+        cache_status(&r).contains("ttl=5"),
+        "the final response's freshness"
+    );
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

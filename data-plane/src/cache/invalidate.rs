@@ -14,6 +14,9 @@
 //! it may have missed invalidations while it was not listening. Costs fall on unsafe requests
 //! only: a hit never looks at Redis for this.
 //!
+//! On Redis Cluster a message reaches subscribers on every node, but `PUBLISH` counts only
+//! those of the node it went to, so the wait may end before every plane has acknowledged.
+//!
 //! What remains: a lookup on another data plane that read the old entry from Redis just
 //! before it was deleted may copy it into that plane's memory just after the invalidation
 //! reached it; that entry then serves until its freshness ends. And while Redis is
