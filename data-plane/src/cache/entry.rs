@@ -7,8 +7,9 @@
 //!
 //! Headers that describe one connection or one exchange are not stored: hop-by-hop ones (and
 //! those `Connection` names), `Age` (recomputed on every hit), `Set-Cookie` (never stored, see
-//! [`super::policy`]), `X-Cache`, `X-Request-Id` and the rate-limit headers of the request that
-//! filled the entry.
+//! [`super::policy`]), `X-Cache`, `Cache-Status`, `X-Request-Id` and the rate-limit headers of
+//! the request that filled the entry. `CDN-Cache-Control` is stored (a 304 may update it) but
+//! never served.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

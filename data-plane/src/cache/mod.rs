@@ -1,25 +1,39 @@
 //! The response cache: an in-process tier ([`memory`]) in front of a shared one in Redis
-//! ([`shared`]), RFC 9111 freshness ([`policy`]), keys that keep credentials out of Redis
-//! ([`key`]), and single flight for misses within and across data planes ([`coalesce`]).
+//! ([`shared`]), RFC 9111 freshness and storage rules ([`policy`]), keys that keep credentials
+//! out of Redis ([`key`]), single flight for misses and revalidations within and across data
+//! planes ([`coalesce`]), invalidation after unsafe requests on every data plane
+//! ([`invalidate`]), and `Cache-Status` ([`status`]).
 //!
-//! The request path makes three calls: [`Cache::request`] (may this request use the cache,
+//! The request path makes these calls: [`Cache::request`] (may this request use the cache,
 //! and under which key), [`Cache::lookup`] (what to do), and, when told to lead, [`Fill::store`]
-//! with the backend's response (or [`Fill::not_stored`] / [`Fill::failed`]):
+//! with the backend's response (or [`Fill::not_stored`] / [`Fill::failed`]); after an unsafe
+//! request, [`Cache::invalidated_by`] and [`Cache::invalidate`]:
 //!
 //! ```text
-//! let Ok(creq) = cache.request(&method, &uri, &headers) else { return forward() }; // bypass
+//! let Ok(creq) = cache.request(&method, &uri, &headers) else {            // bypass
+//!     let r = forward().await;
+//!     cache.invalidate(redis, &cache.invalidated_by(&method, &uri, .., &r), now).await;
+//!     return r;
+//! };
 //! match cache.lookup(worker.redis.as_ref(), &creq, &headers, now_ms).await {
 //!     Lookup::Hit(hit) => {
 //!         if let Some(fill) = hit.refresh { spawn(fetch_as_get_then(fill)) } // revalidate
-//!         serve(hit.response(&headers, now_ms)) // Age, X-Cache HIT/STALE, 304, HEAD
+//!         serve(hit.response(&headers, now_ms)) // Age, X-Cache, Cache-Status, 304, HEAD
 //!     }
-//!     Lookup::Lead(fill) => match forward().await {                     // X-Cache: MISS
-//!         Ok(r) if fill.check(r.status(), r.headers(), now).is_ok() =>
-//!             tee the body (up to max_entry_bytes) to the client, then fill.store(..)
-//!         Ok(r) if r.status() < 500 => { fill.not_stored(reason).await; stream r }
-//!         _ => { let stale = fill.stale().cloned(); fill.failed().await;
-//!                stale.map_or(the error, serve) }                        // stale-if-error
-//!     },
+//!     Lookup::Lead(fill) => {
+//!         fill.conditional_headers(&mut headers);  // a stale entry with validators
+//!         match forward().await {
+//!             Ok(r) if r.status() == 304 => match fill.refresh(r.headers(), now) {
+//!                 Some((entry, Ok(()))) => { spawn(fill.store_entry(entry)); serve(entry) }
+//!                 ...
+//!             },
+//!             Ok(r) if fill.check(r.status(), r.headers(), now).is_ok() =>
+//!                 tee the body (up to max_entry_bytes) to the client, then fill.store(..)
+//!             Ok(r) if r.status() < 500 => { fill.not_stored(reason).await; stream r }
+//!             _ => { let stale = fill.stale().cloned(); fill.failed().await;
+//!                    stale.map_or(the error, serve) }                    // stale-if-error
+//!         }
+//!     }
 //!     Lookup::Pass(p) => forward(); on an error or 5xx, serve p.stale if any,
 //! }
 //! ```
@@ -27,12 +41,13 @@
 //! How a lookup goes: the memory tier; then, unless memory held a fresh entry, Redis (a
 //! memory copy that went stale may have been refreshed there by another data plane). A fresh
 //! entry is a hit; one within stale-while-revalidate is a hit plus, for one caller at a time,
-//! a [`Fill`] to refresh it in the background. Otherwise the caller joins the record's flight:
-//! the first becomes leader, the others wait up to `coalesce_timeout_ms` for its entry. The
-//! leader then takes the record's Redis lock; if another data plane holds it, the leader polls
-//! Redis (5 ms doubling to 100 ms) for that plane's entry or for the lock to free up, until the
-//! same deadline, and then fetches anyway. A leader that goes away without an answer releases
-//! its followers, who try again (one of them as the new leader).
+//! a [`Fill`] to refresh it in the background. Otherwise the caller joins the record's flight
+//! (carrying the stale entry to revalidate, if it has validators): the first becomes leader,
+//! the others wait up to `coalesce_timeout_ms` for its entry. The leader then takes the
+//! record's Redis lock; if another data plane holds it, the leader polls Redis (5 ms doubling
+//! to 100 ms) for that plane's entry or for the lock to free up, until the same deadline, and
+//! then fetches anyway. A leader that goes away without an answer releases its followers, who
+//! try again (one of them as the new leader).
 //!
 //! A resource found uncacheable is remembered for [`PASS_MEMO`] so that its requests go
 //! straight to the backends instead of queueing behind each other's leaders.

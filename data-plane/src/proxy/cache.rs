@@ -1,7 +1,10 @@
 //! Step 5 of the request path and the cache's part of step 9: a fresh entry answers the request
 //! (after its limits: a cached answer still counts against them); otherwise the request goes on
-//! as a miss, and its response may fill the entry (as it streams to the client) or, when every
-//! backend fails, a stale entry within its `stale-if-error` window answers instead.
+//! as a miss (conditional, when it revalidates a stale entry), and its response may fill the
+//! entry (as it streams to the client), refresh it (a 304: the stored response answers), or,
+//! when every backend fails, a stale entry within its `stale-if-error` window answers instead.
+//! An unsafe request's non-error response invalidates what it changed before it goes on.
+//! Every response that passed the cache carries `X-Cache` and `Cache-Status`.
 
 use std::sync::Arc;
 use std::time::Duration;

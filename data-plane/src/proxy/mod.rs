@@ -7,13 +7,15 @@
 //! 2. identify the client: API key, address ([`limit::identify`]);
 //! 3. blocked key → 403 (there too); banned → 429 with `Retry-After` ([`limit::admit`]);
 //! 4. rate limits → 429 with `Retry-After` and `RateLimit-*` fields (there too);
-//! 5. cache: a fresh entry answers ([`cache::lookup`]);
+//! 5. cache: a fresh entry answers ([`cache::lookup`]); a stale one with validators makes the
+//!    request conditional;
 //! 6. admission: per-backend in-flight limits, the priority queue when all are full;
 //! 7. pick a backend with the strategy, skipping unusable ones;
 //! 8. forward (hop-by-hop fields out, forwarding fields in, [`request::outgoing`]) with
 //!    timeouts and retries of idempotent requests elsewhere within the budget;
 //! 9. record: passive health, breaker, latency, stats (steps 6 to 9 are [`forward::Attempt`]),
-//!    and the cache fill ([`cache::Miss::finish`]);
+//!    the invalidation after an unsafe request ([`cache::Miss::invalidate`]) and the cache
+//!    fill or refresh ([`cache::Miss::finish`]);
 //! 10. stream the response back, holding the backend's in-flight count until its body ends
 //!     ([`body`]).
 //!

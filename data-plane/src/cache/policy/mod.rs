@@ -3,7 +3,8 @@
 //! synchronous code with the clock passed in as unix milliseconds; it never reads a clock and
 //! never panics, whatever the headers hold.
 //!
-//! Choices made where the RFCs leave room, or where this cache is deliberately stricter:
+//! Choices made where the RFCs leave room, or where this cache is deliberately stricter (the
+//! whole list, rule by rule, is in `docs/cache.md`):
 //! - Only `no-store` in a request's `Cache-Control` is honoured. Request `no-cache`, `max-age`,
 //!   `min-fresh` and `max-stale` are ignored, so a client cannot force every request through to
 //!   the backends the cache protects.
@@ -11,24 +12,36 @@
 //!   through: 206 is not stored, an upgrade is not a cacheable exchange, and a 304 from a
 //!   backend carries no body to store. A conditional request on a hit gets a 304 when its
 //!   validators match ([`not_modified`]).
-//! - Response `no-cache` (qualified or not) means "revalidate before each use". This cache does
-//!   not revalidate, so such responses are not stored at all: correct, if less efficient.
-//! - `private`, qualified or not, means not stored; so does `Vary: *`.
-//! - A response carrying `Set-Cookie` is never stored, even when `public`: handing one
-//!   client's cookie to every other client is worse than a miss (nginx and Varnish default to
-//!   the same).
+//! - Freshness is explicit (`s-maxage`, `max-age`, `Expires`), else heuristic from
+//!   `Last-Modified` (the policy's percentage, capped), else none unless the operator set
+//!   `default_ttl_ms` (a non-conforming override, off by default). A response with no
+//!   freshness is stored only when it has a validator, to be revalidated on each use.
+//! - Unqualified `no-cache` means "revalidate before each use": stored only with a validator,
+//!   stale at once, no stale windows. Qualified `no-cache="f"` and `private="f"` store the
+//!   response without the fields named ([`Storable::strip`]); unqualified `private` and
+//!   `Vary: *` are not stored.
+//! - A response carrying `Set-Cookie` is never stored, even when `public` (handing one
+//!   client's cookie to every other client is worse than a miss; nginx and Varnish default to
+//!   the same), unless `private` or `no-cache` names the field, which is then left out.
 //! - A response to a request with `Authorization` or `Cookie` is stored only when the backend
 //!   allowed it explicitly: `public`, `s-maxage` or `must-revalidate` (RFC 9111 section 3.5),
 //!   and only such entries are served to later requests with credentials. `X-API-Key` (like
 //!   an `api_key` query parameter) is not a credential here: it meters a client rather than
 //!   changing what it sees, and the default configuration leaves `api_key` out of keys too.
+//! - Server errors other than 501 are never stored, even with explicit freshness:
+//!   `stale-if-error` is the way to answer for a failing backend.
 //! - `s-maxage` implies `proxy-revalidate`, but an explicit `stale-while-revalidate` or
 //!   `stale-if-error` next to it is taken as the backend's intent and honoured; an explicit
 //!   `must-revalidate` or `proxy-revalidate` turns both stale windows off.
-//! - Delta-seconds: a value that is not all digits counts as absent (a malformed `max-age`
-//!   falls back to `Expires`, then to the default TTL); one too large for any integer counts as
-//!   2^31 s (RFC 9111 section 1.2.2); every lifetime is capped at [`MAX_LIFETIME_MS`]. When a
-//!   directive repeats, its first occurrence decides (RFC 9111 section 4.2.1).
+//! - Delta-seconds: a `max-age` or `s-maxage` that is not all digits (quotes allowed) makes the
+//!   response stale at once (RFC 9111 section 4.2.1); one too large for any integer counts as
+//!   2^31 s (section 1.2.2); every lifetime is capped at [`MAX_LIFETIME_MS`]. When a
+//!   directive repeats, its first occurrence decides. Disagreeing `Expires` lines, like an
+//!   invalid one, mean already expired.
+//! - `CDN-Cache-Control` (RFC 9213), when it holds a directive, replaces `Cache-Control` for
+//!   every decision here ([`response_cache_control`]).
+//! - Every list read from a header is bounded ([`MAX_FIELD_NAMES`] names), so hostile
+//!   headers cost bounded work.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
