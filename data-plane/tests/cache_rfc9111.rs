@@ -734,6 +734,29 @@ async fn rfc9213_cdn_cache_control_takes_precedence_and_is_not_forwarded() {
 }
 
 #[tokio::test]
+async fn rfc9213_an_operator_named_targeted_field_comes_first_and_is_not_forwarded() {
+    let origin = Origin::start().await;
+    origin.route("/own", |_, _| {
+        reply(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "no-store"),
+                ("lb-cache-control", "max-age=60"),
+            ],
+            "x",
+        )
+    });
+    let snapshot = snapshot(&origin, |c| c.targeted_field = "lb-cache-control".into());
+    let dp = Dp::start(|_| {}, snapshot).await;
+    let first = get(&dp, "/own").await;
+    assert_eq!(first.header("lb-cache-control"), None);
+    let r = assert_hit(&dp, &origin, "/own").await;
+    assert_eq!(r.header("lb-cache-control"), None);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+}
+
+#[tokio::test]
 async fn s4_3_revalidation_through_redis_updates_every_plane() {
     let redis = RedisServer::start().await;
     let origin = Origin::start().await;

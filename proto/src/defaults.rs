@@ -133,6 +133,7 @@ pub fn cache() -> CachePolicy {
         coalesce_timeout_ms: 5_000,
         heuristic_percent: 10,
         heuristic_max_ms: 86_400_000,
+        targeted_field: String::new(),
     }
 }
 

@@ -112,6 +112,8 @@ pub struct Policy {
     pub heuristic_percent: u32,
     /// ...at most this long.
     pub heuristic_max_ms: u64,
+    /// A response field targeting this cache alone (RFC 9213), before `CDN-Cache-Control`.
+    pub targeted_field: Option<http::HeaderName>,
     /// Larger bodies are not stored.
     pub max_entry_bytes: u64,
     /// Bound of the memory tier.
@@ -138,6 +140,9 @@ impl From<&lb_proto::v1::CachePolicy> for Policy {
             default_ttl_ms: u64::from(p.default_ttl_ms),
             heuristic_percent: p.heuristic_percent,
             heuristic_max_ms: u64::from(p.heuristic_max_ms),
+            targeted_field: (!p.targeted_field.is_empty())
+                .then(|| http::HeaderName::from_bytes(p.targeted_field.as_bytes()).ok())
+                .flatten(),
             max_entry_bytes: p.max_entry_bytes,
             memory_bytes: p.memory_bytes,
             ignored_query_params: p.ignored_query_params.clone(),

@@ -240,6 +240,9 @@ impl Miss {
             if h.contains_key(&CDN_CACHE_CONTROL) {
                 h.remove(&CDN_CACHE_CONTROL);
             }
+            if let Some(own) = &worker.shared.cache.policy().targeted_field {
+                h.remove(own);
+            }
             h.insert(X_CACHE, HeaderValue::from_static(label));
         }
         if let Some(s) = status {

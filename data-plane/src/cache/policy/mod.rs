@@ -299,14 +299,17 @@ const MAX_FIELD_NAMES: usize = 64;
 /// The field of a response that targets this cache (RFC 9213).
 pub const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 
-/// The directives this cache follows: `CDN-Cache-Control` when the response has one with at
-/// least one directive (RFC 9213 section 2.2: a targeted field, when valid, replaces
-/// `Cache-Control` for the caches it targets), else `Cache-Control`.
-pub fn response_cache_control(headers: &HeaderMap) -> CacheControl {
-    if headers.contains_key(&CDN_CACHE_CONTROL) {
-        let targeted = parse_cache_control(headers.get_all(&CDN_CACHE_CONTROL).iter());
-        if targeted != CacheControl::default() {
-            return targeted;
+/// The directives this cache follows (RFC 9213 section 2.2: a targeted field, when valid,
+/// replaces `Cache-Control` for the caches it targets, the most specific one first): the
+/// operator's own targeted field, else `CDN-Cache-Control`, each when the response has it with
+/// at least one directive; else `Cache-Control`.
+pub fn response_cache_control(headers: &HeaderMap, own: Option<&HeaderName>) -> CacheControl {
+    for name in own.into_iter().chain([&CDN_CACHE_CONTROL]) {
+        if headers.contains_key(name) {
+            let targeted = parse_cache_control(headers.get_all(name).iter());
+            if targeted != CacheControl::default() {
+                return targeted;
+            }
         }
     }
     cache_control(headers)
@@ -562,7 +565,8 @@ pub fn storable_exchange(
     if !storable_status(status) {
         return Err(NotStored::Status);
     }
-    let cc = response_cache_control(headers);
+    let own = policy.targeted_field.as_ref();
+    let cc = response_cache_control(headers, own);
     if cc.no_store {
         return Err(NotStored::NoStore);
     }
@@ -572,6 +576,8 @@ pub fn storable_exchange(
     let vary = vary(headers)?;
     let mut strip = cc.private_fields.clone();
     strip.extend(cc.no_cache_fields.iter().cloned());
+    // The operator's targeted field is for this cache alone: never stored, never served.
+    strip.extend(own.filter(|n| headers.contains_key(*n)).cloned());
     if headers.contains_key(header::SET_COOKIE) && !strip.contains(&header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }

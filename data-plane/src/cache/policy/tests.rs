@@ -504,6 +504,25 @@ fn targeted_cdn_cache_control_takes_precedence_over_cache_control() {
 }
 
 #[test]
+fn an_operator_named_targeted_field_comes_before_cdn_cache_control_and_is_not_stored() {
+    let p = Policy {
+        targeted_field: Some(HeaderName::from_static("lb-cache-control")),
+        ..policy()
+    };
+    let m = h(&[
+        ("cache-control", "no-store"),
+        ("cdn-cache-control", "max-age=10"),
+        ("lb-cache-control", "max-age=120"),
+    ]);
+    let s = storable(StatusCode::OK, &m, false, &p, NOW).unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 120_000);
+    assert_eq!(s.strip, [HeaderName::from_static("lb-cache-control")]);
+    // Without it configured, the field means nothing here.
+    let s = storable(StatusCode::OK, &m, false, &policy(), NOW).unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 10_000);
+}
+
+#[test]
 fn s3_2_a_304_updates_the_stored_fields_but_not_the_body_framing() {
     let stored = h(&[
         ("content-length", "5"),
