@@ -6,18 +6,21 @@
 //! memory tiers of the other data planes, before the response goes to the client.
 //!
 //! The other data planes learn of it on a Redis pub/sub channel ([`CHANNEL`]): each one
-//! subscribes, removes the named resources from its memory tier, and acknowledges on the same
-//! channel. The data plane that invalidates waits for as many acknowledgements as the
+//! subscribes, removes the named resources from its memory tier, and acknowledges on the
+//! invalidating plane's own channel (so acknowledgements cost each plane only its own
+//! invalidations). The data plane that invalidates waits for as many acknowledgements as the
 //! channel had subscribers when it published, for at most [`ACK_WAIT`], so that a client who
 //! got the response to its `PUT` and then asks another data plane does not get the old body
-//! from that plane's memory. A data plane that (re)subscribes clears its memory tier first:
+//! from that plane's memory. When Redis held no record of the resources, nothing is published:
+//! no data plane filled them recently enough to hold them. A data plane that (re)subscribes clears its memory tier first:
 //! it may have missed invalidations while it was not listening. Costs fall on unsafe requests
 //! only: a hit never looks at Redis for this.
 //!
 //! On Redis Cluster a message reaches subscribers on every node, but `PUBLISH` counts only
 //! those of the node it went to, so the wait may end before every plane has acknowledged.
 //!
-//! What remains: a lookup on another data plane that read the old entry from Redis just
+//! What remains: a record Redis evicted under memory pressure while a data plane still holds it
+//! in memory is not announced; a lookup on another data plane that read the old entry from Redis just
 //! before it was deleted may copy it into that plane's memory just after the invalidation
 //! reached it; that entry then serves until its freshness ends. And while Redis is
 //! unreachable, other data planes are not told at all (their memory tiers are cleared when
@@ -132,19 +135,32 @@ fn path_uri(path: &str) -> Option<Uri> {
     path.parse::<Uri>().ok().filter(|u| u.scheme().is_none())
 }
 
-/// A message on [`CHANNEL`]: `inv <token> <hex id>,<hex id>…` or `ack <token>`.
+/// A message: `inv <token> <plane> <hex id>,<hex id>…` on [`CHANNEL`], where `plane` names
+/// the invalidating data plane's acknowledgement channel ([`ack_channel`]), and `ack <token>`
+/// on that channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Invalidate { token: String, ids: Vec<Digest32> },
-    Ack { token: String },
+    Invalidate {
+        token: String,
+        plane: String,
+        ids: Vec<Digest32>,
+    },
+    Ack {
+        token: String,
+    },
+}
+
+/// The channel a data plane's invalidations are acknowledged on.
+pub fn ack_channel(plane: &str) -> String {
+    format!("{CHANNEL}:ack:{plane}")
 }
 
 impl Message {
     pub fn encode(&self) -> String {
         match self {
-            Message::Invalidate { token, ids } => {
+            Message::Invalidate { token, plane, ids } => {
                 let ids: Vec<String> = ids.iter().map(|i| key::hex(i)).collect();
-                format!("inv {token} {}", ids.join(","))
+                format!("inv {token} {plane} {}", ids.join(","))
             }
             Message::Ack { token } => format!("ack {token}"),
         }
@@ -156,15 +172,19 @@ impl Message {
         let mut parts = text.split(' ');
         let kind = parts.next()?;
         let token = parts.next().filter(|t| t.len() == 32)?.to_owned();
-        match (kind, parts.next(), parts.next()) {
-            ("ack", None, _) => Some(Message::Ack { token }),
-            ("inv", Some(ids), None) => {
+        match (kind, parts.next(), parts.next(), parts.next()) {
+            ("ack", None, _, _) => Some(Message::Ack { token }),
+            ("inv", Some(plane), Some(ids), None) if plane.len() == 32 => {
                 let ids: Option<Vec<Digest32>> = ids
                     .split(',')
                     .take(MAX_TARGETS)
                     .map(key::parse_id)
                     .collect();
-                Some(Message::Invalidate { token, ids: ids? })
+                Some(Message::Invalidate {
+                    token,
+                    plane: plane.to_owned(),
+                    ids: ids?,
+                })
             }
             _ => None,
         }
@@ -173,11 +193,22 @@ impl Message {
 
 /// Invalidations this data plane published and waits to see acknowledged: by token, the
 /// acknowledgements counted so far.
-#[derive(Default)]
 pub struct Acks {
+    /// This data plane's name on the channel: 128 random bits in hex.
+    plane: String,
     waiting: Mutex<HashMap<String, watch::Sender<usize>>>,
     /// Subscribed to [`CHANNEL`] now.
     following: AtomicBool,
+}
+
+impl Default for Acks {
+    fn default() -> Acks {
+        Acks {
+            plane: super::fill::new_token(),
+            waiting: Mutex::default(),
+            following: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Acks {
@@ -221,16 +252,24 @@ impl Cache {
         let Some(mut conn) = self.conn(redis, now_ms) else {
             return;
         };
+        let mut removed = 0;
         for k in keys {
-            if let Err(e) = shared::purge_key(&mut conn, k.primary()).await {
-                self.redis_failed(now_ms, &e);
-                return;
+            match shared::purge_key(&mut conn, k.primary()).await {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    self.redis_failed(now_ms, &e);
+                    return;
+                }
             }
+        }
+        if removed == 0 {
+            return;
         }
         let token = super::fill::new_token();
         let ids = keys.iter().map(|k| *k.primary()).collect();
         let msg = Message::Invalidate {
             token: token.clone(),
+            plane: self.inner.acks.plane.clone(),
             ids,
         };
         let mut acks = self.inner.acks.expect(&token);
@@ -259,18 +298,18 @@ impl Cache {
         self.inner.acks.forget(&token);
     }
 
-    /// What a data plane does with a message on [`CHANNEL`]: removes the named resources from
-    /// its memory tier and returns the acknowledgement to publish, or counts an
-    /// acknowledgement of its own invalidation.
-    pub async fn on_message(&self, payload: &[u8]) -> Option<Message> {
+    /// What a data plane does with a message: an invalidation removes the named resources
+    /// from its memory tier and gives the acknowledgement to publish, and the channel to
+    /// publish it on; an acknowledgement of its own invalidation is counted.
+    pub async fn on_message(&self, payload: &[u8]) -> Option<(String, Message)> {
         match Message::decode(payload)? {
-            Message::Invalidate { token, ids } => {
+            Message::Invalidate { token, plane, ids } => {
                 let memory = self.memory();
                 for id in &ids {
                     memory.invalidate(id).await;
                     self.inner.memo.invalidate(id).await;
                 }
-                Some(Message::Ack { token })
+                Some((ack_channel(&plane), Message::Ack { token }))
             }
             Message::Ack { token } => {
                 self.inner.acks.acknowledged(&token);
@@ -306,6 +345,9 @@ pub async fn follow(cache: Cache, link: Arc<Link>, mut stop: watch::Receiver<boo
         let subscribe = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(CHANNEL).await?;
+            pubsub
+                .subscribe(ack_channel(&cache.inner.acks.plane))
+                .await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
         let subscribed = tokio::select! {
@@ -329,11 +371,11 @@ pub async fn follow(cache: Cache, link: Arc<Link>, mut stop: watch::Receiver<boo
                     () = stopped(&mut stop) => return,
                 };
                 let Some(msg) = msg else { break };
-                if let Some(ack) = cache.on_message(msg.get_payload_bytes()).await {
+                if let Some((channel, ack)) = cache.on_message(msg.get_payload_bytes()).await {
                     let sent = tokio::time::timeout(
                         shared::TIMEOUT,
                         redis::cmd("PUBLISH")
-                            .arg(CHANNEL)
+                            .arg(channel)
                             .arg(ack.encode())
                             .query_async::<usize>(&mut conn),
                     )
@@ -431,6 +473,7 @@ mod tests {
         let token = "0123456789abcdef0123456789abcdef".to_owned();
         let m = Message::Invalidate {
             token: token.clone(),
+            plane: "fedcba9876543210fedcba9876543210".to_owned(),
             ids: vec![[1; 32], [2; 32]],
         };
         assert_eq!(Message::decode(m.encode().as_bytes()), Some(m));
@@ -442,6 +485,7 @@ mod tests {
             b"inv short 00",
             b"ack 0123456789abcdef0123456789abcdef extra",
             b"inv 0123456789abcdef0123456789abcdef zz",
+            b"inv 0123456789abcdef0123456789abcdef short 00",
             b"\xff\xfe",
         ] {
             assert_eq!(Message::decode(bad), None);
