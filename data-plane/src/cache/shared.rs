@@ -13,7 +13,8 @@
 //!   removes up to [`CLEANUP_PER_PUT`] members whose records have expired from both sets, so
 //!   the index stays within the live records plus a backlog that every write drains.
 //!
-//! Records expire with Redis TTLs at the end of their last stale window; a vary spec lives as
+//! Records expire with Redis TTLs at the end of their last stale window (kept longer when they
+//! can be revalidated, see [`super::policy::VALIDATION_KEEP_MS`]); a vary spec lives as
 //! long as its longest-lived variant, so a purge by key, which finds the variants through the
 //! path the spec holds, never misses one. The index is written before the records it lists: a
 //! failure between the two leaves an index member without a record (harmless), never a record
