@@ -142,6 +142,10 @@ pub async fn lookup(
 }
 
 impl Miss {
+    /// True for an unsafe request through the cache, whose response may invalidate entries.
+    pub fn may_invalidate(&self) -> bool {
+        self.unsafe_request.is_some()
+    }
     /// After an unsafe request, invalidates what its response makes stale (RFC 9111 section
     /// 4.4), in every tier and on every data plane, before the response goes on.
     pub async fn invalidate(&self, worker: &Worker, resp: &Response<ProxyBody>) {

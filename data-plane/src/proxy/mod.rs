@@ -217,7 +217,10 @@ async fn proxy(
     // 9. The cache: invalidation after an unsafe request (before the response goes, so that
     // no later request is served what it replaced), the fill (or a stale entry in place of an
     // error); 10. the response streams back.
-    Box::pin(miss.invalidate(worker, &resp)).await;
+    if miss.may_invalidate() {
+        // Boxed, and only here: most requests have nothing to invalidate.
+        Box::pin(miss.invalidate(worker, &resp)).await;
+    }
     miss.finish(worker, resp, id)
 }
 
