@@ -466,6 +466,7 @@ async fn s4_3_a_stale_entry_is_revalidated_and_a_304_serves_the_stored_body_with
         "{}",
         cache_status(&r)
     );
+    assert_eq!(dp.shared.cache.stats().revalidated, 1);
     // Fresh again for the 304's minute.
     let r = assert_hit(&dp, &origin, "/e").await;
     assert_eq!(
@@ -807,6 +808,7 @@ async fn s4_4_a_non_error_response_to_an_unsafe_method_invalidates_the_target() 
     assert_eq!(cache_status(&p), "lb; fwd=method");
     let r = get(&dp, "/doc").await;
     assert_eq!((x_cache(&r), r.text().as_str()), ("MISS", "version 1"));
+    assert_eq!(dp.shared.cache.stats().invalidated, 1);
     // Unknown methods invalidate too.
     let r = dp.send(request("FROB", "/doc", &[])).await.unwrap();
     assert_eq!(r.status.as_u16(), 204);

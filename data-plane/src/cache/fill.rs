@@ -111,6 +111,7 @@ impl Fill {
         now_ms: u64,
     ) -> Option<(Arc<Entry>, Result<(), NotStored>)> {
         let old = self.validating.as_ref()?;
+        inc(&self.cache.inner.counters.revalidated);
         let headers = policy::updated_headers(&old.headers, not_modified);
         Some(match self.check(old.status, &headers, now_ms) {
             Ok(s) => (

@@ -245,6 +245,7 @@ impl Cache {
     /// failures are counted and leave the rest done.
     pub async fn invalidate(&self, redis: Option<&RedisConn>, keys: &[CacheKey], now_ms: u64) {
         let memory = self.memory();
+        super::inc_by(&self.inner.counters.invalidated, keys.len() as u64);
         for k in keys {
             memory.invalidate(k.primary()).await;
             self.inner.memo.invalidate(k.primary()).await;

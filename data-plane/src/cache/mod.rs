@@ -272,6 +272,10 @@ pub struct Stats {
     pub bypasses: u64,
     pub stored: u64,
     pub not_stored: u64,
+    /// Stale entries a backend's 304 validated.
+    pub revalidated: u64,
+    /// Resources invalidated after unsafe requests through this data plane.
+    pub invalidated: u64,
     pub shared_errors: u64,
     /// Flights in progress.
     pub in_flight: usize,
@@ -312,11 +316,17 @@ struct Counters {
     bypasses: AtomicU64,
     stored: AtomicU64,
     not_stored: AtomicU64,
+    revalidated: AtomicU64,
+    invalidated: AtomicU64,
     shared_errors: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn inc_by(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 struct Inner {
@@ -413,6 +423,8 @@ impl Cache {
             bypasses: l(&c.bypasses),
             stored: l(&c.stored),
             not_stored: l(&c.not_stored),
+            revalidated: l(&c.revalidated),
+            invalidated: l(&c.invalidated),
             shared_errors: l(&c.shared_errors),
             in_flight: self.inner.flights.len(),
             degraded: self.is_degraded(),
