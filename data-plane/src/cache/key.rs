@@ -1,7 +1,7 @@
 //! Cache keys. The primary key of a request is the SHA-256 of its method (HEAD shares GET's
 //! entry), lower-cased host, path, and query with the policy's ignored parameters removed (the
 //! others kept in their order). Only that hash leaves the process: Redis keys are
-//! `lb:cache:{<hex>}`, so credentials carried in a query (`api_key=…`) never appear in clear in
+//! `lb:cache:{<hex>}:<format>`, so credentials carried in a query (`api_key=…`) never appear in clear in
 //! Redis, in logs or in purge commands; [`CacheKey::id`] is the hex form to show and to purge by.
 //!
 //! A response with `Vary` is stored in two parts: under the primary key, a small vary spec
@@ -169,12 +169,17 @@ pub fn variant(primary: &Digest32, vary: &[HeaderName], headers: &HeaderMap) -> 
     h.finalize().into()
 }
 
+/// The version of the record format ([`super::entry`]) in record keys: data planes of
+/// releases that write another format use other keys, so neither reads the other's records
+/// (which it could not decode) during a rolling upgrade; purges and the index cover both.
+pub const FORMAT: &str = "2";
+
 /// The Redis key of a record: the primary digest's own, or one of its variants.
 pub fn redis_key(primary: &Digest32, variant: &Digest32) -> String {
     if variant == primary {
-        format!("lb:cache:{{{}}}", hex(primary))
+        format!("lb:cache:{{{}}}:{FORMAT}", hex(primary))
     } else {
-        format!("lb:cache:{{{}}}:v:{}", hex(primary), hex(variant))
+        format!("lb:cache:{{{}}}:{FORMAT}:v:{}", hex(primary), hex(variant))
     }
 }
 

@@ -3,8 +3,9 @@
 //! memory tier alone and marks the cache degraded.
 //!
 //! Layout (see [`super::key`] for the digests):
-//! - `lb:cache:{P}`: the entry of resource `P`, or its vary spec when the response varies;
-//! - `lb:cache:{P}:v:V`: the entry of variant `V` of `P`;
+//! - `lb:cache:{P}:F`: the entry of resource `P`, or its vary spec when the response varies,
+//!   in record format `F` ([`key::FORMAT`]);
+//! - `lb:cache:{P}:F:v:V`: the entry of variant `V` of `P`;
 //! - `lb:cache:lock:{P}[:V]`: the fill lock (`SET NX PX`, released by compare-and-delete);
 //! - `lb:cache:{index}:paths`: a sorted set, all scores 0, of `<path>\0<redis key>` for every
 //!   record written, so that `ZRANGEBYLEX` finds the records under a path prefix in
