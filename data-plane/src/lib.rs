@@ -87,6 +87,14 @@ pub async fn run_shared(
         control::discovery::node(&shared),
         stop_rx.clone(),
     ));
+    // Invalidations made on other data planes reach this one's memory tier.
+    let invalidations = shared.redis.as_ref().map(|link| {
+        tokio::spawn(cache::invalidate::follow(
+            shared.cache.clone(),
+            Arc::clone(link),
+            stop_rx.clone(),
+        ))
+    });
     // Health-check tasks follow the backend set of each applied configuration.
     let probes = {
         let shared = Arc::clone(&shared);
@@ -137,6 +145,9 @@ pub async fn run_shared(
     let _ = probes.await;
     let _ = reports.await;
     let _ = admin_task.await;
+    if let Some(t) = invalidations {
+        let _ = t.await;
+    }
     if let Some(t) = tls_watch {
         let _ = t.await;
     }

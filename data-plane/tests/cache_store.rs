@@ -162,18 +162,28 @@ async fn the_shared_tier_round_trips_entries_and_variants() {
     let found = shared::get(&mut conn, &k, &zstd).await.unwrap();
     assert_eq!(found.variant, key::variant(k.primary(), &e.vary, &zstd));
 
-    // Whatever else sits under a cache key is an error, not a panic.
+    // Whatever else sits under a cache key is an error, not a panic; a record of another
+    // format version (another release) is a miss.
     let k = key("/garbage");
-    let _: () = redis::cmd("SET")
-        .arg(key::redis_key(k.primary(), k.primary()))
-        .arg(b"LBC\x01\x01\xff\xff".as_slice())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let raw_conn = conn.clone();
+    let put_raw = |raw: &'static [u8]| {
+        let (mut conn, k) = (raw_conn.clone(), k.clone());
+        async move {
+            let _: () = redis::cmd("SET")
+                .arg(key::redis_key(k.primary(), k.primary()))
+                .arg(raw)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    put_raw(b"LBC\x02\x01\xff\xff").await;
     assert!(matches!(
         shared::get(&mut conn, &k, &none).await,
         Err(SharedError::Decode(_))
     ));
+    put_raw(b"LBC\x01\x01\xff\xff").await;
+    assert_eq!(shared::get(&mut conn, &k, &none).await.unwrap().entry, None);
 }
 
 #[tokio::test]

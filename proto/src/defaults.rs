@@ -1,7 +1,7 @@
 //! Default policies. The rate-limit numbers are the original system's (free 5, basic 20,
 //! premium 100, enterprise 1000 requests per 60 s; 100 per 60 s per IP; bans of 300 s doubling);
-//! health checks every 10 s as there, with a 2 s timeout; the cache keeps responses 30 s when the
-//! backend says nothing.
+//! health checks every 10 s as there, with a 2 s timeout. The cache follows RFC 9111: a response
+//! that states no freshness gets 10% of its age since `Last-Modified` (at most a day), or none.
 
 use crate::v1::{
     Backend, BanPolicy, CachePolicy, CircuitBreakerPolicy, ConfigSnapshot, HashPolicy,
@@ -124,13 +124,16 @@ pub fn queue() -> QueuePolicy {
 pub fn cache() -> CachePolicy {
     CachePolicy {
         enabled: false,
-        default_ttl_ms: 30_000,
+        default_ttl_ms: 0,
         max_entry_bytes: 1 << 20,
         memory_bytes: 64 << 20,
         ignored_query_params: vec!["api_key".to_owned()],
         max_stale_while_revalidate_ms: 60_000,
         max_stale_if_error_ms: 300_000,
         coalesce_timeout_ms: 5_000,
+        heuristic_percent: 10,
+        heuristic_max_ms: 86_400_000,
+        targeted_field: String::new(),
     }
 }
 

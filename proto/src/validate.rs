@@ -439,9 +439,19 @@ pub fn snapshot(s: &ConfigSnapshot) -> Result<(), Invalid> {
     let c = required(&s.cache, "cache")?;
     if c.enabled {
         check(
-            c.default_ttl_ms >= 1,
-            "cache.default_ttl_ms",
-            "must be at least 1",
+            c.heuristic_percent <= 100,
+            "cache.heuristic_percent",
+            "must be at most 100",
+        )?;
+        let field = c.targeted_field.as_str();
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        check(
+            field.is_empty()
+                || (field.len() <= 64
+                    && field.bytes().all(tchar)
+                    && !field.eq_ignore_ascii_case("cache-control")),
+            "cache.targeted_field",
+            format_args!("{field:?} is not a field name of its own (e.g. \"lb-cache-control\")"),
         )?;
         check(
             c.memory_bytes >= c.max_entry_bytes,
@@ -507,6 +517,26 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         snapshot(&valid()).unwrap();
+    }
+
+    #[test]
+    fn cache_settings_are_checked_when_the_cache_is_on() {
+        let with = |f: &dyn Fn(&mut crate::v1::CachePolicy)| {
+            let mut s = valid();
+            let c = s.cache.as_mut().unwrap();
+            c.enabled = true;
+            f(c);
+            snapshot(&s)
+        };
+        // No freshness of its own for silent responses is the default, and valid.
+        with(&|c| c.default_ttl_ms = 0).unwrap();
+        with(&|c| c.targeted_field = "lb-cache-control".into()).unwrap();
+        let e = with(&|c| c.heuristic_percent = 101).unwrap_err();
+        assert_eq!(e.field, "cache.heuristic_percent");
+        for bad in ["cache-control", "Cache-Control", "two words", "a:b"] {
+            let e = with(&|c| c.targeted_field = bad.into()).unwrap_err();
+            assert_eq!(e.field, "cache.targeted_field", "{bad}");
+        }
     }
 
     #[test]

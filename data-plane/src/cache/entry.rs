@@ -7,14 +7,16 @@
 //!
 //! Headers that describe one connection or one exchange are not stored: hop-by-hop ones (and
 //! those `Connection` names), `Age` (recomputed on every hit), `Set-Cookie` (never stored, see
-//! [`super::policy`]), `X-Cache`, `X-Request-Id` and the rate-limit headers of the request that
-//! filled the entry.
+//! [`super::policy`]), `X-Cache`, `Cache-Status`, `X-Request-Id` and the rate-limit headers of
+//! the request that filled the entry. `CDN-Cache-Control` is stored (a 304 may update it) but
+//! never served.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::policy::{Freshness, State, Storable, not_modified};
+use super::policy::{CDN_CACHE_CONTROL, Freshness, State, Storable, not_modified};
+use super::status::{self, CACHE_STATUS};
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,8 +26,8 @@ pub struct Entry {
     pub body: Bytes,
     /// When it was stored (unix ms).
     pub stored_at_ms: u64,
-    /// Its age when it arrived, from the backend's `Age`.
-    pub initial_age_s: u64,
+    /// Its age when it arrived (RFC 9111 section 4.2.3), in ms.
+    pub initial_age_ms: u64,
     pub freshness: Freshness,
     /// May be served to requests with credentials.
     pub public: bool,
@@ -52,8 +54,19 @@ pub enum Record {
 /// `X-Cache` on a response served from the cache.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
+/// Headers that belong to one exchange with a client, not to the response: carried from the
+/// backend's 304 onto the stored response served in its place.
+pub const PER_EXCHANGE: [&str; 6] = [
+    "x-request-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+];
+
 /// Headers left out of stored entries, besides those `Connection` names.
-const NOT_STORED: [&str; 18] = [
+const NOT_STORED: [&str; 19] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -66,6 +79,7 @@ const NOT_STORED: [&str; 18] = [
     "age",
     "set-cookie",
     "x-cache",
+    "cache-status",
     "x-request-id",
     "ratelimit",
     "ratelimit-policy",
@@ -103,12 +117,16 @@ impl Entry {
         path: &str,
         now_ms: u64,
     ) -> Entry {
+        let mut headers = stored_headers(headers);
+        for name in &storable.strip {
+            headers.remove(name);
+        }
         Entry {
             status,
-            headers: stored_headers(headers),
+            headers,
             body,
             stored_at_ms: now_ms,
-            initial_age_s: storable.initial_age_s,
+            initial_age_ms: storable.initial_age_ms,
             freshness: storable.freshness,
             public: storable.public,
             vary: storable.vary,
@@ -120,9 +138,15 @@ impl Entry {
         self.freshness.state(now_ms)
     }
 
-    /// Its `Age` in seconds at `now_ms`.
+    /// Its `Age` in seconds at `now_ms`: its age on arrival plus the time since (RFC 9111
+    /// section 4.2.3 `current_age`).
     pub fn age_s(&self, now_ms: u64) -> u64 {
-        self.initial_age_s + now_ms.saturating_sub(self.stored_at_ms) / 1000
+        (self.initial_age_ms + now_ms.saturating_sub(self.stored_at_ms)) / 1000
+    }
+
+    /// True when it can be revalidated with a conditional request.
+    pub fn has_validator(&self) -> bool {
+        super::policy::has_validator(&self.headers)
     }
 
     /// Memory it takes, roughly: what the memory tier's byte bound counts.
@@ -137,8 +161,8 @@ impl Entry {
     }
 
     /// The response to serve for a request with `req_headers`: a 304 when its validators
-    /// match, the body left out for HEAD, `Age` and `X-Cache` set (`HIT` when fresh, `STALE`
-    /// otherwise).
+    /// match, the body left out for HEAD, `Age`, `X-Cache` (`HIT` when fresh, `STALE`
+    /// otherwise) and `Cache-Status` (a hit) set, `CDN-Cache-Control` left out.
     pub fn response(&self, req_headers: &HeaderMap, head: bool, now_ms: u64) -> Response<Bytes> {
         let not_modified = not_modified(req_headers, &self.headers);
         let body = if head || not_modified {
@@ -167,6 +191,10 @@ impl Entry {
             *resp.headers_mut() = self.headers.clone();
         }
         let h = resp.headers_mut();
+        // Meant for this cache alone (RFC 9213), never for clients.
+        if h.contains_key(&CDN_CACHE_CONTROL) {
+            h.remove(&CDN_CACHE_CONTROL);
+        }
         h.insert(header::AGE, HeaderValue::from(self.age_s(now_ms)));
         let label = if self.state(now_ms) == State::Fresh {
             "HIT"
@@ -174,6 +202,10 @@ impl Entry {
             "STALE"
         };
         h.insert(X_CACHE, HeaderValue::from_static(label));
+        h.insert(
+            CACHE_STATUS,
+            status::hit(status::ttl_s(self.freshness.fresh_until_ms, now_ms)),
+        );
         resp
     }
 }
@@ -191,7 +223,7 @@ pub enum DecodeError {
     Trailing,
 }
 
-const MAGIC: &[u8; 4] = b"LBC\x01";
+const MAGIC: &[u8; 4] = b"LBC\x02";
 const KIND_ENTRY: u8 = 1;
 const KIND_VARY: u8 = 2;
 /// More header lines than this in one stored response is taken as corruption.
@@ -243,11 +275,12 @@ impl Record {
                     _ => return Err(DecodeError::Invalid("flags")),
                 };
                 let stored_at_ms = r.u64()?;
-                let initial_age_s = r.u64()?;
+                let initial_age_ms = r.u64()?;
                 let freshness = Freshness {
                     fresh_until_ms: r.u64()?,
                     stale_while_revalidate_until_ms: r.u64()?,
                     stale_if_error_until_ms: r.u64()?,
+                    keep_until_ms: r.u64()?,
                 };
                 let path = r.path()?;
                 let vary = r.vary()?;
@@ -274,7 +307,7 @@ impl Record {
                     headers,
                     body,
                     stored_at_ms,
-                    initial_age_s,
+                    initial_age_ms,
                     freshness,
                     public,
                     vary,
@@ -313,10 +346,11 @@ impl Entry {
         out.push(u8::from(self.public));
         for n in [
             self.stored_at_ms,
-            self.initial_age_s,
+            self.initial_age_ms,
             self.freshness.fresh_until_ms,
             self.freshness.stale_while_revalidate_until_ms,
             self.freshness.stale_if_error_until_ms,
+            self.freshness.keep_until_ms,
         ] {
             out.extend_from_slice(&n.to_be_bytes());
         }
@@ -410,11 +444,12 @@ mod tests {
             headers: h,
             body: Bytes::from_static(b"hello world"),
             stored_at_ms: 1_000_000,
-            initial_age_s: 3,
+            initial_age_ms: 3_000,
             freshness: Freshness {
                 fresh_until_ms: 1_010_000,
                 stale_while_revalidate_until_ms: 1_020_000,
                 stale_if_error_until_ms: 1_030_000,
+                keep_until_ms: 1_030_000,
             },
             public: true,
             vary: vec![HeaderName::from_static("accept-encoding")],

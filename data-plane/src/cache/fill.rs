@@ -38,7 +38,13 @@ pub struct Fill {
     id: Digest32,
     req_headers: HeaderMap,
     credentials: bool,
+    /// When the request went to the backend, as far as the cache knows (RFC 9111 section
+    /// 4.2.3 `request_time`).
+    requested_ms: u64,
     stale: Option<Arc<Entry>>,
+    /// A stored response this fill revalidates: the request to the backend carries its
+    /// validators, and a 304 refreshes it.
+    pub(crate) validating: Option<Arc<Entry>>,
     pub(crate) flight: Option<Flight>,
     pub(crate) lock: Option<Lock>,
 }
@@ -50,14 +56,17 @@ impl Fill {
         headers: &HeaderMap,
         flight: Flight,
         stale: Option<Arc<Entry>>,
+        requested_ms: u64,
     ) -> Fill {
         Fill {
+            requested_ms,
             cache,
             id: *flight.key(),
             key: req.key.clone(),
             req_headers: headers.clone(),
             credentials: req.credentials,
             stale,
+            validating: None,
             flight: Some(flight),
             lock: None,
         }
@@ -70,6 +79,58 @@ impl Fill {
     /// An entry to serve if the backend fails (stale-if-error), or the one being refreshed.
     pub fn stale(&self) -> Option<&Arc<Entry>> {
         self.stale.as_ref()
+    }
+
+    /// The stored response being revalidated, if any: its validators go on the request to the
+    /// backend ([`Fill::conditional_headers`]), and a 304 refreshes it ([`Fill::refresh`]).
+    pub fn validating(&self) -> Option<&Arc<Entry>> {
+        self.validating.as_ref()
+    }
+
+    /// Adds the validators of the entry being revalidated to the request for the backend:
+    /// `If-None-Match` with its `ETag`, `If-Modified-Since` with its `Last-Modified` (RFC 9111
+    /// section 4.3.1). Nothing when there is no such entry.
+    pub fn conditional_headers(&self, req: &mut HeaderMap) {
+        let Some(e) = &self.validating else { return };
+        if let Some(tag) = e.headers.get(header::ETAG) {
+            req.insert(header::IF_NONE_MATCH, tag.clone());
+        }
+        if let Some(lm) = e.headers.get(header::LAST_MODIFIED) {
+            req.insert(header::IF_MODIFIED_SINCE, lm.clone());
+        }
+    }
+
+    /// The entry being revalidated, updated with the fields of the backend's `304` (RFC 9111
+    /// section 4.3.4), and whether it may be stored again (its freshness counted from now).
+    /// `None` when nothing is being revalidated. The caller serves the entry either way (the
+    /// 304 validated it for this request) and stores it with [`Fill::store_entry`], or says
+    /// why not.
+    pub fn refresh(
+        &self,
+        not_modified: &HeaderMap,
+        now_ms: u64,
+    ) -> Option<(Arc<Entry>, Result<(), NotStored>)> {
+        let old = self.validating.as_ref()?;
+        inc(&self.cache.inner.counters.revalidated);
+        let headers = policy::updated_headers(&old.headers, not_modified);
+        Some(match self.check(old.status, &headers, now_ms) {
+            Ok(s) => (
+                Arc::new(Entry::new(
+                    old.status,
+                    &headers,
+                    old.body.clone(),
+                    s,
+                    &old.path,
+                    now_ms,
+                )),
+                Ok(()),
+            ),
+            Err(reason) => {
+                let mut e = Entry::clone(old);
+                e.headers = headers;
+                (Arc::new(e), Err(reason))
+            }
+        })
     }
 
     /// True when this fill holds the record's Redis lock (no other data plane is filling it).
@@ -86,7 +147,14 @@ impl Fill {
         now_ms: u64,
     ) -> Result<Storable, NotStored> {
         let policy = self.cache.policy();
-        let s = policy::storable(status, headers, self.credentials, &policy, now_ms)?;
+        let s = policy::storable_exchange(
+            status,
+            headers,
+            self.credentials,
+            &policy,
+            self.requested_ms.min(now_ms),
+            now_ms,
+        )?;
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -127,7 +195,6 @@ impl Fill {
                 return Err(reason);
             }
         };
-        let primary = *self.key.primary();
         let entry = Arc::new(Entry::new(
             status,
             headers,
@@ -136,6 +203,14 @@ impl Fill {
             self.key.path(),
             now_ms,
         ));
+        self.store_entry(redis, Arc::clone(&entry), now_ms).await;
+        Ok(entry)
+    }
+
+    /// Stores an entry already judged storable (a refreshed one, see [`Fill::refresh`]), in
+    /// memory at once, then in Redis.
+    pub async fn store_entry(mut self, redis: Option<&RedisConn>, entry: Arc<Entry>, now_ms: u64) {
+        let primary = *self.key.primary();
         let variant = key::variant(&primary, &entry.vary, &self.req_headers);
         self.cache
             .memory()
@@ -155,7 +230,6 @@ impl Fill {
             }
         }
         self.unlock().await;
-        Ok(entry)
     }
 
     /// The response will not be stored (the proxy decided so, e.g. from [`Fill::check`]):

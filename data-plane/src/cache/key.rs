@@ -1,7 +1,7 @@
 //! Cache keys. The primary key of a request is the SHA-256 of its method (HEAD shares GET's
 //! entry), lower-cased host, path, and query with the policy's ignored parameters removed (the
 //! others kept in their order). Only that hash leaves the process: Redis keys are
-//! `lb:cache:{<hex>}`, so credentials carried in a query (`api_key=…`) never appear in clear in
+//! `lb:cache:{<hex>}:<format>`, so credentials carried in a query (`api_key=…`) never appear in clear in
 //! Redis, in logs or in purge commands; [`CacheKey::id`] is the hex form to show and to purge by.
 //!
 //! A response with `Vary` is stored in two parts: under the primary key, a small vary spec
@@ -139,8 +139,10 @@ impl CacheKey {
 }
 
 /// The digest of one variant of a resource: the primary digest itself without `Vary`, else
-/// a hash of it and the request's values of the `vary` headers (all field lines, in order; an
-/// absent header differs from an empty one).
+/// a hash of it and the request's values of the `vary` headers, normalised as RFC 9111
+/// section 4.1 allows: the field lines combined, and the list members taken without the
+/// whitespace around them (empty ones dropped), so `en, fr`, `en,fr` and two lines `en` and
+/// `fr` are one variant. An absent header differs from an empty one.
 pub fn variant(primary: &Digest32, vary: &[HeaderName], headers: &HeaderMap) -> Digest32 {
     if vary.is_empty() {
         return *primary;
@@ -153,19 +155,31 @@ pub fn variant(primary: &Digest32, vary: &[HeaderName], headers: &HeaderMap) -> 
         let values = headers.get_all(name);
         h.update([u8::from(values.iter().next().is_some())]);
         for v in values {
-            h.update((v.len() as u64).to_be_bytes());
-            h.update(v.as_bytes());
+            for member in v.as_bytes().split(|&b| b == b',') {
+                let member = member.trim_ascii();
+                if !member.is_empty() {
+                    h.update((member.len() as u64).to_be_bytes());
+                    h.update(member);
+                }
+            }
         }
+        // No member is this long: ends the header's members unambiguously.
+        h.update(u64::MAX.to_be_bytes());
     }
     h.finalize().into()
 }
 
+/// The version of the record format ([`super::entry`]) in record keys: data planes of
+/// releases that write another format use other keys, so neither reads the other's records
+/// (which it could not decode) during a rolling upgrade; purges and the index cover both.
+pub const FORMAT: &str = "2";
+
 /// The Redis key of a record: the primary digest's own, or one of its variants.
 pub fn redis_key(primary: &Digest32, variant: &Digest32) -> String {
     if variant == primary {
-        format!("lb:cache:{{{}}}", hex(primary))
+        format!("lb:cache:{{{}}}:{FORMAT}", hex(primary))
     } else {
-        format!("lb:cache:{{{}}}:v:{}", hex(primary), hex(variant))
+        format!("lb:cache:{{{}}}:{FORMAT}:v:{}", hex(primary), hex(variant))
     }
 }
 
@@ -256,5 +270,25 @@ mod tests {
         assert_eq!(v(&gzip), v(&gzip.clone()));
         assert!(redis_key(&p, &v(&gzip)).starts_with(&redis_key(&p, &p)));
         assert_ne!(lock_key(&p, &p), lock_key(&p, &v(&gzip)));
+    }
+
+    #[test]
+    fn s4_1_varied_values_are_normalised_by_list_member() {
+        let p = *key(Method::GET, "h", "/", &[]).unwrap().primary();
+        let al = HeaderName::from_static("accept-language");
+        let of = |lines: &[&str]| {
+            let mut m = HeaderMap::new();
+            for l in lines {
+                m.append(&al, HeaderValue::from_str(l).unwrap());
+            }
+            variant(&p, std::slice::from_ref(&al), &m)
+        };
+        let one = of(&["en, fr"]);
+        assert_eq!(one, of(&["en,fr"]));
+        assert_eq!(one, of(&[" en ,\tfr "]));
+        assert_eq!(one, of(&["en", "fr"]));
+        assert_eq!(one, of(&["en,,fr,"]));
+        assert_ne!(one, of(&["fr, en"]), "order is meaningful");
+        assert_ne!(one, of(&["enfr"]));
     }
 }

@@ -76,6 +76,8 @@ impl Cache {
         let deadline = started + Duration::from_millis(policy.coalesce_timeout_ms);
         // A stale-if-error candidate, with the tier it came from.
         let mut stale: Option<(Arc<Entry>, Tier)> = None;
+        // A stale entry to revalidate with a conditional request.
+        let mut validate: Option<Arc<Entry>> = None;
         let entry_of = |s: Option<(Arc<Entry>, Tier)>| s.map(|(e, _)| e);
         loop {
             let now_ms = now_ms + elapsed_ms(started);
@@ -96,8 +98,11 @@ impl Cache {
                         };
                         return self.hit(e, tier, State::StaleRevalidate, refresh, req.head);
                     }
-                    State::StaleIfError => stale = Some((e, tier)),
-                    State::Expired => {}
+                    State::StaleIfError => {
+                        validate = e.has_validator().then(|| Arc::clone(&e));
+                        stale = Some((e, tier));
+                    }
+                    State::Expired => validate = e.has_validator().then_some(e),
                 }
             }
             if req.head {
@@ -109,7 +114,12 @@ impl Cache {
             let joined = match self.inner.flights.join(id) {
                 Join::Lead(flight) => {
                     let stale = entry_of(stale);
-                    let lead = Lead { id, flight, stale };
+                    let lead = Lead {
+                        id,
+                        flight,
+                        stale,
+                        validate,
+                    };
                     return self.lead(redis, req, headers, lead, deadline, now_ms).await;
                 }
                 Join::Follow(rx) => coalesce::wait(rx, deadline).await,
@@ -158,7 +168,7 @@ impl Cache {
                 }
                 if let Some(e) = f.entry.filter(|e| {
                     usable(e)
-                        && e.state(now_ms) != State::Expired
+                        && (e.state(now_ms) != State::Expired || e.has_validator())
                         && found.as_ref().is_none_or(|(m, _)| {
                             e.freshness.fresh_until_ms > m.freshness.fresh_until_ms
                         })
@@ -193,9 +203,10 @@ impl Cache {
                 let state = entry.state(now_ms + elapsed_ms(started));
                 let usable = entry.public || !req.credentials;
                 // Another variant, or not for this request: look again, now that the vary spec
-                // is in memory.
-                (mine && usable && matches!(state, State::Fresh | State::StaleRevalidate))
-                    .then(|| self.hit(entry, Tier::Coalesced, state, None, false))
+                // is in memory. An entry that must be revalidated before each use serves
+                // those who waited for its validation, which was made for them (RFC 9111
+                // section 4: one validation may answer several waiting requests).
+                (mine && usable).then(|| self.hit(entry, Tier::Coalesced, state, None, false))
             }
             Waited::Done(Outcome::NotStored) => {
                 Some(self.pass(PassReason::NotStored, stale.take().map(|(e, _)| e)))
@@ -221,7 +232,15 @@ impl Cache {
         now_ms: u64,
     ) -> Option<Fill> {
         let flight = self.inner.flights.try_lead(id)?;
-        let mut fill = Fill::new(self.clone(), req, headers, flight, Some(Arc::clone(entry)));
+        let mut fill = Fill::new(
+            self.clone(),
+            req,
+            headers,
+            flight,
+            Some(Arc::clone(entry)),
+            now_ms,
+        );
+        fill.validating = entry.has_validator().then(|| Arc::clone(entry));
         if let Some(mut conn) = self.conn(redis, now_ms) {
             let token = new_token();
             let ttl = self.lock_ttl_ms();
@@ -254,8 +273,14 @@ impl Cache {
         now_ms: u64,
     ) -> Lookup {
         let started = Instant::now();
-        let Lead { id, flight, stale } = lead;
-        let mut fill = Fill::new(self.clone(), req, headers, flight, stale);
+        let Lead {
+            id,
+            flight,
+            stale,
+            validate,
+        } = lead;
+        let mut fill = Fill::new(self.clone(), req, headers, flight, stale, now_ms);
+        fill.validating = validate;
         let primary = *req.key.primary();
         let Some(mut conn) = self.conn(redis, now_ms) else {
             inc(&self.inner.counters.leads);
@@ -348,9 +373,11 @@ impl Cache {
     }
 }
 
-/// A flight to lead: the record's id, the flight, and a stale-if-error entry if any.
+/// A flight to lead: the record's id, the flight, a stale-if-error entry if any, and a stale
+/// entry to revalidate if any.
 struct Lead {
     id: Digest32,
     flight: Flight,
     stale: Option<Arc<Entry>>,
+    validate: Option<Arc<Entry>>,
 }

@@ -126,7 +126,7 @@ impl MemoryTier {
 
     /// Looks a request up, following a vary spec. Returns the digest the request maps to (its
     /// variant's when the spec is known, else the primary one) and the entry, if one is held
-    /// and not yet expired at `now_ms`.
+    /// and either within its windows at `now_ms` or kept to be revalidated.
     pub async fn find(
         &self,
         key: &CacheKey,
@@ -145,7 +145,8 @@ impl MemoryTier {
             }
             None => (primary, None),
         };
-        let found = found.filter(|e| e.state(now_ms) != State::Expired);
+        // An entry past its windows is still found when it can be revalidated.
+        let found = found.filter(|e| e.state(now_ms) != State::Expired || e.has_validator());
         let counter = if found.is_some() {
             &self.hits
         } else {
@@ -218,6 +219,16 @@ impl MemoryTier {
         self.invalidate_if(move |_, s| s.primary == p);
     }
 
+    /// Removes what one resource holds, at once: its entry, or its vary spec and (through a
+    /// purge closure, as variants cannot be listed) its variants.
+    pub async fn invalidate(&self, primary: &Digest32) {
+        if let Some(slot) = self.cache.remove(primary).await
+            && matches!(slot.stored, Stored::Vary(_))
+        {
+            self.purge_key(primary);
+        }
+    }
+
     /// Removes every record whose path starts with `prefix`.
     pub fn purge_prefix(&self, prefix: &str) {
         let prefix = prefix.to_owned();
@@ -274,11 +285,12 @@ mod tests {
             headers: HeaderMap::new(),
             body: Bytes::from(vec![b'x'; body]),
             stored_at_ms: NOW,
-            initial_age_s: 0,
+            initial_age_ms: 0,
             freshness: Freshness {
                 fresh_until_ms: NOW + 60_000,
                 stale_while_revalidate_until_ms: NOW + 60_000,
                 stale_if_error_until_ms: NOW + 120_000,
+                keep_until_ms: NOW + 120_000,
             },
             public: false,
             vary,

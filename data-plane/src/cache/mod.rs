@@ -1,25 +1,39 @@
 //! The response cache: an in-process tier ([`memory`]) in front of a shared one in Redis
-//! ([`shared`]), RFC 9111 freshness ([`policy`]), keys that keep credentials out of Redis
-//! ([`key`]), and single flight for misses within and across data planes ([`coalesce`]).
+//! ([`shared`]), RFC 9111 freshness and storage rules ([`policy`]), keys that keep credentials
+//! out of Redis ([`key`]), single flight for misses and revalidations within and across data
+//! planes ([`coalesce`]), invalidation after unsafe requests on every data plane
+//! ([`invalidate`]), and `Cache-Status` ([`status`]).
 //!
-//! The request path makes three calls: [`Cache::request`] (may this request use the cache,
+//! The request path makes these calls: [`Cache::request`] (may this request use the cache,
 //! and under which key), [`Cache::lookup`] (what to do), and, when told to lead, [`Fill::store`]
-//! with the backend's response (or [`Fill::not_stored`] / [`Fill::failed`]):
+//! with the backend's response (or [`Fill::not_stored`] / [`Fill::failed`]); after an unsafe
+//! request, [`Cache::invalidated_by`] and [`Cache::invalidate`]:
 //!
 //! ```text
-//! let Ok(creq) = cache.request(&method, &uri, &headers) else { return forward() }; // bypass
+//! let Ok(creq) = cache.request(&method, &uri, &headers) else {            // bypass
+//!     let r = forward().await;
+//!     cache.invalidate(redis, &cache.invalidated_by(&method, &uri, .., &r), now).await;
+//!     return r;
+//! };
 //! match cache.lookup(worker.redis.as_ref(), &creq, &headers, now_ms).await {
 //!     Lookup::Hit(hit) => {
 //!         if let Some(fill) = hit.refresh { spawn(fetch_as_get_then(fill)) } // revalidate
-//!         serve(hit.response(&headers, now_ms)) // Age, X-Cache HIT/STALE, 304, HEAD
+//!         serve(hit.response(&headers, now_ms)) // Age, X-Cache, Cache-Status, 304, HEAD
 //!     }
-//!     Lookup::Lead(fill) => match forward().await {                     // X-Cache: MISS
-//!         Ok(r) if fill.check(r.status(), r.headers(), now).is_ok() =>
-//!             tee the body (up to max_entry_bytes) to the client, then fill.store(..)
-//!         Ok(r) if r.status() < 500 => { fill.not_stored(reason).await; stream r }
-//!         _ => { let stale = fill.stale().cloned(); fill.failed().await;
-//!                stale.map_or(the error, serve) }                        // stale-if-error
-//!     },
+//!     Lookup::Lead(fill) => {
+//!         fill.conditional_headers(&mut headers);  // a stale entry with validators
+//!         match forward().await {
+//!             Ok(r) if r.status() == 304 => match fill.refresh(r.headers(), now) {
+//!                 Some((entry, Ok(()))) => { spawn(fill.store_entry(entry)); serve(entry) }
+//!                 ...
+//!             },
+//!             Ok(r) if fill.check(r.status(), r.headers(), now).is_ok() =>
+//!                 tee the body (up to max_entry_bytes) to the client, then fill.store(..)
+//!             Ok(r) if r.status() < 500 => { fill.not_stored(reason).await; stream r }
+//!             _ => { let stale = fill.stale().cloned(); fill.failed().await;
+//!                    stale.map_or(the error, serve) }                    // stale-if-error
+//!         }
+//!     }
 //!     Lookup::Pass(p) => forward(); on an error or 5xx, serve p.stale if any,
 //! }
 //! ```
@@ -27,12 +41,13 @@
 //! How a lookup goes: the memory tier; then, unless memory held a fresh entry, Redis (a
 //! memory copy that went stale may have been refreshed there by another data plane). A fresh
 //! entry is a hit; one within stale-while-revalidate is a hit plus, for one caller at a time,
-//! a [`Fill`] to refresh it in the background. Otherwise the caller joins the record's flight:
-//! the first becomes leader, the others wait up to `coalesce_timeout_ms` for its entry. The
-//! leader then takes the record's Redis lock; if another data plane holds it, the leader polls
-//! Redis (5 ms doubling to 100 ms) for that plane's entry or for the lock to free up, until the
-//! same deadline, and then fetches anyway. A leader that goes away without an answer releases
-//! its followers, who try again (one of them as the new leader).
+//! a [`Fill`] to refresh it in the background. Otherwise the caller joins the record's flight
+//! (carrying the stale entry to revalidate, if it has validators): the first becomes leader,
+//! the others wait up to `coalesce_timeout_ms` for its entry. The leader then takes the
+//! record's Redis lock; if another data plane holds it, the leader polls Redis (5 ms doubling
+//! to 100 ms) for that plane's entry or for the lock to free up, until the same deadline, and
+//! then fetches anyway. A leader that goes away without an answer releases its followers, who
+//! try again (one of them as the new leader).
 //!
 //! A resource found uncacheable is remembered for [`PASS_MEMO`] so that its requests go
 //! straight to the backends instead of queueing behind each other's leaders.
@@ -44,11 +59,13 @@
 pub mod coalesce;
 pub mod entry;
 pub mod fill;
+pub mod invalidate;
 pub mod key;
 mod lookup;
 pub mod memory;
 pub mod policy;
 pub mod shared;
+pub mod status;
 pub mod tee;
 #[cfg(test)]
 mod tests;
@@ -72,14 +89,31 @@ pub use memory::MemoryStats;
 use memory::MemoryTier;
 pub use policy::{Bypass, NotStored, State, Storable};
 pub use shared::SharedError;
+pub use status::CACHE_STATUS;
 pub use tee::Tee;
+
+/// The host of a request: the target's authority, which wins over `Host` (RFC 9112 section
+/// 3.2.2; `:authority` on HTTP/2), else the `Host` header's.
+fn host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        .unwrap_or("")
+}
 
 /// The cache settings of a configuration snapshot, in native units.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub enabled: bool,
-    /// Freshness given to responses that state none.
+    /// Freshness given to responses that state none and allow no heuristic; 0 = none (the
+    /// RFC 9111 behaviour), anything else is a non-conforming override.
     pub default_ttl_ms: u64,
+    /// Heuristic freshness: this percentage of the time since `Last-Modified`...
+    pub heuristic_percent: u32,
+    /// ...at most this long.
+    pub heuristic_max_ms: u64,
+    /// A response field targeting this cache alone (RFC 9213), before `CDN-Cache-Control`.
+    pub targeted_field: Option<http::HeaderName>,
     /// Larger bodies are not stored.
     pub max_entry_bytes: u64,
     /// Bound of the memory tier.
@@ -104,6 +138,11 @@ impl From<&lb_proto::v1::CachePolicy> for Policy {
         Policy {
             enabled: p.enabled,
             default_ttl_ms: u64::from(p.default_ttl_ms),
+            heuristic_percent: p.heuristic_percent,
+            heuristic_max_ms: u64::from(p.heuristic_max_ms),
+            targeted_field: (!p.targeted_field.is_empty())
+                .then(|| http::HeaderName::from_bytes(p.targeted_field.as_bytes()).ok())
+                .flatten(),
             max_entry_bytes: p.max_entry_bytes,
             memory_bytes: p.memory_bytes,
             ignored_query_params: p.ignored_query_params.clone(),
@@ -158,7 +197,18 @@ impl Hit {
     /// The response: `Age`, `X-Cache` (`HIT`, or `STALE` past freshness), a 304 when the
     /// request's validators match, no body for HEAD.
     pub fn response(&self, req_headers: &HeaderMap, now_ms: u64) -> Response<Bytes> {
-        self.entry.response(req_headers, self.head, now_ms)
+        let mut r = self.entry.response(req_headers, self.head, now_ms);
+        if self.tier == Tier::Coalesced {
+            // Served what a concurrent request fetched: a miss that waited, for RFC 9211.
+            let h = r.headers_mut();
+            h.insert(X_CACHE, http::HeaderValue::from_static("HIT"));
+            let f = status::Forward {
+                collapsed: true,
+                ..status::Forward::new(status::Fwd::UriMiss)
+            };
+            h.insert(CACHE_STATUS, f.value());
+        }
+        r
     }
 }
 
@@ -177,6 +227,20 @@ pub enum PassReason {
     Failed,
     /// Waited `coalesce_timeout_ms` for a fill.
     Timeout,
+}
+
+impl PassReason {
+    /// A token for `Cache-Status`'s `detail`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassReason::Head => "head",
+            PassReason::Conditional => "conditional",
+            PassReason::Uncacheable => "uncacheable",
+            PassReason::NotStored => "not_stored",
+            PassReason::Failed => "failed",
+            PassReason::Timeout => "coalesce_timeout",
+        }
+    }
 }
 
 /// Go to the backend; do not store.
@@ -208,6 +272,10 @@ pub struct Stats {
     pub bypasses: u64,
     pub stored: u64,
     pub not_stored: u64,
+    /// Stale entries a backend's 304 validated.
+    pub revalidated: u64,
+    /// Resources invalidated after unsafe requests through this data plane.
+    pub invalidated: u64,
     pub shared_errors: u64,
     /// Flights in progress.
     pub in_flight: usize,
@@ -248,11 +316,17 @@ struct Counters {
     bypasses: AtomicU64,
     stored: AtomicU64,
     not_stored: AtomicU64,
+    revalidated: AtomicU64,
+    invalidated: AtomicU64,
     shared_errors: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn inc_by(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 struct Inner {
@@ -264,6 +338,8 @@ struct Inner {
     /// Whether Redis answers: the data plane's link's, shared with the limiter.
     health: Arc<Health>,
     counters: Counters,
+    /// Invalidations published here, waiting for the other data planes' acknowledgements.
+    acks: invalidate::Acks,
 }
 
 /// A data plane's response cache, shared by its worker threads (cloning is cheap). Redis
@@ -293,6 +369,7 @@ impl Cache {
                     .build(),
                 health,
                 counters: Counters::default(),
+                acks: invalidate::Acks::default(),
             }),
         }
     }
@@ -346,6 +423,8 @@ impl Cache {
             bypasses: l(&c.bypasses),
             stored: l(&c.stored),
             not_stored: l(&c.not_stored),
+            revalidated: l(&c.revalidated),
+            invalidated: l(&c.invalidated),
             shared_errors: l(&c.shared_errors),
             in_flight: self.inner.flights.len(),
             degraded: self.is_degraded(),
@@ -367,14 +446,7 @@ impl Cache {
             Err(Bypass::Disabled)
         };
         let made = decided.and_then(|()| {
-            // The target's authority wins over `Host` (RFC 9112 section 3.2.2; `:authority`
-            // on HTTP/2).
-            let host = uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
-                .unwrap_or("");
-            CacheKey::new(method, host, uri, &policy.ignored_query_params)
+            CacheKey::new(method, host(uri, headers), uri, &policy.ignored_query_params)
         });
         match made {
             Ok(key) => Ok(CacheRequest {
@@ -387,6 +459,29 @@ impl Cache {
                 inc(&self.inner.counters.bypasses);
                 Err(b)
             }
+        }
+    }
+
+    /// What a non-error response (`status`, `resp_headers`) to an unsafe request for `uri`
+    /// invalidates (RFC 9111 section 4.4; see [`invalidate`]): nothing with the cache off or
+    /// for a safe method.
+    pub fn invalidated_by(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        req_headers: &HeaderMap,
+        status: http::StatusCode,
+        resp_headers: &HeaderMap,
+    ) -> Vec<CacheKey> {
+        let policy = self.inner.policy.load();
+        if !policy.enabled || invalidate::is_safe(method) {
+            return Vec::new();
+        }
+        let host = host(uri, req_headers);
+        let ignored = &policy.ignored_query_params;
+        match CacheKey::new(&Method::GET, host, uri, ignored) {
+            Ok(target) => invalidate::targets(status, resp_headers, &target, host, ignored),
+            Err(_) => Vec::new(),
         }
     }
 

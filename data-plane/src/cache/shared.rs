@@ -3,8 +3,9 @@
 //! memory tier alone and marks the cache degraded.
 //!
 //! Layout (see [`super::key`] for the digests):
-//! - `lb:cache:{P}`: the entry of resource `P`, or its vary spec when the response varies;
-//! - `lb:cache:{P}:v:V`: the entry of variant `V` of `P`;
+//! - `lb:cache:{P}:F`: the entry of resource `P`, or its vary spec when the response varies,
+//!   in record format `F` ([`key::FORMAT`]);
+//! - `lb:cache:{P}:F:v:V`: the entry of variant `V` of `P`;
 //! - `lb:cache:lock:{P}[:V]`: the fill lock (`SET NX PX`, released by compare-and-delete);
 //! - `lb:cache:{index}:paths`: a sorted set, all scores 0, of `<path>\0<redis key>` for every
 //!   record written, so that `ZRANGEBYLEX` finds the records under a path prefix in
@@ -13,7 +14,8 @@
 //!   removes up to [`CLEANUP_PER_PUT`] members whose records have expired from both sets, so
 //!   the index stays within the live records plus a backlog that every write drains.
 //!
-//! Records expire with Redis TTLs at the end of their last stale window; a vary spec lives as
+//! Records expire with Redis TTLs at the end of their last stale window (kept longer when they
+//! can be revalidated, see [`super::policy::VALIDATION_KEEP_MS`]); a vary spec lives as
 //! long as its longest-lived variant, so a purge by key, which finds the variants through the
 //! path the spec holds, never misses one. The index is written before the records it lists: a
 //! failure between the two leaves an index member without a record (harmless), never a record
@@ -138,24 +140,36 @@ pub async fn get(
     let Some(raw) = get_raw(conn, &redis_key(p, p)).await? else {
         return Ok(missing(*p));
     };
-    match Record::decode(raw)? {
-        Record::Entry(entry) => Ok(Found {
+    match decode(raw)? {
+        None => Ok(missing(*p)),
+        Some(Record::Entry(entry)) => Ok(Found {
             variant: *p,
             entry: Some(entry),
         }),
-        Record::Vary(spec) => {
+        Some(Record::Vary(spec)) => {
             let v = key::variant(p, &spec.vary, headers);
             let Some(raw) = get_raw(conn, &redis_key(p, &v)).await? else {
                 return Ok(missing(v));
             };
-            match Record::decode(raw)? {
-                Record::Entry(entry) => Ok(Found {
+            match decode(raw)? {
+                Some(Record::Entry(entry)) => Ok(Found {
                     variant: v,
                     entry: Some(entry),
                 }),
-                Record::Vary(_) => Ok(missing(v)),
+                Some(Record::Vary(_)) | None => Ok(missing(v)),
             }
         }
+    }
+}
+
+/// A record, or `None` for one written in another version of the format (by a data plane of
+/// another release sharing this Redis): a miss, which the fill then overwrites, rather than a
+/// failure of Redis.
+fn decode(raw: Bytes) -> Result<Option<Record>, SharedError> {
+    match Record::decode(raw) {
+        Ok(r) => Ok(Some(r)),
+        Err(DecodeError::Magic) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -389,7 +389,7 @@ async fn bodies_over_max_entry_bytes_are_not_stored() {
     let none = HeaderMap::new();
     let r = req(&cache, Method::GET, "/big", &none);
     let fill = lead(lookup(&cache, &r, &none, NOW).await);
-    let declared = h(&[("content-length", "5")]);
+    let declared = h(&[("content-length", "5"), ("cache-control", "max-age=60")]);
     assert_eq!(
         fill.check(StatusCode::OK, &declared, NOW).unwrap_err(),
         NotStored::TooLarge
@@ -398,7 +398,7 @@ async fn bodies_over_max_entry_bytes_are_not_stored() {
         .store(
             None,
             StatusCode::OK,
-            &none,
+            &h(&[("cache-control", "max-age=60")]),
             Bytes::from_static(b"12345"),
             NOW,
         )

@@ -7,13 +7,15 @@
 //! 2. identify the client: API key, address ([`limit::identify`]);
 //! 3. blocked key → 403 (there too); banned → 429 with `Retry-After` ([`limit::admit`]);
 //! 4. rate limits → 429 with `Retry-After` and `RateLimit-*` fields (there too);
-//! 5. cache: a fresh entry answers ([`cache::lookup`]);
+//! 5. cache: a fresh entry answers ([`cache::lookup`]); a stale one with validators makes the
+//!    request conditional;
 //! 6. admission: per-backend in-flight limits, the priority queue when all are full;
 //! 7. pick a backend with the strategy, skipping unusable ones;
 //! 8. forward (hop-by-hop fields out, forwarding fields in, [`request::outgoing`]) with
 //!    timeouts and retries of idempotent requests elsewhere within the budget;
 //! 9. record: passive health, breaker, latency, stats (steps 6 to 9 are [`forward::Attempt`]),
-//!    and the cache fill ([`cache::Miss::finish`]);
+//!    the invalidation after an unsafe request ([`cache::Miss::invalidate`]) and the cache
+//!    fill or refresh ([`cache::Miss::finish`]);
 //! 10. stream the response back, holding the backend's in-flight count until its body ends
 //!     ([`body`]).
 //!
@@ -194,7 +196,7 @@ async fn proxy(
     // 5. The cache.
     let looked = match tunnel {
         Some(_) => Looked::Miss(cache::Miss::default()),
-        None => cache::lookup(worker, &parts, id, quota.as_ref()).await,
+        None => cache::lookup(worker, &mut parts, id, quota.as_ref()).await,
     };
     let miss = match looked {
         Looked::Hit(resp) => return resp,
@@ -224,7 +226,13 @@ async fn proxy(
         Ok(resp) => answered(resp, id, quota.as_ref(), detailed),
         Err(r) => refuse(r),
     };
-    // 9. The cache fill (or a stale entry in place of an error); 10. the response streams back.
+    // 9. The cache: invalidation after an unsafe request (before the response goes, so that
+    // no later request is served what it replaced), the fill (or a stale entry in place of an
+    // error); 10. the response streams back.
+    if miss.may_invalidate() {
+        // Boxed, and only here: most requests have nothing to invalidate.
+        Box::pin(miss.invalidate(worker, &resp)).await;
+    }
     miss.finish(worker, resp, id)
 }
 

@@ -118,6 +118,8 @@ fn cache_stats(shared: &Shared) -> serde_json::Value {
         "bypass": c.bypasses,
         "stored": c.stored,
         "not_stored": c.not_stored,
+        "revalidated": c.revalidated,
+        "invalidated": c.invalidated,
         "memory": {
             "bytes": c.memory.bytes,
             "capacity_bytes": c.memory.capacity,

@@ -3,7 +3,8 @@
 //! synchronous code with the clock passed in as unix milliseconds; it never reads a clock and
 //! never panics, whatever the headers hold.
 //!
-//! Choices made where the RFCs leave room, or where this cache is deliberately stricter:
+//! Choices made where the RFCs leave room, or where this cache is deliberately stricter (the
+//! whole list, rule by rule, is in `docs/cache.md`):
 //! - Only `no-store` in a request's `Cache-Control` is honoured. Request `no-cache`, `max-age`,
 //!   `min-fresh` and `max-stale` are ignored, so a client cannot force every request through to
 //!   the backends the cache protects.
@@ -11,24 +12,36 @@
 //!   through: 206 is not stored, an upgrade is not a cacheable exchange, and a 304 from a
 //!   backend carries no body to store. A conditional request on a hit gets a 304 when its
 //!   validators match ([`not_modified`]).
-//! - Response `no-cache` (qualified or not) means "revalidate before each use". This cache does
-//!   not revalidate, so such responses are not stored at all: correct, if less efficient.
-//! - `private`, qualified or not, means not stored; so does `Vary: *`.
-//! - A response carrying `Set-Cookie` is never stored, even when `public`: handing one
-//!   client's cookie to every other client is worse than a miss (nginx and Varnish default to
-//!   the same).
+//! - Freshness is explicit (`s-maxage`, `max-age`, `Expires`), else heuristic from
+//!   `Last-Modified` (the policy's percentage, capped), else none unless the operator set
+//!   `default_ttl_ms` (a non-conforming override, off by default). A response with no
+//!   freshness is stored only when it has a validator, to be revalidated on each use.
+//! - Unqualified `no-cache` means "revalidate before each use": stored only with a validator,
+//!   stale at once, no stale windows. Qualified `no-cache="f"` and `private="f"` store the
+//!   response without the fields named ([`Storable::strip`]); unqualified `private` and
+//!   `Vary: *` are not stored.
+//! - A response carrying `Set-Cookie` is never stored, even when `public` (handing one
+//!   client's cookie to every other client is worse than a miss; nginx and Varnish default to
+//!   the same), unless `private` or `no-cache` names the field, which is then left out.
 //! - A response to a request with `Authorization` or `Cookie` is stored only when the backend
 //!   allowed it explicitly: `public`, `s-maxage` or `must-revalidate` (RFC 9111 section 3.5),
 //!   and only such entries are served to later requests with credentials. `X-API-Key` (like
 //!   an `api_key` query parameter) is not a credential here: it meters a client rather than
 //!   changing what it sees, and the default configuration leaves `api_key` out of keys too.
+//! - Server errors other than 501 are never stored, even with explicit freshness:
+//!   `stale-if-error` is the way to answer for a failing backend.
 //! - `s-maxage` implies `proxy-revalidate`, but an explicit `stale-while-revalidate` or
 //!   `stale-if-error` next to it is taken as the backend's intent and honoured; an explicit
 //!   `must-revalidate` or `proxy-revalidate` turns both stale windows off.
-//! - Delta-seconds: a value that is not all digits counts as absent (a malformed `max-age`
-//!   falls back to `Expires`, then to the default TTL); one too large for any integer counts as
-//!   2^31 s (RFC 9111 section 1.2.2); every lifetime is capped at [`MAX_LIFETIME_MS`]. When a
-//!   directive repeats, its first occurrence decides (RFC 9111 section 4.2.1).
+//! - Delta-seconds: a `max-age` or `s-maxage` that is not all digits (quotes allowed) makes the
+//!   response stale at once (RFC 9111 section 4.2.1); one too large for any integer counts as
+//!   2^31 s (section 1.2.2); every lifetime is capped at [`MAX_LIFETIME_MS`]. When a
+//!   directive repeats, its first occurrence decides. Disagreeing `Expires` lines, like an
+//!   invalid one, mean already expired.
+//! - `CDN-Cache-Control` (RFC 9213), when it holds a directive, replaces `Cache-Control` for
+//!   every decision here ([`response_cache_control`]).
+//! - Every list read from a header is bounded ([`MAX_FIELD_NAMES`] names), so hostile
+//!   headers cost bounded work.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -118,6 +131,9 @@ pub struct Freshness {
     pub fresh_until_ms: u64,
     pub stale_while_revalidate_until_ms: u64,
     pub stale_if_error_until_ms: u64,
+    /// Until when it is kept at all: the end of its windows, or, when it has a validator,
+    /// [`VALIDATION_KEEP_MS`] later, to be revalidated instead of fetched whole.
+    pub keep_until_ms: u64,
 }
 
 /// What a stored response is good for at a given instant.
@@ -146,11 +162,16 @@ impl Freshness {
         }
     }
 
-    /// When the entry becomes useless: the end of its last window.
-    pub fn expires_at_ms(&self) -> u64 {
+    /// The end of its last window: past it, it serves no request without validation.
+    pub fn windows_end_ms(&self) -> u64 {
         self.fresh_until_ms
             .max(self.stale_while_revalidate_until_ms)
             .max(self.stale_if_error_until_ms)
+    }
+
+    /// When the entry leaves the stores.
+    pub fn expires_at_ms(&self) -> u64 {
+        self.keep_until_ms.max(self.windows_end_ms())
     }
 }
 
@@ -159,11 +180,21 @@ impl Freshness {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheControl {
     pub no_store: bool,
+    /// Unqualified `no-cache` (or one whose field names cannot be read).
     pub no_cache: bool,
+    /// The field names of a qualified `no-cache="…"`: the response may be reused without
+    /// them.
+    pub no_cache_fields: Vec<HeaderName>,
+    /// Unqualified `private` (or one whose field names cannot be read).
     pub private: bool,
+    /// The field names of a qualified `private="…"`: a shared cache stores the response
+    /// without them.
+    pub private_fields: Vec<HeaderName>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
+    /// `max-age` and `s-maxage`: a value that is not delta-seconds (negative, fractional,
+    /// empty) counts as 0, so the response is stale at once (RFC 9111 section 4.2.1).
     pub max_age: Option<u64>,
     pub s_maxage: Option<u64>,
     pub stale_while_revalidate: Option<u64>,
@@ -247,12 +278,53 @@ fn unquote(v: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The field names of a qualified `private` or `no-cache`; `None` when there is no
+/// argument or it holds no valid name (the directive then counts as unqualified).
+fn field_names(value: Option<&[u8]>) -> Option<Vec<HeaderName>> {
+    let v = unquote(value?)?;
+    let names: Vec<HeaderName> = v
+        .split(|&b| b == b',')
+        .map(trim)
+        .filter(|n| !n.is_empty())
+        .take(MAX_FIELD_NAMES)
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
+
+/// Field names kept from one qualified directive, at most: bounds the work a hostile header
+/// can cause.
+const MAX_FIELD_NAMES: usize = 64;
+
+/// The field of a response that targets this cache (RFC 9213).
+pub const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// The directives this cache follows (RFC 9213 section 2.2: a targeted field, when valid,
+/// replaces `Cache-Control` for the caches it targets, the most specific one first): the
+/// operator's own targeted field, else `CDN-Cache-Control`, each when the response has it with
+/// at least one directive; else `Cache-Control`.
+pub fn response_cache_control(headers: &HeaderMap, own: Option<&HeaderName>) -> CacheControl {
+    for name in own.into_iter().chain([&CDN_CACHE_CONTROL]) {
+        if headers.contains_key(name) {
+            let targeted = parse_cache_control(headers.get_all(name).iter());
+            if targeted != CacheControl::default() {
+                return targeted;
+            }
+        }
+    }
+    cache_control(headers)
+}
+
 /// Parses every `Cache-Control` field line of `headers`.
 pub fn cache_control(headers: &HeaderMap) -> CacheControl {
+    parse_cache_control(headers.get_all(header::CACHE_CONTROL).iter())
+}
+
+fn parse_cache_control<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> CacheControl {
     let mut cc = CacheControl::default();
     // First occurrence decides, even when malformed, so these record "seen" separately.
     let mut seen = [false; 4];
-    for line in headers.get_all(header::CACHE_CONTROL) {
+    for line in lines {
         for el in split_elements(line.as_bytes()) {
             let el = trim(el);
             if el.is_empty() {
@@ -267,9 +339,21 @@ pub fn cache_control(headers: &HeaderMap) -> CacheControl {
             if is("no-store") {
                 cc.no_store = true;
             } else if is("no-cache") {
-                cc.no_cache = true;
+                match field_names(value) {
+                    Some(names) => {
+                        cc.no_cache_fields.extend(names);
+                        cc.no_cache_fields.truncate(MAX_FIELD_NAMES);
+                    }
+                    None => cc.no_cache = true,
+                }
             } else if is("private") {
-                cc.private = true;
+                match field_names(value) {
+                    Some(names) => {
+                        cc.private_fields.extend(names);
+                        cc.private_fields.truncate(MAX_FIELD_NAMES);
+                    }
+                    None => cc.private = true,
+                }
             } else if is("public") {
                 cc.public = true;
             } else if is("must-revalidate") {
@@ -292,7 +376,9 @@ pub fn cache_control(headers: &HeaderMap) -> CacheControl {
                     && !seen[i]
                 {
                     seen[i] = true;
-                    *field = delta();
+                    // An invalid max-age or s-maxage makes the response stale; an invalid
+                    // stale window is no window.
+                    *field = if i < 2 { Some(delta().unwrap_or(0)) } else { delta() };
                 }
             }
         }
@@ -328,12 +414,22 @@ pub fn request_bypass(method: &Method, headers: &HeaderMap) -> Option<Bypass> {
     None
 }
 
-/// The statuses RFC 9110 section 15.1 calls heuristically cacheable, less 206.
+/// The statuses RFC 9110 section 15.1 calls heuristically cacheable, less 206 (partial
+/// content passes through, see the module header).
 pub fn cacheable_status(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
         200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
     )
+}
+
+/// Statuses that may be stored when the response gives explicit freshness: every final
+/// status but 206 (passed through), 304 (no representation to store; it updates one, see
+/// [`updated_headers`]) and server errors other than 501 (a failure is never what a later
+/// client should get in place of a retry; `stale-if-error` covers them).
+fn storable_status(status: StatusCode) -> bool {
+    let s = status.as_u16();
+    (200..500).contains(&s) && s != 206 && s != 304 || s == 501
 }
 
 /// The names a response varies on, lower-cased, sorted and deduplicated; `Err` for `Vary: *`.
@@ -346,7 +442,9 @@ pub fn vary(headers: &HeaderMap) -> Result<Vec<HeaderName>, NotStored> {
             if n == b"*" {
                 return Err(NotStored::VaryStar);
             }
-            if let Ok(name) = HeaderName::from_bytes(n) {
+            if names.len() < MAX_FIELD_NAMES
+                && let Ok(name) = HeaderName::from_bytes(n)
+            {
                 names.push(name);
             }
         }
@@ -364,11 +462,79 @@ pub struct Storable {
     pub public: bool,
     /// See [`vary`].
     pub vary: Vec<HeaderName>,
-    /// The response's `Age` when it arrived, in seconds.
-    pub initial_age_s: u64,
+    /// Its age when it arrived (RFC 9111 section 4.2.3 `corrected_initial_age`), in ms.
+    pub initial_age_ms: u64,
+    /// Fields left out of the stored response (`private="…"`, `no-cache="…"`).
+    pub strip: Vec<HeaderName>,
 }
 
-/// Decides whether a response may be stored and for how long, at `now_ms` (its arrival).
+/// How long a stale response with a validator is kept past its last window, to be
+/// revalidated with a conditional request rather than fetched whole (nginx's `inactive`
+/// default is the same ten minutes).
+pub const VALIDATION_KEEP_MS: u64 = 10 * 60 * 1000;
+
+/// The `Age` a response arrived with: the first member of the first line, in seconds; an
+/// invalid value is ignored (RFC 9111 section 5.1).
+pub fn age_value(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.as_bytes().split(|&b| b == b',').next())
+        .and_then(|v| delta_seconds(trim(v)))
+        .unwrap_or(0)
+}
+
+/// RFC 9111 section 4.2.3: the age of a response when it arrived at `response_ms`, for a
+/// request sent at `request_ms`, in ms, capped at [`MAX_LIFETIME_MS`].
+pub fn initial_age_ms(headers: &HeaderMap, request_ms: u64, response_ms: u64) -> u64 {
+    let date = headers.get(header::DATE).and_then(http_date);
+    let apparent = date.map_or(0, |d| response_ms.saturating_sub(d));
+    let delay = response_ms.saturating_sub(request_ms);
+    let corrected = age_value(headers).saturating_mul(1000).saturating_add(delay);
+    apparent.max(corrected).min(MAX_LIFETIME_MS)
+}
+
+/// The freshness lifetime a response states (RFC 9111 section 4.2.1), in ms: `s-maxage`,
+/// `max-age`, else `Expires` less `Date`. `None` when it states none. Several `Expires`
+/// lines that disagree, like an invalid one, mean already expired.
+fn explicit_lifetime_ms(cc: &CacheControl, headers: &HeaderMap, response_ms: u64) -> Option<u64> {
+    if let Some(s) = cc.s_maxage.or(cc.max_age) {
+        return Some(s.saturating_mul(1000));
+    }
+    let mut lines = headers.get_all(header::EXPIRES).iter();
+    let first = lines.next()?;
+    if lines.any(|l| l != first) {
+        return Some(0);
+    }
+    let expires = http_date(first).unwrap_or(0);
+    let date = headers.get(header::DATE).and_then(http_date);
+    Some(expires.saturating_sub(date.unwrap_or(response_ms)))
+}
+
+/// Heuristic freshness (RFC 9111 section 4.2.2): the policy's fraction of the time since
+/// `Last-Modified` (as of `Date`, else arrival), capped by `heuristic_max_ms`; 0 without a
+/// valid `Last-Modified`.
+fn heuristic_lifetime_ms(headers: &HeaderMap, policy: &Policy, response_ms: u64) -> u64 {
+    let Some(modified) = headers.get(header::LAST_MODIFIED).and_then(http_date) else {
+        return 0;
+    };
+    let date = headers
+        .get(header::DATE)
+        .and_then(http_date)
+        .unwrap_or(response_ms);
+    let since = date.saturating_sub(modified).min(MAX_LIFETIME_MS);
+    (since / 100)
+        .saturating_mul(u64::from(policy.heuristic_percent.min(100)))
+        .min(policy.heuristic_max_ms)
+}
+
+/// True when a stored response can be validated: it has an `ETag` or a `Last-Modified`.
+pub fn has_validator(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED)
+}
+
+/// Decides whether a response may be stored and for how long, at `now_ms` (its arrival),
+/// for a request sent at the same instant. See [`storable_exchange`].
+#[cfg(any(test, feature = "internals"))]
 pub fn storable(
     status: StatusCode,
     headers: &HeaderMap,
@@ -376,49 +542,73 @@ pub fn storable(
     policy: &Policy,
     now_ms: u64,
 ) -> Result<Storable, NotStored> {
-    if !cacheable_status(status) {
+    storable_exchange(
+        status,
+        headers,
+        req_has_credentials,
+        policy,
+        now_ms,
+        now_ms,
+    )
+}
+
+/// Decides whether a response that arrived at `response_ms`, for a request sent at
+/// `request_ms`, may be stored (RFC 9111 section 3) and for how long (section 4.2).
+pub fn storable_exchange(
+    status: StatusCode,
+    headers: &HeaderMap,
+    req_has_credentials: bool,
+    policy: &Policy,
+    request_ms: u64,
+    response_ms: u64,
+) -> Result<Storable, NotStored> {
+    if !storable_status(status) {
         return Err(NotStored::Status);
     }
-    let cc = cache_control(headers);
+    let own = policy.targeted_field.as_ref();
+    let cc = response_cache_control(headers, own);
     if cc.no_store {
         return Err(NotStored::NoStore);
     }
     if cc.private {
         return Err(NotStored::Private);
     }
-    if cc.no_cache {
-        return Err(NotStored::NoCache);
-    }
     let vary = vary(headers)?;
-    if headers.contains_key(header::SET_COOKIE) {
+    let mut strip = cc.private_fields.clone();
+    strip.extend(cc.no_cache_fields.iter().cloned());
+    // The operator's targeted field is for this cache alone: never stored, never served.
+    strip.extend(own.filter(|n| headers.contains_key(*n)).cloned());
+    if headers.contains_key(header::SET_COOKIE) && !strip.contains(&header::SET_COOKIE) {
         return Err(NotStored::SetCookie);
     }
     let public = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
     if req_has_credentials && !public {
         return Err(NotStored::Credentials);
     }
-    let lifetime_ms = match cc.s_maxage.or(cc.max_age) {
-        Some(s) => s.saturating_mul(1000),
-        None => match headers.get(header::EXPIRES) {
-            // An invalid Expires, "0" included, means already expired (RFC 9111 5.3).
-            Some(exp) => {
-                let expires = http_date(exp).unwrap_or(0);
-                let date = headers.get(header::DATE).and_then(http_date);
-                expires.saturating_sub(date.unwrap_or(now_ms))
-            }
-            None => policy.default_ttl_ms,
-        },
+    let validator = has_validator(headers);
+    // Unqualified no-cache: stored only to be revalidated before every use.
+    if cc.no_cache && !validator {
+        return Err(NotStored::NoCache);
+    }
+    let heuristic_ok = cacheable_status(status) || cc.public;
+    let lifetime_ms = if cc.no_cache {
+        0
+    } else {
+        match explicit_lifetime_ms(&cc, headers, response_ms) {
+            Some(l) => l,
+            None if !heuristic_ok => return Err(NotStored::Status),
+            None => match heuristic_lifetime_ms(headers, policy, response_ms) {
+                0 => policy.default_ttl_ms,
+                l => l,
+            },
+        }
     }
     .min(MAX_LIFETIME_MS);
-    let initial_age_s = headers
-        .get(header::AGE)
-        .and_then(|v| delta_seconds(trim(v.as_bytes())))
-        .unwrap_or(0)
-        .min(MAX_LIFETIME_MS / 1000);
+    let initial_age_ms = initial_age_ms(headers, request_ms, response_ms);
     // Freshness already used up upstream is subtracted; the point it went stale may lie in
     // the past, and the stale windows still count from there.
-    let stale_at = (now_ms + lifetime_ms).saturating_sub(initial_age_s * 1000);
-    let (swr, sie) = if cc.must_revalidate || cc.proxy_revalidate {
+    let stale_at = (response_ms + lifetime_ms).saturating_sub(initial_age_ms);
+    let (swr, sie) = if cc.must_revalidate || cc.proxy_revalidate || cc.no_cache {
         (0, 0)
     } else {
         let window = |s: Option<u64>, cap: u64| s.unwrap_or(0).saturating_mul(1000).min(cap);
@@ -430,20 +620,54 @@ pub fn storable(
             window(cc.stale_if_error, policy.max_stale_if_error_ms),
         )
     };
-    let freshness = Freshness {
+    let mut freshness = Freshness {
         fresh_until_ms: stale_at,
         stale_while_revalidate_until_ms: stale_at + swr,
         stale_if_error_until_ms: stale_at + sie,
+        keep_until_ms: 0,
     };
-    if freshness.expires_at_ms() <= now_ms {
+    let end = freshness.windows_end_ms();
+    freshness.keep_until_ms = if validator {
+        end.max(response_ms) + VALIDATION_KEEP_MS
+    } else {
+        end
+    };
+    if freshness.keep_until_ms <= response_ms {
         return Err(NotStored::Expired);
     }
     Ok(Storable {
         freshness,
         public,
         vary,
-        initial_age_s,
+        initial_age_ms,
+        strip,
     })
+}
+
+/// The stored header fields updated with those of a `304 Not Modified` (RFC 9111 section
+/// 3.2): every field the 304 carries replaces the stored ones of that name, except those
+/// that describe the stored body's bytes (`Content-Length`, `Content-Encoding`,
+/// `Content-Range`); fields never stored are dropped when the result is stored.
+pub fn updated_headers(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    let mut out = stored.clone();
+    let mut replaced: Vec<&HeaderName> = Vec::new();
+    for (name, value) in not_modified {
+        if [
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+            header::CONTENT_RANGE,
+        ]
+        .contains(name)
+        {
+            continue;
+        }
+        if !replaced.contains(&name) {
+            out.remove(name);
+            replaced.push(name);
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
 }
 
 /// True when a conditional request's validators match a stored response's, so a 304 may be
@@ -474,12 +698,49 @@ pub fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
 }
 
 /// Parses an HTTP-date in any of the three formats recipients must accept (RFC 9110 section
-/// 5.6.7) into unix ms; `None` when it is none of them (or names the wrong weekday).
+/// 5.6.7) into unix ms, also with a one-digit day or hour (which some servers send, and RFC
+/// 9110 asks recipients to be robust to); `None` when it is none of them (or names the wrong
+/// weekday).
 pub fn http_date(v: &HeaderValue) -> Option<u64> {
-    let t = httpdate::parse_http_date(v.to_str().ok()?.trim()).ok()?;
+    let text = v.to_str().ok()?.trim();
+    let t = httpdate::parse_http_date(text)
+        .ok()
+        .or_else(|| loose_http_date(text))?;
     let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
     u64::try_from(since.as_millis()).ok()
 }
 
 #[cfg(test)]
 mod tests;
+
+/// Longest date text worth repairing: any valid HTTP-date is shorter.
+const MAX_DATE_LEN: usize = 64;
+
+/// A date with runs of spaces collapsed and a one-digit day or hour padded, read again.
+fn loose_http_date(text: &str) -> Option<std::time::SystemTime> {
+    if text.len() > MAX_DATE_LEN {
+        return None;
+    }
+    let words: Vec<&str> = text.split_ascii_whitespace().collect();
+    // asctime ("Sun Nov  6 08:49:37 1994") has its day third, the other two formats second.
+    let asctime = words.len() == 5;
+    let mut out = String::with_capacity(MAX_DATE_LEN);
+    for (i, w) in words.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let b = w.as_bytes();
+        let one_digit = b.len() == 1 && b[0].is_ascii_digit();
+        if one_digit && i == 1 && !asctime {
+            out.push('0');
+        } else if one_digit && i == 2 && asctime {
+            out.push(' ');
+        } else if b.len() == 7 && b[1] == b':' && b[4] == b':' {
+            out.push('0');
+        }
+        out.push_str(w);
+    }
+    (out != text)
+        .then(|| httpdate::parse_http_date(&out).ok())
+        .flatten()
+}

@@ -7,7 +7,9 @@ const NOW: u64 = 1_700_000_000_000;
 fn policy() -> Policy {
     Policy {
         enabled: true,
-        default_ttl_ms: 30_000,
+        default_ttl_ms: 0,
+        heuristic_percent: 10,
+        heuristic_max_ms: 86_400_000,
         max_stale_while_revalidate_ms: 60_000,
         max_stale_if_error_ms: 300_000,
         ..Policy::default()
@@ -87,22 +89,15 @@ fn responses_to_requests_with_credentials_need_explicit_permission() {
 }
 
 #[test]
-fn no_store_private_no_cache_set_cookie_and_vary_star_are_not_stored() {
+fn s3_no_store_private_no_cache_set_cookie_and_vary_star_are_not_stored() {
     let cases = [
         (
             ("cache-control", "no-store, max-age=60"),
             NotStored::NoStore,
         ),
-        (("cache-control", "PRIVATE"), NotStored::Private),
-        (
-            ("cache-control", "private=\"x-user\", public"),
-            NotStored::Private,
-        ),
-        (("cache-control", "no-cache"), NotStored::NoCache),
-        (
-            ("cache-control", "no-cache=\"set-cookie\""),
-            NotStored::NoCache,
-        ),
+        (("cache-control", "PRIVATE, max-age=60"), NotStored::Private),
+        (("cache-control", "private=\"\", max-age=60"), NotStored::Private),
+        (("cache-control", "no-cache, max-age=60"), NotStored::NoCache),
         (("vary", "accept-encoding, *"), NotStored::VaryStar),
     ];
     for ((k, v), want) in cases {
@@ -118,26 +113,58 @@ fn no_store_private_no_cache_set_cookie_and_vary_star_are_not_stored() {
 }
 
 #[test]
-fn only_the_heuristically_cacheable_statuses_are_stored() {
+fn s5_2_2_qualified_private_and_no_cache_store_the_response_without_those_fields() {
+    let s = store(&[
+        ("cache-control", "private=\"x-user, Set-Cookie\", max-age=60"),
+        ("set-cookie", "s=1"),
+    ])
+    .unwrap();
+    assert_eq!(s.strip, [HeaderName::from_static("x-user"), header::SET_COOKIE]);
+    let s = store(&[("cache-control", "no-cache=x-debug, max-age=60")]).unwrap();
+    assert_eq!(s.strip, [HeaderName::from_static("x-debug")]);
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 60_000);
+}
+
+#[test]
+fn s5_2_2_4_unqualified_no_cache_is_stored_only_to_be_revalidated() {
+    let s = store(&[
+        ("cache-control", "no-cache, max-age=60, stale-while-revalidate=60"),
+        ("etag", "\"v1\""),
+    ])
+    .unwrap();
+    assert_eq!(s.freshness.state(NOW), State::Expired, "stale at once, no window");
+    assert_eq!(s.freshness.keep_until_ms, NOW + VALIDATION_KEEP_MS);
+}
+
+#[test]
+fn s3_final_statuses_with_explicit_freshness_are_stored_and_others_only_heuristically() {
     let p = policy();
     let cc = h(&[("cache-control", "max-age=60")]);
-    for s in [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501] {
-        let status = StatusCode::from_u16(s).unwrap();
-        assert!(storable(status, &cc, false, &p, NOW).is_ok(), "{s}");
+    for st in [200, 201, 203, 204, 300, 301, 302, 307, 308, 400, 403, 404, 410, 501] {
+        let status = StatusCode::from_u16(st).unwrap();
+        assert!(storable(status, &cc, false, &p, NOW).is_ok(), "{st}");
     }
-    for s in [201, 206, 302, 304, 400, 403, 500, 502, 503] {
-        let status = StatusCode::from_u16(s).unwrap();
+    for st in [100, 101, 103, 206, 304, 500, 502, 503] {
+        let status = StatusCode::from_u16(st).unwrap();
         assert_eq!(
             storable(status, &cc, false, &p, NOW),
             Err(NotStored::Status),
-            "{s}"
+            "{st}"
         );
     }
+    // Without explicit freshness, only the heuristically cacheable ones (or public).
+    let lm = h(&[("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+    assert!(storable(StatusCode::OK, &lm, false, &p, NOW).is_ok());
+    assert_eq!(
+        storable(StatusCode::FOUND, &lm, false, &p, NOW),
+        Err(NotStored::Status)
+    );
 }
 
 #[test]
 fn vary_names_are_lower_cased_sorted_and_deduplicated() {
     let s = store(&[
+        ("cache-control", "max-age=60"),
         ("vary", "Accept-Encoding, accept-language"),
         ("vary", "ACCEPT-ENCODING"),
     ])
@@ -147,7 +174,7 @@ fn vary_names_are_lower_cased_sorted_and_deduplicated() {
 }
 
 #[test]
-fn lifetime_comes_from_s_maxage_then_max_age_then_expires_then_the_default() {
+fn s4_2_1_lifetime_comes_from_s_maxage_then_max_age_then_expires() {
     assert_eq!(
         lifetime(&[("cache-control", "max-age=60, s-maxage=120")]),
         120_000
@@ -168,33 +195,152 @@ fn lifetime_comes_from_s_maxage_then_max_age_then_expires_then_the_default() {
     );
     assert_eq!(
         lifetime(&[
-            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
-            ("expires", "Sun, 06 Nov 1994 08:59:37 GMT")
+            ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
+            ("expires", "Tue, 14 Nov 2023 22:23:20 GMT")
         ]),
         600_000
     );
-    assert_eq!(lifetime(&[]), 30_000);
-    assert_eq!(lifetime(&[("cache-control", "public")]), 30_000);
 }
 
 #[test]
-fn expires_without_date_counts_from_arrival_and_an_invalid_one_is_in_the_past() {
-    // NOW is 2023-11-14T22:13:20Z.
-    let exp = lifetime(&[("expires", "Tue, 14 Nov 2023 22:14:20 GMT")]);
-    assert_eq!(exp, 60_000);
-    assert_eq!(store(&[("expires", "0")]), Err(NotStored::Expired));
+fn s4_2_2_heuristic_freshness_needs_last_modified() {
+    // Nothing stated and nothing to validate with: not stored.
+    assert_eq!(store(&[]), Err(NotStored::Expired));
+    assert_eq!(store(&[("cache-control", "public")]), Err(NotStored::Expired));
+    // 10% of the 10 000 s since Last-Modified.
     assert_eq!(
-        store(&[
-            ("expires", "yesterday"),
-            ("cache-control", "stale-if-error=10")
-        ])
-        .unwrap()
-        .freshness,
-        Freshness {
-            fresh_until_ms: NOW,
-            stale_while_revalidate_until_ms: NOW,
-            stale_if_error_until_ms: NOW + 10_000
+        lifetime(&[
+            ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
+            ("last-modified", "Tue, 14 Nov 2023 19:26:40 GMT")
+        ]),
+        1_000_000
+    );
+    // Capped by heuristic_max_ms.
+    assert_eq!(
+        lifetime(&[("last-modified", "Thu, 01 Jan 1970 00:00:00 GMT")]),
+        86_400_000
+    );
+    // A Last-Modified in the future gives nothing; the entry is kept only to validate.
+    let s = store(&[("last-modified", "Fri, 31 Dec 9999 23:59:59 GMT")]).unwrap();
+    assert_eq!(s.freshness.state(NOW), State::Expired);
+    // Turned off.
+    let off = Policy {
+        heuristic_percent: 0,
+        ..policy()
+    };
+    let lm = h(&[("last-modified", "Thu, 01 Jan 1970 00:00:00 GMT")]);
+    let s = storable(StatusCode::OK, &lm, false, &off, NOW).unwrap();
+    assert_eq!(s.freshness.state(NOW), State::Expired);
+}
+
+#[test]
+fn s4_2_2_default_ttl_is_an_explicit_override_for_responses_stating_nothing() {
+    let p = Policy {
+        default_ttl_ms: 30_000,
+        ..policy()
+    };
+    let s = storable(StatusCode::OK, &HeaderMap::new(), false, &p, NOW).unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 30_000);
+    // Never in place of what the response states.
+    let cc = h(&[("cache-control", "max-age=5")]);
+    let s = storable(StatusCode::OK, &cc, false, &p, NOW).unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 5_000);
+}
+
+#[test]
+fn s4_2_3_age_counts_the_backends_age_the_response_delay_and_the_apparent_age() {
+    let p = policy();
+    let cc = |extra: &[(&str, &str)]| {
+        let mut m = h(&[("cache-control", "max-age=600")]);
+        for (k, v) in extra {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
+        m
+    };
+    // Sent 2 s before it arrived, with Age 10: 12 s old on arrival.
+    let m = cc(&[("age", "10")]);
+    let s = storable_exchange(StatusCode::OK, &m, false, &p, NOW - 2_000, NOW).unwrap();
+    assert_eq!(s.initial_age_ms, 12_000);
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 588_000);
+    // A Date 30 s before arrival: the apparent age wins.
+    let date = httpdate::fmt_http_date(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(NOW - 30_000),
+    );
+    let m = cc(&[("age", "10"), ("date", &date)]);
+    let s = storable_exchange(StatusCode::OK, &m, false, &p, NOW, NOW).unwrap();
+    assert_eq!(s.initial_age_ms, 30_000);
+    // A Date in the future is no negative age.
+    let s = store(&[
+        ("cache-control", "max-age=60"),
+        ("date", "Fri, 31 Dec 9999 23:59:59 GMT"),
+    ])
+    .unwrap();
+    assert_eq!(s.initial_age_ms, 0);
+}
+
+#[test]
+fn s5_1_age_takes_the_first_member_and_ignores_an_invalid_value() {
+    let age = |v: &[&str]| {
+        let mut m = HeaderMap::new();
+        for v in v {
+            m.append(header::AGE, v.parse().unwrap());
+        }
+        age_value(&m)
+    };
+    assert_eq!(age(&["10"]), 10);
+    assert_eq!(age(&[" 10 "]), 10);
+    assert_eq!(age(&["10, 20"]), 10);
+    assert_eq!(age(&["10", "20"]), 10);
+    assert_eq!(age(&["10s"]), 0);
+    assert_eq!(age(&["-5"]), 0);
+    assert_eq!(age(&["1.5"]), 0);
+    assert_eq!(age(&["\"10\""]), 0);
+    assert_eq!(age(&["99999999999999999999"]), 1 << 31);
+}
+
+#[test]
+fn s5_3_expires_on_several_lines_or_invalid_means_already_expired() {
+    // NOW is 2023-11-14T22:13:20Z.
+    assert_eq!(
+        lifetime(&[("expires", "Tue, 14 Nov 2023 22:14:20 GMT")]),
+        60_000
+    );
+    for (a, b) in [
+        (
+            "Tue, 14 Nov 2023 22:14:20 GMT",
+            "Tue, 14 Nov 2023 23:14:20 GMT",
+        ),
+        ("Tue, 14 Nov 2023 22:14:20 GMT", "0"),
+    ] {
+        assert_eq!(
+            store(&[("expires", a), ("expires", b)]),
+            Err(NotStored::Expired),
+            "{a} / {b}"
+        );
+    }
+    assert_eq!(store(&[("expires", "0")]), Err(NotStored::Expired));
+    // The same date twice is one date.
+    assert_eq!(
+        lifetime(&[
+            ("expires", "Tue, 14 Nov 2023 22:14:20 GMT"),
+            ("expires", "Tue, 14 Nov 2023 22:14:20 GMT")
+        ]),
+        60_000
+    );
+    // A one-digit hour or day, as some servers write them, is read.
+    assert_eq!(
+        lifetime(&[("expires", "Wed, 15 Nov 2023 1:00:00 GMT")]),
+        10_000_000
+    );
+    assert_eq!(
+        lifetime(&[
+            ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
+            ("expires", "Tue, 14 Nov 2023 22:23:20 GMT"),
+        ]),
+        600_000
     );
 }
 
@@ -256,6 +402,7 @@ fn states_follow_the_windows() {
         fresh_until_ms: 100,
         stale_while_revalidate_until_ms: 200,
         stale_if_error_until_ms: 300,
+        keep_until_ms: 300,
     };
     assert_eq!(f.state(0), State::Fresh);
     assert_eq!(f.state(99), State::Fresh);
@@ -266,6 +413,7 @@ fn states_follow_the_windows() {
     // A stale-if-error window shorter than the revalidation one.
     let g = Freshness {
         stale_if_error_until_ms: 150,
+        keep_until_ms: 0,
         ..f
     };
     assert_eq!(g.state(160), State::StaleRevalidate);
@@ -280,15 +428,18 @@ fn cache_control_parsing_is_robust() {
     assert_eq!(cc("max-age=\"60\"").max_age, Some(60));
     assert_eq!(cc("  max-age = 60 ").max_age, Some(60));
     assert_eq!(cc("max-age=60, max-age=10").max_age, Some(60));
-    assert_eq!(cc("max-age=abc").max_age, None);
-    assert_eq!(cc("max-age=-1").max_age, None);
-    assert_eq!(cc("max-age=1.5").max_age, None);
-    assert_eq!(cc("max-age=").max_age, None);
-    assert_eq!(cc("max-age").max_age, None);
-    assert_eq!(cc("max-age=\"60").max_age, None);
+    // Invalid: stale at once (RFC 9111 section 4.2.1).
+    assert_eq!(cc("max-age=abc").max_age, Some(0));
+    assert_eq!(cc("max-age=-1").max_age, Some(0));
+    assert_eq!(cc("max-age=\"-1\"").max_age, Some(0));
+    assert_eq!(cc("max-age=1.5").max_age, Some(0));
+    assert_eq!(cc("max-age=").max_age, Some(0));
+    assert_eq!(cc("max-age").max_age, Some(0));
+    assert_eq!(cc("max-age=\"60").max_age, Some(0));
+    assert_eq!(cc("stale-if-error=-1").stale_if_error, None);
     assert_eq!(
         cc("max-age=x, max-age=60").max_age,
-        None,
+        Some(0),
         "first occurrence decides"
     );
     assert_eq!(
@@ -296,34 +447,102 @@ fn cache_control_parsing_is_robust() {
         Some(1 << 31)
     );
     let c = cc("private=\"a, b\", max-age=5,,, ,no-store=1");
-    assert!(c.private && c.no_store);
+    assert!(!c.private && c.no_store);
+    assert_eq!(c.private_fields.len(), 2);
     assert_eq!(c.max_age, Some(5));
     let c = cc("foo=\"a\\\"b, max-age=9\", s-maxage=7");
     assert_eq!((c.max_age, c.s_maxage), (None, Some(7)));
 }
 
 #[test]
-fn malformed_max_age_counts_as_absent_and_absurd_ones_are_capped() {
-    assert_eq!(lifetime(&[("cache-control", "max-age=soon")]), 30_000);
-    assert_eq!(
-        lifetime(&[
-            ("cache-control", "max-age=-5"),
-            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
-            ("expires", "Sun, 06 Nov 1994 08:50:37 GMT")
-        ]),
-        60_000
-    );
+fn s4_2_1_negative_or_malformed_max_age_means_stale_and_absurd_ones_are_capped() {
+    for cc in ["max-age=soon", "max-age=-5", "max-age=\"-5\"", "s-maxage=1e3"] {
+        assert_eq!(
+            store(&[
+                ("cache-control", cc),
+                ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
+                ("expires", "Tue, 14 Nov 2023 22:23:20 GMT")
+            ]),
+            Err(NotStored::Expired),
+            "{cc}: no fallback to Expires"
+        );
+    }
+    assert_eq!(lifetime(&[("cache-control", "max-age=\"60\"")]), 60_000);
     assert_eq!(
         lifetime(&[("cache-control", "max-age=999999999999999")]),
         MAX_LIFETIME_MS
     );
     assert_eq!(
         lifetime(&[
-            ("date", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
             ("expires", "Fri, 31 Dec 9999 23:59:59 GMT")
         ]),
         MAX_LIFETIME_MS
     );
+}
+
+#[test]
+fn targeted_cdn_cache_control_takes_precedence_over_cache_control() {
+    let s = store(&[
+        ("cache-control", "no-store"),
+        ("cdn-cache-control", "max-age=120"),
+    ])
+    .unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 120_000);
+    assert_eq!(
+        store(&[
+            ("cache-control", "max-age=60"),
+            ("cdn-cache-control", "no-store")
+        ]),
+        Err(NotStored::NoStore)
+    );
+    // An empty one is ignored.
+    assert_eq!(
+        lifetime(&[("cache-control", "max-age=60"), ("cdn-cache-control", " ")]),
+        60_000
+    );
+}
+
+#[test]
+fn an_operator_named_targeted_field_comes_before_cdn_cache_control_and_is_not_stored() {
+    let p = Policy {
+        targeted_field: Some(HeaderName::from_static("lb-cache-control")),
+        ..policy()
+    };
+    let m = h(&[
+        ("cache-control", "no-store"),
+        ("cdn-cache-control", "max-age=10"),
+        ("lb-cache-control", "max-age=120"),
+    ]);
+    let s = storable(StatusCode::OK, &m, false, &p, NOW).unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 120_000);
+    assert_eq!(s.strip, [HeaderName::from_static("lb-cache-control")]);
+    // Without it configured, the field means nothing here.
+    let s = storable(StatusCode::OK, &m, false, &policy(), NOW).unwrap();
+    assert_eq!(s.freshness.fresh_until_ms, NOW + 10_000);
+}
+
+#[test]
+fn s3_2_a_304_updates_the_stored_fields_but_not_the_body_framing() {
+    let stored = h(&[
+        ("content-length", "5"),
+        ("etag", "\"v1\""),
+        ("x-a", "1"),
+        ("x-a", "2"),
+        ("cache-control", "max-age=1"),
+    ]);
+    let nm = h(&[
+        ("content-length", "0"),
+        ("cache-control", "max-age=60"),
+        ("x-a", "3"),
+        ("x-b", "4"),
+    ]);
+    let u = updated_headers(&stored, &nm);
+    assert_eq!(u["content-length"], "5");
+    assert_eq!(u["cache-control"], "max-age=60");
+    assert_eq!(u.get_all("x-a").iter().collect::<Vec<_>>(), ["3"]);
+    assert_eq!(u["x-b"], "4");
+    assert_eq!(u["etag"], "\"v1\"");
 }
 
 #[test]
@@ -332,6 +551,9 @@ fn a_64_kib_cache_control_header_and_binary_garbage_never_panic() {
     let _ = cache_control(&h(&[("cache-control", &big)]));
     let big = format!("{}, max-age=60", "a".repeat(64 * 1024));
     assert_eq!(lifetime(&[("cache-control", &big)]), 60_000);
+    let names = format!("private=\"{}\"", "a,".repeat(32 * 1024));
+    let c = cache_control(&h(&[("cache-control", &names)]));
+    assert!(c.private_fields.len() <= 64);
     let big = "9".repeat(64 * 1024);
     assert_eq!(
         cache_control(&h(&[("cache-control", &format!("max-age={big}"))])).max_age,
@@ -349,6 +571,9 @@ fn a_64_kib_cache_control_header_and_binary_garbage_never_panic() {
             m.insert(header::CACHE_CONTROL, v.clone());
             m.insert(header::EXPIRES, v.clone());
             m.insert(header::AGE, v.clone());
+            m.insert(header::DATE, v.clone());
+            m.insert(header::LAST_MODIFIED, v.clone());
+            m.insert(CDN_CACHE_CONTROL, v.clone());
             m.insert(header::VARY, v);
             let _ = storable(StatusCode::OK, &m, false, &policy(), NOW);
             let _ = not_modified(&m, &m);
@@ -363,6 +588,9 @@ fn http_dates_in_all_three_formats() {
     assert_eq!(d("Sun, 06 Nov 1994 08:49:37 GMT"), want);
     assert_eq!(d("Sunday, 06-Nov-94 08:49:37 GMT"), want);
     assert_eq!(d("Sun Nov  6 08:49:37 1994"), want);
+    assert_eq!(d("Sun, 6 Nov 1994 8:49:37 GMT"), want);
+    assert_eq!(d("Sun,  06 Nov  1994 08:49:37 GMT"), want);
+    assert_eq!(d("Sun Nov 6 8:49:37 1994"), want);
     assert_eq!(d("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
     assert_eq!(d("Thu, 29 Feb 2024 12:00:00 GMT"), Some(1_709_208_000_000));
     for bad in [
@@ -409,4 +637,103 @@ fn conditional_requests_match_validators() {
         &stored
     ));
     assert!(is_conditional(&h(&[("if-none-match", "*")])));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value(s: &str) -> Option<HeaderValue> {
+        HeaderValue::from_str(s).ok()
+    }
+
+    proptest! {
+        #[test]
+        fn delta_seconds_reads_any_digits_and_caps_them(n in any::<u64>(), zeros in 0usize..5) {
+            let text = format!("{}{n}", "0".repeat(zeros));
+            prop_assert_eq!(delta_seconds(text.as_bytes()), Some(n.min(1 << 31)));
+        }
+
+        #[test]
+        fn delta_seconds_refuses_anything_but_digits(s in "[^0-9]{1,4}[0-9]{0,3}") {
+            prop_assert_eq!(delta_seconds(s.as_bytes()), None);
+        }
+
+        #[test]
+        fn max_age_is_found_among_any_other_directives(
+            n in 0u64..1_000_000,
+            before in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{0,5})?", 0..5),
+            quoted in any::<bool>(),
+        ) {
+            let arg = if quoted { format!("\"{n}\"") } else { n.to_string() };
+            let mut parts: Vec<String> =
+                before.into_iter().filter(|d| !d.starts_with("max-age")).collect();
+            parts.push(format!("max-age={arg}"));
+            let m = h(&[("cache-control", &parts.join(", "))]);
+            prop_assert_eq!(cache_control(&m).max_age, Some(n));
+        }
+
+        #[test]
+        fn http_dates_round_trip_with_or_without_leading_zeros(secs in 0u64..253_402_300_799) {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let imf = httpdate::fmt_http_date(t);
+            prop_assert_eq!(http_date(&value(&imf).unwrap()), Some(secs * 1000));
+            // The same with a one-digit day and hour, where they have a leading zero.
+            let loose = imf
+                .split(' ')
+                .enumerate()
+                .map(|(i, w)| match (i, w.as_bytes()) {
+                    (1 | 4, [b'0', rest @ ..]) => String::from_utf8_lossy(rest).into_owned(),
+                    _ => w.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            prop_assert_eq!(http_date(&value(&loose).unwrap()), Some(secs * 1000), "{}", loose);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_any_field_value(s in "\\PC{0,80}", n in 0usize..3) {
+            if let Some(v) = value(&s) {
+                let mut m = HeaderMap::new();
+                for name in [
+                    header::CACHE_CONTROL,
+                    header::EXPIRES,
+                    header::AGE,
+                    header::DATE,
+                    header::LAST_MODIFIED,
+                    header::VARY,
+                    CDN_CACHE_CONTROL,
+                ] {
+                    for _ in 0..=n {
+                        m.append(name.clone(), v.clone());
+                    }
+                }
+                let _ = http_date(&v);
+                let _ = age_value(&m);
+                let _ = storable_exchange(StatusCode::OK, &m, false, &policy(), NOW - 5, NOW);
+                let _ = not_modified(&m, &m);
+                let _ = updated_headers(&m, &m);
+            }
+        }
+
+        #[test]
+        fn freshness_stays_within_the_cap_and_the_age_counts_at_least_the_backends(
+            max_age in any::<u32>(),
+            age in any::<u32>(),
+            sent_before in 0u64..100_000,
+        ) {
+            let m = h(&[
+                ("cache-control", &format!("max-age={max_age}")),
+                ("age", &age.to_string()),
+            ]);
+            let stored =
+                storable_exchange(StatusCode::OK, &m, false, &policy(), NOW - sent_before, NOW);
+            if let Ok(s) = stored {
+                prop_assert!(s.freshness.fresh_until_ms <= NOW + MAX_LIFETIME_MS);
+                prop_assert!(s.freshness.keep_until_ms > NOW);
+                let backend = (u64::from(age) * 1000).min(MAX_LIFETIME_MS);
+                prop_assert!(s.initial_age_ms >= backend);
+            }
+        }
+    }
 }
