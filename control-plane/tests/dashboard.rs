@@ -804,17 +804,7 @@ async fn openapi_documents_every_route_and_the_shapes_served() {
         .create_api_key(CreateApiKeyRequest::default())
         .await
         .unwrap();
-    let users = send(
-        &client,
-        request(
-            http::Method::GET,
-            &cp.http_url("/admin/users"),
-            Some(TOKEN),
-            "",
-        ),
-    )
-    .await
-    .json();
+    let users = admin_get(&client, cp, "/admin/users").await.json();
     assert_eq!(fields(&users["users"][0]), schema_fields(&doc, "User"));
 
     for (p, content_type, needle) in [
@@ -840,6 +830,15 @@ async fn openapi_documents_every_route_and_the_shapes_served() {
             "{p} lacks {needle}"
         );
     }
+}
+
+/// `GET path` on the control plane's HTTP listener with the admin token.
+async fn admin_get(client: &HttpClient, cp: &Cp, path: &str) -> Reply {
+    send(
+        client,
+        request(http::Method::GET, &cp.http_url(path), Some(TOKEN), ""),
+    )
+    .await
 }
 
 /// Sends requests with `key` to `url` until one is refused as banned (a 429 whose
@@ -875,16 +874,7 @@ async fn bans_are_listed_with_time_left_and_lifted_on_the_page() {
 
     // REST: the ban, who enforces it, and the key's status.
     let listed = poll_until("the ban reported", || async {
-        let r = send(
-            &client,
-            request(
-                http::Method::GET,
-                &cp.http_url("/admin/bans"),
-                Some(TOKEN),
-                "",
-            ),
-        )
-        .await;
+        let r = admin_get(&client, cp, "/admin/bans").await;
         let bans = r.json()["bans"].clone();
         if bans.as_array().is_some_and(|b| !b.is_empty()) {
             Ok(bans)
@@ -900,17 +890,7 @@ async fn bans_are_listed_with_time_left_and_lifted_on_the_page() {
         listed[0]["ends_in_ms"].as_u64().unwrap() > 250_000,
         "{listed}"
     );
-    let users = send(
-        &client,
-        request(
-            http::Method::GET,
-            &cp.http_url("/admin/users"),
-            Some(TOKEN),
-            "",
-        ),
-    )
-    .await
-    .json();
+    let users = admin_get(&client, cp, "/admin/users").await.json();
     let user = users["users"]
         .as_array()
         .unwrap()

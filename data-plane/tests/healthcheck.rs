@@ -2,18 +2,13 @@
 //! (its admin listener's /readyz answers 200), else 1 with the reason, for container health
 //! checks in an image without curl.
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+#[path = "support/bin.rs"]
+mod bin;
 
-use prost::Message;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use bin::{free_port, save_snapshot, spawn_offline};
 
 /// `data-plane healthcheck` against the admin listener on `port`: exit code and stderr.
 fn healthcheck(port: u16) -> (Option<i32>, String) {
@@ -29,6 +24,27 @@ fn healthcheck(port: u16) -> (Option<i32>, String) {
     )
 }
 
+/// Runs a data plane on `admin` with `state_dir` and asks until `done` holds of the answer
+/// (at most 20 s): the last answer.
+fn ask_until(
+    admin: u16,
+    state_dir: &std::path::Path,
+    done: impl Fn(&(Option<i32>, String)) -> bool,
+) -> (Option<i32>, String) {
+    let mut child = spawn_offline(free_port(), admin, state_dir, &[], &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let answer = healthcheck(admin);
+        if done(&answer) || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    answer
+}
+
 #[test]
 fn healthcheck_says_whether_the_data_plane_is_ready() {
     // Nothing listening.
@@ -37,77 +53,18 @@ fn healthcheck_says_whether_the_data_plane_is_ready() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&format!("127.0.0.1:{admin}")), "{err}");
 
-    // Listening, without a configuration: not ready.
+    // Listening, without a configuration: not ready (until the listener is up, the connection
+    // is refused).
     let dir = std::env::temp_dir().join(format!("lb-healthcheck-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_data-plane"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--control-plane",
-            "http://127.0.0.1:1",
-        ])
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin}"))
-        .arg("--state-dir")
-        .arg(&dir)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (code, err) = loop {
-        let (code, err) = healthcheck(admin);
-        // Until the listener is up, the connection is refused.
-        if err.contains("503") || std::time::Instant::now() > deadline {
-            break (code, err);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let (code, err) = ask_until(admin, &dir, |(_, err)| err.contains("503"));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("503"), "{err}");
 
     // With a saved configuration in force: ready.
-    let mut snapshot = lb_proto::defaults::snapshot();
-    snapshot.version = 1;
-    snapshot.backends = vec![lb_proto::v1::Backend {
-        address: "127.0.0.1:9".into(),
-        weight: 1,
-        ..Default::default()
-    }];
-    std::fs::write(dir.join("snapshot.pb"), snapshot.encode_to_vec()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_data-plane"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--control-plane",
-            "http://127.0.0.1:1",
-        ])
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin}"))
-        .arg("--state-dir")
-        .arg(&dir)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let ready = loop {
-        let (code, err) = healthcheck(admin);
-        if code == Some(0) || std::time::Instant::now() > deadline {
-            break (code, err);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    save_snapshot(&dir, "127.0.0.1:9");
+    let (code, err) = ask_until(admin, &dir, |(code, _)| *code == Some(0));
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(ready.0, Some(0), "{}", ready.1);
+    assert_eq!(code, Some(0), "{err}");
 }

@@ -2,12 +2,15 @@
 //! collector in the test, writes a line inside a proxied request that carried a `traceparent`,
 //! and that line names the request's trace and span, the same ones the collector receives.
 
+#[path = "support/bin.rs"]
+mod bin;
+
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bin::{free_port, save_snapshot, spawn_offline};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -15,7 +18,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use prost::Message;
 use tokio::sync::{Notify, mpsc};
 
 /// Spans received, as (trace id, span id) in hex.
@@ -50,14 +52,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
     let collector = Collector::default();
@@ -72,40 +66,20 @@ async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
     // A saved configuration whose one backend refuses connections: the request fails (503
     // backend_unreachable), and the data plane logs "backend request failed" while handling it.
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut snapshot = lb_proto::defaults::snapshot();
-    snapshot.version = 1;
-    snapshot.backends = vec![lb_proto::v1::Backend {
-        address: dead.to_string(),
-        weight: 1,
-        ..Default::default()
-    }];
     let dir = std::env::temp_dir().join(format!("lb-trace-logs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("snapshot.pb"), snapshot.encode_to_vec()).unwrap();
-
+    save_snapshot(&dir, &dead.to_string());
     let (listen, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_data-plane"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{listen}"))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin}"))
-        .args([
-            "--control-plane",
-            "http://127.0.0.1:1",
-            "--log-format",
-            "json",
-        ])
-        .arg("--state-dir")
-        .arg(&dir)
-        .env_remove("LB_CONFIG")
-        .env("RUST_LOG", "info")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_offline(
+        listen,
+        admin,
+        &dir,
+        &["--log-format", "json"],
+        &[
+            ("RUST_LOG", "info"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+        ],
+    );
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {

@@ -1,6 +1,9 @@
-//! The data-plane binary run as a process, for what it refuses at start.
+//! The data-plane binary run as a process: what it refuses at start, and what it does with a
+//! saved configuration and no control plane.
 
 #![allow(dead_code)]
+
+use std::process::Child;
 
 /// Runs the binary on free ports with `args` and `env` added; its exit code and standard error.
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -16,4 +19,57 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) 
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A loopback port nothing listens on (at the time of asking), for the binary's flags.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes the default configuration with `backend` as the one backend into `dir` as the
+/// snapshot a data plane saved, so the binary started with `--state-dir dir` serves it with no
+/// control plane reachable.
+pub fn save_snapshot(dir: &std::path::Path, backend: &str) {
+    use prost::Message;
+    let mut snapshot = lb_proto::defaults::snapshot();
+    snapshot.version = 1;
+    snapshot.backends = vec![lb_proto::v1::Backend {
+        address: backend.to_owned(),
+        weight: 1,
+        ..Default::default()
+    }];
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("snapshot.pb"), snapshot.encode_to_vec()).unwrap();
+}
+
+/// The binary with no control plane reachable, listening on `listen` and (admin) `admin`, its
+/// saved snapshot (if any) in `state_dir`, `args` added; nothing inherited from the environment
+/// but `env`. Its standard error is piped.
+pub fn spawn_offline(
+    listen: u16,
+    admin: u16,
+    state_dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_data-plane"))
+        .args(["--control-plane", "http://127.0.0.1:1"])
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{listen}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin}"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
