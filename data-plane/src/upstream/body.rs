@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use super::UpstreamError;
+use super::{UpstreamError, stalled};
 use super::conn::Conn;
 use super::encode::{Sending, Upload};
 use super::parse::{Decoded, Decoder, Framing};
@@ -294,13 +294,3 @@ impl http_body::Body for Body {
     }
 }
 
-/// The failure of a response body the backend sent nothing of for `idle`.
-pub(crate) fn stalled(idle: Duration) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!(
-            "backend sent nothing for {} ms in the middle of the response body",
-            idle.as_millis()
-        ),
-    )
-}

@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::conn::{Conn, Transport, connect};
 use super::encode::{Head, Outgoing};
 use super::request_body::{ClientBodyError, RequestBody};
-use super::{Body, Deadline, Timeouts, UpstreamError};
+use super::{Deadline, Timeouts, UpstreamError, stalled};
 use crate::clock::Stall;
 
 /// Pings on an idle multiplexed connection, so one the network dropped silently is found
@@ -144,7 +144,7 @@ pub(crate) async fn send(
     resolved: Option<std::net::SocketAddr>,
     timeouts: Timeouts,
     req: Outgoing,
-) -> Result<Response<Body>, (UpstreamError, Option<Outgoing>)> {
+) -> Result<Response<H2Body>, (UpstreamError, Option<Outgoing>)> {
     let deadline = timeouts.request.map(|after| Deadline {
         at: tokio::time::Instant::now() + after,
         after,
@@ -194,7 +194,7 @@ pub(crate) async fn send(
         None => exchange.await,
     };
     match answered {
-        Ok(resp) => Ok(resp.map(|b| Body::Http2(H2Body::new(b, timeouts.body_idle)))),
+        Ok(resp) => Ok(resp.map(|b| H2Body::new(b, timeouts.body_idle))),
         Err((e, unsent)) => {
             let returned = unsent.map(|r| {
                 req.put_body(r.into_body());
@@ -337,7 +337,7 @@ impl http_body::Body for H2Body {
             Poll::Pending => match this.idle_timeout {
                 Some(idle) if this.stall.expired(cx, idle) => {
                     this.failed = true;
-                    Poll::Ready(Some(Err(super::body::stalled(idle))))
+                    Poll::Ready(Some(Err(stalled(idle))))
                 }
                 _ => Poll::Pending,
             },

@@ -107,7 +107,9 @@ pub async fn send(
                 transport: pool.transport(),
                 to_http1: &to_http1,
             };
-            Box::pin(h2::send(backend, worker, addr, resolved, timeouts, req)).await
+            Box::pin(h2::send(backend, worker, addr, resolved, timeouts, req))
+                .await
+                .map(|resp| resp.map(Body::Http2))
         } else {
             http1(pool, worker, addr, resolved, timeouts, req).await
         };
@@ -325,4 +327,15 @@ async fn write_head(
         },
         None => written.await.map_err(UpstreamError::Write),
     }
+}
+
+/// The failure of a response body the backend sent nothing of for `idle`.
+pub(crate) fn stalled(idle: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "backend sent nothing for {} ms in the middle of the response body",
+            idle.as_millis()
+        ),
+    )
 }
