@@ -63,7 +63,7 @@ fn healthcheck_says_whether_the_data_plane_is_ready() {
     assert!(err.contains("503"), "{err}");
 
     // With a saved configuration in force: ready.
-    save_snapshot(&dir, "127.0.0.1:9");
+    save_snapshot(&dir, "127.0.0.1:9", |_| {});
     let (code, err) = ask_until(admin, &dir, |(code, _)| *code == Some(0));
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, Some(0), "{err}");

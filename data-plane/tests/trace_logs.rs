@@ -67,7 +67,7 @@ async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
     // backend_unreachable), and the data plane logs "backend request failed" while handling it.
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dir = std::env::temp_dir().join(format!("lb-trace-logs-{}", std::process::id()));
-    save_snapshot(&dir, &dead.to_string());
+    save_snapshot(&dir, &dead.to_string(), |_| {});
     let (listen, admin) = (free_port(), free_port());
     let mut child = spawn_offline(
         listen,

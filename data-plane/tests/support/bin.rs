@@ -30,18 +30,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes the default configuration with `backend` as the one backend into `dir` as the
-/// snapshot a data plane saved, so the binary started with `--state-dir dir` serves it with no
-/// control plane reachable.
-pub fn save_snapshot(dir: &std::path::Path, backend: &str) {
+/// Writes the default configuration with `backend` as the one backend and no per-IP limit into
+/// `dir` as the snapshot a data plane saved, so the binary started with `--state-dir dir` serves
+/// it with no control plane reachable; `tweak` changes it first.
+pub fn save_snapshot(
+    dir: &std::path::Path,
+    backend: &str,
+    tweak: impl FnOnce(&mut lb_proto::v1::ConfigSnapshot),
+) {
     use prost::Message;
     let mut snapshot = lb_proto::defaults::snapshot();
     snapshot.version = 1;
+    if let Some(rl) = snapshot.rate_limit.as_mut() {
+        rl.ip_limit = Some(lb_proto::v1::Limit {
+            requests: 0,
+            period_ms: 60_000,
+        });
+    }
     snapshot.backends = vec![lb_proto::v1::Backend {
         address: backend.to_owned(),
         weight: 1,
         ..Default::default()
     }];
+    tweak(&mut snapshot);
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("snapshot.pb"), snapshot.encode_to_vec()).unwrap();
 }
