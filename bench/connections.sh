@@ -76,7 +76,9 @@ start() { # target -> sets TARGET_PGID, MEASURED_PID
         >"$RUN/data-plane.log" 2>&1 &
       ;;
     haproxy)
-      sed -e "s|@MAXCONN@|$((N + 1000))|g" "$HERE/lb-haproxy-connections.cfg" >"$RUN/haproxy.cfg"
+      # HAProxy asks for about two descriptors per maxconn at start and refuses to run when the
+      # hard limit is below that: a margin of 200 keeps N = 9000 under a hard limit of 20000.
+      sed -e "s|@MAXCONN@|$((N + 200))|g" "$HERE/lb-haproxy-connections.cfg" >"$RUN/haproxy.cfg"
       setsid haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/haproxy.log" 2>&1 &
       ;;
     nginx)
