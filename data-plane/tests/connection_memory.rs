@@ -102,7 +102,7 @@ async fn memory_stays_bounded_over_rounds_of_2000_connections() {
         });
     });
     let (listen, admin) = (free_port(), free_port());
-    let mut child = spawn_offline(listen, admin, &dir, &[], &[]);
+    let child = spawn_offline(listen, admin, &dir, &[], &[]);
     let pid = child.id();
 
     let ready = Instant::now() + Duration::from_secs(20);
@@ -121,8 +121,7 @@ async fn memory_stays_bounded_over_rounds_of_2000_connections() {
         }
         rss.push(peak_rss_kb(pid));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("peak resident KB after each round: {rss:?}");
     let (first, last) = (rss[2], rss[ROUNDS - 1]);

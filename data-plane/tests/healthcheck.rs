@@ -31,7 +31,7 @@ fn ask_until(
     state_dir: &std::path::Path,
     done: impl Fn(&(Option<i32>, String)) -> bool,
 ) -> (Option<i32>, String) {
-    let mut child = spawn_offline(free_port(), admin, state_dir, &[], &[]);
+    let child = spawn_offline(free_port(), admin, state_dir, &[], &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let answer = loop {
         let answer = healthcheck(admin);
@@ -40,8 +40,7 @@ fn ask_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     answer
 }
 

@@ -155,8 +155,7 @@ async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
         }
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         found.is_ok(),

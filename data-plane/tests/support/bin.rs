@@ -59,15 +59,16 @@ pub fn save_snapshot(
 
 /// The binary with no control plane reachable, listening on `listen` and (admin) `admin`, its
 /// saved snapshot (if any) in `state_dir`, `args` added; nothing inherited from the environment
-/// but `env`. Its standard error is piped.
+/// but `env`. Its standard error is piped. The process is killed when the handle is dropped,
+/// also when a test fails.
 pub fn spawn_offline(
     listen: u16,
     admin: u16,
     state_dir: &std::path::Path,
     args: &[&str],
     env: &[(&str, &str)],
-) -> Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_data-plane"))
+) -> Running {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_data-plane"))
         .args(["--control-plane", "http://127.0.0.1:1"])
         .arg("--listen")
         .arg(format!("127.0.0.1:{listen}"))
@@ -82,5 +83,29 @@ pub fn spawn_offline(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Running(child)
+}
+
+/// A running binary, killed when dropped.
+pub struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
