@@ -71,15 +71,7 @@ fn healthcheck(args: CommonArgs) -> std::process::ExitCode {
         .map_err(|e| error_report(&e.into()))
         .and_then(|s| match s.tls {
             None => data_plane::common::healthcheck(s.http_listen, "/healthz"),
-            Some(_) => {
-                let mut addr = s.http_listen;
-                if addr.ip().is_unspecified() {
-                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-                }
-                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
-                    .map(drop)
-                    .map_err(|e| format!("{addr}: {e}"))
-            }
+            Some(_) => data_plane::common::accepts(s.http_listen),
         });
     match checked {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,7 +13,7 @@ pub use crate::config::settings::{
 pub use crate::redis::{
     Endpoints, RedisConn, RedisTarget, Scan, Timeouts as RedisTimeouts, UrlError, endpoints,
 };
-pub use crate::server::healthcheck::healthcheck;
+pub use crate::server::healthcheck::{accepts, healthcheck};
 pub use crate::server::{LISTEN_BACKLOG, listen};
 pub use crate::telemetry::logging::{error_report, init_tracing, shutdown_signal};
 pub use crate::telemetry::metrics::{TlsMetrics, register_process_and_build};

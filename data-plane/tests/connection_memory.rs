@@ -10,10 +10,13 @@
 
 #[path = "support/bin.rs"]
 mod bin;
+#[path = "support/common.rs"]
+mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bin::{free_port, save_snapshot, spawn_offline};
+use bin::{save_snapshot, spawn_offline};
+use common::{free_port, poll_within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -44,6 +47,17 @@ async fn gauge(admin: u16, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits (at most 20 s) until the gauge `name` reads `value`.
+async fn gauge_at(admin: u16, name: &str, value: f64, what: &str) {
+    poll_within(Duration::from_secs(20), what, || async {
+        match gauge(admin, name).await {
+            Some(v) if v == value => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
 }
 
 /// Opens `n` connections at once, sends a request on each, reads each whole answer (the
@@ -105,20 +119,18 @@ async fn memory_stays_bounded_over_rounds_of_2000_connections() {
     let child = spawn_offline(listen, admin, &dir, &[], &[]);
     let pid = child.id();
 
-    let ready = Instant::now() + Duration::from_secs(20);
-    while gauge(admin, "lb_config_version").await != Some(1.0) {
-        assert!(Instant::now() < ready, "the data plane did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gauge_at(admin, "lb_config_version", 1.0, "the data plane started").await;
     let mut rss = Vec::new();
     for _ in 0..ROUNDS {
         round(listen, CONNECTIONS).await;
         // Every connection closed on the data plane's side too.
-        let closed = Instant::now() + Duration::from_secs(20);
-        while gauge(admin, "lb_client_connections").await != Some(0.0) {
-            assert!(Instant::now() < closed, "connections still open");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        gauge_at(
+            admin,
+            "lb_client_connections",
+            0.0,
+            "every connection closed",
+        )
+        .await;
         rss.push(peak_rss_kb(pid));
     }
     drop(child);

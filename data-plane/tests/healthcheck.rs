@@ -4,11 +4,14 @@
 
 #[path = "support/bin.rs"]
 mod bin;
+#[path = "support/common.rs"]
+mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bin::{free_port, save_snapshot, spawn_offline};
+use bin::{save_snapshot, spawn_offline};
+use common::{free_port, poll_within};
 
 /// `data-plane healthcheck` against the admin listener on `port`: exit code and stderr.
 fn healthcheck(port: u16) -> (Option<i32>, String) {
@@ -25,27 +28,27 @@ fn healthcheck(port: u16) -> (Option<i32>, String) {
 }
 
 /// Runs a data plane on `admin` with `state_dir` and asks until `done` holds of the answer
-/// (at most 20 s): the last answer.
-fn ask_until(
+/// (at most 20 s): that answer.
+async fn ask_until(
     admin: u16,
     state_dir: &std::path::Path,
+    what: &str,
     done: impl Fn(&(Option<i32>, String)) -> bool,
 ) -> (Option<i32>, String) {
-    let child = spawn_offline(free_port(), admin, state_dir, &[], &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let answer = loop {
+    let _child = spawn_offline(free_port(), admin, state_dir, &[], &[]);
+    poll_within(Duration::from_secs(20), what, || async {
         let answer = healthcheck(admin);
-        if done(&answer) || Instant::now() > deadline {
-            break answer;
+        if done(&answer) {
+            Ok(answer)
+        } else {
+            Err(answer)
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    drop(child);
-    answer
+    })
+    .await
 }
 
-#[test]
-fn healthcheck_says_whether_the_data_plane_is_ready() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_says_whether_the_data_plane_is_ready() {
     // Nothing listening.
     let admin = free_port();
     let (code, err) = healthcheck(admin);
@@ -57,13 +60,16 @@ fn healthcheck_says_whether_the_data_plane_is_ready() {
     let dir = std::env::temp_dir().join(format!("lb-healthcheck-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (code, err) = ask_until(admin, &dir, |(_, err)| err.contains("503"));
+    let (code, err) = ask_until(admin, &dir, "a 503 from /readyz", |(_, err)| {
+        err.contains("503")
+    })
+    .await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("503"), "{err}");
 
     // With a saved configuration in force: ready.
     save_snapshot(&dir, "127.0.0.1:9", |_| {});
-    let (code, err) = ask_until(admin, &dir, |(code, _)| *code == Some(0));
+    let (code, err) = ask_until(admin, &dir, "ready", |(code, _)| *code == Some(0)).await;
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, Some(0), "{err}");
 }

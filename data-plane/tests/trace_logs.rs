@@ -4,13 +4,16 @@
 
 #[path = "support/bin.rs"]
 mod bin;
+#[path = "support/common.rs"]
+mod common;
 
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bin::{free_port, save_snapshot, spawn_offline};
+use bin::{save_snapshot, spawn_offline};
+use common::{free_port, poll_within};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -95,20 +98,14 @@ async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
 
     let client = reqwest_like::Client::new();
     // Ready once the saved configuration is in force.
-    let ready = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if client
-                .status(&format!("http://127.0.0.1:{admin}/readyz"), None)
-                .await
-                == Some(200)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    poll_within(Duration::from_secs(20), "the data plane ready", || async {
+        match client.status(&readyz, None).await {
+            Some(200) => Ok(()),
+            other => Err(other),
         }
     })
     .await;
-    assert!(ready.is_ok(), "the data plane did not become ready");
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");

@@ -23,9 +23,8 @@ fn causes(e: &dyn std::error::Error) -> String {
 /// How long the whole check may take.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// GETs `path` from the HTTP listener bound to `addr` (a wildcard address is asked on
-/// loopback): `Ok` on 200, else what went wrong.
-pub fn healthcheck(addr: SocketAddr, path: &str) -> Result<(), String> {
+/// Where to reach a listener bound to `addr`: a wildcard address is asked on loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
     let mut target = addr;
     if target.ip().is_unspecified() {
         target.set_ip(match target {
@@ -33,7 +32,22 @@ pub fn healthcheck(addr: SocketAddr, path: &str) -> Result<(), String> {
             SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let url = format!("http://{target}{path}");
+    target
+}
+
+/// Whether the listener bound to `addr` accepts a TCP connection (for a listener speaking TLS,
+/// which [`healthcheck`] cannot ask over plain HTTP).
+pub fn accepts(addr: SocketAddr) -> Result<(), String> {
+    let target = reachable(addr);
+    std::net::TcpStream::connect_timeout(&target, TIMEOUT)
+        .map(drop)
+        .map_err(|e| format!("{target}: {e}"))
+}
+
+/// GETs `path` from the HTTP listener bound to `addr` (a wildcard address is asked on
+/// loopback): `Ok` on 200, else what went wrong.
+pub fn healthcheck(addr: SocketAddr, path: &str) -> Result<(), String> {
+    let url = format!("http://{}{path}", reachable(addr));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

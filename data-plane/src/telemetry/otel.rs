@@ -141,14 +141,16 @@ impl TraceSettings {
             .find_map(|name| get(name).map(|v| (name, v)))
         {
             None => Vec::new(),
-            Some((name, v)) => key_values(&v).map_err(|e| format!("{name}: {e}"))?,
-        };
-        for (k, v) in &headers {
-            if HeaderName::from_bytes(k.as_bytes()).is_err() || HeaderValue::from_str(v).is_err() {
-                let name = "OTEL_EXPORTER_OTLP_HEADERS";
-                return Err(format!("{name}: {k:?} is not a valid header"));
+            Some((name, v)) => {
+                let headers = key_values(&v).map_err(|e| format!("{name}: {e}"))?;
+                if let Some((k, _)) = headers.iter().find(|(k, v)| {
+                    HeaderName::from_bytes(k.as_bytes()).is_err() || HeaderValue::from_str(v).is_err()
+                }) {
+                    return Err(format!("{name}: {k:?} is not a valid header"));
+                }
+                headers
             }
-        }
+        };
         let resource = match get(RESOURCE_VAR) {
             None => Vec::new(),
             Some(v) => key_values(&v).map_err(|e| format!("{RESOURCE_VAR}: {e}"))?,

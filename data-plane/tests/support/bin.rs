@@ -21,15 +21,6 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) 
     )
 }
 
-/// A loopback port nothing listens on (at the time of asking), for the binary's flags.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Writes the default configuration with `backend` as the one backend and no per-IP limit into
 /// `dir` as the snapshot a data plane saved, so the binary started with `--state-dir dir` serves
 /// it with no control plane reachable; `tweak` changes it first.
