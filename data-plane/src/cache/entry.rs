@@ -17,6 +17,7 @@ use http::{Response, StatusCode};
 
 use super::policy::{CDN_CACHE_CONTROL, Freshness, State, Storable, not_modified};
 use super::status::{self, CACHE_STATUS};
+use crate::upstream::is_hop_by_hop;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,28 +66,9 @@ pub const PER_EXCHANGE: [&str; 6] = [
     "x-ratelimit-reset",
 ];
 
-/// Headers left out of stored entries, besides those `Connection` names.
-const NOT_STORED: [&str; 19] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "age",
-    "set-cookie",
-    "x-cache",
-    "cache-status",
-    "x-request-id",
-    "ratelimit",
-    "ratelimit-policy",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-];
+/// Headers left out of stored entries besides the hop-by-hop ones, those `Connection` names and
+/// the [`PER_EXCHANGE`] ones: what the cache writes itself on each answer, and `Set-Cookie`.
+const NOT_STORED: [&str; 4] = ["age", "set-cookie", "x-cache", "cache-status"];
 
 fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     let named: Vec<HeaderName> = headers
@@ -99,7 +81,11 @@ fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.keys_len());
     for (name, value) in headers {
         let n = name.as_str();
-        if NOT_STORED.contains(&n) || named.contains(name) {
+        if is_hop_by_hop(name)
+            || NOT_STORED.contains(&n)
+            || PER_EXCHANGE.contains(&n)
+            || named.contains(name)
+        {
             continue;
         }
         out.append(name.clone(), value.clone());
