@@ -1,5 +1,7 @@
 //! Storage rules, freshness and directive parsing, on headers made here.
 
+use http::HeaderValue;
+
 use super::*;
 
 const NOW: u64 = 1_700_000_000_000;
