@@ -46,6 +46,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         );
     }
+    // Their durations (`*_ms`) take milliseconds or a string with a unit ("10s").
+    for file in &fds.file {
+        for message in &file.message_type {
+            let name = message.name();
+            if !SERDE_MESSAGES.iter().any(|(m, _)| *m == name) {
+                continue;
+            }
+            for field in message.field.iter().filter(|f| f.name().ends_with("_ms")) {
+                let with = if field.proto3_optional() {
+                    "#[serde(deserialize_with = \"crate::duration::opt_millis\")]"
+                } else {
+                    "#[serde(deserialize_with = \"crate::duration::millis\")]"
+                };
+                builder = builder.field_attribute(format!(".lb.v1.{name}.{}", field.name()), with);
+            }
+        }
+    }
     builder.compile_fds(fds)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! Settings of `control-plane serve` and `control-plane dev`: flags over environment over a TOML
-//! file over defaults. The file also holds the initial cluster configuration (backends,
-//! strategy, policies, tiers), used when the store is empty.
+//! Settings of `control-plane serve` and `control-plane dev`: flags over `LB_*` environment over a
+//! TOML, YAML or JSON file over defaults (`data_plane::common::layered`). The file (or nested
+//! variables such as `LB_CACHE__ENABLED`) also holds the initial cluster configuration
+//! (backends, strategy, policies, tiers), used when the store is empty.
 //!
 //! TLS files are loaded and checked here, as the data plane checks its own (missing, not PEM,
 //! key not matching, certificate expired or not yet valid), so a bad file stops the start with
@@ -10,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use data_plane::common::TlsFiles;
-use data_plane::common::{SettingsError, read_toml, tls_files};
+use data_plane::common::{SettingsError, tls_files};
 
 use crate::initial::{Given, Initial};
 use lb_proto::v1::{
@@ -19,61 +20,68 @@ use lb_proto::v1::{
     TimeoutPolicy, UnknownKeyPolicy,
 };
 use lb_proto::{defaults, validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// Flags shared by `serve` and `dev`.
-#[derive(Debug, Default, Clone, clap::Args)]
+/// The settings of `serve` and `dev`, each declared once: its flag (the settings of the initial
+/// configuration that only the file and variables carry are `arg(skip)`), its key in the
+/// `--config` file and its `LB_` variable all come from the field's name.
+#[derive(Debug, Default, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CommonArgs {
-    /// TOML file: listeners, initial backends, strategy, policies and tiers
+    /// Settings file, TOML, YAML or JSON by its extension: listeners, initial backends,
+    /// strategy, policies and tiers
     #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// gRPC listener: Discovery, Admin, health, reflection [default: 0.0.0.0:50051]
-    #[arg(long, env = "LB_GRPC_LISTEN", value_name = "ADDR", value_parser = data_plane::common::socket_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = data_plane::common::socket_addr)]
     pub grpc_listen: Option<SocketAddr>,
     /// HTTP listener: REST admin, /stats, /metrics [default: 0.0.0.0:5000]
-    #[arg(long, env = "LB_HTTP_LISTEN", value_name = "ADDR", value_parser = data_plane::common::socket_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = data_plane::common::socket_addr)]
     pub http_listen: Option<SocketAddr>,
     /// Redis URL for durable state and fan-out between control planes; redis+cluster://host:port,...
     /// for a Redis Cluster [default: embedded store]
-    #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
-    pub redis: Option<String>,
+    #[arg(long = "redis", value_name = "URL")]
+    #[serde(alias = "redis")]
+    pub redis_url: Option<String>,
     /// PEM CA certificates that a rediss:// Redis's certificate must chain to [default: the
     /// system's roots]
-    #[arg(long, env = "LB_REDIS_CA", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub redis_ca: Option<PathBuf>,
-    /// Initial backends when the store is empty: host:port[=weight], comma-separated
-    #[arg(long, env = "LB_BACKENDS", value_name = "LIST")]
-    pub backends: Option<String>,
+    /// Initial backends when the store is empty: host:port[=weight], comma-separated (the file
+    /// may also list them as tables with every field of a backend)
+    #[arg(long, value_name = "LIST", value_parser = backend_list)]
+    #[serde(default, deserialize_with = "backend_entries")]
+    pub backends: Option<Vec<BackendEntry>>,
     /// Initial strategy when the store is empty [default: round_robin]
-    #[arg(long, env = "LB_STRATEGY", value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     pub strategy: Option<String>,
     /// Initial per-IP limit when the store is empty: REQUESTS/SECONDS, 0 = off [default: 100/60]
-    #[arg(long, env = "LB_IP_LIMIT", value_name = "N/SECONDS")]
+    #[arg(long, value_name = "N/SECONDS")]
     pub ip_limit: Option<String>,
     /// File the embedded store keeps its state in, so a restart loses nothing [default: none]
-    #[arg(long, env = "LB_STATE_FILE", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub state_file: Option<PathBuf>,
     /// Log format: text or json [default: text]
-    #[arg(long, env = "LB_LOG_FORMAT", value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// PEM certificate chain (leaf first): the gRPC and HTTP listeners then speak TLS only
     /// (`serve`; `dev` stays plain). Needs --tls-key; reloaded on SIGHUP and when the file
     /// changes [default: none, plain]
-    #[arg(long, env = "LB_TLS_CERT", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
-    #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates that data planes' client certificates must chain to: Discovery then
     /// takes a client certificate naming the data plane as its credential (mutual TLS). Needs
     /// --tls-cert [default: none]
-    #[arg(long, env = "LB_CLIENT_CA", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
     /// Serve `Discovery` to anyone who reaches the gRPC port, with no cluster credential
     /// (`serve` refuses to start without LB_CLUSTER_TOKEN otherwise) [default: false]
     #[arg(
         long,
-        env = "LB_INSECURE_DISCOVERY",
         value_name = "BOOL",
         num_args = 0..=1,
         require_equals = true,
@@ -84,13 +92,46 @@ pub struct CommonArgs {
     /// Origins the dashboards are served from, as a browser names them
     /// (`https://lb.example.com`, comma-separated): only their pages may open `/ws`
     /// [default: none: pages served from an IP address or localhost only]
-    #[arg(
-        long,
-        env = "LB_PUBLIC_ORIGINS",
-        value_name = "ORIGINS",
-        value_delimiter = ','
+    #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
+    #[serde(
+        default,
+        deserialize_with = "data_plane::common::comma_list::deserialize"
     )]
     pub public_origins: Option<Vec<String>>,
+    // The rest of the initial configuration: in the file, or as nested variables
+    // (`LB_HEALTH_CHECK__INTERVAL_MS=5s`).
+    #[arg(skip)]
+    pub health_check: Option<HealthCheckPolicy>,
+    #[arg(skip)]
+    pub outlier: Option<OutlierPolicy>,
+    #[arg(skip)]
+    pub circuit_breaker: Option<CircuitBreakerPolicy>,
+    #[arg(skip)]
+    pub retry: Option<RetryPolicy>,
+    #[arg(skip)]
+    pub queue: Option<QueuePolicy>,
+    #[arg(skip)]
+    pub cache: Option<CachePolicy>,
+    #[arg(skip)]
+    pub hash: Option<HashPolicy>,
+    #[arg(skip)]
+    pub timeouts: Option<TimeoutPolicy>,
+    #[arg(skip)]
+    pub tiers: Option<Vec<TierEntry>>,
+    #[arg(skip)]
+    pub default_tier: Option<String>,
+    #[arg(skip)]
+    pub unknown_key: Option<String>,
+    #[arg(skip)]
+    pub ban: Option<BanPolicy>,
+    #[arg(skip)]
+    pub on_store_failure: Option<String>,
+    #[arg(skip)]
+    #[serde(
+        default,
+        deserialize_with = "data_plane::common::comma_list::deserialize"
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// What `--help` says of the settings that only the environment carries.
@@ -106,19 +147,42 @@ pub const ENVIRONMENT_HELP: &str = "Environment:
 /// Shortest admin token `serve` accepts.
 pub const MIN_ADMIN_TOKEN: usize = 16;
 
-#[derive(Debug, Deserialize)]
+/// An initial backend: `host:port[=weight]` (or several, comma-separated), or every field.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
-enum BackendEntry {
+pub enum BackendEntry {
     Short(String),
     Full(Backend),
 }
 
-#[derive(Debug, Deserialize)]
+/// `--backends`' value, kept as written; checked by [`parse_backends`].
+fn backend_list(s: &str) -> Result<BackendEntry, String> {
+    Ok(BackendEntry::Short(s.to_owned()))
+}
+
+/// Backends as a file lists them, or as one comma-separated string (a variable's value).
+fn backend_entries<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<BackendEntry>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<BackendEntry>),
+    }
+    Ok(Option::<Either>::deserialize(d)?.map(|e| match e {
+        Either::One(list) => vec![BackendEntry::Short(list)],
+        Either::Many(entries) => entries,
+    }))
+}
+
+/// A tier of the initial configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TierEntry {
+pub struct TierEntry {
     name: String,
     requests: u64,
-    #[serde(default = "minute")]
+    #[serde(default = "minute", deserialize_with = "lb_proto::duration::millis")]
     period_ms: u64,
     #[serde(default)]
     priority: u32,
@@ -126,39 +190,6 @@ struct TierEntry {
 
 fn minute() -> u64 {
     60_000
-}
-
-/// The control plane's TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    grpc_listen: Option<SocketAddr>,
-    http_listen: Option<SocketAddr>,
-    redis: Option<String>,
-    redis_ca: Option<PathBuf>,
-    state_file: Option<PathBuf>,
-    log_format: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    strategy: Option<String>,
-    ip_limit: Option<String>,
-    backends: Option<Vec<BackendEntry>>,
-    health_check: Option<HealthCheckPolicy>,
-    outlier: Option<OutlierPolicy>,
-    circuit_breaker: Option<CircuitBreakerPolicy>,
-    retry: Option<RetryPolicy>,
-    queue: Option<QueuePolicy>,
-    cache: Option<CachePolicy>,
-    hash: Option<HashPolicy>,
-    timeouts: Option<TimeoutPolicy>,
-    tiers: Option<Vec<TierEntry>>,
-    default_tier: Option<String>,
-    unknown_key: Option<String>,
-    ban: Option<BanPolicy>,
-    on_store_failure: Option<String>,
-    trusted_proxies: Option<Vec<String>>,
-    public_origins: Option<Vec<String>>,
-    client_ca: Option<PathBuf>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -264,16 +295,20 @@ impl Settings {
 
     /// Resolves the settings, with listeners not set anywhere on `ip` (`dev`: loopback).
     pub fn load_with_default_ip(args: CommonArgs, ip: IpAddr) -> Result<Settings, SettingsError> {
-        let file: FileSettings = match &args.config {
-            Some(path) => read_toml(path)?,
-            None => FileSettings::default(),
-        };
-        let given = given(&args, &file);
-        let tls = tls_files(
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-        )?;
-        let client_ca = args.client_ca.or(file.client_ca);
+        Settings::load_with_env(args, ip, data_plane::common::process_env())
+    }
+
+    /// [`Settings::load_with_default_ip`] with the variables `env` in place of the process's.
+    pub fn load_with_env(
+        flags: CommonArgs,
+        ip: IpAddr,
+        env: Vec<(String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let a: CommonArgs =
+            data_plane::common::layered(flags.config.as_deref(), env.iter().cloned(), &flags)?;
+        let given = given_by(&flags, &env, &a);
+        let tls = tls_files(a.tls_cert, a.tls_key)?;
+        let client_ca = a.client_ca;
         if let Some(ca) = &client_ca {
             if tls.is_none() {
                 return Err(invalid(
@@ -284,29 +319,23 @@ impl Settings {
             data_plane::common::read_roots("client_ca", ca)?;
         }
         let mut s = defaults::snapshot();
-        if let Some(strategy) = args.strategy.or(file.strategy) {
+        if let Some(strategy) = a.strategy {
             validate::strategy(&strategy).map_err(|e| invalid("strategy", e.message))?;
             s.strategy = strategy;
         }
-        s.backends = match (args.backends, file.backends) {
-            (Some(list), _) => parse_backends(&list)?,
-            (None, Some(entries)) => {
-                let mut out = Vec::new();
-                for e in entries {
-                    match e {
-                        BackendEntry::Short(list) => out.extend(parse_backends(&list)?),
-                        BackendEntry::Full(b) => out.push(b),
-                    }
-                }
-                out
+        let mut backends = Vec::new();
+        for e in a.backends.unwrap_or_default() {
+            match e {
+                BackendEntry::Short(list) => backends.extend(parse_backends(&list)?),
+                BackendEntry::Full(b) => backends.push(b),
             }
-            (None, None) => Vec::new(),
-        };
+        }
+        s.backends = backends;
         let rl = s.rate_limit.get_or_insert_with(defaults::rate_limit);
-        if let Some(l) = args.ip_limit.or(file.ip_limit) {
+        if let Some(l) = a.ip_limit {
             rl.ip_limit = Some(parse_limit(&l)?);
         }
-        if let Some(tiers) = file.tiers {
+        if let Some(tiers) = a.tiers {
             rl.tiers = tiers
                 .into_iter()
                 .map(|t| Tier {
@@ -319,10 +348,10 @@ impl Settings {
                 })
                 .collect();
         }
-        if let Some(t) = file.default_tier {
+        if let Some(t) = a.default_tier {
             rl.default_tier = t;
         }
-        if let Some(p) = file.unknown_key {
+        if let Some(p) = a.unknown_key {
             rl.unknown_key = match p.as_str() {
                 "default_tier" | "free" => UnknownKeyPolicy::DefaultTier,
                 "reject" => UnknownKeyPolicy::Reject,
@@ -334,7 +363,7 @@ impl Settings {
                 }
             } as i32;
         }
-        if let Some(p) = file.on_store_failure {
+        if let Some(p) = a.on_store_failure {
             rl.on_store_failure = match p.as_str() {
                 "local" => StoreFailureMode::Local,
                 "open" => StoreFailureMode::Open,
@@ -347,14 +376,14 @@ impl Settings {
                 }
             } as i32;
         }
-        if let Some(b) = file.ban {
+        if let Some(b) = a.ban {
             rl.ban = Some(b);
         }
-        if let Some(t) = file.trusted_proxies {
+        if let Some(t) = a.trusted_proxies {
             rl.trusted_proxies = t;
         }
         macro_rules! policy {
-            ($($field:ident),*) => { $( if let Some(p) = file.$field { s.$field = Some(p); } )* };
+            ($($field:ident),*) => { $( if let Some(p) = a.$field { s.$field = Some(p); } )* };
         }
         policy!(
             health_check,
@@ -371,8 +400,8 @@ impl Settings {
             key: "config",
             message: e.to_string(),
         })?;
-        let redis = args.redis.or(file.redis).filter(|r| !r.is_empty());
-        let redis_ca = args.redis_ca.or(file.redis_ca);
+        let redis = a.redis_url.filter(|r| !r.is_empty());
+        let redis_ca = a.redis_ca;
         if let Some(r) = &redis {
             data_plane::common::endpoints(r).map_err(|e| invalid("redis", e.0))?;
         }
@@ -389,25 +418,15 @@ impl Settings {
             data_plane::common::read_roots("redis_ca", ca)?;
         }
         Ok(Settings {
-            grpc_listen: args
-                .grpc_listen
-                .or(file.grpc_listen)
-                .unwrap_or((ip, 50051).into()),
-            http_listen: args
-                .http_listen
-                .or(file.http_listen)
-                .unwrap_or((ip, 5000).into()),
+            grpc_listen: a.grpc_listen.unwrap_or((ip, 50051).into()),
+            http_listen: a.http_listen.unwrap_or((ip, 5000).into()),
             redis,
             redis_ca,
-            state_file: args.state_file.or(file.state_file),
-            log_json: log_json(args.log_format.or(file.log_format))?,
-            insecure_discovery: args.insecure_discovery.unwrap_or(false),
+            state_file: a.state_file,
+            log_json: log_json(a.log_format)?,
+            insecure_discovery: a.insecure_discovery.unwrap_or(false),
             client_ca,
-            public_origins: public_origins(
-                args.public_origins
-                    .or(file.public_origins)
-                    .unwrap_or_default(),
-            )?,
+            public_origins: public_origins(a.public_origins.unwrap_or_default())?,
             initial: s,
             given,
             tracing: data_plane::common::TraceSettings::from_env()
@@ -417,13 +436,17 @@ impl Settings {
     }
 }
 
-/// The initial settings given by flag (or its variable) or in the file, named as they were given.
-fn given(args: &CommonArgs, file: &FileSettings) -> Vec<Given> {
-    let of = |setting, flag: bool, in_file: bool, flag_name, file_name| {
+/// The initial settings that were given, named as they were given: by flag, by variable or in
+/// the file. `flags` holds only the flags; `env` the variables; `merged` every layer.
+fn given_by(flags: &CommonArgs, env: &[(String, String)], merged: &CommonArgs) -> Vec<Given> {
+    let set = |var: &str| env.iter().any(|(k, v)| k == var && !v.is_empty());
+    let of = |setting, (flag, in_env, any): (bool, bool, bool), names: [&'static str; 3]| {
         let named = if flag {
-            flag_name
-        } else if in_file {
-            file_name
+            names[0]
+        } else if in_env {
+            names[1]
+        } else if any {
+            names[2]
         } else {
             return None;
         };
@@ -432,24 +455,30 @@ fn given(args: &CommonArgs, file: &FileSettings) -> Vec<Given> {
     [
         of(
             Initial::Strategy,
-            args.strategy.is_some(),
-            file.strategy.is_some(),
-            "--strategy",
-            "strategy in the config file",
+            (
+                flags.strategy.is_some(),
+                set("LB_STRATEGY"),
+                merged.strategy.is_some(),
+            ),
+            ["--strategy", "LB_STRATEGY", "strategy in the config file"],
         ),
         of(
             Initial::Backends,
-            args.backends.is_some(),
-            file.backends.is_some(),
-            "--backends",
-            "backends in the config file",
+            (
+                flags.backends.is_some(),
+                set("LB_BACKENDS"),
+                merged.backends.is_some(),
+            ),
+            ["--backends", "LB_BACKENDS", "backends in the config file"],
         ),
         of(
             Initial::IpLimit,
-            args.ip_limit.is_some(),
-            file.ip_limit.is_some(),
-            "--ip-limit",
-            "ip_limit in the config file",
+            (
+                flags.ip_limit.is_some(),
+                set("LB_IP_LIMIT"),
+                merged.ip_limit.is_some(),
+            ),
+            ["--ip-limit", "LB_IP_LIMIT", "ip_limit in the config file"],
         ),
     ]
     .into_iter()

@@ -161,10 +161,13 @@ impl Surface {
         for a in cmd.get_arguments() {
             let Some(long) = a.get_long() else { continue };
             s.flags.insert(long.to_owned());
-            if let Some(env) = a.get_env() {
-                s.flag_of_env
-                    .insert(env.to_string_lossy().into_owned(), long.to_owned());
-            }
+            // A setting's variable is LB_ and its name in capitals (`layered`), or the
+            // flag's clap `env` where it has one (--config).
+            let env = a.get_env().map_or_else(
+                || format!("LB_{}", a.get_id().as_str().to_ascii_uppercase()),
+                |e| e.to_string_lossy().into_owned(),
+            );
+            s.flag_of_env.insert(env, long.to_owned());
             if let Some(d) = a.get_default_values().first() {
                 s.defaults
                     .insert(long.to_owned(), d.to_string_lossy().into_owned());
@@ -413,8 +416,12 @@ fn resolve(c: &Container, tmp: &Path) -> Resolved {
                 .unwrap_or_else(|e| panic!("{origin}: {e}"));
             let args = control_plane::settings::CommonArgs::from_arg_matches(&m).unwrap();
             Resolved::ControlPlane(Box::new(
-                control_plane::settings::Settings::load(args)
-                    .unwrap_or_else(|e| panic!("{origin}: {e}")),
+                control_plane::settings::Settings::load_with_env(
+                    args,
+                    std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    Vec::new(),
+                )
+                .unwrap_or_else(|e| panic!("{origin}: {e}")),
             ))
         }
         Binary::DataPlane => {
@@ -423,7 +430,8 @@ fn resolve(c: &Container, tmp: &Path) -> Resolved {
                 .unwrap_or_else(|e| panic!("{origin}: {e}"));
             let args = data_plane::Args::from_arg_matches(&m).unwrap();
             Resolved::DataPlane(Box::new(
-                data_plane::Settings::load(args).unwrap_or_else(|e| panic!("{origin}: {e}")),
+                data_plane::Settings::load_with_env(args, [])
+                    .unwrap_or_else(|e| panic!("{origin}: {e}")),
             ))
         }
         Binary::MockBackends => {

@@ -18,7 +18,7 @@ fn any_port() -> Option<std::net::SocketAddr> {
 fn dev_args(backends: Option<&MockBackends>, planes: u16) -> DevArgs {
     let list = backends.map(|b| {
         let list: Vec<String> = b.addrs().iter().map(|a| a.to_string()).collect();
-        list.join(",")
+        vec![control_plane::settings::BackendEntry::Short(list.join(","))]
     });
     DevArgs {
         common: CommonArgs {

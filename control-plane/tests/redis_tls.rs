@@ -127,7 +127,7 @@ fn redis_ca_settings_are_checked_at_load() {
     let dir = TempDir::new("cp-redis-ca-settings");
     let empty = dir.write("empty.pem", "");
     let args = |redis: &str, ca: &std::path::Path| CommonArgs {
-        redis: Some(redis.to_owned()),
+        redis_url: Some(redis.to_owned()),
         redis_ca: Some(ca.to_owned()),
         ..Default::default()
     };

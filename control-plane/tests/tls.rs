@@ -519,7 +519,9 @@ async fn dev_refuses_tls_rather_than_ignoring_it() {
     let files = dir.install(&ca.leaf(NAMES));
     let args = control_plane::dev::DevArgs {
         common: CommonArgs {
-            backends: Some("127.0.0.1:9".into()),
+            backends: Some(vec![control_plane::settings::BackendEntry::Short(
+                "127.0.0.1:9".into(),
+            )]),
             tls_cert: Some(files.cert),
             tls_key: Some(files.key),
             ..Default::default()

@@ -2,14 +2,13 @@
 //! outside its all-in-one `dev` launcher: process set-up (logging, the shutdown signal, a
 //! listener with a deep accept queue), certificates (loading, checks, reloads), the way to Redis
 //! (one server or a cluster), OpenTelemetry span export, the process and build metrics, and
-//! reading a TOML settings file.
+//! reading settings in layers.
 //!
 //! Everything else in this crate is the data plane's own; the two planes otherwise meet only in
 //! the gRPC contract of `lb-proto` and the Redis key layout it defines.
 
-pub use crate::config::settings::{
-    SettingsError, default_node_id, read_toml, secret, socket_addr, tls_files,
-};
+pub use crate::config::layers::{comma_list, layered, process_env};
+pub use crate::config::settings::{SettingsError, default_node_id, secret, socket_addr, tls_files};
 pub use crate::redis::{
     Endpoints, RedisConn, RedisTarget, Scan, Timeouts as RedisTimeouts, UrlError, endpoints,
 };

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::settings::{Args, Command, Settings};
+pub use crate::config::settings::{Args, Command, Settings};
 pub use ratelimit::local::{LimitState, LocalBan, LocalLimits};
 pub use server::healthcheck::healthcheck;
 pub use server::listen;

@@ -7,9 +7,11 @@
 //!   snapshot that breaks them is refused at both ends and never half-applied.
 //! - [`defaults`]: the default policies (the original system's numbers), used where a
 //!   configuration file says nothing.
+//! - [`duration`]: durations as settings write them (`250`, `"10s"`).
 //! - [`redis_keys`]: the rate-limit state's layout in Redis, which both planes use.
 
 pub mod defaults;
+pub mod duration;
 #[cfg(test)]
 mod fuzz;
 pub mod redis_keys;

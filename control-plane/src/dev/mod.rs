@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::random_token;
-use crate::settings::{CommonArgs, Settings, parse_backends};
+use crate::settings::{BackendEntry, CommonArgs, Settings, parse_backends};
 use crate::{ControlPlane, ratelimit::SharedLimits};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -99,12 +99,19 @@ fn plan(args: DevArgs) -> anyhow::Result<Plan> {
         anyhow::bail!("--data-planes must be at least 1");
     }
     let mut common = args.common;
-    let mock_ports = match &common.backends {
-        Some(b) => {
-            parse_backends(b)?;
+    // Backends given by flag or variable replace the mock ones.
+    let given =
+        common.backends.is_some() || std::env::var_os("LB_BACKENDS").is_some_and(|v| !v.is_empty());
+    let mock_ports = match given {
+        true => {
+            for entry in common.backends.iter().flatten() {
+                if let BackendEntry::Short(list) = entry {
+                    parse_backends(list)?;
+                }
+            }
             None
         }
-        None => {
+        false => {
             let ports = mock_backends::parse_ports(&args.ports)
                 .map_err(|e| anyhow::anyhow!("--ports: {e}"))?;
             let scheme = if args.backend_protocol == "h2c" {
@@ -116,7 +123,7 @@ fn plan(args: DevArgs) -> anyhow::Result<Plan> {
                 .iter()
                 .map(|p| format!("{scheme}{}", SocketAddr::new(LOOPBACK, *p)))
                 .collect();
-            common.backends = Some(list.join(","));
+            common.backends = Some(vec![BackendEntry::Short(list.join(","))]);
             Some(ports)
         }
     };

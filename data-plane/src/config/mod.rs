@@ -1,7 +1,9 @@
 //! Configuration: the settings a data plane starts with, and the configuration in force.
 //!
-//! - [`settings`]: flags, environment and TOML file.
+//! - [`settings`]: the data plane's start-up settings.
+//! - [`layers`]: flags over `LB_*` environment over a TOML, YAML or JSON file over defaults.
 //! - [`active`]: the configuration in force, built from a snapshot.
 
 pub mod active;
+pub mod layers;
 pub mod settings;

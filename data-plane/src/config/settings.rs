@@ -1,13 +1,13 @@
-//! Start-up settings of a data plane. Each comes from a flag, an environment variable, a TOML file
-//! (`--config`) or its default, in that order of precedence. Everything else a data plane knows
+//! Start-up settings of a data plane. Each comes from a flag, an `LB_*` environment variable, the
+//! `--config` file or its default, in that order of precedence ([`super::layers`]). Everything else a data plane knows
 //! arrives from the control plane in snapshots.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tls::TlsFiles;
 use crate::tls::client::BackendTlsSettings;
@@ -20,9 +20,10 @@ pub enum Command {
     Healthcheck,
 }
 
-/// Command line of the `data-plane` binary. Every flag can also be set through its environment
-/// variable or the TOML file.
-#[derive(Debug, Default, clap::Parser)]
+/// The settings of the `data-plane` binary, each declared once: its flag, its key in the
+/// `--config` file and its `LB_` variable all come from the field's name ([`super::layers`]).
+#[derive(Debug, Default, clap::Parser, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[command(
     name = "data-plane",
     version,
@@ -31,109 +32,120 @@ pub enum Command {
   LB_CLUSTER_TOKEN (or LB_CLUSTER_TOKEN_FILE)  the credential presented on the control plane's
                                                Discovery service (required by `control-plane
                                                serve` unless it runs --insecure-discovery)
-  OTEL_EXPORTER_OTLP_ENDPOINT                  export traces over OTLP (standard OTel variables)"
+  OTEL_EXPORTER_OTLP_ENDPOINT                  export traces over OTLP (standard OTel variables)
+
+Every flag is also a key of the --config file (TOML, YAML or JSON: the flag's name with '_' for
+'-') and an environment variable (LB_ and the key in capitals: LB_MAX_BODY_BYTES); a flag wins
+over its variable, a variable over the file. Durations (the *_ms settings) take milliseconds or
+a number with a unit: 250ms, 10s, 5m."
 )]
 pub struct Args {
     #[command(subcommand)]
+    #[serde(skip)]
     pub command: Option<Command>,
-    /// TOML file with any of the settings below (keys as the flags, with '_' for '-').
+    /// Settings file: TOML, YAML or JSON by its extension, with any of the settings below (keys
+    /// as the flags, with '_' for '-')
     #[arg(long, env = "LB_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Proxy listener [default: 0.0.0.0:8080]
-    #[arg(long, env = "LB_LISTEN", value_name = "ADDR", value_parser = socket_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
     pub listen: Option<SocketAddr>,
     /// Admin listener: /healthz /readyz /stats /metrics [default: 127.0.0.1:9901]
-    #[arg(long, env = "LB_ADMIN_LISTEN", value_name = "ADDR", value_parser = socket_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
     pub admin_listen: Option<SocketAddr>,
     /// Control plane gRPC endpoint; https:// speaks TLS [default: http://127.0.0.1:50051]
-    #[arg(long, env = "LB_CONTROL_PLANE", value_name = "URL")]
+    #[arg(long, value_name = "URL")]
     pub control_plane: Option<String>,
     /// PEM CA certificates an https:// control plane's certificate must chain to; read again
     /// at each connection [default: the system's roots]
-    #[arg(long, env = "LB_CONTROL_PLANE_CA", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub control_plane_ca: Option<PathBuf>,
     /// PEM client certificate chain presented to an https:// control plane that checks client
     /// certificates (mutual TLS); it must name this data plane's node id. Needs
     /// --control-plane-key [default: none]
-    #[arg(long, env = "LB_CONTROL_PLANE_CERT", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub control_plane_cert: Option<PathBuf>,
     /// PEM private key of --control-plane-cert [default: none]
-    #[arg(long, env = "LB_CONTROL_PLANE_KEY", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub control_plane_key: Option<PathBuf>,
     /// This data plane's unique name [default: hostname-pid]
-    #[arg(long, env = "LB_NODE_ID", value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     pub node_id: Option<String>,
     /// Redis URL for shared rate-limit state and cache; redis+cluster://host:port,... for a
     /// Redis Cluster [default: none, per-instance state]
-    #[arg(long, env = "LB_REDIS_URL", value_name = "URL")]
-    pub redis: Option<String>,
+    #[arg(long = "redis", value_name = "URL")]
+    #[serde(alias = "redis")]
+    pub redis_url: Option<String>,
     /// Directory where the last good snapshot is kept, to boot from when the control plane is
     /// unreachable at start [default: none]
-    #[arg(long, env = "LB_STATE_DIR", value_name = "DIR")]
+    #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Networks backends may be in (comma-separated CIDRs); a snapshot with a backend elsewhere is
     /// refused (NACK) [default: any]
     #[arg(
         long,
-        env = "LB_ALLOWED_BACKENDS",
         value_name = "CIDRS",
         value_delimiter = ','
     )]
+    #[serde(default, deserialize_with = "super::layers::comma_list::deserialize")]
     pub allowed_backends: Option<Vec<String>>,
     /// Most client connections open at once [default: 10000]
-    #[arg(long, env = "LB_MAX_CONNECTIONS", value_name = "N")]
+    #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
     /// Most client connections open at once from one client address, for an edge data plane
     /// that clients reach directly (0 = no limit; behind a load balancer every client shares
     /// its address) [default: 0]
-    #[arg(long, env = "LB_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    #[arg(long, value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
     /// Most upgraded connections (WebSockets and other protocols switched to with `Upgrade`)
     /// open at once; past it an upgrade is answered 503 [default: 5000]
-    #[arg(long, env = "LB_MAX_TUNNELS", value_name = "N")]
+    #[arg(long, value_name = "N")]
     pub max_tunnels: Option<usize>,
     /// Largest request body in bytes [default: 104857600]
-    #[arg(long, env = "LB_MAX_BODY_BYTES", value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES")]
     pub max_body_bytes: Option<u64>,
     /// Largest request head (request line and headers) in bytes [default: 65536]
-    #[arg(long, env = "LB_MAX_HEADER_BYTES", value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
     /// Time a client has to send its request head, in ms [default: 10000]
-    #[arg(long, env = "LB_HEADER_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = lb_proto::duration::parse_ms)]
+    #[serde(default, deserialize_with = "lb_proto::duration::opt_millis")]
     pub header_timeout_ms: Option<u64>,
     /// Time a client may take nothing of a response being written to it, in ms; an HTTP/2
     /// stream that gets no flow-control window for this long is reset [default: 60000]
-    #[arg(long, env = "LB_SEND_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = lb_proto::duration::parse_ms)]
+    #[serde(default, deserialize_with = "lb_proto::duration::opt_millis")]
     pub send_timeout_ms: Option<u64>,
     /// Most requests one HTTP/2 client connection may have open at once [default: 100]
-    #[arg(long, env = "LB_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    #[arg(long, value_name = "N")]
     pub max_concurrent_streams: Option<u32>,
     /// On shutdown, time given to requests in flight, in ms [default: 10000]
-    #[arg(long, env = "LB_DRAIN_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = lb_proto::duration::parse_ms)]
+    #[serde(default, deserialize_with = "lb_proto::duration::opt_millis")]
     pub drain_timeout_ms: Option<u64>,
     /// Log format: text or json [default: text]
-    #[arg(long, env = "LB_LOG_FORMAT", value_name = "FORMAT")]
+    #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// Proxy worker threads, each with its own event loop and backend connection pool
     /// [default: one per CPU]
-    #[arg(long, env = "LB_WORKERS", value_name = "N")]
+    #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Bind proxy worker threads to CPUs: auto (one worker per CPU when there are exactly as
     /// many workers as CPUs this process may use) or off [default: off]
-    #[arg(long, env = "LB_CPU_AFFINITY", value_name = "MODE")]
+    #[arg(long, value_name = "MODE")]
     pub cpu_affinity: Option<String>,
     /// PEM certificate chain (leaf first): the proxy listener then speaks TLS only. Needs
     /// --tls-key; reloaded on SIGHUP and when the file changes [default: none, plain HTTP]
-    #[arg(long, env = "LB_TLS_CERT", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, RSA or SEC1) of --tls-cert [default: none]
-    #[arg(long, env = "LB_TLS_KEY", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Connect to backends over TLS (HTTP/1.1), their certificates checked against
     /// --backend-ca; health checks too [default: false]
     #[arg(
         long,
-        env = "LB_BACKEND_TLS",
         value_name = "BOOL",
         num_args = 0..=1,
         require_equals = true,
@@ -143,51 +155,17 @@ pub struct Args {
     pub backend_tls: Option<bool>,
     /// PEM CA certificates that backend certificates must chain to; required with
     /// --backend-tls [default: none]
-    #[arg(long, env = "LB_BACKEND_CA", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub backend_ca: Option<PathBuf>,
     /// Name checked in every backend's certificate (and sent as SNI) instead of the backend's
     /// own host, for backends addressed by IP [default: each backend's host; an IP address is
     /// checked against the certificate's IP addresses]
-    #[arg(long, env = "LB_BACKEND_SERVER_NAME", value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     pub backend_server_name: Option<String>,
     /// PEM CA certificates that a rediss:// Redis's certificate must chain to [default: the
     /// system's roots]
-    #[arg(long, env = "LB_REDIS_CA", value_name = "FILE")]
+    #[arg(long, value_name = "FILE")]
     pub redis_ca: Option<PathBuf>,
-}
-
-/// The TOML file: the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
-    control_plane: Option<String>,
-    control_plane_ca: Option<PathBuf>,
-    control_plane_cert: Option<PathBuf>,
-    control_plane_key: Option<PathBuf>,
-    node_id: Option<String>,
-    redis: Option<String>,
-    state_dir: Option<PathBuf>,
-    allowed_backends: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    max_tunnels: Option<usize>,
-    max_body_bytes: Option<u64>,
-    max_header_bytes: Option<usize>,
-    header_timeout_ms: Option<u64>,
-    send_timeout_ms: Option<u64>,
-    max_concurrent_streams: Option<u32>,
-    drain_timeout_ms: Option<u64>,
-    log_format: Option<String>,
-    workers: Option<usize>,
-    cpu_affinity: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    backend_tls: Option<bool>,
-    backend_ca: Option<PathBuf>,
-    backend_server_name: Option<String>,
-    redis_ca: Option<PathBuf>,
 }
 
 /// Settings in force, every one resolved.
@@ -341,29 +319,21 @@ pub fn default_node_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Reads and parses a TOML settings file, naming the file and the offending key on error.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SettingsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| SettingsError::Parse {
-        path: path.to_owned(),
-        message: e.to_string().trim_end().to_owned(),
-    })
-}
-
 impl Settings {
-    /// Resolves flags and environment (already merged by clap) over the file over defaults.
+    /// Resolves the flags given in `args` over the process's `LB_*` variables over the file
+    /// over defaults.
     pub fn load(args: Args) -> Result<Settings, SettingsError> {
-        let file: FileSettings = match &args.config {
-            Some(path) => read_toml(path)?,
-            None => FileSettings::default(),
-        };
+        Settings::load_with_env(args, super::layers::process_env())
+    }
+
+    /// [`Settings::load`] with the variables `env` in place of the process's.
+    pub fn load_with_env(
+        args: Args,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let args: Args = super::layers::layered(args.config.as_deref(), env, &args)?;
         let d = Settings::default();
-        let allowed = args
-            .allowed_backends
-            .or(file.allowed_backends)
+        let allowed = args.allowed_backends
             .unwrap_or_default();
         let allowed_backends = allowed
             .iter()
@@ -371,32 +341,26 @@ impl Settings {
             .map(|s| parse_net(s.trim()))
             .collect::<Result<Vec<_>, _>>()?;
         let tls = tls_files(
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
+            args.tls_cert,
+            args.tls_key,
         )?;
         let backend_tls = backend_tls(
-            args.backend_tls.or(file.backend_tls).unwrap_or(false),
-            args.backend_ca.or(file.backend_ca),
-            args.backend_server_name.or(file.backend_server_name),
+            args.backend_tls.unwrap_or(false),
+            args.backend_ca,
+            args.backend_server_name,
         )?;
-        let log_format = args
-            .log_format
-            .or(file.log_format)
+        let log_format = args.log_format
             .unwrap_or_else(|| "text".into());
         let s = Settings {
-            listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            admin_listen: args
-                .admin_listen
-                .or(file.admin_listen)
+            listen: args.listen.unwrap_or(d.listen),
+            admin_listen: args.admin_listen
                 .unwrap_or(d.admin_listen),
-            control_plane: args
-                .control_plane
-                .or(file.control_plane)
+            control_plane: args.control_plane
                 .unwrap_or(d.control_plane),
-            control_plane_ca: args.control_plane_ca.or(file.control_plane_ca),
+            control_plane_ca: args.control_plane_ca,
             control_plane_identity: match (
-                args.control_plane_cert.or(file.control_plane_cert),
-                args.control_plane_key.or(file.control_plane_key),
+                args.control_plane_cert,
+                args.control_plane_key,
             ) {
                 (None, None) => None,
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -407,45 +371,27 @@ impl Settings {
                     });
                 }
             },
-            node_id: args.node_id.or(file.node_id).unwrap_or(d.node_id),
-            redis: args.redis.or(file.redis).filter(|r| !r.is_empty()),
-            state_dir: args.state_dir.or(file.state_dir),
+            node_id: args.node_id.unwrap_or(d.node_id),
+            redis: args.redis_url.filter(|r| !r.is_empty()),
+            state_dir: args.state_dir,
             allowed_backends,
-            max_connections: args
-                .max_connections
-                .or(file.max_connections)
+            max_connections: args.max_connections
                 .unwrap_or(d.max_connections),
-            max_connections_per_ip: args
-                .max_connections_per_ip
-                .or(file.max_connections_per_ip)
+            max_connections_per_ip: args.max_connections_per_ip
                 .unwrap_or(d.max_connections_per_ip),
-            max_tunnels: args
-                .max_tunnels
-                .or(file.max_tunnels)
+            max_tunnels: args.max_tunnels
                 .unwrap_or(d.max_tunnels),
-            max_body_bytes: args
-                .max_body_bytes
-                .or(file.max_body_bytes)
+            max_body_bytes: args.max_body_bytes
                 .unwrap_or(d.max_body_bytes),
-            max_header_bytes: args
-                .max_header_bytes
-                .or(file.max_header_bytes)
+            max_header_bytes: args.max_header_bytes
                 .unwrap_or(d.max_header_bytes),
-            header_timeout: args
-                .header_timeout_ms
-                .or(file.header_timeout_ms)
+            header_timeout: args.header_timeout_ms
                 .map_or(d.header_timeout, Duration::from_millis),
-            send_timeout: args
-                .send_timeout_ms
-                .or(file.send_timeout_ms)
+            send_timeout: args.send_timeout_ms
                 .map_or(d.send_timeout, Duration::from_millis),
-            max_concurrent_streams: args
-                .max_concurrent_streams
-                .or(file.max_concurrent_streams)
+            max_concurrent_streams: args.max_concurrent_streams
                 .unwrap_or(d.max_concurrent_streams),
-            drain_timeout: args
-                .drain_timeout_ms
-                .or(file.drain_timeout_ms)
+            drain_timeout: args.drain_timeout_ms
                 .map_or(d.drain_timeout, Duration::from_millis),
             log_json: match log_format.as_str() {
                 "text" => false,
@@ -457,8 +403,8 @@ impl Settings {
                     });
                 }
             },
-            workers: args.workers.or(file.workers).unwrap_or(d.workers),
-            pin_workers: match args.cpu_affinity.or(file.cpu_affinity).as_deref() {
+            workers: args.workers.unwrap_or(d.workers),
+            pin_workers: match args.cpu_affinity.as_deref() {
                 None => d.pin_workers,
                 Some("auto") => true,
                 Some("off") => false,
@@ -478,7 +424,7 @@ impl Settings {
             })?,
             tls,
             backend_tls,
-            redis_ca: args.redis_ca.or(file.redis_ca),
+            redis_ca: args.redis_ca,
         };
         s.validate()?;
         if let Some(ca) = &s.control_plane_ca {

@@ -1,4 +1,4 @@
-//! Tests of [`super`]: flags over the file over defaults, and what is refused.
+//! Tests of [`super`]: flags over variables over the file over defaults, and what is refused.
 
 use super::*;
 use clap::Parser;
@@ -24,6 +24,30 @@ fn flag_beats_file_beats_default() {
     assert_eq!(s.listen.port(), 2000);
     assert_eq!(s.admin_listen.port(), 1001);
     assert_eq!(s.control_plane, "http://127.0.0.1:50051");
+}
+
+#[test]
+fn variables_set_what_flags_set_and_flags_win() {
+    let env = [
+        ("LB_LISTEN", "127.0.0.1:3000"),
+        ("LB_ADMIN_LISTEN", "127.0.0.1:3001"),
+        ("LB_REDIS_URL", "redis://127.0.0.1:6390"),
+        ("LB_ALLOWED_BACKENDS", "10.0.0.0/8, 192.168.1.7"),
+        ("LB_HEADER_TIMEOUT_MS", "2.5s"),
+        ("LB_BACKEND_TLS", "false"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let args = Args::parse_from(["data-plane", "--listen", "127.0.0.1:4000"]);
+    let s = Settings::load_with_env(args, env).unwrap();
+    assert_eq!(s.listen.port(), 4000, "the flag wins");
+    assert_eq!(s.admin_listen.port(), 3001);
+    assert_eq!(s.redis.as_deref(), Some("redis://127.0.0.1:6390"));
+    assert_eq!(s.allowed_backends.len(), 2);
+    assert_eq!(s.header_timeout, std::time::Duration::from_millis(2_500));
+    // Flags take durations with units too.
+    let args = Args::parse_from(["data-plane", "--drain-timeout-ms", "1m"]);
+    let s = Settings::load_with_env(args, []).unwrap();
+    assert_eq!(s.drain_timeout, std::time::Duration::from_secs(60));
 }
 
 #[test]
