@@ -155,9 +155,7 @@ pub async fn serve_with_tls(
         .build_v1alpha()?;
     let token = cp.admin_token.clone();
     let admin = tower::ServiceBuilder::new()
-        .layer(trace::AdminTraceLayer {
-            tracer: cp.tracer.get().cloned(),
-        })
+        .layer(trace::AdminTraceLayer::new(cp.tracer.get().cloned()))
         .layer(tonic::service::InterceptorLayer::new(
             move |req: tonic::Request<()>| {
                 auth::check(req.metadata(), &token, "admin token")?;

@@ -1,23 +1,58 @@
-//! Admin calls as OpenTelemetry spans: a tower layer on the gRPC server that starts a server
-//! span for each `lb.v1.Admin` call (child of the caller's `traceparent`) and ends it with the
-//! call's gRPC status; the call runs with the span's context current, so its log lines name the
-//! trace. Other services (Discovery streams, health, reflection) pass untouched.
+//! Admin calls as spans: a tower layer on the gRPC server that opens a `tracing` span for each
+//! `lb.v1.Admin` call, which `tracing-opentelemetry` exports as an OpenTelemetry server span
+//! (child of the caller's `traceparent`, ended with the call's gRPC status). The call runs under
+//! a subscriber of this control plane's own, made of its tracer's layer and the process's log
+//! layer: the span goes to this control plane's exporter (several control planes in one process,
+//! as in tests, each export their own), and the call's log lines, written inside the span, name
+//! its trace and span. Other services (Discovery streams, health, reflection) pass untouched.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use data_plane::common::{Span as _, Status, Tracing};
-use opentelemetry::KeyValue;
-use opentelemetry::context::FutureExt as _;
+use data_plane::common::Tracing;
+use opentelemetry::trace::Status;
+use tracing::instrument::{Instrument as _, WithSubscriber as _};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
 
 const ADMIN_PREFIX: &str = "/lb.v1.Admin/";
 
 /// Wraps a gRPC service; with no tracer it adds nothing but a branch.
 #[derive(Clone)]
 pub struct AdminTraceLayer {
-    pub tracer: Option<Arc<Tracing>>,
+    traced: Option<Traced>,
+}
+
+/// A tracer and the subscriber its spans are made under.
+#[derive(Clone)]
+struct Traced {
+    tracer: Arc<Tracing>,
+    dispatch: tracing::Dispatch,
+}
+
+impl AdminTraceLayer {
+    pub fn new(tracer: Option<Arc<Tracing>>) -> AdminTraceLayer {
+        let traced = tracer.map(|tracer| {
+            // The exporter's own diagnostics stay out of the spans it exports.
+            let ours = tracing_subscriber::filter::filter_fn(|m| {
+                !m.target().starts_with("opentelemetry") && *m.level() <= tracing::Level::INFO
+            });
+            let spans = tracing_opentelemetry::layer()
+                .with_tracer(tracer.sdk_tracer())
+                .with_filter(ours);
+            let subscriber = tracing_subscriber::registry()
+                .with(spans)
+                .with(data_plane::common::log_layer());
+            Traced {
+                tracer,
+                dispatch: tracing::Dispatch::new(subscriber),
+            }
+        });
+        AdminTraceLayer { traced }
+    }
 }
 
 impl<S> tower::Layer<S> for AdminTraceLayer {
@@ -26,7 +61,7 @@ impl<S> tower::Layer<S> for AdminTraceLayer {
     fn layer(&self, inner: S) -> AdminTrace<S> {
         AdminTrace {
             inner,
-            tracer: self.tracer.clone(),
+            traced: self.traced.clone(),
         }
     }
 }
@@ -34,7 +69,7 @@ impl<S> tower::Layer<S> for AdminTraceLayer {
 #[derive(Clone)]
 pub struct AdminTrace<S> {
     inner: S,
-    tracer: Option<Arc<Tracing>>,
+    traced: Option<Traced>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -59,27 +94,29 @@ where
             .path()
             .strip_prefix(ADMIN_PREFIX)
             .map(str::to_owned);
-        let tracer = self.tracer.as_ref().filter(|t| t.wanted(req.headers()));
-        let (Some(tracer), Some(method)) = (tracer, method) else {
+        let traced = self
+            .traced
+            .as_ref()
+            .filter(|t| t.tracer.wanted(req.headers()));
+        let (Some(traced), Some(method)) = (traced, method) else {
             return Box::pin(self.inner.call(req));
         };
-        let parent = tracer.extract(req.headers());
-        let mut span = tracer.server_span(
-            format!("lb.v1.Admin/{method}"),
-            &parent,
-            vec![
-                KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", "lb.v1.Admin"),
-                KeyValue::new("rpc.method", method),
-            ],
-        );
-        // Log lines written during the call name its trace and span.
-        let call = self
-            .inner
-            .call(req)
-            .with_context(data_plane::common::context_of(&span));
-        Box::pin(async move {
-            let result = call.await;
+        let span = tracing::dispatcher::with_default(&traced.dispatch, || {
+            tracing::info_span!(
+                "admin call",
+                otel.name = format!("lb.v1.Admin/{method}"),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "lb.v1.Admin",
+                rpc.method = method,
+            )
+        });
+        // Not an error when it fails: the span then starts a trace of its own.
+        let _ = span.set_parent(traced.tracer.extract(req.headers()));
+        let call = span.in_scope(|| self.inner.call(req));
+        let ended = span.clone();
+        let traced_call = async move {
+            let result = call.instrument(span).await;
             if let Ok(resp) = &result {
                 // An error travels "trailers-only", its status in the head; success in trailers.
                 let code = resp
@@ -88,7 +125,7 @@ where
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0);
-                span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+                ended.set_attribute("rpc.grpc.status_code", code);
                 if code != 0 {
                     let message = resp
                         .headers()
@@ -96,13 +133,13 @@ where
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_owned();
-                    span.set_status(Status::error(message));
+                    ended.set_status(Status::error(message));
                 }
             } else {
-                span.set_status(Status::error("transport error"));
+                ended.set_status(Status::error("transport error"));
             }
-            span.end();
             result
-        })
+        };
+        Box::pin(traced_call.with_subscriber(traced.dispatch.clone()))
     }
 }

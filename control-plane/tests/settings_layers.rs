@@ -7,18 +7,8 @@ mod common;
 use std::io::BufRead;
 use std::process::Stdio;
 
-use common::{TempDir, admin_client, free_port, serve_command};
+use common::{Running, TempDir, admin_client, free_port, serve_command};
 use lb_proto::v1::GetConfigRequest;
-
-/// A child process, stopped when the test ends, passed or failed.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const ADMIN_TOKEN: &str = "admin-token-from-a-mounted-secret";
 

@@ -1,6 +1,6 @@
 //! OpenTelemetry export end to end: an OTLP/gRPC collector in the test receives the span of a
 //! proxied request (continuing the client's `traceparent`, with the same trace handed on to the
-//! backend) and the span of an Admin call on the control plane.
+//! backend) and the span of an Admin call on the control plane, whose log lines name it.
 
 mod common;
 
@@ -446,4 +446,116 @@ async fn the_standard_otel_environment_is_honoured() {
     );
     assert!(resource_attr(rs, "service.instance.id").is_some());
     assert!(rs.scope_spans.iter().any(|s| !s.spans.is_empty()));
+}
+
+/// The `control-plane serve` binary, logging JSON and exporting to a collector in the test:
+/// an Admin call that carries a `traceparent` logs "API key created" inside its span, that line
+/// names the call's trace and span, and the collector receives the span, a server span child of
+/// the caller's. A call refused for its token is a span too, with an error status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_inside_a_traced_admin_call_names_its_trace_and_span() {
+    use std::io::BufRead;
+    let (collector, endpoint) = Collector::start().await;
+    let admin_token = "an-admin-token-long-enough";
+    let mut child = serve_command()
+        .args(["--insecure-discovery", "--log-format", "json"])
+        .env("LB_ADMIN_TOKEN", admin_token)
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let child = Running(child);
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut next_line = async |what: &str| {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.recv().await {
+                if line.contains(what) {
+                    return serde_json::from_str::<serde_json::Value>(&line)
+                        .unwrap_or_else(|e| panic!("{e}: {line}"));
+                }
+            }
+            panic!("the control plane's stderr ended before {what:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line {what:?} within 20 s"))
+    };
+    let started = next_line("control plane started").await;
+    let grpc = started["fields"]["grpc"].as_str().unwrap().to_owned();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "10f067aa0ba902b7";
+    let mut req = tonic::Request::new(new_key("free", "traced"));
+    let meta = req.metadata_mut();
+    meta.insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    meta.insert(
+        "authorization",
+        format!("Bearer {admin_token}").parse().unwrap(),
+    );
+    lb_proto::v1::admin_client::AdminClient::new(channel.clone())
+        .create_api_key(req)
+        .await
+        .unwrap();
+    let line = next_line("API key created").await;
+    assert_eq!(line["trace_id"], trace_id, "{line}");
+    let span_id = line["span_id"].as_str().unwrap().to_owned();
+    assert_ne!(span_id, caller_span, "the call's own span: {line}");
+
+    let call = collector
+        .wait_for("for the traced Admin call", |r| {
+            hex(&r.span.span_id) == span_id
+        })
+        .await;
+    assert_eq!(call.service, "control-plane");
+    assert_eq!(call.span.name, "lb.v1.Admin/CreateApiKey");
+    assert_eq!(hex(&call.span.trace_id), trace_id);
+    assert_eq!(hex(&call.span.parent_span_id), caller_span);
+    assert_eq!(call.span.kind, 2, "a server span");
+    assert_eq!(call.attr("rpc.method").as_deref(), Some("CreateApiKey"));
+    assert_eq!(call.attr("rpc.grpc.status_code").as_deref(), Some("0"));
+
+    // Refused for its token: still a span, with the status code and an error.
+    let refused_trace = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = tonic::Request::new(GetConfigRequest {});
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{refused_trace}-{caller_span}-01")
+            .parse()
+            .unwrap(),
+    );
+    let e = lb_proto::v1::admin_client::AdminClient::new(channel)
+        .get_config(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let refused = collector
+        .wait_for("for the refused Admin call", |r| {
+            hex(&r.span.trace_id) == refused_trace
+        })
+        .await;
+    assert_eq!(refused.attr("rpc.grpc.status_code").as_deref(), Some("16"));
+    let status = refused.span.status.clone().unwrap_or_default();
+    assert_eq!(status.code, 2, "an error: {status:?}");
+    drop(child);
 }

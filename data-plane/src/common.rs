@@ -14,7 +14,7 @@ pub use crate::redis::{
 };
 pub use crate::server::healthcheck::{accepts, healthcheck};
 pub use crate::server::{LISTEN_BACKLOG, listen};
-pub use crate::telemetry::logging::{error_report, init_tracing, shutdown_signal};
+pub use crate::telemetry::logging::{error_report, init_tracing, log_layer, shutdown_signal};
 pub use crate::telemetry::metrics::{TlsMetrics, register_process_and_build};
 pub use crate::telemetry::otel::{Span, Status, TraceSettings, Tracing, context_of};
 pub use crate::tls::client::{Roots, read_roots};

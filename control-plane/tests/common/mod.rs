@@ -622,3 +622,13 @@ pub fn by_key(key: &str) -> lb_proto::v1::KeyRef {
 pub fn now_ms() -> u64 {
     control_plane::clock::now_ms()
 }
+
+/// A child process, killed when the test ends, passed or failed.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::registry::LookupSpan;
@@ -14,10 +15,35 @@ use tracing_subscriber::registry::LookupSpan;
 /// line written while a traced request (or Admin call) is handled names its trace and span.
 pub fn init_tracing(json: bool) {
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let no_color = std::env::var_os("NO_COLOR");
     let ansi = colour_wanted(std::io::stderr().is_terminal(), no_color.as_deref());
-    let _ = subscriber(json, ansi, filter, std::io::stderr).try_init();
+    let _ = LOG_FORMAT.set(LogFormat { json, ansi });
+    let _ = subscriber(json, ansi, filter(), std::io::stderr).try_init();
+}
+
+/// The format [`init_tracing`] set up, for [`log_layer`].
+#[derive(Clone, Copy)]
+struct LogFormat {
+    json: bool,
+    ansi: bool,
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// `RUST_LOG`, or `info`.
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// The log lines of [`init_tracing`] as a layer of another subscriber (the control plane runs
+/// its traced Admin calls under one of their own, which also makes their spans); none when
+/// logging was not set up (a library in tests).
+pub fn log_layer<S>() -> Option<Box<dyn Layer<S> + Send + Sync>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let LogFormat { json, ansi } = *LOG_FORMAT.get()?;
+    Some(fmt_layer(json, ansi, std::io::stderr).with_filter(filter()).boxed())
 }
 
 /// The log subscriber [`init_tracing`] installs, writing to `writer`.
@@ -30,29 +56,34 @@ fn subscriber<W>(
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    Box::new(tracing_subscriber::registry().with(fmt_layer(json, ansi, writer).with_filter(filter)))
+}
+
+/// Lines as [`init_tracing`] writes them, to `writer`.
+fn fmt_layer<S, W>(json: bool, ansi: bool, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(writer);
     if json {
-        Box::new(
-            builder
-                .json()
-                .event_format(TraceIds {
-                    inner: format().json(),
-                    json: true,
-                })
-                .finish(),
-        )
+        layer
+            .json()
+            .event_format(TraceIds {
+                inner: format().json(),
+                json: true,
+            })
+            .boxed()
     } else {
-        Box::new(
-            builder
-                .event_format(TraceIds {
-                    inner: format().with_ansi(ansi),
-                    json: false,
-                })
-                .finish(),
-        )
+        layer
+            .event_format(TraceIds {
+                inner: format().with_ansi(ansi),
+                json: false,
+            })
+            .boxed()
     }
 }
 

@@ -344,6 +344,11 @@ impl Tracing {
         self.propagator.extract(&HeaderExtractor(headers))
     }
 
+    /// The SDK tracer, for a `tracing-opentelemetry` layer (the control plane's Admin calls).
+    pub fn sdk_tracer(&self) -> SdkTracer {
+        self.tracer.clone()
+    }
+
     /// Starts a server span, child of the caller's context.
     pub fn server_span(
         &self,
