@@ -205,6 +205,15 @@ async fn redis_dying_leaves_the_memory_tier_serving() {
         get(&client, &dp.url("/cacheable?max_age=60")).await.status,
         200
     );
+    // The entry is stored once its body has gone to the client, by a task of its own.
+    let url = dp.url("/cacheable?max_age=60");
+    poll_until("the entry stored", || async {
+        match x_cache(&get(&client, &url).await) {
+            "HIT" => Ok(()),
+            label => Err(label.to_owned()),
+        }
+    })
+    .await;
     redis.kill();
     for _ in 0..20 {
         let r = get(&client, &dp.url("/cacheable?max_age=60")).await;
