@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::process::Stdio;
 
-use common::{Running, TempDir, admin_client, free_port, serve_command};
+use common::{Running, TempDir, admin_client, free_port, line_with, lines_of, serve_command};
 use lb_proto::v1::GetConfigRequest;
 
 const ADMIN_TOKEN: &str = "admin-token-from-a-mounted-secret";
@@ -43,17 +42,8 @@ async fn a_yaml_file_and_nested_variables_set_policies_and_secrets_come_from_fil
             .spawn()
             .unwrap(),
     );
-    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
-    let mut seen = String::new();
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("control plane started") {
-            break;
-        }
-    }
-    assert!(seen.contains("control plane started"), "{seen}");
+    let mut lines = lines_of(child.0.stderr.take().unwrap());
+    line_with(&mut lines, "control plane started").await;
 
     let addr = ([127, 0, 0, 1], grpc).into();
     let wrong = admin_client(addr, Some("not-the-token"))

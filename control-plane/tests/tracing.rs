@@ -454,7 +454,6 @@ async fn the_standard_otel_environment_is_honoured() {
 /// the caller's. A call refused for its token is a span too, with an error status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_line_inside_a_traced_admin_call_names_its_trace_and_span() {
-    use std::io::BufRead;
     let (collector, endpoint) = Collector::start().await;
     let admin_token = "an-admin-token-long-enough";
     let mut child = serve_command()
@@ -467,31 +466,11 @@ async fn a_log_line_inside_a_traced_admin_call_names_its_trace_and_span() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut lines = lines_of(child.stderr.take().unwrap());
     let child = Running(child);
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
     let mut next_line = async |what: &str| {
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.recv().await {
-                if line.contains(what) {
-                    return serde_json::from_str::<serde_json::Value>(&line)
-                        .unwrap_or_else(|e| panic!("{e}: {line}"));
-                }
-            }
-            panic!("the control plane's stderr ended before {what:?}");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no log line {what:?} within 20 s"))
+        let line = line_with(&mut lines, what).await;
+        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
     };
     let started = next_line("control plane started").await;
     let grpc = started["fields"]["grpc"].as_str().unwrap().to_owned();

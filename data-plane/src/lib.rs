@@ -18,6 +18,8 @@
 //! - [`common`]: what the control plane shares with the data plane.
 
 pub mod common;
+#[cfg(test)]
+mod scratch;
 
 /// The crate's own modules: private to it, and public only for this workspace's tests (the
 /// `internals` feature, which they turn on), which observe a running data plane's state.

@@ -7,13 +7,12 @@ mod bin;
 #[path = "support/common.rs"]
 mod common;
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bin::{save_snapshot, spawn_offline};
-use common::{free_port, poll_within};
+use common::{free_port, line_with, lines_of, poll_within};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -21,7 +20,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// Spans received, as (trace id, span id) in hex.
 #[derive(Default, Clone)]
@@ -83,18 +82,7 @@ async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
             ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
         ],
     );
-    let (lines_tx, mut lines) = mpsc::unbounded_channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let mut lines = lines_of(child.stderr.take().unwrap());
 
     let client = reqwest_like::Client::new();
     // Ready once the saved configuration is in force.
@@ -115,16 +103,7 @@ async fn a_log_line_inside_a_traced_request_names_its_trace_and_span() {
     assert_eq!(status, Some(503), "backend_unreachable");
 
     // The log line written inside the request.
-    let line = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.recv().await {
-            if line.contains("backend request failed") {
-                return line;
-            }
-        }
-        panic!("the data plane's stderr ended");
-    })
-    .await
-    .expect("a log line for the failed backend request");
+    let line = line_with(&mut lines, "backend request failed").await;
     let v: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(v["trace_id"], trace_id, "{line}");

@@ -34,7 +34,7 @@ use tonic::transport::Channel;
 #[allow(unused_imports)]
 pub use data_plane_support::common::{
     HttpClient, Reply, TempDir, WAIT, admitted, burst, free_port, get, get_with, http_client,
-    listener, poll_until, poll_within, send, wait_until,
+    line_with, lines_of, listener, poll_until, poll_within, send, wait_until,
 };
 
 pub const TOKEN: &str = "test-admin-token";

@@ -1,8 +1,7 @@
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::scratch::Dir;
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -35,28 +34,6 @@ impl Default for Policy {
     }
 }
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("lb-layers-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -65,8 +42,8 @@ fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
 
 #[test]
 fn flags_beat_variables_beat_the_file() {
-    let dir = Dir::new("order");
-    let file = dir.file(
+    let dir = Dir::new("layers-order");
+    let file = dir.write(
         "s.toml",
         "listen = \"file\"\nworkers = 1\ndrain_ms = 5\nnets = [\"10.0.0.0/8\"]\n",
     );
@@ -87,13 +64,13 @@ fn flags_beat_variables_beat_the_file() {
 
 #[test]
 fn a_variable_changes_one_field_of_a_policy_the_file_sets() {
-    let dir = Dir::new("nested");
+    let dir = Dir::new("layers-nested");
     for (name, text) in [
         ("p.toml", "[policy]\npath = \"/ready\"\ninterval_ms = \"2s\"\n"),
         ("p.yaml", "policy:\n  path: /ready\n  interval_ms: 2s\n"),
         ("p.json", "{\"policy\": {\"path\": \"/ready\", \"interval_ms\": 2000}}"),
     ] {
-        let file = dir.file(name, text);
+        let file = dir.write(name, text);
         let env = vars(&[("LB_POLICY__ENABLED", "true"), ("LB_NETS", "a, b,,c")]);
         let t: Top = layered(Some(&file), env, &Top::default()).unwrap();
         assert_eq!(
@@ -145,13 +122,13 @@ fn a_bad_variable_is_named() {
 
 #[test]
 fn a_bad_file_is_named_with_the_line_and_key() {
-    let dir = Dir::new("bad");
+    let dir = Dir::new("layers-bad");
     for (name, text, line) in [
         ("b.toml", "listen = \"a\"\n[policy]\nintervl_ms = 5\n", "line 3"),
         ("b.yaml", "listen: a\npolicy:\n  intervl_ms: 5\n", "line 3"),
         ("b.json", "{\"listen\": \"a\",\n \"policy\": {\"intervl_ms\": 5}}", "line 2"),
     ] {
-        let file = dir.file(name, text);
+        let file = dir.write(name, text);
         let e = layered::<Top, _>(Some(&file), Vec::new(), &Top::default())
             .unwrap_err()
             .to_string();
@@ -160,7 +137,7 @@ fn a_bad_file_is_named_with_the_line_and_key() {
             "{name}: {e}"
         );
     }
-    let file = dir.file("b.ini", "listen = a\n");
+    let file = dir.write("b.ini", "listen = a\n");
     let e = layered::<Top, _>(Some(&file), Vec::new(), &Top::default())
         .unwrap_err()
         .to_string();

@@ -427,26 +427,7 @@ impl Tls {
 mod tests {
     use super::*;
 
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(name: &str) -> Dir {
-            let d = std::env::temp_dir().join(format!("dp-tls-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&d).unwrap();
-            Dir(d)
-        }
-        fn write(&self, name: &str, text: &str) -> PathBuf {
-            let p = self.0.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::scratch::Dir;
 
     fn cert(
         before: (i32, u8, u8),
@@ -478,7 +459,7 @@ mod tests {
 
     #[test]
     fn load_checks_every_part() {
-        let dir = Dir::new("load");
+        let dir = Dir::new("tls-load");
         let key = rcgen::KeyPair::generate().unwrap();
         let other = rcgen::KeyPair::generate().unwrap();
         let (pem, _) = cert((2020, 1, 1), (2030, 1, 1), &key);

@@ -224,3 +224,41 @@ pub async fn burst(urls: &[String], n: usize, headers: &[(&str, &str)]) -> Vec<R
 pub fn admitted(replies: &[Reply]) -> usize {
     replies.iter().filter(|r| r.status == 200).count()
 }
+
+/// The lines a child process writes to `out` (its piped stderr, say), as they come, read on a
+/// thread of their own; the channel ends when the stream does.
+pub fn lines_of(
+    out: impl std::io::Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The first of `lines` that contains `needle`, within 20 s; panics naming it otherwise.
+pub async fn line_with(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(line)) => line,
+        Ok(None) => panic!("the output ended before a line with {needle:?}"),
+        Err(_) => panic!("no line with {needle:?} within 20 s"),
+    }
+}
