@@ -312,7 +312,7 @@ impl Servers {
         client: Arc<proxy::ClientConn>,
         stop: watch::Receiver<bool>,
     ) where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + sniff::ReadArrived + Unpin + Send + 'static,
     {
         let (peer, header_timeout) = (client.peer, worker.shared.settings.header_timeout);
         let (protocol, first) = match tokio::time::timeout(
@@ -333,21 +333,30 @@ impl Servers {
         };
         let io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
         let conn = Arc::clone(&client);
-        let svc =
-            service_fn(move |req| proxy::handle(Arc::clone(&worker), Arc::clone(&client), req));
+        // A request's future lives on the heap while it runs, not in a slot hyper keeps for
+        // the connection's whole life: an idle keep-alive connection holds none of it.
+        let svc = service_fn(move |req| {
+            Box::pin(proxy::handle(Arc::clone(&worker), Arc::clone(&client), req))
+        });
+        // The connection's state is allocated once the first bytes arrived, sized for its
+        // protocol: the task of a connection that has sent nothing stays small.
         let served = match protocol {
             sniff::Protocol::Http1 => {
                 let serving = self.http1.serve_connection(io, svc).with_upgrades();
-                until_stopped(serving, stop, |c| c.graceful_shutdown()).await
+                Box::pin(until_stopped(serving, stop, |c| c.graceful_shutdown())).await
             }
             sniff::Protocol::Http2 => {
                 let serving = self.http2.serve_connection(io, svc);
                 let serving = until_stopped(serving, stop, |c| c.graceful_shutdown());
-                tokio::select! {
-                    served = serving => served,
-                    // A stream stalled past the send timeout: dropping the connection closes it.
-                    () = conn.stalled.notified() => Ok(()),
-                }
+                Box::pin(async move {
+                    tokio::select! {
+                        served = serving => served,
+                        // A stream stalled past the send timeout: dropping the connection
+                        // closes it.
+                        () = conn.stalled.notified() => Ok(()),
+                    }
+                })
+                .await
             }
         };
         if let Err(e) = served {

@@ -30,13 +30,51 @@ pub enum Protocol {
     Http2,
 }
 
+/// A client connection's first bytes, read into a buffer sized to what arrived: a connection
+/// that has sent nothing holds no read buffer, and a short request head a short one.
+pub trait ReadArrived {
+    /// Appends what the client has sent to `into`; `Ok(0)` at the end of the stream.
+    fn read_arrived(&mut self, into: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+impl ReadArrived for tokio::net::TcpStream {
+    async fn read_arrived(&mut self, into: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            // A new socket counts as readable until a read says otherwise, so the wait is
+            // followed by a read that may find nothing; only bytes read are copied.
+            self.readable().await?;
+            match read_now(self, into) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                read => return read,
+            }
+        }
+    }
+}
+
+/// One non-blocking read through a buffer on the stack, whose bytes are appended to `into`.
+fn read_now(stream: &tokio::net::TcpStream, into: &mut BytesMut) -> io::Result<usize> {
+    let mut chunk = [0u8; FIRST_READ];
+    let n = stream.try_read(&mut chunk)?;
+    into.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+impl ReadArrived for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    /// The handshake has allocated the TLS buffers already; the bytes are decrypted into a
+    /// buffer of the first read's size.
+    async fn read_arrived(&mut self, into: &mut BytesMut) -> io::Result<usize> {
+        into.reserve(FIRST_READ);
+        self.read_buf(into).await
+    }
+}
+
 /// Reads until the first bytes tell the protocol: usually one read, more only while they are
 /// still a prefix of the HTTP/2 preface. Fails if the client closes before that. Unbounded in
 /// time: the caller bounds it (the header timeout).
-pub async fn sniff<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Protocol, Bytes)> {
-    let mut buf = BytesMut::with_capacity(FIRST_READ);
+pub async fn sniff<S: ReadArrived>(io: &mut S) -> io::Result<(Protocol, Bytes)> {
+    let mut buf = BytesMut::new();
     loop {
-        if io.read_buf(&mut buf).await? == 0 {
+        if io.read_arrived(&mut buf).await? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the client closed the connection before sending a request",
@@ -160,9 +198,13 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// Sniffs what a client sends in the given pieces, each a separate write.
+    /// Sniffs what a client sends over TCP in the given pieces, each a separate write.
     async fn sniff_pieces(pieces: &[&[u8]]) -> io::Result<(Protocol, Bytes)> {
-        let (mut client, mut server) = tokio::io::duplex(64);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
         let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
         // Closes its end after the last piece.
         let writer = tokio::spawn(async move {

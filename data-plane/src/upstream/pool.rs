@@ -107,7 +107,13 @@ impl IdleConns {
         None
     }
 
-    pub(crate) fn put(&self, worker: usize, conn: Conn) {
+    pub(crate) fn put(&self, worker: usize, mut conn: Conn) {
+        // An idle connection holds no read buffer (its buffer is empty when it comes back); the
+        // next read allocates one. A pool sized by a burst of concurrent requests then costs
+        // its sockets, not 16 KB each.
+        if conn.buf.is_empty() {
+            conn.buf = bytes::BytesMut::new();
+        }
         let mut list = self.list(worker);
         // Expire from the cold end on every return, so an idle backlog cannot linger.
         while list.front().is_some_and(|i| i.since.elapsed() >= POOL_IDLE) {
