@@ -20,7 +20,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::settings::SettingsError;
+use super::error::SettingsError;
 
 /// Prefix of every settings variable.
 const PREFIX: &str = "LB_";

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use super::error::SettingsError;
 use crate::tls::TlsFiles;
 use crate::tls::client::BackendTlsSettings;
 
@@ -259,23 +260,6 @@ pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
             )
         }
     })
-}
-
-/// A setting that cannot be used, naming where it came from.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// `message` is the parser's rendering: several lines, a caret under the place.
-    #[error("config file {path}:\n{message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A secret from the environment: the variable `name`, or the file named by `name_FILE` (as
