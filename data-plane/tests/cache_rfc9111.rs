@@ -227,6 +227,11 @@ async fn s4_1_vary_selects_a_variant_by_normalised_values_and_vary_star_is_not_s
     assert_eq!((x_cache(&same), same.text().as_str()), ("HIT", "en, fr"));
     let other = get_with(&dp, "/v", &[("accept-language", "de")]).await;
     assert_eq!((x_cache(&other), other.text().as_str()), ("MISS", "de"));
+    // RFC 9211 section 2.2: the cache holds the resource, but not this variant.
+    assert_eq!(
+        other.header("cache-status"),
+        Some("lb; fwd=vary-miss; stored")
+    );
     assert_eq!(origin.count("/v"), 2);
     assert_not_reused(&dp, &origin, "/star").await;
 }

@@ -45,6 +45,9 @@ pub struct Fill {
     /// A stored response this fill revalidates: the request to the backend carries its
     /// validators, and a 304 refreshes it.
     pub(crate) validating: Option<Arc<Entry>>,
+    /// Other variants of the resource are stored, none for this request (RFC 9211
+    /// `fwd=vary-miss`).
+    pub(crate) vary_miss: bool,
     pub(crate) flight: Option<Flight>,
     pub(crate) lock: Option<Lock>,
 }
@@ -67,6 +70,7 @@ impl Fill {
             credentials: req.credentials,
             stale,
             validating: None,
+            vary_miss: false,
             flight: Some(flight),
             lock: None,
         }
@@ -79,6 +83,11 @@ impl Fill {
     /// An entry to serve if the backend fails (stale-if-error), or the one being refreshed.
     pub fn stale(&self) -> Option<&Arc<Entry>> {
         self.stale.as_ref()
+    }
+
+    /// Other variants of the resource are stored, but none that this request selects.
+    pub fn vary_miss(&self) -> bool {
+        self.vary_miss
     }
 
     /// The stored response being revalidated, if any: its validators go on the request to the

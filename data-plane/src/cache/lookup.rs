@@ -87,6 +87,8 @@ impl Cache {
                 }
                 Found::Entry(id, found) => (id, found),
             };
+            // The resource has variants and the vary spec is known, but none for this request.
+            let vary_miss = found.is_none() && id != *req.key.primary();
             if let Some((e, tier)) = found {
                 match e.state(now_ms) {
                     State::Fresh => return self.hit(e, tier, State::Fresh, None, req.head),
@@ -119,6 +121,7 @@ impl Cache {
                         flight,
                         stale,
                         validate,
+                        vary_miss,
                     };
                     return self.lead(redis, req, headers, lead, deadline, now_ms).await;
                 }
@@ -278,9 +281,11 @@ impl Cache {
             flight,
             stale,
             validate,
+            vary_miss,
         } = lead;
         let mut fill = Fill::new(self.clone(), req, headers, flight, stale, now_ms);
         fill.validating = validate;
+        fill.vary_miss = vary_miss;
         let primary = *req.key.primary();
         let Some(mut conn) = self.conn(redis, now_ms) else {
             inc(&self.inner.counters.leads);
@@ -373,11 +378,12 @@ impl Cache {
     }
 }
 
-/// A flight to lead: the record's id, the flight, a stale-if-error entry if any, and a stale
-/// entry to revalidate if any.
+/// A flight to lead: the record's id, the flight, a stale-if-error entry if any, a stale
+/// entry to revalidate if any, and whether other variants of the resource are stored.
 struct Lead {
     id: Digest32,
     flight: Flight,
     stale: Option<Arc<Entry>>,
     validate: Option<Arc<Entry>>,
+    vary_miss: bool,
 }

@@ -6,6 +6,8 @@
 //!   for a stale entry served within `stale-while-revalidate`.
 //! - `lb; fwd=uri-miss; stored`: nothing stored; the response went into the cache (`stored`
 //!   is left out when it did not, and `detail` says why not).
+//! - `lb; fwd=vary-miss; stored`: other variants of the resource are stored, none that this
+//!   request selects (its `Vary` headers differ).
 //! - `lb; fwd=uri-miss; collapsed`: served the response of a concurrent request for the same
 //!   resource, which this one waited for.
 //! - `lb; fwd=stale; fwd-status=304; ttl=N`: a stored response was revalidated; the backend's
@@ -26,6 +28,7 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fwd {
     UriMiss,
+    VaryMiss,
     Stale,
     Request,
     Method,
@@ -36,6 +39,7 @@ impl Fwd {
     fn as_str(self) -> &'static str {
         match self {
             Fwd::UriMiss => "uri-miss",
+            Fwd::VaryMiss => "vary-miss",
             Fwd::Stale => "stale",
             Fwd::Request => "request",
             Fwd::Method => "method",

@@ -118,6 +118,8 @@ pub async fn lookup(
             let fwd = if f.validating().is_some() {
                 f.conditional_headers(&mut parts.headers);
                 Fwd::Stale
+            } else if f.vary_miss() {
+                Fwd::VaryMiss
             } else {
                 Fwd::UriMiss
             };
