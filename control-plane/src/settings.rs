@@ -51,7 +51,10 @@ pub struct CommonArgs {
     /// Initial backends when the store is empty: host:port[=weight], comma-separated (the file
     /// may also list them as tables with every field of a backend)
     #[arg(long, value_name = "LIST", value_parser = backend_list)]
-    #[serde(default, deserialize_with = "backend_entries")]
+    #[serde(
+        default,
+        deserialize_with = "data_plane::common::comma_list::deserialize"
+    )]
     pub backends: Option<Vec<BackendEntry>>,
     /// Initial strategy when the store is empty [default: round_robin]
     #[arg(long, value_name = "NAME")]
@@ -157,23 +160,13 @@ pub enum BackendEntry {
 
 /// `--backends`' value, kept as written; checked by [`parse_backends`].
 fn backend_list(s: &str) -> Result<BackendEntry, String> {
-    Ok(BackendEntry::Short(s.to_owned()))
+    Ok(BackendEntry::from(s.to_owned()))
 }
 
-/// Backends as a file lists them, or as one comma-separated string (a variable's value).
-fn backend_entries<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Vec<BackendEntry>>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        One(String),
-        Many(Vec<BackendEntry>),
+impl From<String> for BackendEntry {
+    fn from(list: String) -> BackendEntry {
+        BackendEntry::Short(list)
     }
-    Ok(Option::<Either>::deserialize(d)?.map(|e| match e {
-        Either::One(list) => vec![BackendEntry::Short(list)],
-        Either::Many(entries) => entries,
-    }))
 }
 
 /// A tier of the initial configuration.
@@ -298,7 +291,8 @@ impl Settings {
         Settings::load_with_env(args, ip, data_plane::common::process_env())
     }
 
-    /// [`Settings::load_with_default_ip`] with the variables `env` in place of the process's.
+    /// [`Settings::load_with_default_ip`] with the settings' variables taken from `env` in place
+    /// of the process's (the OpenTelemetry variables are still read from the process).
     pub fn load_with_env(
         flags: CommonArgs,
         ip: IpAddr,

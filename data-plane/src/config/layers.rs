@@ -213,25 +213,29 @@ impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
     }
 }
 
-/// A comma-separated list as one string (a variable's or flag's value), or a list (a file's).
+/// A comma-separated list as one string (a variable's value), or a list (a file's), of items
+/// that a string names (`String` itself, or a richer item a file may also write whole).
 pub mod comma_list {
     use serde::Deserialize;
 
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Either {
+    enum Either<T> {
         One(String),
-        Many(Vec<String>),
+        Many(Vec<T>),
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Vec<String>>, D::Error> {
-        Ok(Option::<Either>::deserialize(d)?.map(|v| match v {
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+        T: Deserialize<'de> + From<String>,
+    {
+        Ok(Option::<Either<T>>::deserialize(d)?.map(|v| match v {
             Either::One(s) => s
                 .split(',')
-                .map(|s| s.trim().to_owned())
+                .map(str::trim)
                 .filter(|s| !s.is_empty())
+                .map(|s| T::from(s.to_owned()))
                 .collect(),
             Either::Many(v) => v,
         }))

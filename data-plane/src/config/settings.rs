@@ -310,7 +310,8 @@ impl Settings {
         Settings::load_with_env(args, super::layers::process_env())
     }
 
-    /// [`Settings::load`] with the variables `env` in place of the process's.
+    /// [`Settings::load`] with the settings' variables taken from `env` in place of the
+    /// process's (the secrets and the OpenTelemetry variables are still read from the process).
     pub fn load_with_env(
         args: Args,
         env: impl IntoIterator<Item = (String, String)>,

@@ -109,6 +109,18 @@ fn unquote(v: &[u8]) -> Option<Vec<u8>> {
 
 /// The field names of a qualified `private` or `no-cache`; `None` when there is no
 /// argument or it holds no valid name (the directive then counts as unqualified).
+/// A directive that may name fields (`no-cache="…"`, `private="…"`): its names are added to
+/// `fields` (at most [`MAX_FIELD_NAMES`]); without readable names it is `unqualified`.
+fn qualified(value: Option<&[u8]>, fields: &mut Vec<HeaderName>, unqualified: &mut bool) {
+    match field_names(value) {
+        Some(names) => {
+            fields.extend(names);
+            fields.truncate(MAX_FIELD_NAMES);
+        }
+        None => *unqualified = true,
+    }
+}
+
 fn field_names(value: Option<&[u8]>) -> Option<Vec<HeaderName>> {
     let v = unquote(value?)?;
     let names: Vec<HeaderName> = v
@@ -168,21 +180,9 @@ fn parse_cache_control<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> Cach
             if is("no-store") {
                 cc.no_store = true;
             } else if is("no-cache") {
-                match field_names(value) {
-                    Some(names) => {
-                        cc.no_cache_fields.extend(names);
-                        cc.no_cache_fields.truncate(MAX_FIELD_NAMES);
-                    }
-                    None => cc.no_cache = true,
-                }
+                qualified(value, &mut cc.no_cache_fields, &mut cc.no_cache);
             } else if is("private") {
-                match field_names(value) {
-                    Some(names) => {
-                        cc.private_fields.extend(names);
-                        cc.private_fields.truncate(MAX_FIELD_NAMES);
-                    }
-                    None => cc.private = true,
-                }
+                qualified(value, &mut cc.private_fields, &mut cc.private);
             } else if is("public") {
                 cc.public = true;
             } else if is("must-revalidate") {
