@@ -42,8 +42,6 @@ use std::sync::Arc;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use http_body::Body as _;
-use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use lb_proto::v1::RequestLogEntry;
 use opentelemetry::context::FutureExt as _;
 use tokio::time::Instant;
@@ -56,20 +54,21 @@ use crate::policy::retry;
 use crate::ratelimit::quota::Quota;
 use crate::telemetry::otel::{self, Span as _};
 use crate::telemetry::report::Outcome;
-use crate::upstream::request_body::{ClientBody, RequestBody};
+use crate::upstream::request_body::{ClientBody, Inbound, RequestBody};
 use cache::Looked;
 use forward::{Again, Attempt, Route};
 use refusal::Refusal;
 use request_id::X_REQUEST_ID;
 
-/// How many passes of the event loop a response waits before hyper writes it (see [`handle`]).
+/// How many passes of the event loop a response waits before its server writes it (see
+/// [`handle`]).
 const RESPONSE_PASSES: usize = 3;
 
 /// Handles one client request; never fails (every error is an HTTP response).
 pub async fn handle(
     worker: Arc<Worker>,
     conn: Arc<ClientConn>,
-    mut req: Request<Incoming>,
+    mut req: Request<Inbound>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let shared = &worker.shared;
@@ -100,7 +99,7 @@ pub async fn handle(
         resp = resp.map(|b| b.relayed(shared.settings.send_timeout, Arc::clone(&conn)));
     }
     // A response waits RESPONSE_PASSES passes of the event loop over its ready tasks before
-    // hyper writes it to the client. The requests read in the same turn go to their backends
+    // its server writes it to the client. The requests read in the same turn go to their backends
     // first ([`crate::upstream::send`] waits one pass), and the responses gathered over a pass
     // go out together, so a client takes more of them per wake-up: wrk, in front of this data
     // plane, calls `epoll_wait` about 30% less often per response and spends about 8% less CPU
@@ -153,7 +152,7 @@ pub async fn handle(
 async fn proxy(
     worker: &Worker,
     conn: &ClientConn,
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     id: &HeaderValue,
     detailed: bool,
     call: bool,
@@ -192,7 +191,9 @@ async fn proxy(
         Some(Err(r)) => return refuse(r),
         t => t.transpose().ok().flatten(),
     };
-    let client_side = tunnel.as_ref().and_then(|_| parts.extensions.remove::<OnUpgrade>());
+    let client_side = tunnel
+        .as_ref()
+        .and_then(|_| tunnel::ClientSide::take(&mut parts.extensions));
     // 5. The cache.
     let looked = match tunnel {
         Some(_) => Looked::Miss(cache::Miss::default()),
@@ -243,7 +244,7 @@ async fn proxy(
 async fn request_body(
     shared: &crate::shared::Shared,
     parts: &http::request::Parts,
-    body: Incoming,
+    body: Inbound,
     active: &crate::config::active::Active,
     call: bool,
 ) -> (RequestBody, Again) {

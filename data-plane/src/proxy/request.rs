@@ -61,9 +61,9 @@ pub fn closes_after<B>(req: &Request<B>) -> bool {
 }
 
 /// Refuses a request head the proxy will not guess about (RFC 9112): `CONNECT` (but RFC 8441's
-/// extended one, see [`super::tunnel`]), a transfer coding other than one final `chunked` (hyper decodes `chunked` whatever
-/// precedes it, and the rest would be dropped silently), and on HTTP/1.1 a missing `Host`, more
-/// than one, or one that is not a host and port.
+/// extended one, see [`super::tunnel`]), a transfer coding other than one final `chunked` (the
+/// server decodes `chunked` whatever precedes it, and the rest would be dropped silently), and on
+/// HTTP/1.1 a missing `Host`, more than one, or one that is not a host and port.
 pub fn check_head(parts: &http::request::Parts) -> Result<(), Refusal> {
     if parts.method == http::Method::CONNECT
         && parts.extensions.get::<hyper::ext::Protocol>().is_none()

@@ -4,7 +4,6 @@
 
 use http::header::{self, HeaderName};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use opentelemetry::KeyValue;
 
 use super::body::ProxyBody;
@@ -18,9 +17,9 @@ use crate::telemetry::report::Outcome;
 
 /// A server span for the request, child of the client's `traceparent`; the request carries the
 /// span's context on to the backend.
-pub fn start_span(
+pub fn start_span<B>(
     t: &otel::Tracing,
-    req: &mut Request<Incoming>,
+    req: &mut Request<B>,
     conn: &ClientConn,
 ) -> otel::RequestSpan {
     let parent = t.extract(req.headers());

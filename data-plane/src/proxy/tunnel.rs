@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use super::body::{ProxyBody, UpstreamResponse};
 use super::refusal::Refusal;
+use crate::server::http1::switch::{self, OnSwitch};
 use crate::upstream::conn::Io;
 
 /// Longest wait for both sides to take their close once a tunnel is being closed (idle, drain):
@@ -197,7 +198,7 @@ pub fn answer(
     worker: &super::Worker,
     resp: Response<ProxyBody>,
     upgrade: &Upgrade,
-    client: Option<OnUpgrade>,
+    client: Option<ClientSide>,
     place: Place,
     idle: Option<Duration>,
 ) -> Result<Response<ProxyBody>, Refusal> {
@@ -243,6 +244,33 @@ pub fn answer(
     Ok(Response::from_parts(parts, ProxyBody::Local(None)))
 }
 
+/// The client's side of a tunnel, as its server hands it over once the switch has gone out.
+pub enum ClientSide {
+    Http1(OnSwitch),
+    /// An RFC 8441 stream.
+    Http2(OnUpgrade),
+}
+
+impl ClientSide {
+    /// The switch offered in a request's extensions, taken out.
+    pub fn take(extensions: &mut http::Extensions) -> Option<ClientSide> {
+        if let Some(s) = extensions.remove::<OnSwitch>() {
+            return Some(ClientSide::Http1(s));
+        }
+        extensions.remove::<OnUpgrade>().map(ClientSide::Http2)
+    }
+
+    async fn switched(self) -> std::io::Result<Box<dyn switch::Io>> {
+        match self {
+            ClientSide::Http1(s) => Ok(Box::new(s.switched().await?)),
+            ClientSide::Http2(u) => match u.await {
+                Ok(upgraded) => Ok(Box::new(TokioIo::new(upgraded))),
+                Err(e) => Err(std::io::Error::other(e)),
+            },
+        }
+    }
+}
+
 /// One tunnel's splice, and what it holds while it runs.
 struct Splice {
     /// Bytes carried: `[to_backend, to_client]`.
@@ -267,10 +295,10 @@ enum End {
 }
 
 impl Splice {
-    async fn run(mut self, client: OnUpgrade, backend: Io, early: BytesMut) {
+    async fn run(mut self, client: ClientSide, backend: Io, early: BytesMut) {
         let started = Instant::now();
-        let client = match client.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
+        let client = match client.switched().await {
+            Ok(io) => io,
             // The client went away before it took the switch.
             Err(e) => {
                 tracing::debug!(cause = %e, "client gone before its connection was upgraded");

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod affinity;
 pub mod fd_limit;
 pub mod healthcheck;
+pub mod http1;
 pub mod memory;
 pub mod per_ip;
 pub mod sniff;
@@ -29,6 +30,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::proxy;
+use crate::upstream::request_body::Inbound;
 use crate::shared::Shared;
 
 /// Connections the kernel queues for a listener before they are accepted. The kernel caps it at
@@ -227,12 +229,10 @@ impl Accept {
 /// One worker: accept, serve each connection, and on stop drain within the deadline.
 async fn worker(shared: Arc<Shared>, mut accept: Accept, stop: watch::Receiver<bool>) {
     let id = accept.id;
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.settings.header_timeout)
-        .max_buf_size(shared.settings.max_header_bytes.max(8192))
-        .keep_alive(true);
+    let http1 = http1::Limits {
+        max_head: shared.settings.max_header_bytes,
+        header_timeout: shared.settings.header_timeout,
+    };
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -282,7 +282,7 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, stop: watch::Receiver<b
     drop(accept);
     connections.close();
     let deadline = tokio::time::Instant::now() + shared.settings.drain_timeout;
-    // Upgraded connections have left hyper's watch: they are drained on their own, to the
+    // Upgraded connections have left their servers' watch: they are drained on their own, to the
     // same deadline, and closed cleanly past it.
     let drained = async { tokio::join!(connections.wait(), ctx.tunnels.drain(deadline)) };
     tokio::select! {
@@ -297,7 +297,7 @@ async fn worker(shared: Arc<Shared>, mut accept: Accept, stop: watch::Receiver<b
 
 /// The HTTP servers of one worker, one per protocol.
 struct Servers {
-    http1: hyper::server::conn::http1::Builder,
+    http1: http1::Limits,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
@@ -331,21 +331,40 @@ impl Servers {
                 return;
             }
         };
-        let io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
-        let conn = Arc::clone(&client);
-        // A request's future lives on the heap while it runs, not in a slot hyper keeps for
-        // the connection's whole life: an idle keep-alive connection holds none of it.
-        let svc = service_fn(move |req| {
-            Box::pin(proxy::handle(Arc::clone(&worker), Arc::clone(&client), req))
-        });
+        let mut io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
         // The connection's state is allocated once the first bytes arrived, sized for its
-        // protocol: the task of a connection that has sent nothing stays small.
+        // protocol: the task of a connection that has sent nothing stays small. A request's
+        // future lives on the heap while it runs, not in a slot the connection keeps for its
+        // whole life: an idle keep-alive connection holds none of it.
         let served = match protocol {
             sniff::Protocol::Http1 => {
-                let serving = self.http1.serve_connection(io, svc).with_upgrades();
-                Box::pin(until_stopped(serving, stop, |c| c.graceful_shutdown())).await
+                let first = io.take_first();
+                let svc = move |req: http::Request<http1::body::Body>| {
+                    let handled = proxy::handle(
+                        Arc::clone(&worker),
+                        Arc::clone(&client),
+                        req.map(Inbound::Http1),
+                    );
+                    Box::pin(async move {
+                        match handled.await {
+                            Ok(resp) => resp,
+                            Err(never) => match never {},
+                        }
+                    })
+                };
+                Box::pin(http1::serve(io, first, self.http1, svc, stop))
+                    .await
+                    .map_err(|e| e.to_string())
             }
             sniff::Protocol::Http2 => {
+                let conn = Arc::clone(&client);
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    Box::pin(proxy::handle(
+                        Arc::clone(&worker),
+                        Arc::clone(&client),
+                        req.map(Inbound::Http2),
+                    ))
+                });
                 let serving = self.http2.serve_connection(io, svc);
                 let serving = until_stopped(serving, stop, |c| c.graceful_shutdown());
                 Box::pin(async move {
@@ -357,6 +376,7 @@ impl Servers {
                     }
                 })
                 .await
+                .map_err(|e| e.to_string())
             }
         };
         if let Err(e) = served {
@@ -386,7 +406,7 @@ async fn until_stopped<C: Future>(
 /// (a write to an eventfd, and one more `epoll_wait` to consume it) so the loop recomputes how
 /// long to sleep; with no timer pending at all, every new timer is such a timer. A worker whose
 /// connections all wait on backends (no request timeout set) has no timer pending, and each
-/// keep-alive connection arms hyper's header-read timer when it goes back to waiting for its
+/// keep-alive connection arms its header timer ([`http1`]) when it goes back to waiting for its
 /// next request: without this, about one request in ten paid for that wake-up. A period no
 /// longer than the header timeout keeps this timer ahead of those.
 async fn keep_timers_armed(header_timeout: std::time::Duration) {

@@ -193,6 +193,65 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
     }
 }
 
+/// The HTTP/1 server's view ([`super::http1`]): the same reads and bounded writes, through
+/// tokio's traits; the first bytes are the server's to take ([`Sniffed::take_first`]).
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first[..n]);
+            this.first.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(this.io.inner_mut()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(this.io.inner_mut()).poll_write(cx, buf);
+        this.bounded(cx, polled)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(this.io.inner_mut()).poll_flush(cx);
+        this.bounded(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.inner_mut()).poll_shutdown(cx)
+    }
+}
+
+impl<S: ReadArrived + Send> ReadArrived for Sniffed<S> {
+    async fn read_arrived(&mut self, into: &mut BytesMut) -> io::Result<usize> {
+        if !self.first.is_empty() {
+            let n = self.first.len();
+            into.extend_from_slice(&std::mem::take(&mut self.first));
+            return Ok(n);
+        }
+        self.io.inner_mut().read_arrived(into).await
+    }
+}
+
+impl<S> Sniffed<S> {
+    /// The first bytes, not yet read, taken out.
+    pub fn take_first(&mut self) -> Bytes {
+        std::mem::take(&mut self.first)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

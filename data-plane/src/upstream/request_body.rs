@@ -14,6 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::server::http1::body::{Body as Http1Body, BodyError};
 use tokio::time::{Instant, Sleep};
 
 /// Why a client's request body could not be read to its end. Every case is the client's doing.
@@ -63,9 +65,50 @@ impl ClientBodyError {
     }
 }
 
+/// A client's request body as its server hands it over.
+pub enum Inbound {
+    Http1(Http1Body),
+    /// HTTP/2, from hyper.
+    Http2(Incoming),
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match self.get_mut() {
+            Inbound::Http1(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {
+                BodyError::Aborted => ClientBodyError::Aborted,
+                BodyError::Invalid(why) => ClientBodyError::Invalid(why),
+            }),
+            Inbound::Http2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| ClientBodyError::from_hyper(&e)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inbound::Http1(b) => b.is_end_stream(),
+            Inbound::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inbound::Http1(b) => b.size_hint(),
+            Inbound::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The client's request body, bounded in size and in time.
 pub struct ClientBody {
-    inner: Incoming,
+    inner: Inbound,
     /// Bytes the body may still bring.
     left: u64,
     limit: u64,
@@ -144,7 +187,7 @@ impl Recording {
 
 impl ClientBody {
     /// `limit` bytes at most; all of it within `timeout` from now, when one is given.
-    pub fn new(inner: Incoming, limit: u64, timeout: Option<Duration>) -> ClientBody {
+    pub fn new(inner: Inbound, limit: u64, timeout: Option<Duration>) -> ClientBody {
         ClientBody {
             inner,
             left: limit,
@@ -262,7 +305,7 @@ impl Body for ClientBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => this.fail(ClientBodyError::from_hyper(&e)),
+            Poll::Ready(Some(Err(e))) => this.fail(e),
             Poll::Ready(None) => {
                 this.waiting = false;
                 this.timer = None;
