@@ -13,6 +13,9 @@
 # Run from the project root with the release binaries:
 #   bench/connections.sh                 # N=9000, TARGETS="ours haproxy nginx"
 # Settings (environment): N [9000] TARGETS [ours haproxy nginx] SETTLE [30] (s)
+#   HOLD [0] (s) to wait after the requests before measuring them (past the allocator's
+#   collection, which runs every 5 s in our data plane, the figure is what the idle keep-alive
+#   connections hold rather than what the requests' peak left in the allocator)
 #   OURS_ARGS [""] more data-plane flags; OURS_BIN [target/release/data-plane]
 #   CP_BIN [target/release/control-plane]
 # Needs nginx, haproxy, python3, curl; ulimit -n above 2N + 100 (it raises the soft limit).
@@ -20,7 +23,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 SHARED=$(cd "$HERE/../../shared/bench" 2>/dev/null && pwd || echo "")
-N=${N:-9000} TARGETS=${TARGETS:-"ours haproxy nginx"} SETTLE=${SETTLE:-30}
+N=${N:-9000} TARGETS=${TARGETS:-"ours haproxy nginx"} SETTLE=${SETTLE:-30} HOLD=${HOLD:-0}
 OURS_BIN=${OURS_BIN:-target/release/data-plane} CP_BIN=${CP_BIN:-target/release/control-plane}
 OURS_ARGS=${OURS_ARGS:-}
 RUN=$(mktemp -d /tmp/lb-connections.XXXXXX)
@@ -115,7 +118,7 @@ for t in $TARGETS; do
     [[ $reply == ok* ]] || { echo "$t: $reply" >&2; return 1; }
   }
   step open && open=$(rss "$TARGET_PGID") &&
-    step request && request=$(rss "$TARGET_PGID") &&
+    step request && sleep "$HOLD" && request=$(rss "$TARGET_PGID") &&
     step close || { exec {HOLD[1]}>&-; stop; continue; }
   exec {HOLD[1]}>&-
   wait "$HOLD_PID" 2>/dev/null

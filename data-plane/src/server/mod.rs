@@ -315,10 +315,11 @@ impl Servers {
         S: AsyncRead + AsyncWrite + sniff::ReadArrived + Unpin + Send + 'static,
     {
         let (peer, header_timeout) = (client.peer, worker.shared.settings.header_timeout);
-        let (protocol, first) = match tokio::time::timeout(
+        // On the heap while it waits: the task keeps no room for it once it is done.
+        let (protocol, first) = match Box::pin(tokio::time::timeout(
             header_timeout,
             sniff::sniff(&mut stream),
-        )
+        ))
         .await
         {
             Ok(Ok(sniffed)) => sniffed,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::rt::ReadBufCursor;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::clock::Stall;
 
@@ -31,21 +31,35 @@ pub enum Protocol {
 }
 
 /// A client connection's first bytes, read into a buffer sized to what arrived: a connection
-/// that has sent nothing holds no read buffer, and a short request head a short one.
+/// that has sent nothing holds no read buffer, and a short request head a short one. Polled, so
+/// a connection waiting for bytes keeps no future for the wait.
 pub trait ReadArrived {
-    /// Appends what the client has sent to `into`; `Ok(0)` at the end of the stream.
-    fn read_arrived(&mut self, into: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Appends what the client has sent to `into`; `Ready(Ok(0))` at the end of the stream.
+    fn poll_read_arrived(
+        &mut self,
+        cx: &mut Context<'_>,
+        into: &mut BytesMut,
+    ) -> Poll<io::Result<usize>>;
+
+    /// [`ReadArrived::poll_read_arrived`] as a future.
+    fn read_arrived(&mut self, into: &mut BytesMut) -> impl Future<Output = io::Result<usize>> {
+        std::future::poll_fn(move |cx| self.poll_read_arrived(cx, into))
+    }
 }
 
 impl ReadArrived for tokio::net::TcpStream {
-    async fn read_arrived(&mut self, into: &mut BytesMut) -> io::Result<usize> {
+    fn poll_read_arrived(
+        &mut self,
+        cx: &mut Context<'_>,
+        into: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         loop {
             // A new socket counts as readable until a read says otherwise, so the wait is
             // followed by a read that may find nothing; only bytes read are copied.
-            self.readable().await?;
+            std::task::ready!(self.poll_read_ready(cx))?;
             match read_now(self, into) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                read => return read,
+                read => return Poll::Ready(read),
             }
         }
     }
@@ -62,9 +76,15 @@ fn read_now(stream: &tokio::net::TcpStream, into: &mut BytesMut) -> io::Result<u
 impl ReadArrived for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
     /// The handshake has allocated the TLS buffers already; the bytes are decrypted into a
     /// buffer of the first read's size.
-    async fn read_arrived(&mut self, into: &mut BytesMut) -> io::Result<usize> {
-        into.reserve(FIRST_READ);
-        self.read_buf(into).await
+    fn poll_read_arrived(
+        &mut self,
+        cx: &mut Context<'_>,
+        into: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        if into.capacity() - into.len() < FIRST_READ / 4 {
+            into.reserve(FIRST_READ);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, into)
     }
 }
 
@@ -234,14 +254,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
     }
 }
 
-impl<S: ReadArrived + Send> ReadArrived for Sniffed<S> {
-    async fn read_arrived(&mut self, into: &mut BytesMut) -> io::Result<usize> {
+impl<S: ReadArrived> ReadArrived for Sniffed<S> {
+    fn poll_read_arrived(
+        &mut self,
+        cx: &mut Context<'_>,
+        into: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         if !self.first.is_empty() {
             let n = self.first.len();
             into.extend_from_slice(&std::mem::take(&mut self.first));
-            return Ok(n);
+            return Poll::Ready(Ok(n));
         }
-        self.io.inner_mut().read_arrived(into).await
+        self.io.inner_mut().poll_read_arrived(cx, into)
     }
 }
 
@@ -255,6 +279,7 @@ impl<S> Sniffed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
 
     /// Sniffs what a client sends over TCP in the given pieces, each a separate write.

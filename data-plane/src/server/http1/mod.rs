@@ -75,74 +75,25 @@ where
     let mut buf = BytesMut::from(&first[..]);
     drop(first);
     loop {
+        // Waiting here is all an idle connection does: what this future holds across the wait
+        // is what such a connection costs, and the exchange's state lives on the heap while a
+        // request runs (`exchange`).
         let head = match read_head(&mut io, &mut buf, limits, &mut stop).await {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
             Err(Refused(status, why)) => {
                 tracing::debug!(cause = %why, "client request head refused");
-                return refuse(&mut io, status, &why).await;
+                return Box::pin(refuse(&mut io, status, &why)).await;
             }
         };
-        let head::Head {
-            mut request,
-            framing,
-            keep_alive,
-            expects_continue,
-        } = head;
-        let (body, feed) = match framing {
-            Framing::Length(n) => {
-                let (b, f) = Body::fed(Some(n));
-                (b, Some(f))
-            }
-            Framing::Chunked | Framing::UntilClose => {
-                let (b, f) = Body::fed(None);
-                (b, Some(f))
-            }
-            Framing::Empty => (Body::empty(), None),
-        };
-        let switch = request.headers().contains_key(header::UPGRADE).then(|| {
-            let (tx, rx) = oneshot::channel();
-            request.extensions_mut().insert(OnSwitch::new(rx));
-            tx
-        });
-        let to = Answering {
-            method: request.method().clone(),
-            http11: request.version() == Version::HTTP_11,
-            keep_alive,
-        };
-        let answering = std::pin::pin!(service(request.map(|()| body)));
-        let mut exchange = Exchange {
-            io: &mut io,
-            buf: &mut buf,
-            request: RequestSide {
-                feed,
-                decoder: Decoder::new(framing),
-                to_continue: expects_continue.then_some(CONTINUE),
-                state: if framing == Framing::Empty {
-                    Reading::Done
-                } else {
-                    Reading::Open
-                },
-            },
-            response: ResponseSide::Waiting(answering),
-            to: &to,
-            stop: &stop,
-            writer: Writer::default(),
-            limits,
-            drain_deadline: None,
-        };
-        let reuse = std::future::poll_fn(|cx| exchange.poll(cx)).await;
-        drop(exchange);
-        let reuse = reuse?;
-        match reuse {
+        match Box::pin(exchange(&mut io, &mut buf, head, limits, &mut service, &stop)).await? {
             Reuse::KeepAlive => {}
             Reuse::Close => {
                 return std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
             }
-            Reuse::Switch => {
-                let Some(tx) = switch else { return Ok(()) };
+            Reuse::Switch(to) => {
                 let early = buf.split().freeze();
-                let _ = tx.send(Switched {
+                let _ = to.send(Switched {
                     early,
                     io: Box::new(io),
                 });
@@ -154,6 +105,80 @@ where
             buf = BytesMut::new();
         }
     }
+}
+
+/// One request on the connection, from its head to the end of its response: what becomes of
+/// the connection then.
+async fn exchange<S, F, Fut, B>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    head: head::Head,
+    limits: Limits,
+    service: &mut F,
+    stop: &watch::Receiver<bool>,
+) -> io::Result<Reuse>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<Body>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let head::Head {
+        mut request,
+        framing,
+        keep_alive,
+        expects_continue,
+    } = head;
+    let (body, feed) = match framing {
+        Framing::Length(n) => {
+            let (b, f) = Body::fed(Some(n));
+            (b, Some(f))
+        }
+        Framing::Chunked | Framing::UntilClose => {
+            let (b, f) = Body::fed(None);
+            (b, Some(f))
+        }
+        Framing::Empty => (Body::empty(), None),
+    };
+    let switch = request.headers().contains_key(header::UPGRADE).then(|| {
+        let (tx, rx) = oneshot::channel();
+        request.extensions_mut().insert(OnSwitch::new(rx));
+        tx
+    });
+    let to = Answering {
+        method: request.method().clone(),
+        http11: request.version() == Version::HTTP_11,
+        keep_alive,
+    };
+    let answering = std::pin::pin!(service(request.map(|()| body)));
+    let mut exchange = Exchange {
+        io,
+        buf,
+        request: RequestSide {
+            feed,
+            decoder: Decoder::new(framing),
+            to_continue: expects_continue.then_some(CONTINUE),
+            state: if framing == Framing::Empty {
+                Reading::Done
+            } else {
+                Reading::Open
+            },
+        },
+        response: ResponseSide::Waiting(answering),
+        to: &to,
+        stop,
+        writer: Writer::default(),
+        limits,
+        drain_deadline: None,
+    };
+    let switched = std::future::poll_fn(|cx| exchange.poll(cx)).await?;
+    Ok(match (switched, switch) {
+        (Reuse::Switch(()), Some(to)) => Reuse::Switch(to),
+        (Reuse::Switch(()), None) => Reuse::Close,
+        (Reuse::KeepAlive, _) => Reuse::KeepAlive,
+        (Reuse::Close, _) => Reuse::Close,
+    })
 }
 
 /// A request head refused: the status to answer with, and why.
@@ -169,6 +194,8 @@ async fn read_head<S: ReadArrived>(
 ) -> Result<Option<head::Head>, Refused> {
     let deadline = tokio::time::sleep(limits.header_timeout);
     tokio::pin!(deadline);
+    let stopping = stop.wait_for(|s| *s);
+    tokio::pin!(stopping);
     loop {
         match head::parse(buf, limits.max_head) {
             Ok(Some(h)) => return Ok(Some(h)),
@@ -182,21 +209,39 @@ async fn read_head<S: ReadArrived>(
             Err(e) => return Err(Refused(StatusCode::BAD_REQUEST, e.to_string())),
         }
         let idle = buf.is_empty();
-        tokio::select! {
-            read = io.read_arrived(buf) => match read {
-                Ok(0) | Err(_) => return Ok(None),
-                Ok(_) => {}
-            },
-            () = &mut deadline => {
-                return if idle {
-                    Ok(None)
-                } else {
-                    Err(Refused(StatusCode::REQUEST_TIMEOUT, "request head did not arrive within the header timeout".into()))
-                };
+        // Polled by hand: the read keeps no future of its own while the connection waits.
+        let waited = std::future::poll_fn(|cx| {
+            if let Poll::Ready(read) = io.poll_read_arrived(cx, buf) {
+                return Poll::Ready(Waited::Read(read));
             }
-            _ = stop.wait_for(|s| *s), if idle => return Ok(None),
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Waited::TimedOut);
+            }
+            if idle && stopping.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Waited::Stopped);
+            }
+            Poll::Pending
+        })
+        .await;
+        match waited {
+            Waited::Read(Ok(0) | Err(_)) | Waited::Stopped => return Ok(None),
+            Waited::Read(Ok(_)) => {}
+            Waited::TimedOut if idle => return Ok(None),
+            Waited::TimedOut => {
+                return Err(Refused(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request head did not arrive within the header timeout".into(),
+                ));
+            }
         }
     }
+}
+
+/// What a connection waiting for a request head saw first.
+enum Waited {
+    Read(io::Result<usize>),
+    TimedOut,
+    Stopped,
 }
 
 /// Answers a refused head, then closes.
@@ -237,11 +282,11 @@ struct Answering {
 }
 
 /// What becomes of the connection after an exchange.
-enum Reuse {
+enum Reuse<T = oneshot::Sender<Switched>> {
     KeepAlive,
     Close,
-    /// Handed to a tunnel after a `101`.
-    Switch,
+    /// Handed to a tunnel after a `101`, through `T`.
+    Switch(T),
 }
 
 /// Where the request body stands.
@@ -311,7 +356,7 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Reuse>> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Reuse<()>>> {
         self.poll_request_body(cx)?;
         if let ResponseSide::Waiting(answering) = &mut self.response {
             let Poll::Ready(resp) = answering.as_mut().poll(cx) else {
@@ -325,7 +370,7 @@ where
             self.start_response(resp);
         }
         let reuse = ready!(self.poll_response(cx))?;
-        if matches!(reuse, Reuse::Switch) {
+        if matches!(reuse, Reuse::Switch(())) {
             return Poll::Ready(Ok(reuse));
         }
         if matches!(self.request.state, Reading::Open | Reading::Unread) {
@@ -485,8 +530,20 @@ where
             http11: self.to.http11,
             keep_alive,
         };
-        self.writer.out.reserve(512);
-        let (sending, keep_alive) = write::head(&mut parts, &body.size_hint(), &to, &mut self.writer.out);
+        // One allocation for the head and a small body that follows it.
+        let hint = body.size_hint();
+        let fields: usize = parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let small_body = hint
+            .exact()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= WRITE_GATHER / 4)
+            .unwrap_or(0);
+        self.writer.out.reserve(160 + fields + small_body);
+        let (sending, keep_alive) = write::head(&mut parts, &hint, &to, &mut self.writer.out);
         let left = match sending {
             Sending::Length(n) => n,
             _ => 0,
@@ -503,7 +560,7 @@ where
     }
 
     /// Sends the response's body; the connection's fate once all of it has been written.
-    fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Reuse>> {
+    fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Reuse<()>>> {
         let ResponseSide::Sending {
             body,
             sending,
@@ -562,7 +619,7 @@ where
         ready!(self.writer.poll_write(&mut *self.io, cx, chunked))?;
         ready!(Pin::new(&mut *self.io).poll_flush(cx))?;
         if *switch {
-            return Poll::Ready(Ok(Reuse::Switch));
+            return Poll::Ready(Ok(Reuse::Switch(())));
         }
         Poll::Ready(Ok(if *keep_alive {
             Reuse::KeepAlive
@@ -661,3 +718,4 @@ fn put_trailers(out: &mut Vec<u8>, sending: Sending, frame: Frame<Bytes>, http11
     out.extend_from_slice(b"\r\n");
     true
 }
+

@@ -48,7 +48,13 @@ pub fn head(
     let declared = h
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let mut keep_alive = to.keep_alive;
+    // A response that says it closes the connection does.
+    let closes = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    });
+    let mut keep_alive = to.keep_alive && !closes;
     let sending = if bodiless {
         if status.is_informational() || status == StatusCode::NO_CONTENT {
             h.remove(header::CONTENT_LENGTH);
@@ -120,4 +126,93 @@ fn with_date(f: impl FnOnce(&[u8])) {
         }
         f(text.as_slice());
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head written for a response with `fields` and a body of `hint`, and what it says.
+    fn written(
+        status: u16,
+        fields: &[(&str, &str)],
+        hint: SizeHint,
+        to: For<'_>,
+    ) -> (String, Sending, bool) {
+        let mut resp = http::Response::builder().status(status);
+        for (n, v) in fields {
+            resp = resp.header(*n, *v);
+        }
+        let (mut parts, ()) = resp.body(()).unwrap().into_parts();
+        let mut out = Vec::new();
+        let (sending, keep_alive) = head(&mut parts, &hint, &to, &mut out);
+        (String::from_utf8(out).unwrap(), sending, keep_alive)
+    }
+
+    fn to(method: &Method, http11: bool) -> For<'_> {
+        For {
+            method,
+            http11,
+            keep_alive: true,
+        }
+    }
+
+    #[test]
+    fn a_known_length_is_sent_as_content_length() {
+        let (text, sending, ka) = written(200, &[], SizeHint::with_exact(5), to(&Method::GET, true));
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ndate: "), "{text}");
+        assert!(text.contains("\r\ncontent-length: 5\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"));
+        assert_eq!((sending, ka), (Sending::Length(5), true));
+    }
+
+    #[test]
+    fn an_unknown_length_is_chunked_for_http_1_1_and_closes_for_http_1_0() {
+        let (text, sending, ka) = written(200, &[], SizeHint::new(), to(&Method::GET, true));
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert_eq!((sending, ka), (Sending::Chunked, true));
+        let (text, sending, ka) = written(200, &[], SizeHint::new(), to(&Method::GET, false));
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        assert_eq!((sending, ka), (Sending::UntilClose, false));
+    }
+
+    #[test]
+    fn bodiless_answers_send_no_body_and_keep_what_head_and_304_declare() {
+        let declared = [("content-length", "42")];
+        let (text, sending, _) =
+            written(200, &declared, SizeHint::with_exact(0), to(&Method::HEAD, true));
+        assert!(text.contains("content-length: 42\r\n"), "{text}");
+        assert_eq!(sending, Sending::None);
+        let (text, sending, _) = written(304, &declared, SizeHint::new(), to(&Method::GET, true));
+        assert!(text.contains("content-length: 42\r\n"), "{text}");
+        assert_eq!(sending, Sending::None);
+        let (text, sending, _) = written(204, &declared, SizeHint::new(), to(&Method::GET, true));
+        assert!(!text.contains("content-length"), "{text}");
+        assert_eq!(sending, Sending::None);
+    }
+
+    #[test]
+    fn a_response_that_closes_the_connection_closes_it() {
+        let (text, _, ka) = written(
+            200,
+            &[("connection", "Close")],
+            SizeHint::with_exact(0),
+            to(&Method::GET, true),
+        );
+        assert!(!ka);
+        assert_eq!(text.matches("connection").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn framing_fields_from_the_response_are_replaced() {
+        let (text, sending, _) = written(
+            200,
+            &[("transfer-encoding", "gzip, chunked")],
+            SizeHint::with_exact(3),
+            to(&Method::GET, true),
+        );
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        assert_eq!(sending, Sending::Length(3));
+    }
 }
