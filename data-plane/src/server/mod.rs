@@ -341,17 +341,11 @@ impl Servers {
             sniff::Protocol::Http1 => {
                 let first = io.take_first();
                 let svc = move |req: http::Request<http1::body::Body>| {
-                    let handled = proxy::handle(
+                    Box::pin(proxy::handle(
                         Arc::clone(&worker),
                         Arc::clone(&client),
                         req.map(Inbound::Http1),
-                    );
-                    Box::pin(async move {
-                        match handled.await {
-                            Ok(resp) => resp,
-                            Err(never) => match never {},
-                        }
-                    })
+                    ))
                 };
                 Box::pin(http1::serve(io, first, self.http1, svc, stop))
                     .await

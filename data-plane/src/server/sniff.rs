@@ -53,24 +53,16 @@ impl ReadArrived for tokio::net::TcpStream {
         cx: &mut Context<'_>,
         into: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        loop {
-            // A new socket counts as readable until a read says otherwise, so the wait is
-            // followed by a read that may find nothing; only bytes read are copied.
-            std::task::ready!(self.poll_read_ready(cx))?;
-            match read_now(self, into) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                read => return Poll::Ready(read),
-            }
-        }
+        // Read through tokio's `poll_read`, which calls the socket only when it has signalled
+        // since the last read, and takes a read shorter than the buffer as the end of what
+        // arrived (edge-triggered readiness): the next wait costs no system call that finds
+        // nothing. (A new socket counts as readable until a read says otherwise.)
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut read = tokio::io::ReadBuf::uninit(&mut chunk);
+        std::task::ready!(Pin::new(self).poll_read(cx, &mut read))?;
+        into.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     }
-}
-
-/// One non-blocking read through a buffer on the stack, whose bytes are appended to `into`.
-fn read_now(stream: &tokio::net::TcpStream, into: &mut BytesMut) -> io::Result<usize> {
-    let mut chunk = [0u8; FIRST_READ];
-    let n = stream.try_read(&mut chunk)?;
-    into.extend_from_slice(&chunk[..n]);
-    Ok(n)
 }
 
 impl ReadArrived for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {

@@ -21,6 +21,7 @@ pub mod head;
 pub mod switch;
 pub mod write;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -68,17 +69,22 @@ pub async fn serve<S, F, Fut, B>(
 where
     S: AsyncRead + AsyncWrite + ReadArrived + Unpin + Send + 'static,
     F: FnMut(Request<Body>) -> Fut,
-    Fut: Future<Output = Response<B>>,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
     let mut buf = BytesMut::from(&first[..]);
     drop(first);
+    // Set up once for the connection: a wait set up per request would lock the channel, which
+    // every connection of every worker shares, twice per request.
+    let mut stopped = stop.clone();
+    let stopping = stopped.wait_for(|s| *s);
+    tokio::pin!(stopping);
     loop {
         // Waiting here is all an idle connection does: what this future holds across the wait
         // is what such a connection costs, and the exchange's state lives on the heap while a
         // request runs (`exchange`).
-        let head = match read_head(&mut io, &mut buf, limits, &mut stop).await {
+        let head = match read_head(&mut io, &mut buf, limits, stopping.as_mut()).await {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
             Err(Refused(status, why)) => {
@@ -86,7 +92,7 @@ where
                 return Box::pin(refuse(&mut io, status, &why)).await;
             }
         };
-        match Box::pin(exchange(&mut io, &mut buf, head, limits, &mut service, &stop)).await? {
+        match Box::pin(exchange(&mut io, &mut buf, head, limits, &mut service, &mut stop)).await? {
             Reuse::KeepAlive => {}
             Reuse::Close => {
                 return std::future::poll_fn(|cx| Pin::new(&mut io).poll_shutdown(cx)).await;
@@ -115,12 +121,12 @@ async fn exchange<S, F, Fut, B>(
     head: head::Head,
     limits: Limits,
     service: &mut F,
-    stop: &watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
 ) -> io::Result<Reuse>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadArrived + Unpin,
     F: FnMut(Request<Body>) -> Fut,
-    Fut: Future<Output = Response<B>>,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
@@ -186,16 +192,14 @@ struct Refused(StatusCode, String);
 
 /// The next request head, waiting for it within the header timeout; `None` when the client
 /// closed or went quiet between requests, or the server stops while the connection is idle.
-async fn read_head<S: ReadArrived>(
+async fn read_head<S: ReadArrived, W: Future>(
     io: &mut S,
     buf: &mut BytesMut,
     limits: Limits,
-    stop: &mut watch::Receiver<bool>,
+    mut stopping: Pin<&mut W>,
 ) -> Result<Option<head::Head>, Refused> {
     let deadline = tokio::time::sleep(limits.header_timeout);
     tokio::pin!(deadline);
-    let stopping = stop.wait_for(|s| *s);
-    tokio::pin!(stopping);
     loop {
         match head::parse(buf, limits.max_head) {
             Ok(Some(h)) => return Ok(Some(h)),
@@ -332,7 +336,9 @@ struct Exchange<'a, S, P, B> {
     request: RequestSide,
     response: ResponseSide<P, B>,
     to: &'a Answering,
-    stop: &'a watch::Receiver<bool>,
+    /// Set once the server stops (read without a lock: `has_changed`, as the value only ever
+    /// goes from false to true).
+    stop: &'a mut watch::Receiver<bool>,
     writer: Writer,
     limits: Limits,
     /// Bounds the reading of an unread body's rest ([`Exchange::poll_drain`]).
@@ -350,16 +356,16 @@ struct Writer {
 
 impl<S, P, Fut, B> Exchange<'_, S, P, B>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadArrived + Unpin,
     P: std::ops::DerefMut<Target = Fut>,
-    Fut: Future<Output = Response<B>>,
+    Fut: Future<Output = Result<Response<B>, Infallible>>,
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Reuse<()>>> {
         self.poll_request_body(cx)?;
         if let ResponseSide::Waiting(answering) = &mut self.response {
-            let Poll::Ready(resp) = answering.as_mut().poll(cx) else {
+            let Poll::Ready(Ok(resp)) = answering.as_mut().poll(cx) else {
                 // With the body read, a read is a watch for the client leaving: a close
                 // cancels the request. Bytes of a next request are kept for it.
                 if self.request.state == Reading::Done {
@@ -494,16 +500,14 @@ where
         Ok(())
     }
 
-    /// Reads while the response is awaited: an error once the client has closed.
+    /// Reads while the response is awaited: an error once the client has closed. Through a
+    /// buffer on the stack: what usually happens here is a read that finds nothing.
     fn watch_client(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         // Enough of what follows is kept; past it, the client waits for the response.
         if self.buf.len() >= BODY_READ {
             return Ok(());
         }
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(BODY_READ);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *self.io), cx, self.buf) {
+        match self.io.poll_read_arrived(cx, self.buf) {
             Poll::Ready(Ok(0)) => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the client closed its connection before the response",
@@ -523,7 +527,7 @@ where
         let (mut parts, body) = resp.into_parts();
         let switch = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         let keep_alive = self.to.keep_alive
-            && !*self.stop.borrow()
+            && !self.stop.has_changed().unwrap_or(true)
             && self.request.state != Reading::Broken;
         let to = write::For {
             method: &self.to.method,
