@@ -9,9 +9,8 @@
 //! free instead (`MIMALLOC_PURGE_DELAY=0`) returned the memory too (33 MB) but cost 7% more CPU
 //! per request (`bench/forwarding-cost.sh`, 6 rounds). The collection is forced: without it,
 //! what a data plane kept 30 s after 9,000 connections closed varied from 2 MB to 31 MB from
-//! run to run (pages the allocator had set aside as partly used were not returned); forced, it
-//! was 17 MB in each of three runs, and the RSS with the connections open after their requests
-//! was lower too.
+//! run to run; forced, 15 MB to 24 MB over five runs, with less held while the connections
+//! were still open.
 
 use std::time::Duration;
 

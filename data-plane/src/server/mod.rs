@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use spread::Spread;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -360,7 +360,7 @@ impl Servers {
                         req.map(Inbound::Http2),
                     ))
                 });
-                let serving = self.http2.serve_connection(io, svc);
+                let serving = self.http2.serve_connection(TokioIo::new(io), svc);
                 let serving = until_stopped(serving, stop, |c| c.graceful_shutdown());
                 Box::pin(async move {
                     tokio::select! {

@@ -12,8 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use hyper::rt::ReadBufCursor;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::clock::Stall;
@@ -108,7 +106,7 @@ pub async fn sniff<S: ReadArrived>(io: &mut S) -> io::Result<(Protocol, Bytes)> 
 /// client holds its connection slot and its backend connection no longer than that.
 pub struct Sniffed<S> {
     first: Bytes,
-    io: TokioIo<S>,
+    io: S,
     send_timeout: Duration,
     /// Times a write that waits on the client.
     stall: Stall,
@@ -118,7 +116,7 @@ impl<S> Sniffed<S> {
     pub fn new(first: Bytes, io: S, send_timeout: Duration) -> Sniffed<S> {
         Sniffed {
             first,
-            io: TokioIo::new(io),
+            io,
             send_timeout,
             stall: Stall::default(),
         }
@@ -148,28 +146,30 @@ impl<S> Sniffed<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> hyper::rt::Read for Sniffed<S> {
+/// Reads give the first bytes first (unless taken: [`Sniffed::take_first`]); hyper's HTTP/2
+/// server reads and writes through `TokioIo`.
+impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.first.is_empty() {
-            return Pin::new(&mut this.io).poll_read(cx, buf);
+        if !this.first.is_empty() {
+            let n = this.first.len().min(buf.remaining());
+            buf.put_slice(&this.first[..n]);
+            this.first.advance(n);
+            if this.first.is_empty() {
+                // Frees the first read's buffer for the rest of the connection.
+                this.first = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
         }
-        let n = this.first.len().min(buf.remaining());
-        buf.put_slice(&this.first[..n]);
-        this.first.advance(n);
-        if this.first.is_empty() {
-            // Frees the first read's buffer for the rest of the connection.
-            this.first = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -191,7 +191,7 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        hyper::rt::Write::is_write_vectored(&self.io)
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -202,47 +202,6 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for Sniffed<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// The HTTP/1 server's view ([`super::http1`]): the same reads and bounded writes, through
-/// tokio's traits; the first bytes are the server's to take ([`Sniffed::take_first`]).
-impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.first.is_empty() {
-            let n = this.first.len().min(buf.remaining());
-            buf.put_slice(&this.first[..n]);
-            this.first.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(this.io.inner_mut()).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(this.io.inner_mut()).poll_write(cx, buf);
-        this.bounded(cx, polled)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let polled = Pin::new(this.io.inner_mut()).poll_flush(cx);
-        this.bounded(cx, polled)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().io.inner_mut()).poll_shutdown(cx)
     }
 }
 
@@ -257,7 +216,7 @@ impl<S: ReadArrived> ReadArrived for Sniffed<S> {
             into.extend_from_slice(&std::mem::take(&mut self.first));
             return Poll::Ready(Ok(n));
         }
-        self.io.inner_mut().poll_read_arrived(cx, into)
+        self.io.poll_read_arrived(cx, into)
     }
 }
 
@@ -330,19 +289,9 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
-    /// Writes `data` whole through `io`, as hyper would.
-    async fn write_all(
-        io: &mut Sniffed<tokio::io::DuplexStream>,
-        mut data: &[u8],
-    ) -> io::Result<()> {
-        while !data.is_empty() {
-            let n = std::future::poll_fn(|cx| {
-                hyper::rt::Write::poll_write(Pin::new(&mut *io), cx, data)
-            })
-            .await?;
-            data = &data[n..];
-        }
-        Ok(())
+    /// Writes `data` whole through `io`.
+    async fn write_all(io: &mut Sniffed<tokio::io::DuplexStream>, data: &[u8]) -> io::Result<()> {
+        tokio::io::AsyncWriteExt::write_all(io, data).await
     }
 
     #[tokio::test(start_paused = true)]
