@@ -26,7 +26,7 @@ pub mod encode;
 pub mod h2;
 pub mod parse;
 #[cfg(test)]
-mod parse_props;
+pub(crate) mod parse_props;
 pub mod pool;
 #[cfg(test)]
 mod pool_tests;

@@ -127,16 +127,9 @@ fn what_is_not_a_request_head_is_invalid() {
     }
 }
 
-/// No regression files written next to the sources: a failure prints its input.
+/// The parsers' property-test settings: no regression files, `PROPTEST_CASES` honoured.
 fn config() -> ProptestConfig {
-    let asked = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok());
-    ProptestConfig {
-        cases: asked.map_or(256, |n| n.max(256)),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    crate::upstream::parse_props::config(256)
 }
 
 /// A framing field, as a generated head may carry it.

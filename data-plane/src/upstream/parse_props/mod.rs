@@ -32,7 +32,7 @@ impl fmt::Debug for Shown {
 
 /// No regression files written next to the sources: a failure prints its input. At least
 /// `cases` cases, more when `PROPTEST_CASES` asks (CI's longer fuzzing run).
-fn config(cases: u32) -> ProptestConfig {
+pub(crate) fn config(cases: u32) -> ProptestConfig {
     let asked = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse::<u32>().ok());
