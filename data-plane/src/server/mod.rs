@@ -332,14 +332,13 @@ impl Servers {
                 return;
             }
         };
-        let mut io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
+        let io = sniff::Sniffed::new(first, stream, worker.shared.settings.send_timeout);
         // The connection's state is allocated once the first bytes arrived, sized for its
         // protocol: the task of a connection that has sent nothing stays small. A request's
         // future lives on the heap while it runs, not in a slot the connection keeps for its
         // whole life: an idle keep-alive connection holds none of it.
         let served = match protocol {
             sniff::Protocol::Http1 => {
-                let first = io.take_first();
                 let svc = move |req: http::Request<http1::body::Body>| {
                     Box::pin(proxy::handle(
                         Arc::clone(&worker),
@@ -347,7 +346,7 @@ impl Servers {
                         req.map(Inbound::Http1),
                     ))
                 };
-                Box::pin(http1::serve(io, first, self.http1, svc, stop))
+                Box::pin(http1::serve(io, self.http1, svc, stop))
                     .await
                     .map_err(|e| e.to_string())
             }

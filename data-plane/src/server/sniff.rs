@@ -146,8 +146,7 @@ impl<S> Sniffed<S> {
     }
 }
 
-/// Reads give the first bytes first (unless taken: [`Sniffed::take_first`]); hyper's HTTP/2
-/// server reads and writes through `TokioIo`.
+/// Reads give the first bytes first; hyper's HTTP/2 server reads and writes through `TokioIo`.
 impl<S: AsyncRead + Unpin> AsyncRead for Sniffed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -220,12 +219,6 @@ impl<S: ReadArrived> ReadArrived for Sniffed<S> {
     }
 }
 
-impl<S> Sniffed<S> {
-    /// The first bytes, not yet read, taken out.
-    pub fn take_first(&mut self) -> Bytes {
-        std::mem::take(&mut self.first)
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -31,7 +31,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body::Frame;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch};
 
@@ -39,7 +38,7 @@ use crate::server::sniff::ReadArrived;
 use crate::upstream::parse::{Decoded, Decoder, Framing};
 use body::{Body, BodyError, Feed, Need};
 use switch::{OnSwitch, Switched};
-use write::Sending;
+use write::{Sending, WRITE_GATHER, Writer, put_data, put_trailers};
 
 /// A connection's limits.
 #[derive(Debug, Clone, Copy)]
@@ -53,15 +52,12 @@ pub struct Limits {
 /// Read size for a request body.
 const BODY_READ: usize = 8192;
 
-/// Response bytes gathered before they are written: small frames go out together.
-const WRITE_GATHER: usize = 16 * 1024;
 
 /// Serves HTTP/1 on `io` until the client closes, the connection fails or, after `stop`, it
-/// has no request in progress. `first`: bytes already read from it. `service` answers each
-/// request.
+/// has no request in progress (bytes already read from it, as the protocol's sniffing did, are
+/// its [`ReadArrived`]'s to give first). `service` answers each request.
 pub async fn serve<S, F, Fut, B>(
     mut io: S,
-    first: Bytes,
     limits: Limits,
     mut service: F,
     mut stop: watch::Receiver<bool>,
@@ -73,8 +69,7 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
-    let mut buf = BytesMut::from(&first[..]);
-    drop(first);
+    let mut buf = BytesMut::new();
     // Set up once for the connection: a wait set up per request would lock the channel, which
     // every connection of every worker shares, twice per request.
     let mut stopped = stop.clone();
@@ -343,15 +338,6 @@ struct Exchange<'a, S, P, B> {
     limits: Limits,
     /// Bounds the reading of an unread body's rest ([`Exchange::poll_drain`]).
     drain_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-/// Response bytes on their way to the client.
-#[derive(Default)]
-struct Writer {
-    /// Bytes not yet written.
-    out: Vec<u8>,
-    /// A large body frame, written after `out` without a copy.
-    big: Option<Bytes>,
 }
 
 impl<S, P, Fut, B> Exchange<'_, S, P, B>
@@ -632,94 +618,3 @@ where
         }))
     }
 }
-
-impl Writer {
-    /// Writes `out`, then `big`, then (for a chunk: `chunked`) its CRLF.
-    fn poll_write<S: AsyncWrite + Unpin>(
-        &mut self,
-        io: &mut S,
-        cx: &mut Context<'_>,
-        chunked: bool,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            while !self.out.is_empty() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.out.drain(..n);
-            }
-            let Some(big) = &mut self.big else {
-                break;
-            };
-            while !big.is_empty() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, big))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                bytes::Buf::advance(big, n);
-            }
-            self.big = None;
-            if !chunked {
-                break;
-            }
-            self.out.extend_from_slice(b"\r\n");
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// Puts a data frame on its way, framed as `sending` says.
-fn put_data(
-    w: &mut Writer,
-    sending: Sending,
-    left: &mut u64,
-    keep_alive: &mut bool,
-    mut data: Bytes,
-) {
-    if data.is_empty() {
-        return;
-    }
-    match sending {
-        Sending::None => return,
-        Sending::Length(_) => {
-            if data.len() as u64 > *left {
-                // More than declared: the rest is dropped and the connection closed.
-                data.truncate(*left as usize);
-                *keep_alive = false;
-            }
-            *left -= data.len() as u64;
-        }
-        Sending::Chunked => write::chunk_size(data.len(), &mut w.out),
-        Sending::UntilClose => {}
-    }
-    let chunked = sending == Sending::Chunked;
-    if data.len() <= WRITE_GATHER / 4 {
-        w.out.extend_from_slice(&data);
-        if chunked {
-            w.out.extend_from_slice(b"\r\n");
-        }
-    } else {
-        // Written after `out` without a copy; a chunk's CRLF follows it (`poll_write_out`).
-        w.big = Some(data);
-    }
-}
-
-/// Trailers go out only in a chunked body to a client that takes them (HTTP/1.1); elsewhere
-/// they are dropped.
-/// Whether they went (with the last chunk, which they end).
-fn put_trailers(out: &mut Vec<u8>, sending: Sending, frame: Frame<Bytes>, http11: bool) -> bool {
-    let (Sending::Chunked, true, Ok(trailers)) = (sending, http11, frame.into_trailers()) else {
-        return false;
-    };
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in &trailers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    true
-}
-

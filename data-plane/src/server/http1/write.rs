@@ -1,11 +1,21 @@
-//! A response as an HTTP/1.1 client receives it: the head, and how its body is delimited.
+//! A response as an HTTP/1.1 client receives it: the head, how its body is delimited, and the
+//! bytes on their way ([`Writer`]).
 
 use std::cell::RefCell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, response};
-use http_body::SizeHint;
+use http_body::{Frame, SizeHint};
+use tokio::io::AsyncWrite;
+
+/// Response bytes gathered before they are written: small frames go out together.
+pub(super) const WRITE_GATHER: usize = 16 * 1024;
 
 /// How a response body goes on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +136,105 @@ fn with_date(f: impl FnOnce(&[u8])) {
         }
         f(text.as_slice());
     });
+}
+
+/// Response bytes on their way to the client.
+#[derive(Default)]
+pub(super) struct Writer {
+    /// Bytes not yet written.
+    pub(super) out: Vec<u8>,
+    /// A large body frame, written after `out` without a copy.
+    pub(super) big: Option<Bytes>,
+}
+
+impl Writer {
+    /// Writes `out`, then `big`, then (for a chunk: `chunked`) its CRLF.
+    pub(super) fn poll_write<S: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        chunked: bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            while !self.out.is_empty() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.out))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.out.drain(..n);
+            }
+            let Some(big) = &mut self.big else {
+                break;
+            };
+            while !big.is_empty() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, big))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                bytes::Buf::advance(big, n);
+            }
+            self.big = None;
+            if !chunked {
+                break;
+            }
+            self.out.extend_from_slice(b"\r\n");
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Puts a data frame on its way, framed as `sending` says.
+pub(super) fn put_data(
+    w: &mut Writer,
+    sending: Sending,
+    left: &mut u64,
+    keep_alive: &mut bool,
+    mut data: Bytes,
+) {
+    if data.is_empty() {
+        return;
+    }
+    match sending {
+        Sending::None => return,
+        Sending::Length(_) => {
+            if data.len() as u64 > *left {
+                // More than declared: the rest is dropped and the connection closed.
+                data.truncate(*left as usize);
+                *keep_alive = false;
+            }
+            *left -= data.len() as u64;
+        }
+        Sending::Chunked => chunk_size(data.len(), &mut w.out),
+        Sending::UntilClose => {}
+    }
+    let chunked = sending == Sending::Chunked;
+    if data.len() <= WRITE_GATHER / 4 {
+        w.out.extend_from_slice(&data);
+        if chunked {
+            w.out.extend_from_slice(b"\r\n");
+        }
+    } else {
+        // Written after `out` without a copy; a chunk's CRLF follows it (`poll_write_out`).
+        w.big = Some(data);
+    }
+}
+
+/// Trailers go out only in a chunked body to a client that takes them (HTTP/1.1); elsewhere
+/// they are dropped.
+/// Whether they went (with the last chunk, which they end).
+pub(super) fn put_trailers(out: &mut Vec<u8>, sending: Sending, frame: Frame<Bytes>, http11: bool) -> bool {
+    let (Sending::Chunked, true, Ok(trailers)) = (sending, http11, frame.into_trailers()) else {
+        return false;
+    };
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in &trailers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    true
 }
 
 #[cfg(test)]
